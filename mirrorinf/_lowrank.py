@@ -1,0 +1,186 @@
+"""Exact low-rank rewrite of SGD fit-on-query updates for models whose weights are all Linear.
+
+One SGD step on one example changes a Linear layer by ``-lr * delta a^T`` (``delta`` = gradient
+at the layer's output, ``a`` = its input; a sum over tokens for sequence inputs), so k steps
+change it by a rank-(k*tokens) matrix. The perturbed layer is then ``W h + (h A^T) D`` with the
+*shared* W: the training batch goes through one big shared matmul for all queries at once, and
+the first layer (whose input is the same for every query) runs once. This is exact, not an
+approximation; the engine verifies it against the generic path before trusting it on a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class Unsupported(RuntimeError):
+    """The model does something the rewrite cannot follow (the engine falls back)."""
+
+
+@dataclass
+class _Factors:
+    a: torch.Tensor | None = None  # [m, r, in]
+    d: torch.Tensor | None = None  # [m, r, out], already scaled by the step coefficient
+    db: torch.Tensor | None = None  # [m, out]
+
+
+@dataclass
+class _State:
+    mode: str = "off"  # off | diag | expand
+    m: int = 0
+    batch: int = 0
+    capture: bool = False
+    factors: dict[str, _Factors] = field(default_factory=dict)
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def linear_modules(model: nn.Module, trainable: set[str]) -> dict[str, nn.Linear] | None:
+    """Linear modules holding every trainable parameter, or None if any lives elsewhere."""
+    found: dict[str, nn.Linear] = {}
+    covered: set[str] = set()
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if full not in trainable:
+                continue
+            if type(mod) is not nn.Linear:
+                return None
+            found[mname] = mod
+            covered.add(full)
+    return found if covered == trainable and found else None
+
+
+class LowRankSGD:
+    """Forward hooks that apply per-example low-rank Linear updates (see module docstring)."""
+
+    def __init__(self, modules: dict[str, nn.Linear], trainable: set[str]):
+        self.modules = modules
+        self.names = {mod: name for name, mod in modules.items()}
+        self.has_w = {n: (f"{n}.weight" if n else "weight") in trainable for n in modules}
+        self.has_b = {n: (f"{n}.bias" if n else "bias") in trainable for n in modules}
+        self.state = _State()
+
+    @contextmanager
+    def hooks(self) -> Iterator[LowRankSGD]:
+        handles = [mod.register_forward_hook(self._hook) for mod in self.modules.values()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.state = _State()
+
+    # ---------------------------------------------------------------- configuration
+    def reset(self, m: int) -> None:
+        self.state.factors = {n: _Factors() for n in self.modules}
+        self.state.m = m
+
+    def set_mode(self, mode: str, *, batch: int = 0, capture: bool = False) -> None:
+        self.state.mode, self.state.batch, self.state.capture = mode, batch, capture
+        self.state.captured = {}
+
+    # ---------------------------------------------------------------- the hook
+    def _hook(self, mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor):
+        st = self.state
+        if st.mode == "off":
+            return None
+        name = self.names[mod]
+        x = inputs[0]
+        f = st.factors[name]
+        m = st.m
+        if st.mode == "diag":
+            if x.shape[0] != m:
+                raise Unsupported("batch dimension changed inside the model")
+            new = out
+            if f.a is not None:
+                xf = x.reshape(m, -1, x.shape[-1])
+                corr = torch.bmm(torch.bmm(xf, f.a.transpose(1, 2)), f.d)
+                new = new + corr.reshape(out.shape)
+            if f.db is not None:
+                new = new + f.db.reshape(m, *([1] * (out.ndim - 2)), -1)
+            if st.capture:
+                st.captured[name] = (x, new)
+            return new
+        # expand: every query's update applied to the whole (shared) training batch
+        b = st.batch
+        shared = x.shape[0] == b and m != 1
+        if not shared and x.shape[0] != m * b:
+            raise Unsupported("batch dimension changed inside the model")
+        mid = out.shape[1:-1]
+        n_out = out.shape[-1]
+        if shared:
+            xf = x.reshape(-1, x.shape[-1])  # [b*T, in]
+            base = out.unsqueeze(0)  # [1, b, *mid, out]
+            corr = None
+            if f.a is not None:
+                r = f.a.shape[1]
+                u = xf @ f.a.reshape(m * r, -1).T  # [b*T, m*r]
+                u = u.reshape(xf.shape[0], m, r).permute(1, 0, 2)  # [m, b*T, r]
+                corr = torch.bmm(u, f.d)  # [m, b*T, out]
+        else:
+            xf = x.reshape(m, -1, x.shape[-1])  # [m, b*T, in]
+            base = out.reshape(m, b, *mid, n_out)
+            corr = None
+            if f.a is not None:
+                corr = torch.bmm(torch.bmm(xf, f.a.transpose(1, 2)), f.d)
+        new = base if corr is None else base + corr.reshape(m, b, *mid, n_out)
+        if f.db is not None:
+            new = new + f.db.reshape(m, 1, *([1] * len(mid)), n_out)
+        if new.shape[0] != m:
+            new = new.expand(m, *new.shape[1:])
+        return new.reshape(m * b, *mid, n_out)
+
+    # ---------------------------------------------------------------- factor bookkeeping
+    def captured_grads(
+        self, loss_sum: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-example (inputs, output-gradients) of each Linear, as [m, T, in] / [m, T, out]."""
+        names = list(self.state.captured)
+        outs = [self.state.captured[n][1] for n in names]
+        grads = torch.autograd.grad(loss_sum, outs, allow_unused=True)
+        m = self.state.m
+        result = {}
+        for n, g in zip(names, grads, strict=True):
+            x, o = self.state.captured[n]
+            if g is None:
+                g = torch.zeros_like(o)
+            result[n] = (
+                x.detach().reshape(m, -1, x.shape[-1]),
+                g.detach().reshape(m, -1, o.shape[-1]),
+            )
+        return result
+
+    def grad_sqnorm(self, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Squared norm of each example's full parameter gradient, from the factors alone."""
+        total = torch.zeros(self.state.m, dtype=torch.float64, device=_device(grads))
+        for n, (a, d) in grads.items():
+            if self.has_w[n]:
+                ga = torch.bmm(a, a.transpose(1, 2)).double()
+                gd = torch.bmm(d, d.transpose(1, 2)).double()
+                total += (ga * gd).sum(dim=(1, 2))
+            if self.has_b[n]:
+                total += d.sum(dim=1).double().pow(2).sum(dim=1)
+        return total
+
+    def add_step(
+        self, grads: dict[str, tuple[torch.Tensor, torch.Tensor]], coef: torch.Tensor
+    ) -> None:
+        """Append one SGD step ``theta += coef_j * grad_j`` (coef = -lr for descent)."""
+        for n, (a, d) in grads.items():
+            f = self.state.factors[n]
+            dc = d * coef.to(d.dtype).reshape(-1, 1, 1)
+            if self.has_w[n]:
+                f.a = a if f.a is None else torch.cat([f.a, a], dim=1)
+                f.d = dc if f.d is None else torch.cat([f.d, dc], dim=1)
+            if self.has_b[n]:
+                s = dc.sum(dim=1)
+                f.db = s if f.db is None else f.db + s
+
+
+def _device(grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.device:
+    return next(iter(grads.values()))[0].device

@@ -1,0 +1,889 @@
+"""The Forward-INF engine: mirrored influence from forward passes.
+
+score(i, q) = loss(z_i; theta) - loss(z_i; theta_q), theta_q = theta after fitting q.
+Positive = proponent (fitting q lowers z_i's loss). Base losses are computed once per
+(model, training set) and reused; loss differences are always taken in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mirrorinf._lowrank import LowRankSGD, Unsupported, linear_modules
+from mirrorinf.config import ForwardInfConfig
+from mirrorinf.curvature import hessian_extremes
+from mirrorinf.data import DataLike, Examples, as_examples
+from mirrorinf.metrics import spearman
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+_STACK_BUDGET = 2**26  # floats held by stacked per-example parameter sets at once (256 MB fp32)
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy for integer class labels (the default loss).
+
+    Computed as softplus(logsumexp_{k != y}(x_k - x_y)), which equals the usual formula but keeps
+    full relative precision for well-fit examples (loss ~1e-20 instead of an exact 0), so loss
+    *differences* of confident predictions do not vanish.
+    """
+    z = outputs - outputs.gather(1, targets.long().unsqueeze(1))
+    z = z.masked_fill(F.one_hot(targets.long(), outputs.shape[1]).bool(), float("-inf"))
+    lse = torch.logsumexp(z, dim=1)
+    return lse.clamp_min(0) + torch.log1p(torch.exp(-lse.abs()))
+
+
+@dataclass
+class ScoreReport:
+    """What the last call computed and how healthy its scores are (saved beside results)."""
+
+    kind: str
+    mode: str
+    n_train: int
+    n_query: int
+    scale: str  # "per_unit_lr": loss drop / lr (lr chosen automatically); "loss": raw drop
+    steps: int
+    path: str  # lowrank | generic | anchored
+    lr_min: float
+    lr_max: float
+    zero_fraction: float
+    n_constant_queries: int
+    seconds: float
+    lambda_max: float | None = None
+    lambda_min: float | None = None
+    stability: float | None = None
+    upcast: int = 0  # queries (pairwise) or rows (self) recomputed in float64
+    query_self_drop: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "query_self_drop"}
+        if self.query_self_drop is not None:
+            out["query_self_drop"] = [float(v) for v in self.query_self_drop]
+        return out
+
+
+class ForwardInf:
+    """Mirrored influence of training examples on queries, for any ``nn.Module``.
+
+    ``pairwise`` gives [n_train, n_query], ``group`` one column for a whole query set,
+    ``self_influence`` each training point's own loss drop. The caller's model is never changed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ForwardInfConfig | dict[str, Any] | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(config, dict):
+            config = ForwardInfConfig.from_dict(config)
+        if config is not None and not isinstance(config, ForwardInfConfig):
+            raise ValueError(
+                f"config must be a ForwardInfConfig or mapping, got {type(config).__name__}"
+            )
+        self.model = model
+        self.config = config or ForwardInfConfig()
+        self.loss_fn: LossFn = loss_fn or cross_entropy
+        self._default_loss = loss_fn is None
+        self.device = _resolve_device(device)
+        prec = self.config.precision
+        if prec == "auto":
+            prec = "float64" if self.config.mode == "anchored" else "float32"
+        self.dtype = torch.float64 if prec == "float64" else torch.float32
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError(
+                "model has no trainable parameters (requires_grad=True); nothing to update"
+            )
+        self._trainable = trainable
+        self._lowrank: LowRankSGD | None = None
+        if (
+            self.config.fast_path == "auto"
+            and self.config.optimizer == "sgd"
+            and not self.config.bn_update
+        ):
+            mods = linear_modules(model, trainable)
+            if mods is not None:
+                self._lowrank = LowRankSGD(mods, trainable)
+        self._lowrank_verified: bool | None = None
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self.last_report: ScoreReport | None = None
+
+    # ================================================================== public API
+    def pairwise(self, train: DataLike, queries: DataLike) -> torch.Tensor:
+        """Scores [n_train, n_query]: how much fitting each query lowers each training loss."""
+        tr, qs = as_examples(train, "train"), as_examples(queries, "queries")
+        t0 = time.perf_counter()
+        with self._scoring() as theta:
+            self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
+            xq, yq = self._prepare_queries(theta, qs)
+            if self.config.mode == "anchored":
+                scores, drop, extra = self._anchored_pairwise(theta, tr, xq, yq)
+                path = "anchored"
+            else:
+                extra = {}
+                base = self._base_losses(theta, tr)
+                if self._use_lowrank(theta, tr, xq, yq, base):
+                    scores, drop, lrs = self._lowrank_pairwise(theta, tr, xq, yq, base)
+                    path = "lowrank"
+                else:
+                    scores, drop, lrs = self._generic_pairwise(theta, tr, xq, yq, base)
+                    path = "generic"
+                extra["lrs"] = lrs
+        if path != "anchored":
+            bad = ((scores == 0).double().mean(dim=0) > 0.01) | (
+                scores.max(dim=0).values == scores.min(dim=0).values
+            )
+            hi = self._upcast_engine() if bool(bad.any()) and len(tr) > 1 else None
+            if hi is not None:
+                idx = bad.nonzero().flatten()
+                scores[:, idx] = hi.pairwise(tr, (xq[idx], yq[idx])).double()
+                drop[idx] = hi.last_report.query_self_drop.double()  # type: ignore[union-attr]
+                extra["upcast"] = len(idx)
+        return self._finish("pairwise", scores, drop, path, t0, len(tr), len(xq), extra)
+
+    def group(self, train: DataLike, queries: DataLike) -> torch.Tensor:
+        """Scores [n_train] for one update on the whole query set (negative = harmful to it)."""
+        tr, qs = as_examples(train, "train"), as_examples(queries, "queries")
+        t0 = time.perf_counter()
+        with self._scoring() as theta:
+            self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
+            xq, yq = self._prepare_queries(theta, qs)
+            if self.config.mode == "anchored":
+                scores, drop, extra = self._anchored_pairwise(theta, tr, xq, yq, group=True)
+                path = "anchored"
+            else:
+                base = self._base_losses(theta, tr)
+                params, lr = self._group_update(theta, xq, yq)
+                col = base - self._losses_over(params, tr)
+                q_base = self._batched_losses(theta.params, xq, yq)
+                drop = (q_base - self._batched_losses(params, xq, yq)).mean().reshape(1)
+                scores, extra, path = col.unsqueeze(1), {"lrs": torch.tensor([lr])}, "generic"
+                scores, drop = self._apply_scale(scores, drop, torch.tensor([lr]))
+        out = self._finish("group", scores, drop, path, t0, len(tr), 1, extra)
+        return out[:, 0]
+
+    def self_influence(self, train: DataLike) -> torch.Tensor:
+        """Scores [n_train]: each training point's loss drop after fitting that point alone.
+
+        Always the plain update (anchored self-influence would need n_train anchored runs).
+        Large = atypical, mislabeled or memorised.
+        """
+        tr = as_examples(train, "train")
+        t0 = time.perf_counter()
+        with self._scoring() as theta:
+            self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
+            out = torch.empty(len(tr), dtype=torch.float64)
+            lrs = torch.empty(len(tr), dtype=torch.float64)
+            use_lr = self._lowrank is not None and self._lowrank_verified is not False
+            chunk = self._self_chunk()
+            path = "lowrank" if use_lr else "generic"
+            for start, xb, yb in self._progress(tr.batches(chunk, self.device), len(tr), chunk):
+                if use_lr:
+                    try:
+                        s, lr = self._lowrank_self(theta, xb, yb)
+                    except Unsupported:
+                        use_lr, path = False, "generic"
+                        self._lowrank_verified = False
+                if not use_lr:
+                    s, lr = self._generic_self(theta, xb, yb)
+                out[start : start + len(xb)] = s.cpu()
+                lrs[start : start + len(xb)] = lr.cpu()
+            scores, _ = self._apply_scale(out.unsqueeze(1), None, lrs, per_row=True)
+        extra: dict[str, Any] = {"lrs": lrs}
+        zero = (scores[:, 0] == 0).nonzero().flatten()
+        hi = self._upcast_engine() if len(zero) > 0.01 * len(tr) else None
+        if hi is not None:
+            scores[zero, 0] = hi.self_influence(tr.take(zero)).double()
+            extra["upcast"] = len(zero)
+        res = self._finish("self", scores, None, path, t0, len(tr), 1, extra)
+        return res[:, 0]
+
+    def _upcast_engine(self) -> ForwardInf | None:
+        """A float64 twin, used to redo the few columns/rows float32 could not resolve."""
+        if self.config.precision != "auto" or self.dtype == torch.float64:
+            return None
+        log.info("some scores vanished at float32; recomputing them in float64")
+        cfg = self.config.replace(precision="float64", sphere=None)
+        return ForwardInf(
+            self.model, cfg, None if self._default_loss else self.loss_fn, self.device
+        )
+
+    # ================================================================== state and forward
+    @contextmanager
+    def _scoring(self) -> Iterator[_Theta]:
+        """Eval mode for the duration of a call; the caller's modes are restored afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        self._cur = _Theta(self)
+        try:
+            with torch.enable_grad():
+                yield self._cur
+        finally:
+            for m, was in modes:
+                m.train(was)
+
+    def _fwd(
+        self, theta: _Theta, params: Params, x: torch.Tensor, buffers: Params | None = None
+    ) -> torch.Tensor:
+        tensors = {**theta.fixed, **(buffers or {}), **params}
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        try:
+            return functional_call(self.model, tensors, (x,))
+        except (RuntimeError, TypeError, IndexError) as exc:
+            if isinstance(exc, Unsupported):
+                raise
+            raise ValueError(
+                f"the model's forward failed on inputs of shape {tuple(x.shape)}: {exc}. "
+                "Check that the features match what the model was trained on"
+            ) from exc
+
+    def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example losses in float64 (outputs cast up first, so differences keep precision)."""
+        if out.is_floating_point():
+            out = out.double()
+        if y.is_floating_point():
+            y = y.double()
+        return self.loss_fn(out, y)
+
+    def _check_targets(self, theta: _Theta, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+        """Validate targets against the model's outputs once, outside any vmap."""
+        x, y = x.to(self.device), y.to(self.device)
+        with torch.no_grad():
+            out = self._fwd(theta, theta.params, x)
+        if self._default_loss:
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise ValueError(
+                    f"{name} labels have dtype {y.dtype}; the default cross-entropy needs integer "
+                    "class indices (pass loss_fn for other targets)"
+                )
+            if out.ndim != 2:
+                raise ValueError(
+                    f"the model returns outputs of shape {tuple(out.shape)}; the default loss "
+                    "expects [batch, classes] logits (pass loss_fn for other outputs)"
+                )
+            n_cls = out.shape[1]
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= n_cls:
+                raise ValueError(
+                    f"{name} labels must lie in [0, {n_cls - 1}] for this model's {n_cls} outputs; "
+                    f"found labels in [{lo}, {hi}]"
+                )
+        losses = self._losses(out, y)
+        if losses.shape != (len(y),):
+            raise ValueError(
+                f"loss_fn must return one loss per example (shape [{len(y)}]), got "
+                f"{tuple(losses.shape)}; use reduction='none'"
+            )
+
+    def _base_losses(self, theta: _Theta, tr: Examples) -> torch.Tensor:
+        """loss(z_i; theta) for every training point, cached per (model state, training set)."""
+        key = ("base", *theta.key, *_data_key(tr))
+        if key not in self._cache:
+            self._cache = {
+                k: v for k, v in self._cache.items() if k[1:] == key[1:] or k[0] != "base"
+            }
+            self._cache[key] = self._losses_over(theta.params, tr)
+        return self._cache[key]
+
+    def _losses_over(
+        self, params: Params, tr: Examples, buffers: Params | None = None
+    ) -> torch.Tensor:
+        theta = self._cur
+        out = torch.empty(len(tr), dtype=torch.float64)
+        with torch.no_grad():
+            for start, xb, yb in tr.batches(self.config.train_batch, self.device):
+                out[start : start + len(xb)] = self._losses(
+                    self._fwd(theta, params, xb, buffers), yb
+                ).cpu()
+        return out
+
+    def _batched_losses(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._losses_over(params, Examples("q", x=x.cpu(), y=y.cpu(), n=len(x)))
+
+    def _prepare_queries(self, theta: _Theta, qs: Examples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Materialise queries (small) and, if configured, lift already-fit ones off zero loss."""
+        xq, yq = qs.materialise()
+        self._check_targets(theta, xq, yq, "queries")
+        sph = self.config.sphere
+        if sph is None or not xq.is_floating_point():
+            return xq, yq
+        gen = torch.Generator().manual_seed(self.config.seed)
+        xq = xq.clone()
+        loss = self._batched_losses(theta.params, xq, yq)
+        radius = torch.full((len(xq),), sph.radius, dtype=torch.float64)
+        x0 = xq.clone()
+        for _ in range(sph.max_tries):
+            low = loss < sph.loss_floor
+            if not bool(low.any()):
+                break
+            idx = low.nonzero().flatten()
+            noise = torch.randn(x0[idx].shape, generator=gen, dtype=x0.dtype)
+            noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(
+                -1, *[1] * (x0.ndim - 1)
+            )
+            scale = x0[idx].flatten(1).norm(dim=1).clamp_min(1.0) * radius[idx]
+            xq[idx] = x0[idx] + noise * scale.to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+            loss[idx] = self._batched_losses(theta.params, xq[idx], yq[idx])
+            radius[idx] *= sph.growth
+        return xq, yq
+
+    # ================================================================== plain updates (generic)
+    def _direction(self, g: Params, state: dict[str, Any], t: int) -> Params:
+        """Update direction of the configured optimizer (Adam keeps its moments in ``state``)."""
+        if self.config.optimizer == "sgd":
+            return g
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        out = {}
+        for k, v in g.items():
+            m = state.setdefault(("m", k), torch.zeros_like(v)).mul_(b1).add_(v, alpha=1 - b1)
+            s = (
+                state.setdefault(("v", k), torch.zeros_like(v))
+                .mul_(b2)
+                .addcmul_(v, v, value=1 - b2)
+            )
+            out[k] = (m / (1 - b1 ** (t + 1))) / ((s / (1 - b2 ** (t + 1))).sqrt() + eps)
+        return out
+
+    def _steps(self) -> int:
+        return self.config.steps or 1
+
+    def _sign(self) -> float:
+        return 1.0 if self.config.direction == "descent" else -1.0
+
+    def _step_lr(self, theta: _Theta, dnorm: torch.Tensor) -> torch.Tensor:
+        """Per-example lr: the configured one, or a normalised step of rel_step * ||theta||."""
+        if self.config.lr is not None:
+            return torch.full_like(dnorm, self.config.lr)
+        length = self.config.rel_step * max(theta.norm, 1e-3)
+        return torch.where(dnorm > 0, length / dnorm.clamp_min(1e-300), torch.zeros_like(dnorm))
+
+    def _per_example_updates(
+        self, theta: _Theta, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[Params, torch.Tensor, list[Params] | None]:
+        """Stacked parameters [m, ...] after ``steps`` updates, each on its own example."""
+        m = len(x)
+        stacked = {k: v.unsqueeze(0).expand(m, *v.shape).clone() for k, v in theta.params.items()}
+        bufs = [dict(theta.buffers) for _ in range(m)] if self.config.bn_update else None
+        if bufs is not None:
+            bufs = [{k: v.clone() for k, v in b.items()} for b in bufs]
+        state: dict[Any, torch.Tensor] = {}
+        lr = None
+        for t in range(self._steps()):
+            g = self._per_example_grads(theta, stacked, x, y, bufs)
+            d = self._direction(g, state, t)
+            if lr is None:
+                lr = self._step_lr(theta, _stack_norm(d))
+            coef = (-self._sign() * lr).to(self.dtype)
+            for k in stacked:
+                stacked[k] = stacked[k] + coef.reshape(-1, *[1] * (stacked[k].ndim - 1)) * d[k]
+        assert lr is not None
+        return stacked, lr, bufs
+
+    def _per_example_grads(
+        self,
+        theta: _Theta,
+        stacked: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bufs: list[Params] | None,
+    ) -> Params:
+        x, y = x.to(self.device), y.to(self.device)
+        if bufs is None and theta.vmap_ok:
+
+            def f(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+                return self._losses(self._fwd(theta, p, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
+
+            try:
+                return vmap(grad(f), in_dims=(0, 0, 0), randomness="same")(stacked, x, y)
+            except ValueError:
+                raise
+            except Exception as exc:  # model uses an op vmap cannot batch: loop instead
+                log.debug("vmap over examples failed (%s); looping", exc)
+                theta.vmap_ok = False
+        out = {k: torch.empty_like(v) for k, v in stacked.items()}
+        for j in range(len(x)):
+            p = {k: v[j].detach().requires_grad_(True) for k, v in stacked.items()}
+            with self._bn_train(bufs is not None):
+                loss = self._losses(
+                    self._fwd(theta, p, x[j : j + 1], bufs[j] if bufs else None), y[j : j + 1]
+                ).sum()
+            gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+            for k, gk in zip(p, gs, strict=True):
+                out[k][j] = 0 if gk is None else gk
+        return out
+
+    @contextmanager
+    def _bn_train(self, on: bool) -> Iterator[None]:
+        """During an update with bn_update, BatchNorm layers run in train mode (stats move)."""
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if on:
+            for m in bns:
+                m.train()
+        try:
+            yield
+        except ValueError as exc:
+            if on and "more than 1 value per channel" in str(exc):
+                raise ValueError(
+                    "bn_update needs BatchNorm inputs with more than one value per "
+                    "channel for a single example; set bn_update: false"
+                ) from exc
+            raise
+        finally:
+            for m in bns:
+                m.eval()
+
+    def _generic_pairwise(
+        self, theta: _Theta, tr: Examples, xq: torch.Tensor, yq: torch.Tensor, base: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, m = len(tr), len(xq)
+        scores = torch.empty(n, m, dtype=torch.float64)
+        drops = torch.empty(m, dtype=torch.float64)
+        lrs = torch.empty(m, dtype=torch.float64)
+        qb = self._query_chunk(theta)
+        q_base = self._batched_losses(theta.params, xq, yq)
+        for qs in range(0, m, qb):
+            sl = slice(qs, min(qs + qb, m))
+            stacked, lr, bufs = self._per_example_updates(theta, xq[sl], yq[sl])
+            lrs[sl] = lr.cpu()
+            cols = sl.stop - sl.start
+            for j in range(cols):
+                pj = {k: v[j] for k, v in stacked.items()}
+                bj = bufs[j] if bufs else None
+                scores[:, qs + j] = base - self._losses_over(pj, tr, bj)
+                drops[qs + j] = (
+                    q_base[qs + j]
+                    - self._batched_losses(pj, xq[qs + j : qs + j + 1], yq[qs + j : qs + j + 1])[0]
+                )
+        scores, drops = self._apply_scale(scores, drops, lrs)
+        return scores, drops, lrs
+
+    def _generic_self(
+        self, theta: _Theta, xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            base = self._losses(self._fwd(theta, theta.params, xb), yb)
+        stacked, lr, bufs = self._per_example_updates(theta, xb, yb)
+        after = torch.empty_like(base)
+        with torch.no_grad():
+            for j in range(len(xb)):
+                pj = {k: v[j] for k, v in stacked.items()}
+                after[j] = self._losses(
+                    self._fwd(theta, pj, xb[j : j + 1], bufs[j] if bufs else None), yb[j : j + 1]
+                )[0]
+        return base - after, lr
+
+    def _group_update(
+        self, theta: _Theta, xq: torch.Tensor, yq: torch.Tensor
+    ) -> tuple[Params, float]:
+        """One parameter set after ``steps`` updates on the mean loss of the whole query set."""
+        p = {k: v.clone() for k, v in theta.params.items()}
+        state: dict[Any, torch.Tensor] = {}
+        lr = None
+        q = Examples("queries", x=xq, y=yq, n=len(xq))
+        for t in range(self._steps()):
+            g = self._mean_grad(theta, p, q)
+            d = self._direction(g, state, t)
+            if lr is None:
+                lr = float(
+                    self._step_lr(theta, _stack_norm({k: v.unsqueeze(0) for k, v in d.items()}))[0]
+                )
+            p = {k: v - self._sign() * lr * d[k] for k, v in p.items()}
+        assert lr is not None
+        return p, lr
+
+    def _mean_grad(self, theta: _Theta, p: Params, data: Examples) -> Params:
+        """Gradient of the mean loss over ``data`` (streamed; exact, not a subsample)."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        acc = {k: torch.zeros_like(v) for k, v in p.items()}
+        for _, xb, yb in data.batches(self.config.train_batch, self.device):
+            loss = self._losses(self._fwd(theta, leaves, xb), yb).sum() / len(data)
+            gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for k, gk in zip(leaves, gs, strict=True):
+                if gk is not None:
+                    acc[k] += gk
+        return acc
+
+    # ================================================================== plain updates (low-rank)
+    def _use_lowrank(
+        self, theta: _Theta, tr: Examples, xq: torch.Tensor, yq: torch.Tensor, base: torch.Tensor
+    ) -> bool:
+        """Use the exact low-rank path if possible; verify it once against the generic path."""
+        if self._lowrank is None or self._lowrank_verified is False:
+            return False
+        if self._lowrank_verified:
+            return True
+        k, nb = min(2, len(xq)), min(16, len(tr))
+        xs, ys = tr.take(slice(0, nb))
+        small = Examples("train", x=xs, y=ys, n=nb)
+        try:
+            fast, _, _ = self._lowrank_pairwise(theta, small, xq[:k], yq[:k], base[:nb])
+        except Unsupported as exc:
+            log.info("low-rank fast path not applicable (%s); using the generic path", exc)
+            self._lowrank_verified = False
+            return False
+        ref, _, _ = self._generic_pairwise(theta, small, xq[:k], yq[:k], base[:nb])
+        tol = 1e-3 * float(ref.abs().max()) + 1e-9
+        self._lowrank_verified = bool((fast - ref).abs().max() <= tol)
+        if not self._lowrank_verified:
+            log.info("low-rank fast path disagreed with the generic path; using the generic path")
+        return self._lowrank_verified
+
+    def _lowrank_updates(
+        self, theta: _Theta, lr_engine: LowRankSGD, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build each example's low-rank update factors; returns (lr, loss before)."""
+        m = len(x)
+        x, y = x.to(self.device), y.to(self.device)
+        lr_engine.reset(m)
+        lr = None
+        base = None
+        params = {k: v.detach().requires_grad_(True) for k, v in theta.params.items()}
+        for _ in range(self._steps()):
+            lr_engine.set_mode("diag", capture=True)
+            losses = self._losses(self._fwd(theta, params, x), y)
+            if base is None:
+                base = losses.detach()
+            grads = lr_engine.captured_grads(losses.sum())
+            if lr is None:
+                lr = self._step_lr(theta, lr_engine.grad_sqnorm(grads).sqrt())
+            lr_engine.add_step(grads, -self._sign() * lr)
+        assert lr is not None and base is not None
+        return lr, base
+
+    def _lowrank_pairwise(
+        self, theta: _Theta, tr: Examples, xq: torch.Tensor, yq: torch.Tensor, base: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self._lowrank is not None
+        n, m = len(tr), len(xq)
+        scores = torch.empty(n, m, dtype=torch.float64)
+        drops = torch.empty(m, dtype=torch.float64)
+        lrs = torch.empty(m, dtype=torch.float64)
+        qb = self.config.query_batch
+        with self._lowrank.hooks() as lre:
+            for qs in range(0, m, qb):
+                sl = slice(qs, min(qs + qb, m))
+                k = sl.stop - sl.start
+                lr, q_base = self._lowrank_updates(theta, lre, xq[sl], yq[sl])
+                lrs[sl] = lr.cpu()
+                with torch.no_grad():
+                    lre.set_mode("diag")
+                    xqd, yqd = xq[sl].to(self.device), yq[sl].to(self.device)
+                    drops[sl] = (
+                        q_base - self._losses(self._fwd(theta, theta.params, xqd), yqd)
+                    ).cpu()
+                    rows = max(1, self.config.train_batch // max(1, k))
+                    for start, xb, yb in tr.batches(rows, self.device):
+                        b = len(xb)
+                        lre.set_mode("expand", batch=b)
+                        out = self._fwd(theta, theta.params, xb)
+                        if out.shape[0] != k * b:
+                            raise Unsupported("model output was not expanded over queries")
+                        after = self._losses(out, yb.repeat(k)).reshape(k, b)
+                        scores[start : start + b, sl] = (
+                            base[start : start + b].to(after.device) - after
+                        ).T.cpu()
+                lre.set_mode("off")
+        scores, drops = self._apply_scale(scores, drops, lrs)
+        return scores, drops, lrs
+
+    def _lowrank_self(
+        self, theta: _Theta, xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._lowrank is not None
+        with self._lowrank.hooks() as lre:
+            lr, base = self._lowrank_updates(theta, lre, xb, yb)
+            with torch.no_grad():
+                lre.set_mode("diag")
+                after = self._losses(self._fwd(theta, theta.params, xb), yb)
+        return base - after, lr
+
+    # ================================================================== anchored mode
+    def _anchored_pairwise(
+        self, theta: _Theta, tr: Examples, xq: torch.Tensor, yq: torch.Tensor, group: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Steps on mean train loss + L2 + eps*loss(q), scored against a control run (eps=0)."""
+        cfg = self.config
+        lam_max, lam_min = self._curvature(theta, tr)
+        lr = cfg.lr if cfg.lr is not None else 1.0 / lam_max
+        steps = cfg.steps or _anchored_steps(lr, lam_min)
+        eps = cfg.anchor_eps if cfg.anchor_eps is not None else 1.0 / len(tr)
+        mid = max(1, steps // 2)
+        ctrl_key = ("ctrl", *theta.key, *_data_key(tr), lr, steps, cfg.weight_decay, cfg.precision)
+        if ctrl_key not in self._cache:
+            traj = self._anchored_run(theta, tr, None, None, 0.0, lr, steps, mid)
+            self._cache[ctrl_key] = traj  # type: ignore[assignment]
+        ctrl = self._cache[ctrl_key]  # type: ignore[assignment]
+        base_mid = self._losses_over(ctrl[0], tr)  # type: ignore[index]
+        base_end = self._losses_over(ctrl[1], tr)  # type: ignore[index]
+        groups = [slice(0, len(xq))] if group else [slice(j, j + 1) for j in range(len(xq))]
+        n_groups = len(groups)
+        scores = torch.empty(len(tr), n_groups, dtype=torch.float64)
+        scores_mid = torch.empty_like(scores)
+        drops = torch.empty(n_groups, dtype=torch.float64)
+        weight = eps * (len(xq) if group else 1) * self._sign()
+        for j, sl in enumerate(self._progress(iter(groups), n_groups, 1)):
+            p_mid, p_end = self._anchored_run(theta, tr, xq[sl], yq[sl], weight, lr, steps, mid)
+            scores[:, j] = base_end - self._losses_over(p_end, tr)
+            scores_mid[:, j] = base_mid - self._losses_over(p_mid, tr)
+            q_c = self._batched_losses(ctrl[1], xq[sl], yq[sl])  # type: ignore[index]
+            drops[j] = (q_c - self._batched_losses(p_end, xq[sl], yq[sl])).mean()
+        # scores per unit of query weight, so they do not shrink with n_train (sign: proponent > 0)
+        scores, scores_mid, drops = scores / weight, scores_mid / weight, drops / weight
+        if cfg.score == "abs":
+            scores, scores_mid, drops = scores.abs(), scores_mid.abs(), drops.abs()
+        stability = float(np.nanmean(spearman(scores_mid.numpy(), scores.numpy())))
+        if stability < 0.8:
+            log.warning(
+                "anchored scores at %d and %d steps agree only to Spearman %.2f; "
+                "consider fewer steps or a smaller lr",
+                mid,
+                steps,
+                stability,
+            )
+        extra = {
+            "lambda_max": lam_max,
+            "lambda_min": lam_min,
+            "stability": stability,
+            "steps": steps,
+            "lrs": torch.tensor([lr]),
+        }
+        log.info(
+            "anchored mode: lr %.3g (1/lambda_max=%.3g), %d steps, eps %.3g, stability %.3f",
+            lr,
+            1.0 / lam_max,
+            steps,
+            eps,
+            stability,
+        )
+        return scores, drops, extra
+
+    def _anchored_run(
+        self,
+        theta: _Theta,
+        tr: Examples,
+        xq: torch.Tensor | None,
+        yq: torch.Tensor | None,
+        eps: float,
+        lr: float,
+        steps: int,
+        mid: int,
+    ) -> tuple[Params, Params]:
+        p = {k: v.clone() for k, v in theta.params.items()}
+        wd = self.config.weight_decay
+        q = None if xq is None else Examples("q", x=xq, y=yq, n=len(xq))
+        snap = p
+        for t in range(steps):
+            g = self._mean_grad(theta, p, tr)
+            if q is not None and eps > 0:
+                gq = self._mean_grad(theta, p, q)
+                g = {k: g[k] + eps * gq[k] for k in g}
+            p = {k: v - lr * (g[k] + wd * v) for k, v in p.items()}
+            if t + 1 == mid:
+                snap = p
+        return snap, p
+
+    def _curvature(self, theta: _Theta, tr: Examples) -> tuple[float, float]:
+        """Extreme Hessian eigenvalues of the training objective (cached)."""
+        key = ("curv", *theta.key, *_data_key(tr), self.config.weight_decay)
+        if key not in self._cache:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            n_sub = min(len(tr), 2048)
+            idx = torch.randperm(len(tr), generator=gen)[:n_sub].sort().values
+            xs, ys = tr.take(idx)
+            xs, ys = xs.to(self.device), ys.to(self.device)
+
+            def objective(p: Params) -> torch.Tensor:
+                return self._losses(self._fwd(theta, p, xs), ys).mean()
+
+            lam_max, lam_min = hessian_extremes(objective, theta.params, seed=self.config.seed)
+            lam_max += self.config.weight_decay
+            lam_min += self.config.weight_decay
+            self._cache[key] = torch.tensor([lam_max, lam_min])
+        lam_max, lam_min = (float(v) for v in self._cache[key])
+        if not lam_max > 0:
+            raise ValueError(
+                "the training objective has no positive curvature here; set lr explicitly"
+            )
+        return lam_max, lam_min
+
+    # ================================================================== helpers
+    def _apply_scale(
+        self,
+        scores: torch.Tensor,
+        drops: torch.Tensor | None,
+        lrs: torch.Tensor,
+        per_row: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flip for ascent, divide by the automatic lr (per unit lr), take |.| if asked."""
+        sign = self._sign()
+        scores = scores * sign
+        drops = None if drops is None else drops * sign
+        if self.config.lr is None:
+            safe = torch.where(lrs > 0, lrs, torch.ones_like(lrs)).to(scores.dtype)
+            scores = scores / (safe.reshape(-1, 1) if per_row else safe.reshape(1, -1))
+            if drops is not None:
+                drops = drops / safe.reshape(-1)[: len(drops)]
+        if self.config.score == "abs":
+            scores = scores.abs()
+            drops = None if drops is None else drops.abs()
+        return scores, drops
+
+    def _finish(
+        self,
+        kind: str,
+        scores: torch.Tensor,
+        drops: torch.Tensor | None,
+        path: str,
+        t0: float,
+        n_train: int,
+        n_query: int,
+        extra: dict,
+    ) -> torch.Tensor:
+        """Health checks, the report, and the float32 CPU result."""
+        zero = float((scores == 0).double().mean())
+        const = (
+            int(((scores.max(dim=0).values - scores.min(dim=0).values) == 0).sum())
+            if len(scores) > 1
+            else 0
+        )
+        if not bool(torch.isfinite(scores).all()):
+            raise FloatingPointError(
+                f"{kind} scores contain NaN/inf: the update diverged; "
+                "use a smaller lr or fewer steps"
+            )
+        if zero > 0.01 or const > 0:
+            log.warning(
+                "%s scores: %.1f%% exactly zero, %d query column(s) constant; "
+                "the step may be too small for this precision (raise rel_step or lr)",
+                kind,
+                100 * zero,
+                const,
+            )
+        lrs = extra.get("lrs", torch.tensor([float("nan")]))
+        self.last_report = ScoreReport(
+            kind=kind,
+            mode=self.config.mode if kind != "self" else "plain",
+            n_train=n_train,
+            n_query=n_query,
+            scale=_scale_name(self.config, path),
+            steps=int(extra.get("steps", self._steps())),
+            path=path,
+            lr_min=float(lrs.min()),
+            lr_max=float(lrs.max()),
+            zero_fraction=zero,
+            n_constant_queries=const,
+            seconds=time.perf_counter() - t0,
+            lambda_max=extra.get("lambda_max"),
+            lambda_min=extra.get("lambda_min"),
+            stability=extra.get("stability"),
+            upcast=int(extra.get("upcast", 0)),
+            query_self_drop=None if drops is None else drops.float(),
+        )
+        log.info(
+            "%s: %d x %d scores in %.2fs (path %s, zero %.2f%%)",
+            kind,
+            n_train,
+            n_query,
+            self.last_report.seconds,
+            path,
+            100 * zero,
+        )
+        return scores.float()
+
+    def _query_chunk(self, theta: _Theta) -> int:
+        return max(1, min(self.config.query_batch, _STACK_BUDGET // max(1, theta.numel)))
+
+    def _self_chunk(self) -> int:
+        numel = sum(p.numel() for n, p in self.model.named_parameters() if n in self._trainable)
+        cap = (
+            self.config.train_batch if self._lowrank is not None else _STACK_BUDGET // max(1, numel)
+        )
+        return max(1, min(self.config.train_batch, cap))
+
+    def _progress(self, it: Iterator, total: int, step: int) -> Iterator:
+        """Progress bar on long work, only when logging at INFO is wanted and on a terminal."""
+        if total // max(1, step) < 8 or not log.isEnabledFor(logging.INFO):
+            return it
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            return it
+        return iter(tqdm(it, total=math.ceil(total / step), desc="mirrorinf", leave=False))
+
+
+class _Theta:
+    """The model's parameters/buffers detached onto the engine's device and dtype."""
+
+    def __init__(self, engine: ForwardInf) -> None:
+        dev, dt = engine.device, engine.dtype
+        params, fixed, key = {}, {}, []
+        for n, p in engine.model.named_parameters():
+            t = p.detach().to(dev, dt if p.is_floating_point() else p.dtype)
+            (params if n in engine._trainable else fixed)[n] = t
+            key.append((n, id(p), p._version))
+        buffers = {}
+        for n, b in engine.model.named_buffers():
+            buffers[n] = b.detach().to(dev, dt if b.is_floating_point() else b.dtype)
+            key.append((n, id(b), b._version))
+        self.params: Params = params
+        self.buffers: Params = buffers
+        self.fixed: Params = {**fixed, **buffers}
+        self.key = (tuple(key), engine.config.fingerprint())
+        self.norm = float(torch.sqrt(sum(v.double().pow(2).sum() for v in params.values())))
+        self.numel = sum(v.numel() for v in params.values())
+        self.vmap_ok = True
+
+
+def _scale_name(cfg: ForwardInfConfig, path: str) -> str:
+    """Which scale scores are on (cross-query thresholds depend on it)."""
+    if path == "anchored":
+        return "per_unit_query_weight"
+    return "per_unit_lr" if cfg.lr is None else "loss"
+
+
+def _stack_norm(d: Params) -> torch.Tensor:
+    return torch.sqrt(sum(v.double().flatten(1).pow(2).sum(dim=1) for v in d.values()))
+
+
+def _data_key(ex: Examples) -> tuple:
+    if ex.x is not None and ex.y is not None:
+        return (id(ex.x), ex.x._version, tuple(ex.x.shape), id(ex.y), ex.y._version)
+    return (id(ex.dataset), ex.n)
+
+
+def _anchored_steps(lr: float, lam_min: float) -> int:
+    """Steps so that negative-curvature directions grow at most 2x: (1 + lr|lam_min|)^K <= 2."""
+    if lam_min >= 0:
+        return 100
+    return int(min(100, max(10, math.floor(math.log(2.0) / math.log1p(lr * abs(lam_min))))))
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' requested but no CUDA device is available; use device='auto'"
+        )
+    return dev

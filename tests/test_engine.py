@@ -1,0 +1,306 @@
+"""Engine unit tests: the math (against independent computations), variants, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from benchmarks._common import digits_split, exact_loo, flip_labels, train_logreg
+from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.metrics import loo_correlation, mislabel_auroc
+
+
+def _train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2
+) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+    torch.manual_seed(1)
+    x = torch.randn(400, 12)
+    y = (x @ torch.randn(12, 3)).argmax(1)
+    model = _train(nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 3)), x, y)
+    return model, x, y
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), f"{k} changed"
+
+
+def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([v.flatten(1) for v in g.values()], dim=1)
+
+
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+def test_first_order_identity(mlp_setup, fast_path):
+    """SGD, one small step: score = lr * grad_i . grad_q to first order."""
+    model, x, y = mlp_setup
+    lr = 1e-3
+    fi = ForwardInf(model, ForwardInfConfig(lr=lr, fast_path=fast_path, precision="float64"))
+    scores = fi.pairwise((x, y), (x[:6], y[:6]))
+    g = _per_example_grads(model.double(), x.double(), y).float()
+    model.float()
+    expected = lr * (g @ g[:6].T)
+    assert fi.last_report.scale == "loss"
+    rel = (scores - expected).abs().max() / expected.abs().max()
+    assert rel < 0.02, rel
+
+
+def test_lowrank_matches_generic_multistep(mlp_setup):
+    model, x, y = mlp_setup
+    q = (x[10:20], y[10:20])
+    for steps in (1, 3):
+        fast = ForwardInf(model, ForwardInfConfig(steps=steps, precision="float64"))
+        slow = ForwardInf(
+            model, ForwardInfConfig(steps=steps, fast_path="off", precision="float64")
+        )
+        a, b = fast.pairwise((x, y), q), slow.pairwise((x, y), q)
+        assert fast.last_report.path == "lowrank" and slow.last_report.path == "generic"
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(b.abs().max()))
+        sa, sb = fast.self_influence((x, y)), slow.self_influence((x, y))
+        assert torch.allclose(sa, sb, rtol=1e-6, atol=1e-9 * float(sb.abs().max()))
+
+
+def test_duplicate_is_top_proponent(mlp_setup):
+    """A training point identical to a (misfit) query is that query's top proponent."""
+    model, x, y = mlp_setup
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    hard = losses.argsort(descending=True)[:5]  # queries the model does not already fit
+    fi = ForwardInf(model)
+    scores = fi.pairwise((x, y), (x[hard], y[hard]))
+    assert torch.equal(scores.argmax(dim=0), hard)
+    # the duplicate's score equals the query's own loss drop (same point, same update)
+    drop = fi.last_report.query_self_drop
+    assert torch.allclose(scores[hard, torch.arange(5)], drop, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [{"rel_step": 1e-8}, {"lr": 1e-7}])
+def test_float32_tiny_step_has_no_zero_scores(mlp_setup, cfg):
+    """Steps below float32 resolution: the vanished columns are redone in float64."""
+    model, x, y = mlp_setup
+    fi = ForwardInf(model, ForwardInfConfig(**cfg))
+    assert fi.dtype == torch.float32
+    scores = fi.pairwise((x, y), (x[:20], y[:20]))
+    assert scores.dtype == torch.float32
+    assert fi.last_report.upcast > 0  # float32 alone could not resolve this step
+    assert fi.last_report.zero_fraction < 0.01
+    assert fi.last_report.n_constant_queries == 0
+    assert (scores == 0).float().mean() < 0.01
+
+
+def test_auto_lr_scores_are_gradient_dot_products(mlp_setup):
+    """With lr=None scores are per unit lr, i.e. ~TracIn's gradient dot products."""
+    model, x, y = mlp_setup
+    fi = ForwardInf(model)
+    scores = fi.pairwise((x, y), (x[:8], y[:8]))
+    g = _per_example_grads(model, x, y)
+    tracin = g @ g[:8].T
+    assert fi.last_report.scale == "per_unit_lr"
+    corr = np.corrcoef(scores.flatten().numpy(), tracin.flatten().numpy())[0, 1]
+    assert corr > 0.999
+
+
+def test_group_is_mean_of_pairwise_to_first_order(mlp_setup):
+    model, x, y = mlp_setup
+    fi = ForwardInf(model)
+    q = (x[:30], y[:30])
+    group = fi.group((x, y), q)
+    pair = fi.pairwise((x, y), q)
+    assert group.shape == (len(x),)
+    corr = np.corrcoef(group.numpy(), pair.mean(dim=1).numpy())[0, 1]
+    assert corr > 0.99
+
+
+def test_variants_adam_ascent_abs(mlp_setup):
+    model, x, y = mlp_setup
+    q = (x[:4], y[:4])
+    base = ForwardInf(model).pairwise((x, y), q)
+    asc = ForwardInf(model, ForwardInfConfig(direction="ascent")).pairwise((x, y), q)
+    # ascent with the sign flipped agrees with descent to first order: proponents stay positive
+    assert np.corrcoef(base.flatten(), asc.flatten())[0, 1] > 0.99
+    ab = ForwardInf(model, ForwardInfConfig(score="abs")).pairwise((x, y), q)
+    assert torch.allclose(ab, base.abs(), rtol=1e-4, atol=1e-6)
+    adam = ForwardInf(model, ForwardInfConfig(optimizer="adam", lr=5e-3))
+    s = adam.pairwise((x, y), q)
+    assert adam.last_report.path == "generic" and torch.isfinite(s).all()
+    assert (s.argmax(0) == torch.arange(4)).float().mean() >= 0.5 or s.std() > 0
+
+
+def test_dataset_input_equals_tensors(mlp_setup):
+    model, x, y = mlp_setup
+    ds = torch.utils.data.TensorDataset(x, y)
+    fi = ForwardInf(model, ForwardInfConfig(train_batch=64))
+    a = fi.pairwise(ds, (x[:3], y[:3]))
+    b = fi.pairwise((x, y), (x[:3], y[:3]))
+    assert torch.allclose(a, b)
+    assert torch.allclose(fi.self_influence(ds), fi.self_influence((x.numpy(), y.numpy())))
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_cnn_batchnorm_stats_untouched_unless_asked():
+    s = digits_split(200, 10, seed=3, dtype=torch.float32)
+    x, y = s.x_train.reshape(-1, 1, 8, 8), s.y_train
+    model = _train(_CNN(), x, y, steps=100)
+    model.eval()
+    snap = _snapshot(model)
+    q = (s.x_query.reshape(-1, 1, 8, 8)[:3], s.y_query[:3])
+    fi = ForwardInf(model)
+    scores = fi.pairwise((x, y), q)
+    assert fi.last_report.path == "generic" and torch.isfinite(scores).all()
+    _assert_same(model, snap)
+    moved = ForwardInf(model, ForwardInfConfig(bn_update=True)).pairwise((x, y), q)
+    _assert_same(model, snap)  # caller's running stats still untouched
+    assert not torch.allclose(moved, scores)  # but the per-query copies' statistics moved
+    assert not model.training
+
+
+class _Transformer(nn.Module):
+    def __init__(self, vocab: int = 20, d: int = 16, n_cls: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(
+            d, nhead=2, dim_feedforward=32, dropout=0.1, batch_first=True
+        )
+        self.enc = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(dim=1))
+
+
+def test_transformer_encoder_classifier():
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (120, 6))
+    y = (x == 3).any(dim=1).long()
+    model = _train(_Transformer(), x, y, steps=60)
+    model.train()  # the engine must score in eval mode and restore train mode
+    snap = _snapshot(model)
+    fi = ForwardInf(model)
+    scores = fi.pairwise((x, y), (x[:4], y[:4]))
+    assert scores.shape == (120, 4) and torch.isfinite(scores).all()
+    assert fi.last_report.zero_fraction < 0.01
+    si = fi.self_influence((x, y))
+    assert si.shape == (120,) and torch.isfinite(si).all()
+    assert model.training
+    _assert_same(model, snap)
+
+
+def test_anchored_tracks_exact_loo_on_logistic_regression():
+    """Held-out setting (seed and sizes differ from the benchmark)."""
+    wd = 1e-2
+    s = digits_split(200, 8, seed=11)
+    model = train_logreg(s.x_train, s.y_train, wd)
+    loo, _ = exact_loo(model, s.x_train, s.y_train, s.x_query, s.y_query, wd)
+    fi = ForwardInf(model, ForwardInfConfig(mode="anchored", weight_decay=wd))
+    scores = fi.pairwise((s.x_train, s.y_train), (s.x_query, s.y_query))
+    corr = loo_correlation(scores.double(), loo)
+    assert corr["spearman"] > 0.9, corr
+    plain = loo_correlation(
+        ForwardInf(model).pairwise((s.x_train, s.y_train), (s.x_query, s.y_query)).double(), loo
+    )
+    assert corr["spearman"] > plain["spearman"]
+
+
+def test_self_influence_finds_flipped_labels():
+    s = digits_split(600, 0, seed=5, dtype=torch.float32)
+    y_noisy, flipped = flip_labels(s.y_train, 0.1, seed=5)
+    model = _train(
+        nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)),
+        s.x_train,
+        y_noisy,
+        steps=300,
+    )
+    scores = ForwardInf(model).self_influence((s.x_train, y_noisy))
+    is_flipped = torch.zeros(len(y_noisy), dtype=torch.bool)
+    is_flipped[flipped] = True
+    assert mislabel_auroc(scores, is_flipped) > 0.9
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("train", "queries", "match"),
+    [
+        (lambda x, y: (x, y[:-1]), None, "rows"),
+        (lambda x, y: (x, y + 5), None, r"labels must lie in \[0, 2\]"),
+        (lambda x, y: (x.masked_fill(torch.rand_like(x) < 0.01, float("nan")), y), None, "NaN"),
+        (lambda x, y: (x[:0], y[:0]), None, "empty"),
+        (lambda x, y: (x, y.float()), None, "integer"),
+        (lambda x, y: (x[:, :5], y), None, "features match"),
+        (lambda x, y: [x], None, "tuple"),
+        (None, lambda x, y: (x[:0], y[:0]), "queries is empty"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(mlp_setup, train, queries, match):
+    model, x, y = mlp_setup
+    snap = _snapshot(model)
+    tr = train(x, y) if train else (x, y)
+    qs = queries(x, y) if queries else (x[:2], y[:2])
+    with pytest.raises(ValueError, match=match):
+        ForwardInf(model).pairwise(tr, qs)
+    _assert_same(model, snap)
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="mode"):
+        ForwardInfConfig(mode="fast")
+    with pytest.raises(ValueError, match="unknown ForwardInfConfig field"):
+        ForwardInfConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match=r"sphere\.growth"):
+        ForwardInfConfig.from_dict({"sphere": {"growth": 0.5}})
+    with pytest.raises(ValueError, match="query_batch"):
+        ForwardInfConfig(query_batch=0)
+
+
+def test_config_round_trips_json_and_yaml():
+    yaml = pytest.importorskip("yaml")
+    cfg = ForwardInfConfig(mode="anchored", sphere={"radius": 0.1}, weight_decay=1e-3)
+    assert ForwardInfConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    import json
+
+    assert ForwardInfConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.fingerprint() != ForwardInfConfig().fingerprint()
+
+
+def test_sphere_lifts_fit_queries(mlp_setup):
+    model, x, y = mlp_setup
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    easy = losses.argsort()[:3]
+    cfg = ForwardInfConfig(sphere={"radius": 0.05, "loss_floor": 1e-2})
+    fi = ForwardInf(model, cfg)
+    s = fi.pairwise((x, y), (x[easy], y[easy]))
+    assert torch.isfinite(s).all() and fi.last_report.n_constant_queries == 0

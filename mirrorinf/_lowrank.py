@@ -111,29 +111,44 @@ class LowRankSGD:
         shared = x.shape[0] == b and m != 1
         if not shared and x.shape[0] != m * b:
             raise Unsupported("batch dimension changed inside the model")
-        mid = out.shape[1:-1]
-        n_out = out.shape[-1]
+        mid, n_out = out.shape[1:-1], out.shape[-1]
+        u, d = self._folded(f, x, m, shared)
         if shared:
-            xf = x.reshape(-1, x.shape[-1])  # [b*T, in]
-            base = out.unsqueeze(0)  # [1, b, *mid, out]
-            corr = None
-            if f.a is not None:
-                r = f.a.shape[1]
-                u = xf @ f.a.reshape(m * r, -1).T  # [b*T, m*r]
-                u = u.reshape(xf.shape[0], m, r).permute(1, 0, 2)  # [m, b*T, r]
-                corr = torch.bmm(u, f.d)  # [m, b*T, out]
+            base = out.reshape(1, -1, n_out).expand(m, -1, n_out)
         else:
-            xf = x.reshape(m, -1, x.shape[-1])  # [m, b*T, in]
-            base = out.reshape(m, b, *mid, n_out)
-            corr = None
-            if f.a is not None:
-                corr = torch.bmm(torch.bmm(xf, f.a.transpose(1, 2)), f.d)
-        new = base if corr is None else base + corr.reshape(m, b, *mid, n_out)
-        if f.db is not None:
-            new = new + f.db.reshape(m, 1, *([1] * len(mid)), n_out)
-        if new.shape[0] != m:
-            new = new.expand(m, *new.shape[1:])
+            base = out.reshape(m, -1, n_out)
+        if u is None:
+            new = base.contiguous()
+        elif torch.is_grad_enabled() or shared:
+            new = torch.baddbmm(base, u, d)
+        else:
+            new = base.baddbmm_(u, d)  # fresh output of this layer: safe to update in place
         return new.reshape(m * b, *mid, n_out)
+
+    @staticmethod
+    def _folded(
+        f: _Factors, x: torch.Tensor, m: int, shared: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(u, d) with u @ d = the low-rank correction, the bias change folded in as a column."""
+        if f.a is None and f.db is None:
+            return None, None
+        xf = x.reshape(-1, x.shape[-1])
+        rows = xf.shape[0] if shared else xf.shape[0] // m
+        parts_u, parts_d = [], []
+        if f.a is not None:
+            r = f.a.shape[1]
+            if shared:
+                u = (xf @ f.a.reshape(m * r, -1).T).reshape(rows, m, r).permute(1, 0, 2)
+            else:
+                u = torch.bmm(xf.reshape(m, rows, -1), f.a.transpose(1, 2))
+            parts_u.append(u)
+            parts_d.append(f.d)
+        if f.db is not None:
+            parts_u.append(torch.ones(m, rows, 1, dtype=x.dtype, device=x.device))
+            parts_d.append(f.db.unsqueeze(1))
+        if len(parts_u) == 1:
+            return parts_u[0], parts_d[0]
+        return torch.cat(parts_u, dim=2), torch.cat(parts_d, dim=1)
 
     # ---------------------------------------------------------------- factor bookkeeping
     def captured_grads(

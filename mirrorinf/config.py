@@ -103,7 +103,7 @@ class ForwardInfConfig:
     bn_update: bool = False
     sphere: SphereConfig | None = None
     query_batch: int = 32
-    train_batch: int = 1024
+    train_batch: int = 8192
     precision: str = "auto"
     fast_path: str = "auto"
     seed: int = 0

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -42,8 +41,8 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     full relative precision for well-fit examples (loss ~1e-20 instead of an exact 0), so loss
     *differences* of confident predictions do not vanish.
     """
-    z = outputs - outputs.gather(1, targets.long().unsqueeze(1))
-    z = z.masked_fill(F.one_hot(targets.long(), outputs.shape[1]).bool(), float("-inf"))
+    t = targets.long().unsqueeze(1)
+    z = (outputs - outputs.gather(1, t)).scatter(1, t, float("-inf"))
     lse = torch.logsumexp(z, dim=1)
     return lse.clamp_min(0) + torch.log1p(torch.exp(-lse.abs()))
 
@@ -591,7 +590,8 @@ class ForwardInf:
                     drops[sl] = (
                         q_base - self._losses(self._fwd(theta, theta.params, xqd), yqd)
                     ).cpu()
-                    rows = max(1, self.config.train_batch // max(1, k))
+                    # k*rows rows per forward: as many as a plain forward of train_batch rows
+                    rows = max(64, self.config.train_batch // max(1, k))
                     for start, xb, yb in tr.batches(rows, self.device):
                         b = len(xb)
                         lre.set_mode("expand", batch=b)

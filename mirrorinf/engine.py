@@ -246,15 +246,7 @@ class ForwardInf:
         tensors = {**theta.fixed, **(buffers or {}), **params}
         if x.is_floating_point():
             x = x.to(self.dtype)
-        try:
-            return functional_call(self.model, tensors, (x,))
-        except (RuntimeError, TypeError, IndexError) as exc:
-            if isinstance(exc, Unsupported):
-                raise
-            raise ValueError(
-                f"the model's forward failed on inputs of shape {tuple(x.shape)}: {exc}. "
-                "Check that the features match what the model was trained on"
-            ) from exc
+        return functional_call(self.model, tensors, (x,))
 
     def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example losses in float64 (outputs cast up first, so differences keep precision)."""
@@ -267,8 +259,14 @@ class ForwardInf:
     def _check_targets(self, theta: _Theta, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
         """Validate targets against the model's outputs once, outside any vmap."""
         x, y = x.to(self.device), y.to(self.device)
-        with torch.no_grad():
-            out = self._fwd(theta, theta.params, x)
+        try:
+            with torch.no_grad():
+                out = self._fwd(theta, theta.params, x)
+        except (RuntimeError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"the model's forward failed on {name} inputs of shape {tuple(x.shape)}: {exc}. "
+                "Check that the features match what the model was trained on"
+            ) from exc
         if self._default_loss:
             if y.is_floating_point() or y.dtype == torch.bool:
                 raise ValueError(
@@ -414,8 +412,6 @@ class ForwardInf:
 
             try:
                 return vmap(grad(f), in_dims=(0, 0, 0), randomness="same")(stacked, x, y)
-            except ValueError:
-                raise
             except Exception as exc:  # model uses an op vmap cannot batch: loop instead
                 log.debug("vmap over examples failed (%s); looping", exc)
                 theta.vmap_ok = False
@@ -630,23 +626,29 @@ class ForwardInf:
         mid = max(1, steps // 2)
         ctrl_key = ("ctrl", *theta.key, *_data_key(tr), lr, steps, cfg.weight_decay, cfg.precision)
         if ctrl_key not in self._cache:
-            traj = self._anchored_run(theta, tr, None, None, 0.0, lr, steps, mid)
-            self._cache[ctrl_key] = traj  # type: ignore[assignment]
+            c_mid, c_end = self._anchored_runs(theta, tr, None, None, 0.0, lr, steps, mid)
+            self._cache[ctrl_key] = tuple({n: v[0] for n, v in c.items()} for c in (c_mid, c_end))
         ctrl = self._cache[ctrl_key]  # type: ignore[assignment]
         base_mid = self._losses_over(ctrl[0], tr)  # type: ignore[index]
         base_end = self._losses_over(ctrl[1], tr)  # type: ignore[index]
-        groups = [slice(0, len(xq))] if group else [slice(j, j + 1) for j in range(len(xq))]
-        n_groups = len(groups)
-        scores = torch.empty(len(tr), n_groups, dtype=torch.float64)
+        n_cols = 1 if group else len(xq)
+        scores = torch.empty(len(tr), n_cols, dtype=torch.float64)
         scores_mid = torch.empty_like(scores)
-        drops = torch.empty(n_groups, dtype=torch.float64)
+        drops = torch.empty(n_cols, dtype=torch.float64)
         weight = eps * (len(xq) if group else 1) * self._sign()
-        for j, sl in enumerate(self._progress(iter(groups), n_groups, 1)):
-            p_mid, p_end = self._anchored_run(theta, tr, xq[sl], yq[sl], weight, lr, steps, mid)
-            scores[:, j] = base_end - self._losses_over(p_end, tr)
-            scores_mid[:, j] = base_mid - self._losses_over(p_mid, tr)
-            q_c = self._batched_losses(ctrl[1], xq[sl], yq[sl])  # type: ignore[index]
-            drops[j] = (q_c - self._batched_losses(p_end, xq[sl], yq[sl])).mean()
+        k = n_cols if group else self._query_chunk(theta)
+        q_ctrl = self._batched_losses(ctrl[1], xq, yq)  # type: ignore[index]
+        for qs in self._progress(iter(range(0, n_cols, k)), n_cols, k):
+            sl = slice(qs, min(qs + k, n_cols))
+            xs, ys = (xq, yq) if group else (xq[sl], yq[sl])
+            p_mid, p_end = self._anchored_runs(theta, tr, xs, ys, weight, lr, steps, mid, group)
+            scores[:, sl] = (base_end.unsqueeze(0) - self._stacked_losses(p_end, tr)).T
+            scores_mid[:, sl] = (base_mid.unsqueeze(0) - self._stacked_losses(p_mid, tr)).T
+            q_end = self._stacked_losses(p_end, Examples("q", x=xs.cpu(), y=ys.cpu(), n=len(xs)))
+            if group:
+                drops[0] = (q_ctrl - q_end[0]).mean()
+            else:
+                drops[sl] = q_ctrl[sl] - q_end.diagonal()
         # scores per unit of query weight, so they do not shrink with n_train (sign: proponent > 0)
         scores, scores_mid, drops = scores / weight, scores_mid / weight, drops / weight
         if cfg.score == "abs":
@@ -677,30 +679,94 @@ class ForwardInf:
         )
         return scores, drops, extra
 
-    def _anchored_run(
+    def _anchored_runs(
         self,
         theta: _Theta,
         tr: Examples,
         xq: torch.Tensor | None,
         yq: torch.Tensor | None,
-        eps: float,
+        weight: float,
         lr: float,
         steps: int,
         mid: int,
+        group: bool = False,
     ) -> tuple[Params, Params]:
-        p = {k: v.clone() for k, v in theta.params.items()}
+        """Stacked parameters at ``mid`` and ``steps`` steps of the anchored objective.
+
+        One copy per query (or one for the whole set with ``group``, or for the control run
+        when ``xq`` is None), all stepped together on the full-batch training gradient.
+        """
+        k = 1 if (group or xq is None) else len(xq)
+        p = {n: v.unsqueeze(0).expand(k, *v.shape).clone() for n, v in theta.params.items()}
         wd = self.config.weight_decay
         q = None if xq is None else Examples("q", x=xq, y=yq, n=len(xq))
         snap = p
         for t in range(steps):
-            g = self._mean_grad(theta, p, tr)
-            if q is not None and eps > 0:
-                gq = self._mean_grad(theta, p, q)
-                g = {k: g[k] + eps * gq[k] for k in g}
-            p = {k: v - lr * (g[k] + wd * v) for k, v in p.items()}
+            g = self._stacked_mean_grad(theta, p, tr)
+            if q is not None and xq is not None and yq is not None:
+                if group:
+                    gq = self._mean_grad(theta, {n: v[0] for n, v in p.items()}, q)
+                    g = {n: g[n] + weight * gq[n].unsqueeze(0) for n in g}
+                else:
+                    gq = self._per_example_grads(theta, p, xq, yq, None)
+                    g = {n: g[n] + weight * gq[n] for n in g}
+            p = {n: v - lr * (g[n] + wd * v) for n, v in p.items()}
             if t + 1 == mid:
                 snap = p
         return snap, p
+
+    def _stacked_mean_grad(self, theta: _Theta, stacked: Params, data: Examples) -> Params:
+        """Gradient of the mean loss over ``data`` for each of k stacked parameter sets."""
+        k = next(iter(stacked.values())).shape[0]
+        if k == 1:
+            g = self._mean_grad(theta, {n: v[0] for n, v in stacked.items()}, data)
+            return {n: v.unsqueeze(0) for n, v in g.items()}
+
+        def f(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return self._losses(self._fwd(theta, p, xb), yb).sum()
+
+        acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
+        rows = max(64, self.config.train_batch // k)
+        for _, xb, yb in data.batches(rows, self.device):
+            if theta.vmap_ok:
+                try:
+                    gs = vmap(grad(f), in_dims=(0, None, None), randomness="same")(stacked, xb, yb)
+                    for n in acc:
+                        acc[n] += gs[n]
+                    continue
+                except Exception as exc:  # an op vmap cannot batch: loop over the copies
+                    log.debug("vmap over parameter sets failed (%s); looping", exc)
+                    theta.vmap_ok = False
+            sub = Examples("batch", x=xb, y=yb, n=len(xb))
+            for j in range(k):
+                gj = self._mean_grad(theta, {n: v[j] for n, v in stacked.items()}, sub)
+                for n in acc:
+                    acc[n][j] += gj[n] * len(xb)
+        return {n: v / len(data) for n, v in acc.items()}
+
+    def _stacked_losses(self, stacked: Params, data: Examples) -> torch.Tensor:
+        """Per-example losses [k, n] of ``data`` under each of k stacked parameter sets."""
+        theta = self._cur
+        k = next(iter(stacked.values())).shape[0]
+        out = torch.empty(k, len(data), dtype=torch.float64)
+        rows = max(64, self.config.train_batch // k)
+        with torch.no_grad():
+            for start, xb, yb in data.batches(rows, self.device):
+                sl = slice(start, start + len(xb))
+                if theta.vmap_ok:
+                    try:
+                        out[:, sl] = vmap(
+                            lambda p, xb=xb, yb=yb: self._losses(self._fwd(theta, p, xb), yb),
+                            randomness="same",
+                        )(stacked).cpu()
+                        continue
+                    except Exception as exc:
+                        log.debug("vmap over parameter sets failed (%s); looping", exc)
+                        theta.vmap_ok = False
+                for j in range(k):
+                    pj = {n: v[j] for n, v in stacked.items()}
+                    out[j, sl] = self._losses(self._fwd(theta, pj, xb), yb).cpu()
+        return out
 
     def _curvature(self, theta: _Theta, tr: Examples) -> tuple[float, float]:
         """Extreme Hessian eigenvalues of the training objective (cached)."""

@@ -1,0 +1,444 @@
+"""Turn influence score arrays into reviewable tables (numpy + pandas only).
+
+``summarise`` takes the engine's outputs (pairwise scores for the queries, self-influence and
+validation-group influence of every training example) and returns :class:`InfluenceTables`:
+one row per training example with robust z-scores and flags, the top proponents and opponents
+of every query, and the suspected leaks. The thresholds live in :class:`GateThresholds`, the
+same model the Great Expectations gate (``tasks.checks``) reads, so flags and gate agree.
+
+Sign convention (the whole product): positive score = proponent; negative group influence on
+the validation set = the training example hurts held-out performance.
+
+Rules (they go into the README):
+
+- Robust z-score: ``z = 0.6745 * (x - median) / MAD`` (Iglewicz-Hoaglin modified z; 0.6745 makes
+  it comparable to a Gaussian z). If the MAD is 0 (over half the values equal), the mean absolute
+  deviation is used instead (``z = (x - median) / (1.2533 * MeanAD)``); if that is 0 too (all
+  values equal), every z is 0. Non-finite values are left out of median and MAD and get z = NaN
+  (never flagged; the Great Expectations suite fails on them). The z columns are descriptive;
+  the flags use them only in the uncalibrated fallback below.
+- Calibration set: clean, labelled, held-out examples (normally the validation set) scored by
+  the same engine with the same settings as the training set: ``calib_self_inf`` = their
+  self-influence, ``calib_group_inf`` = each one's group influence on the calibration set
+  *without itself* (e.g. 5-fold: score fold k against the other folds). Conformal threshold of
+  m finite calibration scores ``c`` at rate alpha: ``T(c, alpha)`` = the k-th smallest ``c``
+  with ``k = ceil((m + 1) * (1 - alpha))``, capped at ``k = m`` (the largest score) when
+  ``m + 1 < 1 / alpha``; ``alpha_eff = (m + 1 - k) / (m + 1)`` (reported in ``counts``; above
+  alpha only when capped, so use m >= 1 / alpha - 1 calibration examples, ~100 for 0.01).
+- Suspected mislabel (calibrated): ``self_influence > T(calib_self_inf, mislabel_alpha)``.
+- Harmful (calibrated): ``group_influence < 0`` and
+  ``-group_influence > T(-calib_group_inf, harmful_alpha)``.
+- Why: a clean training example whose score is exchangeable with the calibration scores is
+  flagged with probability <= alpha_eff (split conformal). Training examples were fitted, so on
+  clean data they score *below* held-out ones: the rules err towards fewer flags. The price:
+  label noise the model has memorised also scores like clean held-out data and is not flagged.
+  Measured (``benchmarks/gate_calibration.py``: digits, breast cancer, wine MLPs, 3 seeds):
+  on clean labels 0% mislabel and <= 1.7% harmful flags in all 18 runs; 30% flipped labels fail
+  the gate in 8/9 early-stopped runs but only 2/9 runs whose model memorised the flips.
+- Fallback without calibration scores (a warning is logged): suspected mislabel when
+  ``self_z > mislabel_z``; harmful when ``group_influence < 0`` and ``group_z < -harmful_z``.
+  Not calibrated: real self-influence spans orders of magnitude, and on clean data this flags
+  33-45% of the training set (``benchmarks/gate_calibration.py``), so the gate fails every run.
+- Suspected leak: for each query, the training example whose gradient is most aligned with the
+  query's, ``cosine = score / sqrt(self_influence * query_self_drop)`` (all three from the same
+  plain-mode engine on the same per-unit-lr scale, so this is the cosine of the two gradients
+  measured with forward passes), is a suspected leak when that cosine >= ``leak_cosine``
+  (0.99). An exact duplicate has cosine 1.0 (measured 0.9999-1.0 on digits); the most aligned
+  non-duplicate held-out digit reached 0.96. Queries or training rows with a non-positive
+  self-drop / self-influence are skipped (the cosine is undefined).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["GateThresholds", "InfluenceTables", "conformal_threshold", "robust_z", "summarise"]
+
+logger = logging.getLogger(__name__)
+
+_MAD_TO_SIGMA = 0.6745  # Phi^-1(0.75): MAD of a standard normal
+_MEANAD_TO_SIGMA = 1.2533  # sqrt(pi / 2): mean absolute deviation of a standard normal, inverted
+
+
+class GateThresholds(BaseModel):
+    """Thresholds of the influence flags and of the gate; read from params.yaml (``gate:``).
+
+    Unknown keys are an error, so a typo in params.yaml cannot silently fall back to a default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mislabel_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Calibrated rule: target rate of clean training examples flagged as "
+        "suspected mislabels (conformal quantile of the calibration self-influence). Keep it "
+        "well below max_flagged_fraction: the realised rate varies with the calibration set.",
+    )
+    harmful_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Calibrated rule: target rate of clean training examples flagged as "
+        "harmful (conformal quantile of the calibration group influence, negated).",
+    )
+    mislabel_z: float = Field(
+        3.5,
+        gt=0,
+        description="Fallback without calibration scores: robust z-score of self-influence "
+        "above which a training example is a suspected mislabel (uncalibrated).",
+    )
+    harmful_z: float = Field(
+        3.5,
+        gt=0,
+        description="Fallback without calibration scores: harmful when the validation-group "
+        "influence is negative and its robust z-score is below -harmful_z (uncalibrated).",
+    )
+    max_flagged_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Gate: largest allowed fraction of training examples flagged as suspected "
+        "mislabels.",
+    )
+    max_harmful_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Gate: largest allowed fraction of harmful training examples.",
+    )
+    leak_cosine: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="A query's most gradient-aligned training example is a suspected leak "
+        "when the cosine score / sqrt(self_influence * query_self_drop) reaches this (an exact "
+        "duplicate has 1.0; held-out digits reached at most 0.96).",
+    )
+    max_leaks: int = Field(0, ge=0, description="Gate: largest allowed number of suspected leaks.")
+    top_k: int = Field(
+        10, ge=1, description="Proponents and opponents listed per query in the queries table."
+    )
+
+
+@dataclass
+class InfluenceTables:
+    """Reviewable tables of one influence analysis.
+
+    Attributes:
+        train: one row per training example, in training-file order: ``id, label,
+            self_influence, self_z, group_influence, group_z, flag_mislabel, flag_harmful``.
+        queries: ``query_id, rank, kind, train_id, score``; for every query the ``top_k``
+            highest scores (kind "proponent", rank 1 = highest) and the ``top_k`` lowest
+            (kind "opponent", rank 1 = lowest). Signs are kept, so with few negative scores an
+            "opponent" row may still have a positive score.
+        leaks: ``query_id, train_id, score, ratio``: suspected leaks (see the module docstring).
+        counts: plain-Python numbers for logging as metrics (sizes, flag counts and fractions,
+            non-finite counts, and per flag whether it was calibrated, its threshold on the
+            score's own scale and alpha_eff; NaN where the fallback rule was used).
+    """
+
+    train: pd.DataFrame
+    queries: pd.DataFrame
+    leaks: pd.DataFrame
+    counts: dict[str, int | float] = field(default_factory=dict)
+
+
+def _as_float(x: Any, name: str, ndim: int) -> np.ndarray:
+    """numpy float64 view of a numpy / torch / sequence input with the expected rank."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be numeric, got {type(x).__name__}: {err}") from err
+    if arr.ndim != ndim:
+        shape = "[n_train, n_query]" if ndim == 2 else "one-dimensional"
+        raise ValueError(f"{name} must be {shape}, got shape {arr.shape}")
+    return arr
+
+
+def _as_ids(x: Any, n: int, name: str) -> np.ndarray:
+    """Ids or labels as a 1-D array of length ``n``; ``None`` means 0..n-1."""
+    if x is None:
+        return np.arange(n, dtype=np.int64)
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"{name} must be one-dimensional of length {n}, got shape {arr.shape}")
+    if arr.dtype.kind in "iub":
+        return arr.astype(np.int64)
+    if arr.dtype.kind in "US":
+        return arr.astype(str)
+    return arr
+
+
+def robust_z(values: Any) -> np.ndarray:
+    """Modified z-score ``0.6745 * (x - median) / MAD`` (MeanAD fallback; 0 when all equal).
+
+    Robust to the outliers it is meant to find: one huge value does not hide itself by inflating
+    the scale, as it would with mean and standard deviation. Non-finite inputs give NaN.
+    """
+    x = _as_float(values, "values", 1)
+    z = np.full(x.shape, np.nan)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return z
+    v = x[finite]
+    med = np.median(v)
+    dev = np.abs(v - med)
+    mad = np.median(dev)
+    if mad > 0:
+        z[finite] = _MAD_TO_SIGMA * (v - med) / mad
+    else:
+        mean_ad = dev.mean()
+        z[finite] = (v - med) / (_MEANAD_TO_SIGMA * mean_ad) if mean_ad > 0 else 0.0
+    return z
+
+
+def conformal_threshold(calib: Any, alpha: float) -> tuple[float, float, int]:
+    """Split-conformal threshold of calibration scores: ``(threshold, alpha_eff, m)``.
+
+    ``threshold`` is the k-th smallest of the m finite scores, ``k = ceil((m + 1)(1 - alpha))``
+    capped at m, so that a new score exchangeable with them exceeds it with probability
+    ``alpha_eff = (m + 1 - k) / (m + 1)`` (<= alpha unless capped). With no finite score the
+    result is ``(nan, nan, 0)``.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    c = _as_float(calib, "calibration scores", 1)
+    c = c[np.isfinite(c)]
+    m = len(c)
+    if m == 0:
+        return float("nan"), float("nan"), 0
+    k = min(math.ceil((m + 1) * (1 - alpha) - 1e-9), m)  # tolerance: 100 * (1 - 0.1) = 90.000..1
+    k = max(k, 1)
+    return float(np.partition(c, k - 1)[k - 1]), (m + 1 - k) / (m + 1), m
+
+
+def _top_k(pairwise: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices [k, n_query] of the k largest (or smallest) scores per column, best first.
+
+    Ties keep training-file order; non-finite scores rank last.
+    """
+    key = np.where(np.isfinite(pairwise), -pairwise if largest else pairwise, np.inf)
+    n_train = key.shape[0]
+    if k < n_train:
+        # O(n) selection, ties at the k-th value resolved to the earliest training rows
+        kth = np.partition(key, k - 1, axis=0)[k - 1]
+        better = key < kth
+        tied = key == kth
+        room = k - better.sum(axis=0)
+        chosen = better | (tied & (np.cumsum(tied, axis=0) <= room))
+        cand = np.nonzero(chosen.T)[1].reshape(key.shape[1], k).T
+        order = np.lexsort((cand, np.take_along_axis(key, cand, axis=0)), axis=0)
+        idx = np.take_along_axis(cand, order, axis=0)
+    else:
+        idx = np.argsort(key, axis=0, kind="stable")
+    return idx, np.take_along_axis(pairwise, idx, axis=0)
+
+
+def summarise(
+    pairwise: Any,
+    self_inf: Any,
+    group_inf: Any,
+    *,
+    train_ids: Any = None,
+    train_labels: Any = None,
+    query_ids: Any = None,
+    query_self_drop: Any,
+    thresholds: GateThresholds | None = None,
+    calib_self_inf: Any = None,
+    calib_group_inf: Any = None,
+) -> InfluenceTables:
+    """Build the training, query and leak tables from the engine's score arrays.
+
+    Flags (module docstring): with calibration scores, suspected mislabel when
+    ``self_influence > T(calib_self_inf, mislabel_alpha)`` and harmful when
+    ``group_influence < 0`` and ``-group_influence > T(-calib_group_inf, harmful_alpha)``
+    (conformal thresholds: about alpha false flags on clean data, fewer in practice). Each flag
+    without its calibration scores (None, or no finite value) falls back to the uncalibrated
+    robust-z rule (``self_z > mislabel_z``; ``group_influence < 0`` and ``group_z < -harmful_z``)
+    and logs a warning: on real engine scores that fallback flags a large share of clean data.
+    Leak rule: a query's most aligned training example is a suspected leak when
+    ``score / sqrt(self_influence * query_self_drop) >= leak_cosine`` (the gradient cosine;
+    an exact duplicate has 1.0; scale-free, so it holds whatever the step size).
+
+    Args:
+        pairwise: [n_train, n_query] scores, positive = proponent (n_query may be 0).
+        self_inf: [n_train] self-influence.
+        group_inf: [n_train] influence on the validation set (negative = harmful).
+        train_ids, train_labels: [n_train] ids (default 0..n-1) and labels (default -1).
+        query_ids: [n_query] ids (default 0..n-1).
+        query_self_drop: [n_query] each query's score against itself under its own update.
+        thresholds: flag and gate thresholds; defaults when None.
+        calib_self_inf: [m] self-influence of clean held-out examples (normally the validation
+            set), same engine and settings as ``self_inf``; any length; non-finite values are
+            dropped. None = fallback rule.
+        calib_group_inf: [m'] group influence of each clean held-out example on the same clean
+            set *excluding itself* (e.g. 5-fold over the validation set: each fold scored
+            against the other folds), same engine settings as ``group_inf``. None = fallback.
+
+    Raises:
+        ValueError: an input has the wrong shape or sizes disagree, naming the input.
+    """
+    th = thresholds if thresholds is not None else GateThresholds()
+    scores = _as_float(pairwise, "pairwise", 2)
+    n_train, n_query = scores.shape
+    if n_train == 0:
+        raise ValueError("pairwise has no rows: at least one training example is needed")
+    s_inf = _as_float(self_inf, "self_inf", 1)
+    g_inf = _as_float(group_inf, "group_inf", 1)
+    drop = _as_float(query_self_drop, "query_self_drop", 1)
+    for name, arr, n, what in (
+        ("self_inf", s_inf, n_train, "n_train"),
+        ("group_inf", g_inf, n_train, "n_train"),
+        ("query_self_drop", drop, n_query, "n_query"),
+    ):
+        if len(arr) != n:
+            raise ValueError(
+                f"{name} has length {len(arr)} but pairwise has {what} = {n} "
+                f"(pairwise shape {scores.shape})"
+            )
+    t_ids = _as_ids(train_ids, n_train, "train_ids")
+    labels = (
+        np.full(n_train, -1, dtype=np.int64)
+        if train_labels is None
+        else _as_ids(train_labels, n_train, "train_labels")
+    )
+    q_ids = _as_ids(query_ids, n_query, "query_ids")
+
+    self_z = robust_z(s_inf)
+    group_z = robust_z(g_inf)
+    cal_self = None if calib_self_inf is None else _as_float(calib_self_inf, "calib_self_inf", 1)
+    cal_group = (
+        None if calib_group_inf is None else _as_float(calib_group_inf, "calib_group_inf", 1)
+    )
+    mis_thr, mis_alpha, n_cal_self = (
+        conformal_threshold(cal_self, th.mislabel_alpha)
+        if cal_self is not None
+        else (float("nan"), float("nan"), 0)
+    )
+    harm_thr, harm_alpha, n_cal_group = (
+        conformal_threshold(-cal_group, th.harmful_alpha)
+        if cal_group is not None
+        else (float("nan"), float("nan"), 0)
+    )
+    with np.errstate(invalid="ignore"):
+        # NaN compares False: a non-finite score is never flagged
+        flag_mislabel = s_inf > mis_thr if n_cal_self else self_z > th.mislabel_z
+        if n_cal_group:
+            flag_harmful = (g_inf < 0) & (-g_inf > harm_thr)
+            harm_thr = -harm_thr  # reported on the group-influence scale: flagged below it
+        else:
+            flag_harmful = (g_inf < 0) & (group_z < -th.harmful_z)
+    for flag, n_cal, alpha_eff, alpha, arg in (
+        ("mislabel", n_cal_self, mis_alpha, th.mislabel_alpha, "calib_self_inf"),
+        ("harmful", n_cal_group, harm_alpha, th.harmful_alpha, "calib_group_inf"),
+    ):
+        if not n_cal:
+            logger.warning(
+                "%s flag: no finite %s, using the uncalibrated robust-z fallback (on real "
+                "engine scores it flags a large share of clean data)",
+                flag,
+                arg,
+            )
+        elif alpha_eff > alpha + 1e-12:
+            logger.warning(
+                "%s flag: %d calibration scores cannot certify alpha=%g; threshold = their "
+                "maximum, alpha_eff=%.3g (use >= %d calibration examples)",
+                flag,
+                n_cal,
+                alpha,
+                alpha_eff,
+                math.ceil(1 / alpha - 1),
+            )
+    train = pd.DataFrame(
+        {
+            "id": t_ids,
+            "label": labels,
+            "self_influence": s_inf,
+            "self_z": self_z,
+            "group_influence": g_inf,
+            "group_z": group_z,
+            "flag_mislabel": flag_mislabel,
+            "flag_harmful": flag_harmful,
+        }
+    )
+
+    k = min(th.top_k, n_train)
+    pro_idx, pro_val = _top_k(scores, k, largest=True)  # [k, n_query]
+    opp_idx, opp_val = _top_k(scores, k, largest=False)
+    idx = np.concatenate([pro_idx, opp_idx]).T.ravel()  # query-major: k proponents, k opponents
+    queries = pd.DataFrame(
+        {
+            "query_id": np.repeat(q_ids, 2 * k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), 2 * n_query),
+            "kind": np.tile(np.repeat(np.array(["proponent", "opponent"]), k), n_query),
+            "train_id": t_ids[idx],
+            "score": np.concatenate([pro_val, opp_val]).T.ravel(),
+        }
+    )
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = np.sqrt(
+            np.where(s_inf > 0, s_inf, np.nan)[:, None] * np.where(drop > 0, drop, np.nan)
+        )
+        cos = scores / norm  # [n_train, n_query], NaN where undefined
+    has = np.isfinite(cos).any(axis=0) if n_query else np.zeros(0, dtype=bool)
+    best_idx = np.zeros(n_query, dtype=np.int64)
+    if has.any():
+        best_idx[has] = np.nanargmax(
+            np.where(np.isfinite(cos[:, has]), cos[:, has], -np.inf), axis=0
+        )
+    cols = np.arange(n_query)
+    best_cos = np.where(has, cos[best_idx, cols] if n_query else np.zeros(0), np.nan)
+    is_leak = np.isfinite(best_cos) & (best_cos >= th.leak_cosine)
+    leaks = pd.DataFrame(
+        {
+            "query_id": q_ids[is_leak],
+            "train_id": t_ids[best_idx[is_leak]],
+            "score": scores[best_idx, cols][is_leak] if n_query else np.zeros(0),
+            "cosine": best_cos[is_leak],
+        }
+    )
+
+    n_flag, n_harm, n_leak = int(flag_mislabel.sum()), int(flag_harmful.sum()), int(is_leak.sum())
+    counts: dict[str, int | float] = {
+        "n_train": int(n_train),
+        "n_query": int(n_query),
+        "n_flagged_mislabel": n_flag,
+        "flagged_fraction": n_flag / n_train,
+        "n_harmful": n_harm,
+        "harmful_fraction": n_harm / n_train,
+        "n_leaks": n_leak,
+        "n_nonfinite_self": int((~np.isfinite(s_inf)).sum()),
+        "n_nonfinite_group": int((~np.isfinite(g_inf)).sum()),
+        "n_nonfinite_pairwise": int((~np.isfinite(scores)).sum()),
+        "n_query_nonpositive_self_drop": int((~(drop > 0)).sum()),
+        "mislabel_calibrated": int(n_cal_self > 0),
+        "n_calib_self": int(n_cal_self),
+        "mislabel_threshold": float(mis_thr),
+        "mislabel_alpha_eff": float(mis_alpha),
+        "harmful_calibrated": int(n_cal_group > 0),
+        "n_calib_group": int(n_cal_group),
+        "harmful_threshold": float(harm_thr),
+        "harmful_alpha_eff": float(harm_alpha),
+    }
+    if counts["n_query_nonpositive_self_drop"]:
+        logger.warning(
+            "%d of %d queries have a self-drop <= 0 or non-finite; the leak rule skips them",
+            counts["n_query_nonpositive_self_drop"],
+            n_query,
+        )
+    logger.debug("influence summary: %s", counts)
+    return InfluenceTables(train=train, queries=queries, leaks=leaks, counts=counts)

@@ -1,0 +1,256 @@
+"""Great Expectations gate over the influence tables (``mirrorinf.summary.InfluenceTables``).
+
+The suite, one expectation per line below (each result names its ``check``), with thresholds
+from params.yaml (``mirrorinf.summary.GateThresholds``):
+
+- ``self_influence_not_null`` / ``group_influence_not_null``: no NaN score
+  (ExpectColumnValuesToNotBeNull). NaN means the engine lost precision or diverged.
+- ``self_influence_finite`` / ``group_influence_finite``: no +-inf score
+  (ExpectColumnValuesToBeBetween within the float64 range).
+- ``self_influence_not_degenerate``: the standard deviation of self-influence is > 0
+  (ExpectColumnStdevToBeBetween, strict minimum 0). All-equal scores (typically all 0: the loss
+  difference vanished in float32) carry no information, so the flags built on them mean nothing.
+- ``mislabel_fraction``: fraction of training examples flagged as suspected mislabels
+  <= ``max_flagged_fraction`` (ExpectColumnMeanToBeBetween on the 0/1 flag).
+- ``harmful_fraction``: fraction of harmful training examples (significantly negative influence
+  on the validation set) <= ``max_harmful_fraction`` (ExpectColumnMeanToBeBetween on the flag).
+- ``leaks``: the suspected-leak table has at most ``max_leaks`` rows
+  (ExpectTableRowCountToBeBetween). A leak is a query whose top proponent scores at least
+  ``leak_cosine`` in gradient cosine with the query (an exact duplicate has cosine 1.0).
+
+The gate passes when every expectation passes. Great Expectations runs in an ephemeral context
+(nothing written to disk) with progress bars and analytics off; it is imported lazily because
+the import alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mirrorinf.summary import GateThresholds, InfluenceTables
+
+__all__ = ["CheckResult", "validate_tables"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_MAX = float(np.finfo(np.float64).max)
+
+
+@dataclass
+class CheckResult:
+    """Outcome of the gate suite.
+
+    Attributes:
+        success: True when every expectation passed.
+        results: one dict per expectation: ``check`` (stable name, see the module docstring),
+            ``expectation`` (GX expectation type), ``column``, ``success``, ``observed`` (the
+            observed value: a statistic, or the count of offending rows) and ``threshold``.
+        timings: seconds spent importing GX and validating (for --verbose and the README).
+    """
+
+    success: bool
+    results: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the checks that failed."""
+        return [r["check"] for r in self.results if not r["success"]]
+
+    def as_json(self) -> str:
+        """Strict JSON (numpy types made plain; NaN and inf written as null)."""
+        payload = {"success": self.success, "results": self.results, "timings": self.timings}
+        return json.dumps(_plain(payload), indent=2, allow_nan=False)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, non-finite floats to None, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _import_gx() -> Any:
+    """Import great_expectations with analytics off (the env var is read by GX itself)."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    return gx
+
+
+def _suites(gx: Any, th: GateThresholds) -> tuple[list[Any], list[Any]]:
+    """Expectations for the training table and for the leak table, each tagged with its check."""
+    e = gx.expectations
+    train: list[Any] = []
+    for col in ("self_influence", "group_influence"):
+        train.append(e.ExpectColumnValuesToNotBeNull(column=col, meta={"check": f"{col}_not_null"}))
+        train.append(
+            e.ExpectColumnValuesToBeBetween(
+                column=col,
+                min_value=-_FLOAT_MAX,
+                max_value=_FLOAT_MAX,
+                meta={"check": f"{col}_finite"},
+            )
+        )
+    train.append(
+        e.ExpectColumnStdevToBeBetween(
+            column="self_influence",
+            min_value=0.0,
+            strict_min=True,
+            meta={"check": "self_influence_not_degenerate"},
+        )
+    )
+    train.append(
+        e.ExpectColumnMeanToBeBetween(
+            column="flag_mislabel",
+            min_value=0.0,
+            max_value=th.max_flagged_fraction,
+            meta={"check": "mislabel_fraction"},
+        )
+    )
+    train.append(
+        e.ExpectColumnMeanToBeBetween(
+            column="flag_harmful",
+            min_value=0.0,
+            max_value=th.max_harmful_fraction,
+            meta={"check": "harmful_fraction"},
+        )
+    )
+    leaks = [
+        e.ExpectTableRowCountToBeBetween(
+            min_value=0, max_value=th.max_leaks, meta={"check": "leaks"}
+        )
+    ]
+    return train, leaks
+
+
+_THRESHOLD_TEXT = {
+    "self_influence_not_null": "0 null",
+    "group_influence_not_null": "0 null",
+    "self_influence_finite": "0 non-finite",
+    "group_influence_finite": "0 non-finite",
+    "self_influence_not_degenerate": "> 0",
+}
+
+
+def _threshold(check: str, th: GateThresholds) -> Any:
+    """The threshold a check compares with, as reported next to the observed value."""
+    dynamic = {
+        "mislabel_fraction": th.max_flagged_fraction,
+        "harmful_fraction": th.max_harmful_fraction,
+        "leaks": th.max_leaks,
+    }
+    return dynamic.get(check, _THRESHOLD_TEXT.get(check))
+
+
+def _row(res: Any, th: GateThresholds) -> dict[str, Any]:
+    """One plain result dict from a GX ExpectationValidationResult."""
+    cfg = res.expectation_config
+    check = (cfg.meta or {}).get("check", cfg.type)
+    detail = res.result or {}
+    observed = detail.get("observed_value", detail.get("unexpected_count"))
+    exc = res.exception_info or {}
+    if exc.get("raised_exception"):
+        logger.warning("GX expectation %s raised: %s", check, exc.get("exception_message"))
+        observed = f"error: {exc.get('exception_message')}"
+    return _plain(
+        {
+            "check": check,
+            "expectation": cfg.type,
+            "column": cfg.kwargs.get("column"),
+            "success": bool(res.success),
+            "observed": observed,
+            "threshold": _threshold(check, th),
+        }
+    )
+
+
+def validate_tables(
+    tables: InfluenceTables, thresholds: GateThresholds | None = None
+) -> CheckResult:
+    """Run the gate suite (module docstring) on the influence tables with Great Expectations.
+
+    Builds one ephemeral GX context per call; only numeric columns are handed to GX (ids can be
+    strings or objects; they are not checked here).
+    """
+    th = thresholds if thresholds is not None else GateThresholds()
+    t0 = time.perf_counter()
+    gx = _import_gx()
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    t_import = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    train = pd.DataFrame(
+        {
+            "self_influence": tables.train["self_influence"].astype("float64"),
+            "group_influence": tables.train["group_influence"].astype("float64"),
+            "flag_mislabel": tables.train["flag_mislabel"].astype("float64"),
+            "flag_harmful": tables.train["flag_harmful"].astype("float64"),
+        }
+    )
+    leaks = pd.DataFrame({"score": tables.leaks["score"].astype("float64")})
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    context = gx.get_context(project_config=config, mode="ephemeral")
+    source = context.data_sources.add_pandas("mirrorinf_influence")
+    train_exps, leak_exps = _suites(gx, th)
+    order = [exp.meta["check"] for exp in (*train_exps, *leak_exps)]
+    rows: list[dict[str, Any]] = []
+    for name, frame, exps in (("train", train, train_exps), ("leaks", leaks, leak_exps)):
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"mirrorinf_{name}"))
+        for exp in exps:
+            suite.add_expectation(exp)
+        vd = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"mirrorinf_{name}", data=batch, suite=suite)
+        )
+        result = vd.run(batch_parameters={"dataframe": frame})
+        rows.extend(_row(r, th) for r in result.results)
+    rows.sort(key=lambda r: order.index(r["check"]) if r["check"] in order else len(order))
+    t_validate = time.perf_counter() - t1
+
+    success = bool(rows) and all(r["success"] for r in rows)
+    out = CheckResult(
+        success=success,
+        results=rows,
+        timings={"import_s": round(t_import, 3), "validate_s": round(t_validate, 3)},
+    )
+    logger.info(
+        "influence gate %s (%d checks; failed: %s) in %.2f s (+%.2f s import)",
+        "passed" if success else "failed",
+        len(rows),
+        ", ".join(out.failed) or "none",
+        t_validate,
+        t_import,
+    )
+    return out

@@ -1,0 +1,182 @@
+"""The Great Expectations gate over influence tables, with real GX (no mocks)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
+from tasks.checks import CheckResult, validate_tables
+
+CHECKS = [
+    "self_influence_not_null",
+    "self_influence_finite",
+    "group_influence_not_null",
+    "group_influence_finite",
+    "self_influence_not_degenerate",
+    "mislabel_fraction",
+    "harmful_fraction",
+    "leaks",
+]
+
+
+def _inputs(n_train: int = 400, n_query: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Clean Gaussian scores (seed 0 has no flags and no leaks at the default thresholds)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "pairwise": rng.normal(size=(n_train, n_query)),
+        "self_inf": 10.0 + rng.normal(size=n_train),  # positive, as self-influence is
+        "group_inf": rng.normal(size=n_train),
+        "query_self_drop": np.full(n_query, 100.0),
+    }
+
+
+def _tables(thresholds: GateThresholds | None = None, **changes: Any) -> InfluenceTables:
+    inp = _inputs()
+    for key, edit in changes.items():
+        edit(inp[key])
+    return summarise(**inp, thresholds=thresholds)
+
+
+def _by_check(result: CheckResult) -> dict[str, dict[str, Any]]:
+    return {r["check"]: r for r in result.results}
+
+
+def test_clean_tables_pass_every_check() -> None:
+    result = validate_tables(_tables())
+    assert result.success is True
+    assert [r["check"] for r in result.results] == CHECKS
+    assert result.failed == []
+    rows = _by_check(result)
+    assert rows["mislabel_fraction"]["observed"] == 0.0
+    assert rows["mislabel_fraction"]["threshold"] == 0.05
+    assert rows["leaks"]["observed"] == 0
+    assert rows["self_influence_not_degenerate"]["observed"] > 0
+    assert set(result.timings) == {"import_s", "validate_s"}
+
+
+def test_nan_self_influence_fails_not_null() -> None:
+    def plant(a: np.ndarray) -> None:
+        a[[5, 6]] = np.nan
+
+    result = validate_tables(_tables(self_inf=plant))
+    assert result.success is False
+    assert result.failed == ["self_influence_not_null"]
+    assert _by_check(result)["self_influence_not_null"]["observed"] == 2
+
+
+def test_infinite_group_influence_fails_finite() -> None:
+    def plant(a: np.ndarray) -> None:
+        a[3] = np.inf
+
+    result = validate_tables(_tables(group_inf=plant))
+    assert result.failed == ["group_influence_finite"]
+    assert _by_check(result)["group_influence_finite"]["observed"] == 1
+
+
+def test_all_equal_self_influence_fails_not_degenerate() -> None:
+    def flatten(a: np.ndarray) -> None:
+        a[:] = 0.0
+
+    result = validate_tables(_tables(self_inf=flatten))
+    assert result.failed == ["self_influence_not_degenerate"]
+    assert _by_check(result)["self_influence_not_degenerate"]["observed"] == 0.0
+
+
+def test_too_many_suspected_mislabels_fails() -> None:
+    def plant(a: np.ndarray) -> None:
+        a[:40] = 50.0  # 10% of 400 far above the bulk
+
+    tables = _tables(self_inf=plant)
+    assert tables.counts["flagged_fraction"] == pytest.approx(0.1)
+    result = validate_tables(tables)
+    assert result.failed == ["mislabel_fraction"]
+    assert _by_check(result)["mislabel_fraction"]["observed"] == pytest.approx(0.1)
+    # the same tables pass when the params allow 20%
+    relaxed = GateThresholds(max_flagged_fraction=0.2)
+    assert validate_tables(tables, relaxed).success is True
+
+
+def test_too_many_harmful_examples_fails() -> None:
+    def plant(a: np.ndarray) -> None:
+        a[100:130] = -50.0  # 7.5% strongly harmful
+
+    result = validate_tables(_tables(group_inf=plant))
+    assert result.failed == ["harmful_fraction"]
+    assert _by_check(result)["harmful_fraction"]["observed"] == pytest.approx(0.075)
+
+
+def test_planted_leak_fails_and_max_leaks_allows_it() -> None:
+    def plant(a: np.ndarray) -> None:
+        a[7, 2] = 100.0  # exact duplicate of query 2: scores the query's own self-drop
+
+    tables = _tables(pairwise=plant)
+    assert len(tables.leaks) == 1
+    result = validate_tables(tables)
+    assert result.failed == ["leaks"]
+    assert _by_check(result)["leaks"]["observed"] == 1
+    assert validate_tables(tables, GateThresholds(max_leaks=1)).success is True
+
+
+def test_no_queries_passes() -> None:
+    inp = _inputs(n_query=0)
+    result = validate_tables(summarise(**inp))
+    assert result.success is True
+
+
+def test_as_json_round_trips_with_plain_types() -> None:
+    def plant(a: np.ndarray) -> None:
+        a[:] = np.nan
+
+    # all-NaN self-influence: not null fails and its stdev is NaN (written as null)
+    result = validate_tables(_tables(self_inf=plant))
+    data = json.loads(result.as_json())
+    assert data["success"] is False
+    assert [r["check"] for r in data["results"]] == CHECKS
+    for row in data["results"]:
+        assert isinstance(row["success"], bool)
+        assert row["observed"] is None or isinstance(row["observed"], (int, float, str))
+    assert data["results"] == json.loads(result.as_json())["results"]
+    clean = json.loads(validate_tables(_tables()).as_json())
+    assert clean["success"] is True and all(r["success"] is True for r in clean["results"])
+
+
+def test_string_ids_do_not_reach_gx() -> None:
+    inp = _inputs(n_train=50, n_query=2)
+    tables = summarise(
+        **inp,
+        train_ids=[f"img_{i}" for i in range(50)],
+        train_labels=np.array(["cat", "dog"] * 25, dtype=object),
+        query_ids=["q0", "q1"],
+    )
+    assert validate_tables(tables).success is True
+
+
+def _calibrated(planted_fraction: float, seed: int = 0) -> InfluenceTables:
+    """Heavy-tailed scores like the engine's (orders of magnitude) with clean calibration scores
+    from the same distribution; ``planted_fraction`` of the training set made far more atypical."""
+    rng = np.random.default_rng(seed)
+    n = 1000
+    self_inf = 10.0 ** rng.normal(-3.0, 2.0, size=n)
+    planted = rng.choice(n, size=round(planted_fraction * n), replace=False)
+    self_inf[planted] = 10.0 ** rng.uniform(5.0, 6.0, size=len(planted))
+    return summarise(
+        np.zeros((n, 0)),
+        self_inf,
+        rng.standard_t(2, size=n),
+        query_self_drop=[],
+        calib_self_inf=10.0 ** rng.normal(-3.0, 2.0, size=300),
+        calib_group_inf=rng.standard_t(2, size=300),
+    )
+
+
+def test_calibrated_gate_passes_clean_and_fails_planted_noise() -> None:
+    clean = validate_tables(_calibrated(0.0))
+    assert clean.success is True
+    assert _by_check(clean)["mislabel_fraction"]["observed"] <= 0.03
+    noisy = validate_tables(_calibrated(0.1))
+    assert noisy.failed == ["mislabel_fraction"]
+    assert _by_check(noisy)["mislabel_fraction"]["observed"] >= 0.1

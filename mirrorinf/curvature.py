@@ -51,7 +51,12 @@ def _power(
 
 
 def hessian_extremes(
-    objective: Callable[[Params], torch.Tensor], params: Params, *, iters: int = 30, seed: int = 0
+    objective: Callable[[Params], torch.Tensor],
+    params: Params,
+    *,
+    iters: int = 30,
+    seed: int = 0,
+    with_min: bool = True,
 ) -> tuple[float, float]:
     """(lambda_max, lambda_min) of the Hessian of ``objective`` at ``params``.
 
@@ -61,7 +66,7 @@ def hessian_extremes(
     gen = torch.Generator().manual_seed(seed)
     apply = _hvp(objective, params)
     lam_max = _power(apply, params, 0.0, iters, gen)
-    if lam_max <= 0:
+    if lam_max <= 0 or not with_min:
         return lam_max, lam_max
     shifted = _power(apply, params, lam_max, iters, gen)
     return lam_max, min(lam_max, lam_max + shifted)

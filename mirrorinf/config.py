@@ -63,12 +63,17 @@ class ForwardInfConfig:
             passes only); "anchored" = steps on the training objective + anchor_eps * loss(q),
             scored against a control run without the query (closer to retraining on D ∪ {q};
             much more faithful, costs full-training-set gradient steps per query).
-        steps: optimizer steps of the update. None = 1 in plain mode; in anchored mode chosen
-            from the curvature so that negative-curvature directions grow at most 2x (10-100).
+        steps: optimizer steps of the update. None = automatic: 1 for plain pairwise and
+            self-influence; for plain group influence 50 Adam steps of lr 0.01*rms(theta) (a real
+            fit of the set); in anchored mode from the Hessian's extreme eigenvalues (Lanczos):
+            positive definite -> until the slowest direction converges (20-500 steps);
+            indefinite -> 300 small steps, fewer if negative curvature would grow over 2x.
         lr: step size. None = automatic: plain mode takes a normalised step of length
             ``rel_step * ||theta||`` per query (any gradient norm rises above float precision)
             and reports scores per unit learning rate; anchored mode uses 1 / lambda_max of the
-            training objective (power iteration). A number = that lr, scores as raw loss drops.
+            training objective if its Hessian is positive definite, else 0.1 / lambda_max
+            (small steps that follow gradient flow). A number = that
+            lr, scores as raw loss drops.
         rel_step: length of the automatic plain step relative to the parameter norm.
         optimizer: "sgd" (first-order equal to TracIn at the final checkpoint) or "adam"
             (the released code's choice; sign-like first step).

@@ -1,0 +1,315 @@
+"""The ``mirrorinf`` command: run | score | gate | ui.
+
+Exit codes: 0 ok (gate passed), 1 gate failed, 2 bad input (one clear message, no traceback
+unless --debug), 3 unexpected error (a bug or a broken tool: traceback shown), 130 interrupted.
+Heavy tools (torch, prefect, mlflow, dvc, great_expectations) are imported
+inside the commands, so ``mirrorinf --help`` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("mirrorinf.cli")
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return common
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params",
+        default=None,
+        help=f"params file for the MLflow store and engine config (default: ./{DEFAULT_PARAMS} "
+        "if present)",
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides params)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (no heavy imports)."""
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="mirrorinf",
+        description="Mirrored influence (Forward-INF) as an MLOps step: which training data "
+        "drives a model version, checked and logged to MLflow, with a release gate.",
+    )
+    parser.add_argument("--version", action="version", version="mirrorinf 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the whole influence flow (on a fresh checkout: demo data + demo model first)",
+        description="Prepare data, load (or train and register) the model, score influence, "
+        "check it with Great Expectations, log to MLflow and tag the model version.",
+    )
+    run.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+    run.add_argument("--verbose", "-v", action="store_true", help="progress logs and stage times")
+    run.add_argument(
+        "--fail-on-gate",
+        action="store_true",
+        help="exit 1 when the gate fails (default: exit 0 once the analysis is logged)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    score = sub.add_parser(
+        "score",
+        parents=[common],
+        help="score only: DIR/scores.npy [n_train, n_query] + DIR/manifest.json",
+        description="Pairwise influence of every training example on every query, rows in "
+        "training-file order, positive = proponent. No Prefect server, no MLflow run.",
+    )
+    score.add_argument("--model-uri", required=True, help="models:/NAME/VERSION, @ALIAS or a dir")
+    score.add_argument("--train", required=True, help="training set (.npz or .parquet)")
+    score.add_argument("--queries", required=True, help="query set (.npz or .parquet)")
+    score.add_argument("--out", required=True, help="output directory")
+    score.add_argument("--label-column", default=None, help="label column of parquet files")
+    _store_args(score)
+    score.set_defaults(func=_cmd_score)
+
+    gate = sub.add_parser(
+        "gate",
+        parents=[common],
+        help="exit 0 if a model version passed the influence gate, 1 failed, 2 no result",
+    )
+    gate.add_argument("--model", required=True, help="registered model name")
+    gate.add_argument("--version", required=True, help="registered model version")
+    _store_args(gate)
+    gate.set_defaults(func=_cmd_gate)
+
+    ui = sub.add_parser("ui", parents=[common], help="MLflow UI on 127.0.0.1 over the store")
+    ui.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    _store_args(ui)
+    ui.set_defaults(func=_cmd_ui)
+    return parser
+
+
+def _setup(root: Path, verbose: bool, debug: bool) -> None:
+    """Tool environment before the heavy imports, then logging (the CLI owns logging)."""
+    from tasks.env import set_tool_env
+
+    if not (verbose or debug):
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    set_tool_env(root)
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    # third-party libraries stay at WARNING unless --debug; ours follow --verbose
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for name in ("mirrorinf", "tasks", "flows"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _quiet_prefect(verbose: bool, debug: bool) -> None:
+    """Prefect logs task and flow failures with tracebacks; the CLI reports bad input itself."""
+    if not (verbose or debug):
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _load_store_params(args: argparse.Namespace) -> Any:
+    """Params for score / gate / ui: --params, else ./params.yaml when present, else defaults."""
+    from mirrorinf.params import load_params, params_from_dict
+
+    if args.params is not None:
+        return load_params(args.params)
+    if Path(DEFAULT_PARAMS).is_file():
+        return load_params(DEFAULT_PARAMS)
+    return params_from_dict({})
+
+
+def _tracking_uri(args: argparse.Namespace, params: Any) -> str:
+    if args.tracking_uri:
+        return args.tracking_uri
+    if args.params is None and not Path(DEFAULT_PARAMS).is_file():
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+    return params.tracking_uri()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _print_summary(result: Any, wall: float, verbose: bool) -> None:
+    s = result.summary
+    m = result.model
+    print(f"model:   {m['name']} v{m['version']} ({m.get('origin', 'registry')}; {m['uri']})")
+    print(f"gate:    {result.verdict.upper()}")
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    counts = s.get("counts", {})
+    n_flag = counts.get("n_flagged_mislabel", 0)
+    print(
+        f"suspected mislabels: {n_flag} flagged of {counts.get('n_train', '?')} training "
+        "examples; highest self-influence:"
+    )
+    for row in s.get("top_self_influence", []):
+        flag = "  FLAGGED" if row.get("flag_mislabel") else ""
+        print(
+            f"  id {row['id']}  label {row['label']}  self-influence "
+            f"{_fmt(row['self_influence'])}{flag}"
+        )
+    print(f"suspected leaks: {counts.get('n_leaks', 0)} of {counts.get('n_query', '?')} queries")
+    for row in s.get("leaks", []):
+        extra = f"  cosine {_fmt(row['cosine'])}" if "cosine" in row else ""
+        print(f"  query {row['query_id']} <- train {row['train_id']}{extra}")
+    truth = s.get("truth") or {}
+    if truth:
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in truth.items())
+        print(f"planted ground truth: {shown}")
+    print(f"MLflow run: {result.run_id}{'  (scores from cache)' if result.cache_hit else ''}")
+    print("see: mirrorinf ui")
+    if verbose:
+        body = sum(result.stage_seconds.values())
+        stages = "  ".join(f"{k} {v:.2f}s" for k, v in result.stage_seconds.items())
+        print(f"stages: {stages}")
+        print(f"total {wall:.1f}s (flow stages {body:.1f}s; imports + Prefect start/stop the rest)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    params_path = Path(args.params)
+    root = params_path.resolve().parent if params_path.is_file() else Path.cwd()
+    _setup(root, args.verbose, args.debug)
+    from mirrorinf.params import load_params
+
+    params = load_params(params_path)
+    from flows.influence import run_influence
+
+    _quiet_prefect(args.verbose, args.debug)
+    result = run_influence(params)
+    _print_summary(result, time.perf_counter() - t0, args.verbose)
+    return 1 if (args.fail_on_gate and not result.passed) else 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    _setup(Path.cwd(), False, args.debug)
+    from mirrorinf.errors import InputError
+
+    params = _load_store_params(args)
+    label_column = args.label_column or params.data.label_column
+    uri = _tracking_uri(args, params)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+
+    from tasks.data import check_labels, load_dataset, write_json, write_npy
+    from tasks.model import load_model_uri, output_size
+    from tasks.score import pairwise_scores, set_threads
+
+    set_threads(params.threads)
+    train = load_dataset(args.train, name="train", label_column=label_column)
+    queries = load_dataset(args.queries, name="query", label_column=label_column)
+    model, ref = load_model_uri(args.model_uri, tracking_uri=uri)
+    n_classes = output_size(model, train.x)
+    check_labels(train, n_classes)
+    check_labels(queries, n_classes)
+    cfg = params.engine_config()
+    scores, report = pairwise_scores(model, train, queries, cfg, params.device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_npy(out / "scores.npy", scores)
+    manifest = {
+        "scores": "scores.npy",
+        "shape": list(scores.shape),
+        "dtype": str(scores.dtype),
+        "rows": "training examples, in training-file order",
+        "columns": "queries, in query-file order",
+        "sign": "positive = proponent (fitting the query lowers the training example's loss)",
+        "model_uri": args.model_uri,
+        "model": ref.to_dict() if ref is not None else None,
+        "train": {**train.provenance.to_dict(), "n": len(train)},
+        "queries": {**queries.provenance.to_dict(), "n": len(queries)},
+        "config": cfg.to_dict(),
+        "config_fingerprint": cfg.fingerprint(),
+        "report": report,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(out / "manifest.json", manifest)
+    print(f"wrote {out / 'scores.npy'} {tuple(scores.shape)} and {out / 'manifest.json'}")
+    return 0
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    _setup(Path.cwd(), False, args.debug)
+    params = _load_store_params(args)
+    from tasks.tracking import gate_status
+
+    verdict, run_id = gate_status(_tracking_uri(args, params), args.model, args.version)
+    if verdict is None:
+        print(f"{args.model} v{args.version}: no influence result", file=sys.stderr)
+        return 2
+    print(f"{args.model} v{args.version}: {verdict} (influence run {run_id})")
+    return 0 if verdict == "passed" else 1
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    _setup(Path.cwd(), False, args.debug)
+    params = _load_store_params(args)
+    uri = _tracking_uri(args, params)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--default-artifact-root", params.artifact_location(),
+        "--host", "127.0.0.1",
+        "--port", str(args.port),
+        "--workers", "1",
+    ]  # fmt: skip
+    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C to stop)")
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok / passed, 1 gate failed, 2 bad input, 3 bug)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    from mirrorinf.errors import InputError
+
+    try:
+        return int(args.func(args))
+    except InputError as err:
+        if debug:
+            raise
+        print(f"mirrorinf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"mirrorinf {args.command}: unexpected error (exit 3); see above", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""One typed, validated model of params.yaml: every knob of the pipeline.
+
+DVC reads params.yaml for stage dependencies; the flows read it through :func:`load_params`.
+Every section forbids unknown keys, so a typo is an error naming the key path instead of a
+silently ignored setting. Relative paths are resolved against the directory of the params file
+(the project root), so the pipeline behaves the same from any working directory.
+
+Pure pydantic + yaml: no orchestration imports here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mirrorinf.config import ForwardInfConfig
+from mirrorinf.errors import ParamsError
+from mirrorinf.summary import GateThresholds
+
+__all__ = [
+    "DataParams",
+    "DemoParams",
+    "GateParams",
+    "MlflowParams",
+    "ModelParams",
+    "Params",
+    "ParamsError",
+    "QueryParams",
+    "TrainParams",
+    "load_params",
+    "params_from_dict",
+]
+
+N_DIGITS = 1797  # rows in scikit-learn's bundled digits data set (the demo's source)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Where the training, validation and query sets come from."""
+
+    source: Literal["demo", "dvc", "file"] = Field(
+        "demo",
+        description="demo: build the embedded digits demo at the paths below; dvc: read the paths "
+        "from the DVC repo `repo` at revision `rev`; file: read plain local files.",
+    )
+    repo: str = Field(".", description="DVC repository (local path or git URL); source=dvc only.")
+    rev: str | None = Field(
+        None,
+        description="Git revision for source=dvc. null = the revision recorded on the model's "
+        "training run, else the workspace.",
+    )
+    train: str = Field("data/demo/train.npz", description="Training set (.npz or .parquet).")
+    val: str = Field("data/demo/val.npz", description="Validation set (group influence).")
+    query: str = Field("data/demo/query.npz", description="Query set (pairwise influence).")
+    label_column: str = Field("label", description="Label column of parquet files.")
+    ground_truth: str | None = Field(
+        None,
+        description="Optional JSON with planted flipped ids / leak pairs (the demo writes "
+        "data/demo/ground_truth.json and uses it automatically).",
+    )
+
+
+class DemoParams(_Section):
+    """The embedded demo: scikit-learn digits with planted label noise and leaks."""
+
+    n_train: int = Field(800, ge=50)
+    n_val: int = Field(200, ge=10)
+    n_query: int = Field(40, ge=1, description="Query points, leaks included.")
+    flip_fraction: float = Field(0.1, ge=0, le=0.5, description="Training labels flipped.")
+    n_leaks: int = Field(5, ge=0, description="Queries that are exact copies of training images.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits(self) -> DemoParams:
+        if self.n_leaks > self.n_query:
+            raise ValueError(f"n_leaks ({self.n_leaks}) must be <= n_query ({self.n_query})")
+        need = self.n_train + self.n_val + self.n_query - self.n_leaks
+        if need > N_DIGITS:
+            raise ValueError(
+                f"n_train + n_val + n_query - n_leaks = {need} exceeds the {N_DIGITS} digits images"
+            )
+        return self
+
+
+class TrainParams(_Section):
+    """Training of the demo MLP (used when no model version or alias is given)."""
+
+    hidden: int = Field(64, ge=1, description="Hidden units of the one-hidden-layer MLP.")
+    epochs: int = Field(150, ge=1, description="Full-batch Adam steps.")
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="Adam L2; keeps flipped labels unfit.")
+    seed: int = 0
+
+
+class ModelParams(_Section):
+    """Which registered model to analyse; with no version and no alias, train the demo MLP."""
+
+    name: str = Field("mirrorinf-demo", min_length=1, description="Registered model name.")
+    version: int | None = Field(None, ge=1, description="Registered model version.")
+    alias: str | None = Field(None, min_length=1, description="Registered model alias.")
+    train: TrainParams = Field(default_factory=TrainParams)
+
+    @model_validator(mode="after")
+    def _one_ref(self) -> ModelParams:
+        if self.version is not None and self.alias is not None:
+            raise ValueError("give model.version or model.alias, not both")
+        return self
+
+    @property
+    def train_demo(self) -> bool:
+        """True when the pipeline must train (or reuse) the demo model itself."""
+        return self.version is None and self.alias is None
+
+
+class QueryParams(_Section):
+    """Which points to explain with pairwise influence."""
+
+    source: Literal["query", "val"] = Field("query", description="Set used as queries.")
+    max_queries: int | None = Field(100, ge=1, description="First N queries; null = all.")
+
+
+class GateParams(GateThresholds):
+    """Gate thresholds (shared with the summary and the Great Expectations suite) + alias."""
+
+    alias_on_pass: str | None = Field(
+        "influence-passed", description="Alias set on a model version that passes; null = none."
+    )
+
+    def thresholds(self) -> GateThresholds:
+        """The thresholds alone, as the summary and checks take them."""
+        return GateThresholds(**self.model_dump(exclude={"alias_on_pass"}))
+
+
+class MlflowParams(_Section):
+    """The MLflow store (embedded SQLite by default)."""
+
+    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db", min_length=1)
+    artifact_location: str = Field("mlruns/artifacts", min_length=1)
+    experiment: str = Field("mirrorinf", min_length=1)
+
+
+class Params(_Section):
+    """All of params.yaml."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    demo: DemoParams = Field(default_factory=DemoParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    queries: QueryParams = Field(default_factory=QueryParams)
+    influence: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,  # always the full, normalised config (logged, fingerprinted)
+        description="ForwardInfConfig fields (see mirrorinf.config).",
+    )
+    gate: GateParams = Field(default_factory=GateParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    runner: Literal["threads"] = Field("threads", description="Prefect task runner.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description='Engine device: "auto", "cpu", "cuda", "cuda:1", "mps".',
+    )
+    cache: bool = Field(True, description="Reuse scores keyed on model, data md5 and config.")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; null = torch's default (all cores)."
+    )
+
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `demo:` with nothing under it parses as None: treat it as "all defaults"
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("influence", mode="before")
+    @classmethod
+    def _engine_config(cls, value: Any) -> dict[str, Any]:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping of ForwardInfConfig fields, got {value!r}")
+        return ForwardInfConfig.from_dict(value).to_dict()
+
+    @property
+    def root(self) -> Path:
+        """Directory that relative paths are resolved against (the params file's directory)."""
+        return self._root
+
+    def with_root(self, root: str | Path) -> Params:
+        """A copy whose relative paths resolve against ``root``."""
+        new = self.model_copy()
+        new._root = Path(root).resolve()
+        return new
+
+    def replace(self, **sections: Any) -> Params:
+        """A copy with some sections or fields replaced (same root), validated again."""
+        data = self.model_dump()
+        for key, value in sections.items():
+            data[key] = value.model_dump() if isinstance(value, BaseModel) else value
+        return params_from_dict(data, root=self._root)
+
+    def engine_config(self) -> ForwardInfConfig:
+        """The engine's config object."""
+        return ForwardInfConfig.from_dict(self.influence)
+
+    def resolve(self, path: str | Path) -> Path:
+        """An absolute path: ``path`` itself if absolute, else under the root."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._root / p)
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI with a relative SQLite path made absolute."""
+        uri = self.mlflow.tracking_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+            return prefix + str(self.resolve(uri[len(prefix) :]))
+        return uri
+
+    def artifact_location(self) -> str:
+        """The experiment's artifact location; a relative path is made absolute."""
+        loc = self.mlflow.artifact_location
+        return loc if "://" in loc else str(self.resolve(loc))
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names valid at ``loc`` (the parent of an unknown key), for the error message."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else None
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Params, loc[:-1])
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"{key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{shown}")
+    return f"{source}: invalid params: " + "; ".join(lines)
+
+
+def params_from_dict(
+    data: dict[str, Any] | None, *, root: str | Path | None = None, source: str = "params"
+) -> Params:
+    """Validate a plain mapping into :class:`Params`; ParamsError names the bad key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+    return params.with_root(root if root is not None else Path.cwd())
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params YAML file; relative paths in it resolve against its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ParamsError(f"params file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{p}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{p}: cannot read: {err}") from None
+    return params_from_dict(data, root=p.resolve().parent, source=str(p))

@@ -1,10 +1,32 @@
 """mirrorinf: mirrored influence (Forward-INF) from forward passes, as an MLOps step.
 
-The engine (this package) is pure torch + numpy: no orchestration imports.
+The engine (this package) is pure torch + numpy: no orchestration imports. Names are resolved
+lazily so that the command line answers ``--help`` without importing torch.
 """
 
-from mirrorinf.config import ForwardInfConfig, SphereConfig
-from mirrorinf.engine import ForwardInf, ScoreReport, cross_entropy
+from __future__ import annotations
 
-__all__ = ["ForwardInf", "ForwardInfConfig", "ScoreReport", "SphereConfig", "cross_entropy"]
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["ForwardInf", "ForwardInfConfig", "ScoreReport", "SphereConfig", "cross_entropy"]
+
+_WHERE = {
+    "ForwardInf": "mirrorinf.engine",
+    "ScoreReport": "mirrorinf.engine",
+    "cross_entropy": "mirrorinf.engine",
+    "ForwardInfConfig": "mirrorinf.config",
+    "SphereConfig": "mirrorinf.config",
+}
+
+if TYPE_CHECKING:
+    from mirrorinf.config import ForwardInfConfig, SphereConfig
+    from mirrorinf.engine import ForwardInf, ScoreReport, cross_entropy
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'mirrorinf' has no attribute {name!r}")

@@ -1,0 +1,175 @@
+"""Does the influence gate pass on clean labels and fail on noisy ones? Old rule vs calibrated rule.
+
+For each dataset (scikit-learn's bundled digits, breast cancer and wine; no downloads), seed and
+label-flip fraction (0, 5%, 10%, 30% of the *training* labels flipped to a random other class by
+``_common.flip_labels``; the validation set stays clean), a 1-hidden-layer ReLU MLP (128 units)
+is trained with full-batch Adam (lr 1e-2, cosine decay, 400 steps, weight decay 1e-3 on all
+parameters: ``_common.MlpRecipe`` / ``_common.objective``) in two regimes:
+
+- ``converged``: all 400 steps. This memorises every flipped label (training error 0).
+- ``early``: the same run, keeping the weights of the step with the lowest validation loss
+  (early stopping on the validation set, as a user would; the flips are then mostly not fit).
+
+The engine runs with DEFAULT settings (plain mode, automatic step, float32): ``self_influence``
+of the training set, ``group`` of the training set on the validation set, and the calibration
+scores of the validation set: its ``self_influence`` and a 5-fold held-out group influence (each
+fold scored by ``group`` against the other four folds).
+
+Rules compared, both through ``mirrorinf.summary.summarise`` with default ``GateThresholds``:
+- old: no calibration scores -> robust-z fallback (self_z > 3.5; group < 0 and group_z < -3.5);
+- new: calibrated conformal thresholds (mislabel_alpha = harmful_alpha = 0.01).
+The gate fails when flagged_fraction > max_flagged_fraction (0.05) or harmful_fraction >
+max_harmful_fraction (0.05), i.e. exactly the two fraction checks of ``tasks.checks``.
+
+Columns: ``mis`` = fraction flagged as suspected mislabel, ``rec`` = fraction of the flipped
+labels among them (recall), ``harm`` = fraction flagged harmful; ``gate 0/30`` = gate outcome
+(P pass, F fail) at 0% and 30% flips (wanted: P/F).
+
+Run:  python benchmarks/gate_calibration.py [--seeds 3] [--datasets digits cancer wine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_breast_cancer, load_wine
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (
+    MlpRecipe,
+    digits_split,
+    flip_labels,
+    objective,
+    query_losses,
+)
+from mirrorinf import ForwardInf
+from mirrorinf.summary import GateThresholds, summarise
+
+FLIPS = (0.0, 0.05, 0.1, 0.3)
+REGIMES = ("converged", "early")
+SIZES = {"digits": (1000, 300), "cancer": (350, 150), "wine": (110, 50)}  # train, validation
+FOLDS = 5
+
+
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+def load(name: str, seed: int) -> Data:
+    """Random disjoint train / validation split, features standardised with train statistics."""
+    n_train, n_val = SIZES[name]
+    if name == "digits":
+        s = digits_split(n_train, n_val, seed=seed, dtype=torch.float32)
+        return s.x_train, s.y_train, s.x_query, s.y_query, 10
+    x, y = (load_breast_cancer if name == "cancer" else load_wine)(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+    xs = torch.tensor((x - mu) / sd, dtype=torch.float32)
+    yt = torch.tensor(y, dtype=torch.long)
+    return xs[tr], yt[tr], xs[va], yt[va], int(y.max()) + 1
+
+
+def train(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, n_classes: int,
+          seed: int, regime: str) -> nn.Module:
+    recipe = MlpRecipe()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, n_classes))
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.steps)
+    best, state = float("inf"), None
+    for _ in range(recipe.steps):
+        opt.zero_grad()
+        objective(model, x, y, recipe.weight_decay).backward()
+        opt.step()
+        sched.step()
+        if regime == "early":
+            val = float(query_losses(model, xv, yv).mean())
+            if val < best:
+                best, state = val, {k: v.clone() for k, v in model.state_dict().items()}
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def held_out_group(fi: ForwardInf, xv: torch.Tensor, yv: torch.Tensor, seed: int) -> np.ndarray:
+    """Group influence of each validation example on the validation set without its own fold."""
+    folds = np.array_split(np.random.default_rng(seed).permutation(len(yv)), FOLDS)
+    out = np.empty(len(yv))
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(len(yv)), fold)
+        out[fold] = fi.group((xv[fold], yv[fold]), (xv[rest], yv[rest])).double().numpy()
+    return out
+
+
+def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
+    x, y, xv, yv, c = load(name, seed)
+    y_noisy, flipped = flip_labels(y, flip, seed=100 + seed, n_classes=c)
+    model = train(x, y_noisy, xv, yv, c, seed, regime)
+    fi = ForwardInf(model)
+    self_inf = fi.self_influence((x, y_noisy)).numpy()
+    group = fi.group((x, y_noisy), (xv, yv)).numpy()
+    calib_self = fi.self_influence((xv, yv)).numpy()
+    calib_group = held_out_group(fi, xv, yv, seed)
+    common = dict(pairwise=np.zeros((len(y), 0)), self_inf=self_inf, group_inf=group,
+                  query_self_drop=[], thresholds=GateThresholds())
+    out = {}
+    for rule, extra in (("old", {}), ("new", {"calib_self_inf": calib_self,
+                                             "calib_group_inf": calib_group})):
+        t = summarise(**common, **extra)
+        mis = t.train["flag_mislabel"].to_numpy()
+        rec = float(mis[flipped.numpy()].mean()) if flip else float("nan")
+        out[rule] = (t.counts["flagged_fraction"], rec, t.counts["harmful_fraction"])
+    return out
+
+
+def gate_fails(cell: tuple) -> bool:
+    th = GateThresholds()
+    return cell[0] > th.max_flagged_fraction or cell[2] > th.max_harmful_fraction
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES))
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)  # the fallback warning fires on every "old" row
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    head = (f"{'dataset':7s} {'regime':9s} {'s':>1s} {'rule':4s} | {'0%: mis  harm':>13s} | "
+            + " | ".join(f"{int(f * 100):>2d}%: mis  rec  harm" for f in FLIPS[1:])
+            + " | gate 0/30")
+    print(head)
+    print("-" * len(head))
+    tally: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
+    for name in args.datasets:
+        for regime in REGIMES:
+            for seed in range(args.seeds):
+                res = {f: run_one(name, seed, f, regime) for f in FLIPS}
+                for rule in ("old", "new"):
+                    cells = [res[f][rule] for f in FLIPS]
+                    g0, g30 = gate_fails(cells[0]), gate_fails(cells[-1])
+                    tally.setdefault((regime, rule), []).append((g0, g30))
+                    row = (f"{name:7s} {regime:9s} {seed:1d} {rule:4s} | "
+                           f"{cells[0][0]:7.3f} {cells[0][2]:5.3f} | "
+                           + " | ".join(f"{m:7.3f} {r:4.2f} {h:5.3f}" for m, r, h in cells[1:])
+                           + f" | {'F' if g0 else 'P'}/{'F' if g30 else 'P'}")
+                    print(row, flush=True)
+    print()
+    for (regime, rule), v in sorted(tally.items()):
+        v = np.array(v)
+        print(f"{regime:9s} {rule}: gate passes at 0% in {int((~v[:, 0]).sum())}/{len(v)} runs, "
+              f"fails at 30% in {int(v[:, 1].sum())}/{len(v)}; wanted P/F in "
+              f"{int(((~v[:, 0]) & v[:, 1]).sum())}/{len(v)}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""The influence flow: params -> data (DVC / file) + model (MLflow) -> scores -> GX gate -> MLflow.
+
+Composition only; every step is a task from ``tasks/`` and all math lives in ``mirrorinf``.
+Importing this module sets quiet tool defaults (telemetry off, Prefect home under the project's
+``.prefect/``) before Prefect is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from mirrorinf.demo import evaluate_findings
+from mirrorinf.params import Params
+from tasks.data import (
+    Dataset,
+    check_labels,
+    load_dataset_task,
+    prepare_demo_task,
+    read_json,
+)
+from tasks.model import (
+    ModelRef,
+    load_registered_model_task,
+    output_size,
+    train_and_register_task,
+)
+from tasks.score import check_task, score_cache_key, score_task, set_threads
+from tasks.tracking import code_version, influence_run, log_influence_task, tag_model_version_task
+
+__all__ = ["InfluenceResult", "influence_flow", "run_influence"]
+
+logger = logging.getLogger(__name__)
+
+TOP_N = 5  # rows of each finding list in the summary
+
+
+@dataclass
+class InfluenceResult:
+    """What one influence analysis concluded (also the CLI's summary and ``summary.json``).
+
+    Attributes:
+        run_id: the MLflow influence run.
+        verdict: "passed" or "failed" (the gate).
+        reasons: one line per failed check (or "all N checks passed").
+        model: name, version, uri, training run id, whether the demo model was reused.
+        summary: counts, top suspected mislabels / leaks / harmful examples, score health,
+            and recall of planted ground truth when known.
+        stage_seconds: wall time per stage of the flow body.
+        cache_hit: True when the scores came from the task cache.
+    """
+
+    run_id: str
+    verdict: str
+    reasons: list[str]
+    model: dict[str, Any]
+    summary: dict[str, Any]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Stages:
+    """Wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _reasons(check: Any) -> list[str]:
+    failed = [r for r in check.results if not r["success"]]
+    if not failed:
+        return [f"all {len(check.results)} checks passed"]
+    return [f"{r['check']}: observed {r['observed']}, allowed {r['threshold']}" for r in failed]
+
+
+def _records(frame: Any, columns: list[str], n: int = TOP_N) -> list[dict[str, Any]]:
+    out = []
+    for row in frame[columns].head(n).to_dict(orient="records"):
+        out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+    return out
+
+
+def _summary(tables: Any, scores: Any, truth_metrics: dict[str, float]) -> dict[str, Any]:
+    train = tables.train
+    mislabels = train[train["flag_mislabel"]].sort_values("self_influence", ascending=False)
+    by_self = train.sort_values("self_influence", ascending=False)
+    harmful = train[train["flag_harmful"]].sort_values("group_influence")
+    leak_cols = [c for c in ("query_id", "train_id", "score", "cosine") if c in tables.leaks]
+    leaks = tables.leaks.sort_values(leak_cols[-1], ascending=False)
+    pair = scores.reports.get("pairwise", {})
+    return {
+        "counts": dict(tables.counts),
+        "top_mislabels": _records(mislabels, ["id", "label", "self_influence", "self_z"]),
+        "top_self_influence": _records(by_self, ["id", "label", "self_influence", "flag_mislabel"]),
+        "top_harmful": _records(harmful, ["id", "label", "group_influence", "group_z"]),
+        "leaks": _records(leaks, leak_cols),
+        "score_health": {
+            kind: {k: rep.get(k) for k in ("scale", "zero_fraction", "n_constant_queries", "path")}
+            for kind, rep in scores.reports.items()
+        },
+        "scale": pair.get("scale"),
+        "truth": truth_metrics,
+    }
+
+
+def _data_rev(params: Params, ref: ModelRef | None) -> str | None:
+    """The revision to read: params first, else the commit recorded when the model was trained."""
+    if params.data.rev is not None or params.data.source != "dvc" or ref is None:
+        return params.data.rev
+    recorded = ref.training_data.get("train", {})
+    if recorded.get("source") == "dvc" and recorded.get("commit"):
+        logger.info("reading data at %s, the commit the model was trained on", recorded["commit"])
+        return recorded["commit"]
+    return None
+
+
+def _load_sets(params: Params, rev: str | None) -> dict[str, Dataset]:
+    d = params.data
+    source = "dvc" if d.source == "dvc" else "file"
+    repo = str(params.resolve(d.repo)) if source == "dvc" else None
+    futures = {}
+    for name, path in (("train", d.train), ("val", d.val), ("query", d.query)):
+        target = path if source == "dvc" else str(params.resolve(path))
+        futures[name] = load_dataset_task.submit(
+            target,
+            name=name,
+            source=source,
+            repo=repo,
+            rev=rev,
+            label_column=d.label_column,
+            display_path=path,
+        )
+    return {name: fut.result() for name, fut in futures.items()}
+
+
+def _ground_truth(params: Params, rev: str | None) -> dict[str, Any] | None:
+    d = params.data
+    if d.ground_truth is not None:
+        if d.source == "dvc":
+            return read_json(d.ground_truth, source="dvc", repo=params.resolve(d.repo), rev=rev)
+        return read_json(params.resolve(d.ground_truth))
+    if d.source == "demo":
+        path = params.resolve(d.train).parent / "ground_truth.json"
+        return read_json(path) if path.is_file() else None
+    return None
+
+
+def _model_and_data(
+    params: Params, stages: _Stages, uri: str
+) -> tuple[Any, ModelRef, dict[str, Dataset], dict[str, Any] | None]:
+    """The model version and the data it is scored on (training the demo model if asked)."""
+    model = ref = None
+    if params.data.source == "demo":
+        with stages("prepare"):
+            prepare_demo_task(
+                params.demo.model_dump(),
+                params.resolve(params.data.train),
+                params.resolve(params.data.val),
+                params.resolve(params.data.query),
+            )
+    if not params.model.train_demo:
+        with stages("model"):
+            model, ref = load_registered_model_task(
+                params.model.name, params.model.version, params.model.alias, tracking_uri=uri
+            )
+    rev = _data_rev(params, ref)
+    with stages("data"):
+        sets = _load_sets(params, rev)
+        truth = _ground_truth(params, rev)
+    if ref is None:
+        with stages("train"):
+            trained = train_and_register_task(
+                sets["train"],
+                sets["val"],
+                name=params.model.name,
+                train_params=params.model.train.model_dump(),
+                tracking_uri=uri,
+                experiment=params.mlflow.experiment,
+                artifact_location=params.artifact_location(),
+            )
+            # score the registered artifact itself, not the in-memory copy
+            model, ref = load_registered_model_task(trained.name, trained.version, tracking_uri=uri)
+            ref = replace(ref, reused=trained.reused)
+    n_classes = output_size(model, sets["train"].x)
+    for data in sets.values():
+        check_labels(data, n_classes)
+    return model, ref, sets, truth
+
+
+def _metrics(tables: Any, scores: Any, check: Any, truth: dict[str, float], hit: bool) -> dict:
+    metrics = {
+        **tables.counts,
+        **{f"truth_{k}": v for k, v in truth.items()},
+        "gate_passed": check.success,
+        "cache_hit": hit,
+        "score_seconds": scores.seconds,
+        **{f"{k}_zero_fraction": r.get("zero_fraction") for k, r in scores.reports.items()},
+    }
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+@flow(name="mirrorinf-influence", validate_parameters=False)
+def influence_flow(params: Params) -> InfluenceResult:
+    """Score, check and log mirrored influence for one model version (see module docstring)."""
+    stages = _Stages()
+    uri = params.tracking_uri()
+    set_threads(params.threads)
+    model, ref, sets, truth = _model_and_data(params, stages, uri)
+    queries = (sets["query"] if params.queries.source == "query" else sets["val"]).head(
+        params.queries.max_queries
+    )
+    datasets = {"train": sets["train"], "val": sets["val"], "query": queries}
+    recorded = ref.training_data.get("train", {}).get("md5")
+    same_data = recorded is None or recorded == sets["train"].provenance.md5
+    if not same_data:
+        logger.warning(
+            "training data md5 %s differs from the md5 %s recorded when %s was trained",
+            sets["train"].provenance.md5,
+            recorded,
+            ref.uri,
+        )
+
+    cfg = params.engine_config()
+    key = None
+    if params.cache:
+        key = score_cache_key(
+            model_uri=ref.uri,
+            model_run_id=ref.run_id,
+            data_md5={k: v.provenance.md5 for k, v in datasets.items()},
+            config_fingerprint=cfg.fingerprint(),
+            n_queries=len(queries),
+            device=params.device,
+        )
+    run_score = score_task if key else score_task.with_options(persist_result=False)
+    with influence_run(
+        uri,
+        params.mlflow.experiment,
+        params.artifact_location(),
+        model=ref,
+        datasets={k: v.provenance for k, v in datasets.items()},
+        params=params.model_dump(mode="json"),
+        config=cfg.to_dict(),
+        config_fingerprint=cfg.fingerprint(),
+        code=code_version(params.root),
+        extra_tags={"mirrorinf.data.matches_training": str(same_data).lower()},
+    ) as run_id:
+        with stages("score"):
+            state = run_score(
+                key, model, sets["train"], sets["val"], queries, cfg.to_dict(), params.device,
+                return_state=True,
+            )  # fmt: skip
+            scores = state.result()
+            cache_hit = state.name == "Cached"
+        with stages("check"):
+            tables, check = check_task(scores, sets["train"], queries, params.gate.thresholds())
+        verdict = "passed" if check.success else "failed"
+        truth_metrics = {}
+        if truth:
+            truth_metrics = evaluate_findings(
+                tables.train["id"].to_numpy(),
+                tables.train["self_influence"].to_numpy(),
+                tables.train.loc[tables.train["flag_mislabel"], "id"].to_numpy(),
+                queries.ids,
+                tables.leaks[["query_id", "train_id"]].to_numpy(),
+                truth,
+            )
+        summary = _summary(tables, scores, truth_metrics)
+        reasons = _reasons(check)
+        with stages("log"):
+            log_influence_task(
+                uri,
+                run_id,
+                scores=scores,
+                tables=tables,
+                check=check,
+                metrics=_metrics(tables, scores, check, truth_metrics, cache_hit),
+                summary={"verdict": verdict, "reasons": reasons, **summary},
+                verdict=verdict,
+            )
+            tag_model_version_task(
+                uri,
+                ref.name,
+                ref.version,
+                verdict=verdict,
+                run_id=run_id,
+                alias_on_pass=params.gate.alias_on_pass,
+            )
+    logger.info("influence gate %s for %s (run %s)", verdict, ref.uri, run_id)
+    origin = "from registry"
+    if params.model.train_demo:
+        origin = "demo model reused" if ref.reused else "demo model trained and registered"
+    return InfluenceResult(
+        run_id=run_id,
+        verdict=verdict,
+        reasons=reasons,
+        model={**ref.to_dict(), "origin": origin},
+        summary=summary,
+        stage_seconds=stages.seconds,
+        cache_hit=cache_hit,
+    )
+
+
+def run_influence(params: Params) -> InfluenceResult:
+    """Run :func:`influence_flow` with the task runner named in params."""
+    runners = {"threads": lambda: ThreadPoolTaskRunner(max_workers=3)}
+    return influence_flow.with_options(task_runner=runners[params.runner]())(params)

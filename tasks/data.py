@@ -1,0 +1,376 @@
+"""Datasets from a local file or a DVC repository at a revision (one tool: DVC).
+
+A dataset file is ``.npz`` with arrays ``x``, ``y`` and optional ``ids``, or ``.parquet`` with
+numeric feature columns, a label column (named in params) and an optional ``id`` column.
+Loading returns tensors plus :class:`Provenance` (source, path, repo, rev, resolved commit and
+the md5 of the exact bytes read), which keys caches and is logged with every result.
+Everything wrong with the input is a :class:`DataError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mirrorinf.errors import DataError, InputError
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Provenance",
+    "check_labels",
+    "load_dataset",
+    "load_dataset_task",
+    "prepare_demo",
+    "prepare_demo_task",
+    "read_json",
+    "retry_unless_input_error",
+    "write_json",
+    "write_npy",
+    "write_npz",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a dataset's bytes came from; ``md5`` is of the exact bytes read."""
+
+    source: str  # "file" or "dvc"
+    path: str
+    md5: str
+    repo: str | None = None
+    rev: str | None = None  # requested git revision (None = workspace)
+    commit: str | None = None  # resolved git commit (dvc only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: features (float32), integer labels, ids and provenance."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: np.ndarray
+    provenance: Provenance
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) as the engine takes it."""
+        return self.x, self.y
+
+    def head(self, n: int | None) -> Dataset:
+        """The first ``n`` examples (all when ``n`` is None or larger than the set)."""
+        if n is None or n >= len(self):
+            return self
+        return Dataset(self.name, self.x[:n], self.y[:n], self.ids[:n], self.provenance)
+
+
+def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry transient failures, never bad input (it will not heal)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the state could not give its exception back: let it retry
+        return True
+    return not isinstance(exc, InputError)
+
+
+def _fmt(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise DataError(
+            f"{path}: unsupported dataset format {suffix or '(no extension)'!r}; "
+            "use .npz (x, y, optional ids) or .parquet"
+        )
+    return FORMATS[suffix]
+
+
+def _read_local(path: str | Path) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"data path is not a file: {p}")
+    try:
+        return p.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read data file {p}: {err}") from None
+
+
+def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]:
+    """Bytes of ``path`` in DVC repo ``repo`` at ``rev`` and the resolved git commit."""
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.scm import CloneError, RevError
+
+    where = f"DVC repo {repo!r} at rev {rev or 'workspace'!r}"
+    fs = None
+    try:
+        fs = DVCFileSystem(repo, rev=rev)
+        with fs.open(path, "rb") as f:
+            blob = f.read()
+        try:
+            commit = fs.repo.get_rev()
+        except Exception:  # no git (or an unusual repo): the md5 still pins the data
+            commit = None
+        return blob, commit
+    except RevError:
+        raise DataError(f"unknown git revision {rev!r} in {where.split(' at ')[0]}") from None
+    except (NotDvcRepoError, CloneError) as err:
+        raise DataError(f"{repo!r} is not a DVC/git repository that can be opened: {err}") from None
+    except FileNotFoundError:
+        raise DataError(f"{path!r} not found in {where}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path!r} is a directory in {where}, expected a file") from None
+    finally:
+        close = getattr(fs, "close", None)
+        if callable(close):
+            close()
+
+
+def _parse_npz(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            names = set(npz.files)
+            missing = {"x", "y"} - names
+            if missing:
+                raise DataError(
+                    f"{where}: .npz is missing array(s) {', '.join(sorted(missing))} "
+                    f"(has: {', '.join(sorted(names)) or 'none'})"
+                )
+            return npz["x"], npz["y"], (npz["ids"] if "ids" in names else None)
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        raise DataError(f"{where}: corrupt or unreadable .npz file: {err}") from None
+
+
+def _parse_parquet(
+    blob: bytes, where: str, label_column: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(io.BytesIO(blob))
+    except Exception as err:  # pyarrow raises several unrelated types for bad files
+        raise DataError(f"{where}: corrupt or unreadable parquet file: {err}") from None
+    if label_column not in df.columns:
+        raise DataError(
+            f"{where}: label column {label_column!r} not found "
+            f"(columns: {', '.join(map(str, df.columns))}); set data.label_column"
+        )
+    ids = df["id"].to_numpy() if "id" in df.columns else None
+    features = df.drop(columns=[c for c in (label_column, "id") if c in df.columns])
+    bad = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if bad:
+        raise DataError(f"{where}: non-numeric feature column(s): {', '.join(bad)}")
+    if features.shape[1] == 0:
+        raise DataError(f"{where}: no feature columns besides the label")
+    return features.to_numpy(dtype=np.float32), df[label_column].to_numpy(), ids
+
+
+def _validate(
+    x: np.ndarray, y: np.ndarray, ids: np.ndarray | None, where: str
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    if x.dtype.kind not in "fiub" or x.ndim < 2:
+        raise DataError(f"{where}: x must be a numeric array [n, ...], got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{where}: y must be one label per row of x ({len(x)}), got {y.shape}")
+    if len(y) == 0:
+        raise DataError(f"{where}: the dataset is empty")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise DataError(f"{where}: labels contain NaN or inf")
+        if not np.equal(np.mod(y, 1), 0).all():
+            raise DataError(f"{where}: labels must be integer class indices, got fractions")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integer class indices, got dtype {y.dtype}")
+    if (y < 0).any():
+        raise DataError(f"{where}: labels out of range: {int((y < 0).sum())} negative label(s)")
+    xf = x.astype(np.float32, copy=False)
+    n_bad = int((~np.isfinite(xf)).any(axis=tuple(range(1, xf.ndim))).sum())
+    if n_bad:
+        raise DataError(f"{where}: {n_bad} row(s) of x contain NaN or inf")
+    if ids is None:
+        ids = np.arange(len(y), dtype=np.int64)
+    elif ids.ndim != 1 or len(ids) != len(y):
+        raise DataError(f"{where}: ids must be one per row ({len(y)}), got shape {ids.shape}")
+    elif len(np.unique(ids)) != len(ids):
+        raise DataError(f"{where}: ids are not unique")
+    if ids.dtype.kind == "f":  # parquet ints with nulls come back as floats
+        raise DataError(f"{where}: ids must be integers or strings, got {ids.dtype}")
+    ids = ids.astype(str) if ids.dtype.kind in "OUS" else ids.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(xf)), torch.from_numpy(y.astype(np.int64)), ids
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    name: str = "data",
+    source: str = "file",
+    repo: str | Path | None = None,
+    rev: str | None = None,
+    label_column: str = "label",
+    display_path: str | None = None,
+) -> Dataset:
+    """Load a dataset from a local file (``source="file"``) or a DVC repo at ``rev``.
+
+    Args:
+        path: the file; for DVC, relative to the repository root.
+        name: what the set is ("train", "val", "query"), used in messages.
+        repo, rev: DVC repository and git revision (None = workspace).
+        label_column: label column of parquet files.
+        display_path: path as the user wrote it, for provenance (defaults to ``path``).
+
+    Raises:
+        DataError: missing file, path or revision; unsupported format; corrupt file; bad
+            contents (NaN/inf features, non-integer or negative labels, duplicate ids).
+    """
+    path = str(path)
+    fmt = _fmt(path)
+    shown = display_path or path
+    commit = None
+    if source == "dvc":
+        repo_s = str(repo if repo is not None else ".")
+        blob, commit = _read_dvc(path, repo_s, rev)
+        where = f"{name} set {shown!r} (DVC {repo_s}@{rev or 'workspace'})"
+    elif source == "file":
+        repo_s, blob = None, _read_local(path)
+        where = f"{name} set {shown!r}"
+    else:
+        raise DataError(f"unknown data source {source!r}; use 'file' or 'dvc'")
+    md5 = hashlib.md5(blob).hexdigest()
+    if fmt == "npz":
+        x, y, ids = _parse_npz(blob, where)
+    else:
+        x, y, ids = _parse_parquet(blob, where, label_column)
+    xt, yt, ids = _validate(x, y, ids, where)
+    prov = Provenance(source=source, path=shown, md5=md5, repo=repo_s, rev=rev, commit=commit)
+    logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
+    return Dataset(name=name, x=xt, y=yt, ids=ids, provenance=prov)
+
+
+def check_labels(data: Dataset, n_classes: int) -> None:
+    """DataError if a label is not a valid class index of a model with ``n_classes`` outputs."""
+    top = int(data.y.max())
+    if top >= n_classes:
+        n_bad = int((data.y >= n_classes).sum())
+        raise DataError(
+            f"{data.name} set {data.provenance.path!r}: labels out of range: {n_bad} label(s) "
+            f">= {n_classes} (max {top}) but the model has {n_classes} outputs"
+        )
+
+
+def read_json(
+    path: str | Path,
+    *,
+    source: str = "file",
+    repo: str | Path | None = None,
+    rev: str | None = None,
+) -> dict[str, Any]:
+    """A small JSON file (e.g. demo ground truth) from a local file or a DVC repo."""
+    if source == "dvc":
+        blob, _ = _read_dvc(str(path), str(repo or "."), rev)
+    else:
+        blob = _read_local(path)
+    try:
+        data = json.loads(blob)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_npz(path: str | Path, x: Any, y: Any, ids: Any = None) -> str:
+    """Write a dataset as .npz (atomically); returns the md5 of the file."""
+    arrays = {"x": np.asarray(x), "y": np.asarray(y)}
+    if ids is not None:
+        arrays["ids"] = np.asarray(ids)
+    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def write_npy(path: str | Path, array: Any) -> None:
+    """Write one array as .npy atomically (temp name + rename)."""
+    _atomic_write(Path(path), lambda f: np.save(f, np.asarray(array)))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (sorted keys, so identical content gives identical bytes)."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+load_dataset_task = task(
+    load_dataset,
+    name="load-data",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+
+
+def prepare_demo(
+    demo: dict[str, Any], train_path: str | Path, val_path: str | Path, query_path: str | Path
+) -> Path:
+    """Write the embedded demo splits and ground truth; skip when already there and current.
+
+    The ground truth goes to ``ground_truth.json`` beside the training file and records the demo
+    params, so changed params (or a missing file) regenerate everything. Returns its path.
+    """
+    from mirrorinf.demo import make_demo
+
+    paths = [Path(train_path), Path(val_path), Path(query_path)]
+    truth_path = paths[0].parent / "ground_truth.json"
+    if all(p.is_file() for p in [*paths, truth_path]):
+        try:
+            if json.loads(truth_path.read_text()).get("params") == demo:
+                logger.info("demo data up to date in %s", truth_path.parent)
+                return truth_path
+        except (ValueError, OSError):
+            pass
+    data = make_demo(**demo)
+    for p, split in zip(paths, (data.train, data.val, data.query), strict=True):
+        write_npz(p, split.x, split.y, split.ids)
+    write_json(truth_path, {"params": demo, **data.ground_truth()})
+    logger.info("demo data written to %s", truth_path.parent)
+    return truth_path
+
+
+prepare_demo_task = task(prepare_demo, name="prepare-demo", cache_policy=NO_CACHE)

@@ -1,0 +1,335 @@
+"""Models in the MLflow registry: train + register the demo model, load a version as torch.
+
+Format (no pickle): a version's artifacts hold ``mirrorinf_model.json`` (architecture name and
+constructor arguments from :data:`mirrorinf.demo.ARCHITECTURES`) and ``state_dict.pt`` (tensors
+only, loaded with ``torch.load(weights_only=True)``). Versions logged with ``mlflow.pytorch`` are
+loaded through it as a fallback (that path unpickles; a warning says so).
+
+The training run records the data it trained on (tags ``mirrorinf.data.<set>.*``: path, rev,
+commit, md5), so the influence flow can score on exactly that data. The demo model is reused,
+not retrained, when a version with the same training key (data md5 + training params) exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mirrorinf.demo import build_model, model_spec, train_demo_model
+from mirrorinf.errors import ModelError
+from tasks.data import Dataset, retry_unless_input_error
+from tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
+
+__all__ = [
+    "ModelRef",
+    "load_model_uri",
+    "load_registered_model",
+    "load_registered_model_task",
+    "output_size",
+    "train_and_register",
+    "train_and_register_task",
+]
+
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "mirrorinf_model.json"
+WEIGHTS_FILE = "state_dict.pt"
+FORMAT = "mirrorinf-state-dict/1"
+TRAIN_KEY_TAG = "mirrorinf.train_key"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version and what trained it.
+
+    Attributes:
+        training_data: {set name: provenance dict} read from the training run's tags (empty
+            when the version was registered by something else).
+        reused: True when an existing version was reused instead of training a new one.
+    """
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    training_data: dict[str, dict[str, str]] = field(default_factory=dict)
+    reused: bool = False
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "uri": self.uri,
+            "source": self.source,
+            "training_data": self.training_data,
+            "reused": self.reused,
+        }
+
+
+def _not_found(err: Exception) -> bool:
+    return getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _training_data(client: Any, run_id: str | None) -> dict[str, dict[str, str]]:
+    """{set: {field: value}} from a training run's ``mirrorinf.data.<set>.<field>`` tags."""
+    if not run_id:
+        return {}
+    try:
+        tags = client.get_run(run_id).data.tags
+    except Exception as err:  # the run may be gone; the model is still usable
+        logger.warning("cannot read training run %s: %s", run_id, err)
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[:2] == ["mirrorinf", "data"]:
+            out.setdefault(parts[2], {})[parts[3]] = value
+    return out
+
+
+def _ref(client: Any, mv: Any, reused: bool = False) -> ModelRef:
+    return ModelRef(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        source=mv.source,
+        training_data=_training_data(client, mv.run_id),
+        reused=reused,
+    )
+
+
+def train_key(train: Dataset, train_params: dict[str, Any]) -> str:
+    """Identity of a demo training: training data md5 + training params."""
+    blob = json.dumps({"data": train.provenance.md5, "train": train_params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _find_by_train_key(client: Any, name: str, key: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and tag.`{TRAIN_KEY_TAG}`='{key}'")
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
+    ready = [mv for mv in found if mv.status == "READY"]
+    return max(ready, key=lambda mv: int(mv.version)) if ready else None
+
+
+def save_model_dir(model: torch.nn.Module, directory: str | Path) -> Path:
+    """Write the no-pickle format (spec JSON + state_dict) of a model from ARCHITECTURES."""
+    spec = model_spec(model)
+    if spec is None:
+        raise ModelError(
+            f"{type(model).__name__} is not a registered architecture; "
+            "log it with mlflow.pytorch instead"
+        )
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / SPEC_FILE).write_text(json.dumps({"format": FORMAT, "spec": spec}, indent=2))
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / WEIGHTS_FILE)
+    return d
+
+
+def train_and_register(
+    train: Dataset,
+    val: Dataset | None,
+    *,
+    name: str,
+    train_params: dict[str, Any],
+    tracking_uri: str,
+    experiment: str,
+    artifact_location: str | None = None,
+) -> ModelRef:
+    """Train the demo MLP on ``train`` and register it as a new version of ``name``.
+
+    Reuses the newest version with the same training key instead of training again. The
+    training run records the data provenance (path, rev, md5) and training metrics; it is
+    marked FAILED if anything goes wrong.
+    """
+    client = get_client(tracking_uri)
+    key = train_key(train, train_params)
+    existing = _find_by_train_key(client, name, key)
+    if existing is not None:
+        logger.info("reusing %s v%s (same data and training params)", name, existing.version)
+        return _ref(client, existing, reused=True)
+
+    exp_id = ensure_experiment(client, experiment, artifact_location)
+    datasets = {"train": train.provenance}
+    if val is not None:
+        datasets["val"] = val.provenance
+    tags = {"mirrorinf.kind": "train", TRAIN_KEY_TAG: key, **provenance_tags(datasets)}
+    with mlflow_run(client, exp_id, run_name=f"train-{name}", tags=tags) as run_id:
+        from mlflow.entities import Metric, Param
+
+        model, info = train_demo_model(train.x, train.y, **train_params)
+        if val is not None:
+            with torch.no_grad():
+                info["val_accuracy"] = float((model(val.x).argmax(1) == val.y).float().mean())
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)) for k, v in sorted(train_params.items())],
+            metrics=[Metric(k, float(v), 0, 0) for k, v in info.items()],
+        )
+        with tempfile.TemporaryDirectory(prefix="mirrorinf-model-") as tmp:
+            save_model_dir(model, Path(tmp) / "model")
+            client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+        artifact_uri = client.get_run(run_id).info.artifact_uri
+        try:
+            client.create_registered_model(name)
+        except Exception as err:
+            if "already exists" not in str(err).lower() and "ALREADY_EXISTS" not in str(
+                getattr(err, "error_code", "")
+            ):
+                raise
+        mv = client.create_model_version(
+            name, source=f"{artifact_uri}/model", run_id=run_id, tags={TRAIN_KEY_TAG: key}
+        )
+    logger.info("registered %s v%s (train acc %.3f)", name, mv.version, info["train_accuracy"])
+    return _ref(client, mv)
+
+
+def _resolve_version(client: Any, name: str, version: Any, alias: str | None) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        # a missing alias is INVALID_PARAMETER_VALUE, not RESOURCE_DOES_NOT_EXIST, in MLflow 3
+        if not (_not_found(err) or (alias is not None and "not found" in str(err).lower())):
+            raise
+    try:
+        versions = sorted(int(mv.version) for mv in client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        versions = []
+    if not versions:
+        raise ModelError(f"registered model {name!r} not found (or it has no versions)") from None
+    what = f"alias {alias!r}" if alias is not None else f"version {version}"
+    raise ModelError(
+        f"registered model {name!r} has no {what} (versions: {', '.join(map(str, versions))})"
+    ) from None
+
+
+def _load_dir(local: Path, what: str) -> torch.nn.Module:
+    spec_path = local / SPEC_FILE
+    if spec_path.is_file():
+        try:
+            meta = json.loads(spec_path.read_text())
+            model = build_model(meta["spec"])
+            state = torch.load(local / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            raise ModelError(f"{what}: cannot rebuild the model: {err}") from None
+        return model.eval()
+    raise ModelError(f"{what}: no {SPEC_FILE} found and not an MLflow pytorch model")
+
+
+def _load_source(client: Any, uri: str, what: str) -> torch.nn.Module:
+    """Download a model's artifacts and rebuild it (mirrorinf format, else mlflow.pytorch)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="mirrorinf-load-") as tmp:
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=tmp, tracking_uri=client.tracking_uri
+                )
+            )
+        except Exception as err:
+            raise ModelError(f"{what}: cannot download model artifacts: {err}") from None
+        if (local / SPEC_FILE).is_file():
+            return _load_dir(local, what)
+        if (local / "MLmodel").is_file():
+            logger.warning("%s: loading through mlflow.pytorch (unpickles the model)", what)
+            import mlflow.pytorch
+
+            mlflow.set_tracking_uri(client.tracking_uri)
+            return mlflow.pytorch.load_model(str(local), map_location="cpu").eval()
+        raise ModelError(f"{what}: artifacts have neither {SPEC_FILE} nor an MLmodel file")
+
+
+def load_registered_model(
+    name: str,
+    version: Any = None,
+    alias: str | None = None,
+    *,
+    tracking_uri: str,
+) -> tuple[torch.nn.Module, ModelRef]:
+    """Load ``models:/name/version`` (or ``@alias``) as a torch module in eval mode.
+
+    Raises:
+        ModelError: unknown model, version or alias (listing the versions there are), or
+            artifacts that cannot be rebuilt.
+    """
+    if (version is None) == (alias is None):
+        raise ModelError("give exactly one of a model version or alias")
+    client = get_client(tracking_uri)
+    mv = _resolve_version(client, name, version, alias)
+    ref = _ref(client, mv)
+    return _load_source(client, mv.source, ref.uri), ref
+
+
+def load_model_uri(uri: str, *, tracking_uri: str) -> tuple[torch.nn.Module, ModelRef | None]:
+    """Load ``models:/name/version``, ``models:/name@alias`` or a local model directory."""
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/") :]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return load_registered_model(name, alias=alias, tracking_uri=tracking_uri)
+        name, _, version = rest.rpartition("/")
+        if not name or not version.isdigit():
+            raise ModelError(
+                f"bad model URI {uri!r}: use models:/NAME/VERSION or models:/NAME@ALIAS"
+            )
+        return load_registered_model(name, version=version, tracking_uri=tracking_uri)
+    local = Path(uri)
+    if local.is_dir():
+        return _load_dir(local, uri), None
+    raise ModelError(f"model not found: {uri!r} (use models:/NAME/VERSION or a model directory)")
+
+
+def output_size(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Number of model outputs (classes), from one forward pass on the first example."""
+    try:
+        with torch.no_grad():
+            out = model(x[:1])
+    except RuntimeError as err:  # typically a feature-count mismatch between model and data
+        raise ModelError(f"the model cannot run on the data (x {tuple(x.shape)}): {err}") from None
+    if out.ndim != 2:
+        raise ModelError(f"the model returns shape {tuple(out.shape)}; expected [n, n_classes]")
+    return int(out.shape[1])
+
+
+train_and_register_task = task(
+    train_and_register,
+    name="train-register-demo-model",
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+load_registered_model_task = task(
+    load_registered_model,
+    name="load-model",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)

@@ -1,0 +1,245 @@
+"""Score with the engine, then summarise and validate (the engine + the GX checks).
+
+``compute_scores`` runs the three Forward-INF views a review needs: pairwise influence of every
+training example on each query, group influence on the validation set (negative = hurts
+held-out performance) and self-influence of every training example. ``score_task`` caches the
+result keyed on (model version + training run, data md5s, engine config fingerprint, number of
+queries, device), so a rerun with nothing changed reuses the scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.errors import InputError
+from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
+from tasks.checks import CheckResult, validate_tables
+from tasks.data import Dataset
+
+__all__ = [
+    "ScoreBundle",
+    "check_task",
+    "compute_scores",
+    "pairwise_scores",
+    "score_cache_key",
+    "score_task",
+    "scoring_code_hash",
+    "set_threads",
+    "summarise_and_check",
+]
+
+logger = logging.getLogger(__name__)
+
+CALIB_FOLDS = 5  # held-out group influence of the validation set: fold k vs the other folds
+
+
+@dataclass
+class ScoreBundle:
+    """Engine outputs of one analysis (numpy, CPU) and their health reports.
+
+    ``reports`` maps "pairwise" / "group" / "self" to ``ScoreReport.to_dict()`` (scale, zero
+    fraction, constant queries, path, seconds); ``query_self_drop`` is each query's score
+    against itself, on the pairwise scale. The ``calib_*`` arrays are the same scores on the
+    (clean, held-out) validation set, which calibrate the flag thresholds in ``summarise``:
+    its self-influence, and each validation example's group influence on the other folds.
+    """
+
+    pairwise: np.ndarray
+    self_influence: np.ndarray
+    group_influence: np.ndarray
+    query_self_drop: np.ndarray
+    calib_self_influence: np.ndarray | None = None
+    calib_group_influence: np.ndarray | None = None
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _report(fi: ForwardInf) -> dict[str, Any]:
+    rep = fi.last_report.to_dict() if fi.last_report is not None else {}
+    rep.pop("query_self_drop", None)  # kept as an array in the bundle instead
+    return json.loads(json.dumps(rep, default=str))
+
+
+def _engine(model: torch.nn.Module, cfg: ForwardInfConfig, device: str) -> ForwardInf:
+    """The engine; its ValueError on construction (e.g. no CUDA for device "cuda") is input."""
+    try:
+        return ForwardInf(model, config=cfg, device=device)
+    except ValueError as err:
+        raise InputError(f"cannot set up the engine: {err}") from None
+
+
+def _held_out_group(fi: ForwardInf, val: Dataset, seed: int) -> np.ndarray | None:
+    """Group influence of each validation example on the validation set without its own fold.
+
+    The clean reference for the harmful-example threshold: like a training example scored on
+    the validation set, but never fitted. None when the set is too small to split.
+    """
+    n = len(val)
+    if n < 2 * CALIB_FOLDS:
+        return None
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), CALIB_FOLDS)
+    out = np.empty(n)
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(n), fold)
+        f_idx, r_idx = torch.from_numpy(fold), torch.from_numpy(rest)
+        scores = fi.group((val.x[f_idx], val.y[f_idx]), (val.x[r_idx], val.y[r_idx]))
+        out[fold] = scores.detach().cpu().double().numpy()
+    return out
+
+
+def compute_scores(
+    model: torch.nn.Module,
+    train: Dataset,
+    val: Dataset,
+    queries: Dataset,
+    config: dict[str, Any] | ForwardInfConfig,
+    device: str = "auto",
+) -> ScoreBundle:
+    """Pairwise (train x queries), group (validation set), self-influence, calibration scores."""
+    cfg = config if isinstance(config, ForwardInfConfig) else ForwardInfConfig.from_dict(config)
+    t0 = time.perf_counter()
+    fi = _engine(model, cfg, device)
+    pairwise = fi.pairwise(train.pair(), queries.pair())
+    reports = {"pairwise": _report(fi)}
+    drop = fi.last_report.query_self_drop
+    group = fi.group(train.pair(), val.pair())
+    reports["group"] = _report(fi)
+    self_inf = fi.self_influence(train.pair())
+    reports["self"] = _report(fi)
+    calib_self = fi.self_influence(val.pair()).detach().cpu().numpy()
+    calib_group = _held_out_group(fi, val, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    logger.info(
+        "scored %d train x %d queries (+ group, self) in %.2f s",
+        len(train),
+        len(queries),
+        seconds,
+    )
+    return ScoreBundle(
+        pairwise=pairwise.detach().cpu().numpy(),
+        self_influence=self_inf.detach().cpu().numpy(),
+        group_influence=group.detach().cpu().numpy(),
+        query_self_drop=(
+            drop.detach().cpu().numpy() if drop is not None else np.full(len(queries), np.nan)
+        ),
+        calib_self_influence=calib_self,
+        calib_group_influence=calib_group,
+        reports=reports,
+        seconds=seconds,
+    )
+
+
+def set_threads(n: int | None) -> None:
+    """Set torch's CPU thread count (None leaves it alone).
+
+    On small shared machines one thread is often much faster than oversubscribed cores.
+    """
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def pairwise_scores(
+    model: torch.nn.Module,
+    train: Dataset,
+    queries: Dataset,
+    config: dict[str, Any] | ForwardInfConfig,
+    device: str = "auto",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pairwise scores [n_train, n_query] (rows in training-file order) and the score report."""
+    cfg = config if isinstance(config, ForwardInfConfig) else ForwardInfConfig.from_dict(config)
+    fi = _engine(model, cfg, device)
+    scores = fi.pairwise(train.pair(), queries.pair())
+    return scores.detach().cpu().numpy(), _report(fi)
+
+
+@functools.cache
+def scoring_code_hash() -> str:
+    """Hash of the code that produces scores (the engine package and this module).
+
+    Part of the cache key, so a changed engine never serves scores computed by the old one.
+    """
+    import mirrorinf
+
+    files = [*sorted(Path(mirrorinf.__file__).parent.glob("*.py")), Path(__file__)]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def score_cache_key(
+    *,
+    model_uri: str,
+    model_run_id: str | None,
+    data_md5: dict[str, str],
+    config_fingerprint: str,
+    n_queries: int,
+    device: str,
+) -> str:
+    """Cache key of a scoring: what model, on which bytes, with which config and code."""
+    blob = json.dumps(
+        {
+            "model": model_uri,
+            "run": model_run_id,
+            "data": data_md5,
+            "config": config_fingerprint,
+            "n_queries": n_queries,
+            "device": device,
+            "code": scoring_code_hash(),
+        },
+        sort_keys=True,
+    )
+    return "mirrorinf-scores-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _key_from_args(context: Any, parameters: dict[str, Any]) -> str | None:
+    return parameters.get("cache_key")
+
+
+@task(name="score", cache_key_fn=_key_from_args, persist_result=True)
+def score_task(
+    cache_key: str | None,
+    model: torch.nn.Module,
+    train: Dataset,
+    val: Dataset,
+    queries: Dataset,
+    config: dict[str, Any],
+    device: str = "auto",
+) -> ScoreBundle:
+    """Prefect task around :func:`compute_scores`; ``cache_key`` None disables the cache."""
+    return compute_scores(model, train, val, queries, config, device)
+
+
+def summarise_and_check(
+    scores: ScoreBundle, train: Dataset, queries: Dataset, thresholds: GateThresholds
+) -> tuple[InfluenceTables, CheckResult]:
+    """Reviewable tables from the scores, then the Great Expectations gate suite on them."""
+    tables = summarise(
+        scores.pairwise,
+        scores.self_influence,
+        scores.group_influence,
+        train_ids=train.ids,
+        train_labels=train.y.numpy(),
+        query_ids=queries.ids,
+        query_self_drop=scores.query_self_drop,
+        thresholds=thresholds,
+        calib_self_inf=scores.calib_self_influence,
+        calib_group_inf=scores.calib_group_influence,
+    )
+    return tables, validate_tables(tables, thresholds)
+
+
+check_task = task(summarise_and_check, name="summarise-and-check", cache_policy=NO_CACHE)

@@ -1,0 +1,308 @@
+"""MLflow tracking for influence runs and model-version gate tags (one tool: MLflow).
+
+Uses ``MlflowClient`` with explicit run ids (no fluent "active run" state), so it is safe in
+Prefect's worker threads and a failure can always mark the right run FAILED. Conventions (kept
+stable for reviewers and the release gate):
+
+- the influence run carries tags ``mirrorinf.model.{name,version,run_id}``,
+  ``mirrorinf.data.<set>.{source,path,repo,rev,commit,md5}``, ``mirrorinf.code_version``,
+  ``mirrorinf.config_fingerprint``, ``mirrorinf.gate``; the params flattened as run params;
+  the engine config as ``config.json``; artifacts ``scores/*.npy``, ``tables/*.parquet``,
+  ``checks/gx_result.json``, ``summary.json``;
+- the model version gets tags ``mirrorinf.gate`` = passed|failed and ``mirrorinf.run_id``, and
+  on pass the alias from params (an alias left on a version that now fails is removed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mirrorinf.errors import ModelError
+from tasks.data import retry_unless_input_error
+
+__all__ = [
+    "code_version",
+    "ensure_experiment",
+    "flatten",
+    "gate_status",
+    "get_client",
+    "influence_run",
+    "log_influence",
+    "log_influence_task",
+    "tag_model_version",
+    "tag_model_version_task",
+]
+
+logger = logging.getLogger(__name__)
+
+GATE_TAG = "mirrorinf.gate"
+RUN_TAG = "mirrorinf.run_id"
+
+_clients: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def get_client(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` for ``tracking_uri`` (one per URI; a SQLite file's folder is created)."""
+    from mlflow import MlflowClient
+
+    with _lock:
+        if tracking_uri not in _clients:
+            if tracking_uri.startswith("sqlite:///"):
+                Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            _clients[tracking_uri] = MlflowClient(tracking_uri=tracking_uri)
+        return _clients[tracking_uri]
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """Id of experiment ``name``, created with ``artifact_location`` when missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if artifact_location and "://" not in artifact_location:
+        Path(artifact_location).mkdir(parents=True, exist_ok=True)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def code_version(root: str | Path) -> str | None:
+    """Git commit of ``root`` (``-dirty`` when the tree has changes); None outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b": "value"} with values as short strings (MLflow params)."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = json.dumps(data) if not isinstance(data, str) else data
+        out[prefix.rstrip(".")] = text[:6000]
+    return out
+
+
+@contextmanager
+def mlflow_run(
+    client: Any, experiment_id: str, *, run_name: str, tags: dict[str, str]
+) -> Iterator[str]:
+    """Create a run and yield its id; FINISHED on exit, FAILED on any exception (re-raised).
+
+    A run is never left RUNNING by an error in the body, including KeyboardInterrupt.
+    """
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        yield run_id
+    except BaseException as err:
+        try:
+            client.set_tag(run_id, "mirrorinf.error", f"{type(err).__name__}: {err}"[:5000])
+        finally:
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def provenance_tags(datasets: dict[str, Any]) -> dict[str, str]:
+    """Tags ``mirrorinf.data.<set>.<field>`` from {set name: Provenance or dict}."""
+    tags = {}
+    for name, prov in datasets.items():
+        items = prov.to_dict() if hasattr(prov, "to_dict") else dict(prov)
+        for key, value in items.items():
+            if value is not None:
+                tags[f"mirrorinf.data.{name}.{key}"] = str(value)
+    return tags
+
+
+@contextmanager
+def influence_run(
+    tracking_uri: str,
+    experiment: str,
+    artifact_location: str | None,
+    *,
+    model: Any,
+    datasets: dict[str, Any],
+    params: dict[str, Any],
+    config: dict[str, Any],
+    config_fingerprint: str,
+    code: str | None,
+    extra_tags: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Start the influence run for a model version (tags, params, config) and yield its id.
+
+    Marked FINISHED when the block ends, FAILED on any exception (see :func:`mlflow_run`).
+    """
+    from mlflow.entities import Param
+
+    import mirrorinf
+
+    client = get_client(tracking_uri)
+    exp_id = ensure_experiment(client, experiment, artifact_location)
+    tags = {
+        "mirrorinf.kind": "influence",
+        "mirrorinf.model.name": model.name,
+        "mirrorinf.model.version": str(model.version),
+        "mirrorinf.model.uri": model.uri,
+        "mirrorinf.config_fingerprint": config_fingerprint,
+        "mirrorinf.version": getattr(mirrorinf, "__version__", "unknown"),
+        **provenance_tags(datasets),
+        **(extra_tags or {}),
+    }
+    if model.run_id:
+        tags["mirrorinf.model.run_id"] = model.run_id
+    if code:
+        tags["mirrorinf.code_version"] = code
+    name = f"influence-{model.name}-v{model.version}"
+    with mlflow_run(client, exp_id, run_name=name, tags=tags) as run_id:
+        flat = [Param(k, v) for k, v in sorted(flatten(params).items())]
+        for i in range(0, len(flat), 100):
+            client.log_batch(run_id, params=flat[i : i + 100])
+        client.log_dict(run_id, config, "config.json")
+        client.log_dict(run_id, params, "params.json")
+        yield run_id
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    out = []
+    for key, value in metrics.items():
+        if isinstance(value, (bool, np.bool_)):
+            value = int(value)
+        if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value):
+            out.append(Metric(key, float(value), now, 0))
+    return out
+
+
+def log_influence(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    scores: Any,
+    tables: Any,
+    check: Any,
+    metrics: dict[str, Any],
+    summary: dict[str, Any],
+    verdict: str,
+) -> None:
+    """Log metrics, the score arrays (.npy), tables (.parquet), GX result (.json) and summary."""
+    client = get_client(tracking_uri)
+    batch = _finite_metrics(metrics)
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i : i + 500])
+    with tempfile.TemporaryDirectory(prefix="mirrorinf-log-") as tmp:
+        d = Path(tmp)
+        (d / "scores").mkdir()
+        np.save(d / "scores" / "pairwise.npy", scores.pairwise)
+        np.save(d / "scores" / "self_influence.npy", scores.self_influence)
+        np.save(d / "scores" / "group_influence.npy", scores.group_influence)
+        np.save(d / "scores" / "query_self_drop.npy", scores.query_self_drop)
+        (d / "scores" / "reports.json").write_text(json.dumps(scores.reports, indent=2))
+        (d / "tables").mkdir()
+        tables.train.to_parquet(d / "tables" / "train.parquet", index=False)
+        tables.queries.to_parquet(d / "tables" / "queries.parquet", index=False)
+        tables.leaks.to_parquet(d / "tables" / "leaks.parquet", index=False)
+        (d / "checks").mkdir()
+        (d / "checks" / "gx_result.json").write_text(check.as_json())
+        (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        client.log_artifacts(run_id, str(d))
+    client.set_tag(run_id, GATE_TAG, verdict)
+
+
+def tag_model_version(
+    tracking_uri: str,
+    name: str,
+    version: str,
+    *,
+    verdict: str,
+    run_id: str,
+    alias_on_pass: str | None,
+) -> None:
+    """Tag the model version with the gate verdict and run id; set (or drop) the pass alias."""
+    client = get_client(tracking_uri)
+    client.set_model_version_tag(name, str(version), GATE_TAG, verdict)
+    client.set_model_version_tag(name, str(version), RUN_TAG, run_id)
+    if not alias_on_pass:
+        return
+    if verdict == "passed":
+        client.set_registered_model_alias(name, alias_on_pass, str(version))
+        return
+    aliases = client.get_registered_model(name).aliases or {}
+    if str(aliases.get(alias_on_pass)) == str(version):
+        client.delete_registered_model_alias(name, alias_on_pass)
+        logger.info("removed alias %s from %s v%s (gate failed)", alias_on_pass, name, version)
+
+
+def gate_status(tracking_uri: str, name: str, version: str) -> tuple[str | None, str | None]:
+    """(verdict, influence run id) recorded on a model version; (None, None) when none.
+
+    Raises:
+        ModelError: the registered model or version does not exist.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = get_client(tracking_uri)
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            raise ModelError(f"no model version {name!r} v{version} in {tracking_uri}") from None
+        raise
+    tags = mv.tags or {}
+    verdict = tags.get(GATE_TAG)
+    return (verdict if verdict in ("passed", "failed") else None), tags.get(RUN_TAG)
+
+
+log_influence_task = task(
+    log_influence,
+    name="log-influence",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+tag_model_version_task = task(
+    tag_model_version,
+    name="tag-model-version",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)

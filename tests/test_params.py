@@ -1,0 +1,98 @@
+"""params.yaml validation: one typed model, errors naming the key path (no tools started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mirrorinf.cli import main
+from mirrorinf.config import ForwardInfConfig
+from mirrorinf.params import Params, ParamsError, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: object, name: str = "params.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_repo_params_yaml_is_valid_and_complete() -> None:
+    p = load_params(ROOT / "params.yaml")
+    assert p.root == ROOT
+    assert p.data.source == "demo" and p.model.train_demo
+    # every section of the model appears in the file, so params.yaml documents every knob
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(raw) == set(Params.model_fields)
+    assert set(raw["influence"]) == set(p.engine_config().to_dict())
+    # and it shows the engine's defaults, so running the demo means running the defaults
+    assert p.influence == ForwardInfConfig().to_dict() == params_from_dict({}).influence
+    assert set(raw["gate"]) == set(p.gate.model_dump())
+
+
+def test_defaults_and_empty_sections() -> None:
+    p = params_from_dict({"demo": None, "gate": None})
+    assert p.demo.flip_fraction == 0.1 and p.demo.n_leaks == 5
+    assert p.model.name == "mirrorinf-demo" and p.gate.alias_on_pass == "influence-passed"
+    assert p.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+    assert p.runner == "threads"
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"bogus": 1}, "bogus: unknown key (allowed: cache, data, demo"),
+        ({"model": {"verison": 3}}, "model.verison: unknown key (allowed: alias, name, train"),
+        ({"demo": {"n_train": "many"}}, "demo.n_train"),
+        ({"demo": {"flip_fraction": 2}}, "demo.flip_fraction"),
+        ({"data": {"source": "s3"}}, "data.source"),
+        ({"model": {"version": 0}}, "model.version"),
+        ({"model": {"version": 2, "alias": "champion"}}, "model.version or model.alias"),
+        ({"influence": {"mode": "bogus"}}, "ForwardInfConfig.mode"),
+        ({"influence": {"lr_typo": 1}}, "influence: unknown ForwardInfConfig field(s) lr_typo"),
+        ({"gate": {"max_leak": 1}}, "gate.max_leak: unknown key"),
+        ({"gate": {"max_flagged_fraction": 1.5}}, "gate.max_flagged_fraction"),
+        ({"demo": {"n_train": 1700}}, "exceeds the 1797 digits images"),
+        ({"runner": "dask"}, "runner"),
+    ],
+)
+def test_errors_name_the_key(data: dict, needle: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        params_from_dict(data)
+    assert needle in str(info.value)
+
+
+def test_relative_paths_resolve_against_the_params_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"data": {"source": "file", "train": "d/train.npz"}})
+    p = load_params(path)
+    assert p.resolve(p.data.train) == tmp_path / "d" / "train.npz"
+    assert p.tracking_uri() == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert p.artifact_location() == str(tmp_path / "mlruns" / "artifacts")
+    assert p.resolve("/abs/x.npz") == Path("/abs/x.npz")
+    # replace() validates again and keeps the root
+    q = p.replace(model={"name": "m", "version": 3})
+    assert q.root == tmp_path and q.model.version == 3 and q.data == p.data
+    with pytest.raises(ParamsError, match=r"model\.version"):
+        p.replace(model={"version": "x"})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(_write(tmp_path, "demo: [unclosed\n"))
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        load_params(_write(tmp_path, "- a\n- b\n"))
+    assert load_params(_write(tmp_path, "")).model == Params().model  # empty file = defaults
+
+
+def test_cli_reports_params_errors_with_exit_2(tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path, {"demo": {"n_train": "lots"}})
+    assert main(["run", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "demo.n_train" in err and "Traceback" not in err
+    assert main(["run", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "params file not found" in capsys.readouterr().err

@@ -1,0 +1,357 @@
+"""End to end with real components: Prefect (test harness), MLflow (SQLite in a temp dir), DVC (a
+git repo in a temp dir), Great Expectations, and the engine.
+
+One Prefect harness, one MLflow store and one demo run are shared by the whole file (session
+fixtures), and the demo is small (400 training images), so the file runs in about a minute on two
+cores. Recall bound: with 10% of 400 labels flipped, ranking by self-influence put 0.875-0.95 of
+the flipped ids in the top k = #flipped on seeds 0-4 (tests/../params at this size); a random
+ranking has expected recall 0.10 with standard deviation ~0.045 (hypergeometric), so the bound
+0.7 is far above chance and leaves room for numeric differences between machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from dvc_helpers import dvc_add_commit, make_dvc_repo
+
+from flows.influence import InfluenceResult, run_influence
+from mirrorinf.cli import main
+from mirrorinf.params import Params, params_from_dict
+from tasks.data import prepare_demo, write_npz
+from tasks.model import train_and_register
+from tasks.tracking import get_client
+
+pytestmark = pytest.mark.slow
+
+MODEL = "e2e-demo"
+SMALL_DEMO = {"n_train": 400, "n_val": 100, "n_query": 30, "flip_fraction": 0.1, "n_leaks": 5,
+              "seed": 0}  # fmt: skip
+RECALL_BOUND = 0.7  # see the module docstring
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temporary Prefect API for the session; task results (the cache) in a temp dir."""
+    from prefect.settings import temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with (
+        prefect_test_harness(server_startup_timeout=90),
+        temporary_settings(updates={"results.local_storage_path": str(storage)}),
+    ):
+        yield storage
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Project root for params (data, MLflow store); not a git repo."""
+    return tmp_path_factory.mktemp("project")
+
+
+def base_params(project: Path) -> dict[str, Any]:
+    return {
+        "demo": dict(SMALL_DEMO),
+        "model": {"name": MODEL},
+        "mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment": "e2e"},
+        "threads": 1,
+    }
+
+
+def merge(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def make(project: Path, **sections: Any) -> Params:
+    return params_from_dict(merge(base_params(project), **sections), root=project)
+
+
+def tracking_uri(project: Path) -> str:
+    return f"sqlite:///{project}/mlruns/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def demo_run(prefect_harness: Path, project: Path) -> tuple[InfluenceResult, Params]:
+    params = make(project)
+    return run_influence(params), params
+
+
+@pytest.fixture(scope="session")
+def dvc_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A DVC repo whose data/ holds a clean demo at tag ``clean`` and a noisy one at ``noisy``."""
+    repo = make_dvc_repo(tmp_path_factory.mktemp("dvc-project"))
+    paths = [repo / "data" / f"{n}.npz" for n in ("train", "val", "query")]
+    clean = {**SMALL_DEMO, "flip_fraction": 0.0, "n_leaks": 0}
+    prepare_demo(clean, *paths)
+    sha_clean = dvc_add_commit(repo, ["data"], "clean data", tag="clean")
+    prepare_demo({**SMALL_DEMO, "flip_fraction": 0.3, "n_leaks": 0}, *paths)
+    sha_noisy = dvc_add_commit(repo, ["data"], "30% flipped labels", tag="noisy")
+    return {"repo": repo, "clean": sha_clean, "noisy": sha_noisy}
+
+
+def dvc_section(dvc_demo: dict[str, Any], rev: str | None) -> dict[str, Any]:
+    return {
+        "source": "dvc",
+        "repo": str(dvc_demo["repo"]),
+        "rev": rev,
+        "train": "data/train.npz",
+        "val": "data/val.npz",
+        "query": "data/query.npz",
+        "ground_truth": "data/ground_truth.json",
+    }
+
+
+def gate(project: Path, version: str, model: str = MODEL) -> int:
+    return main(["gate", "--model", model, "--version", str(version),
+                 "--tracking-uri", tracking_uri(project)])  # fmt: skip
+
+
+def running_runs(project: Path) -> list[str]:
+    client = get_client(tracking_uri(project))
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string="attributes.status = 'RUNNING'")
+    return [r.info.run_id for r in runs]
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_finds_planted_mislabels_and_leaks(demo_run: tuple[InfluenceResult, Params]) -> None:
+    result, _ = demo_run
+    truth = result.summary["truth"]
+    assert truth["mislabel_recall_at_k"] >= RECALL_BOUND, truth
+    assert result.verdict == "failed"
+    assert any(r.startswith("leaks:") for r in result.reasons), result.reasons
+    assert truth["leak_recall"] == 1.0, (truth, result.summary["leaks"])
+    assert truth.get("leak_precision", 0.0) == 1.0, (truth, result.summary["leaks"])
+
+
+def test_demo_run_is_logged_and_tagged(demo_run: tuple[InfluenceResult, Params]) -> None:
+    result, params = demo_run
+    client = get_client(params.tracking_uri())
+    run = client.get_run(result.run_id)
+    tags, version = run.data.tags, result.model["version"]
+    assert run.info.status == "FINISHED"
+    assert tags["mirrorinf.model.name"] == MODEL and tags["mirrorinf.model.version"] == version
+    assert tags["mirrorinf.model.run_id"] == result.model["run_id"]
+    assert tags["mirrorinf.gate"] == "failed"
+    assert run.data.params["demo.n_train"] == "400"
+    assert run.data.metrics["n_train"] == 400 and "truth_mislabel_recall_at_k" in run.data.metrics
+    # the training run recorded the same data the influence run scored
+    train_tags = client.get_run(result.model["run_id"]).data.tags
+    assert train_tags["mirrorinf.data.train.md5"] == tags["mirrorinf.data.train.md5"]
+    # artifacts: scores, tables, GX result, config
+    local = Path(client.download_artifacts(result.run_id, ""))
+    assert np.load(local / "scores" / "pairwise.npy").shape == (400, 30)
+    assert len(pd.read_parquet(local / "tables" / "train.parquet")) == 400
+    assert {"query_id", "train_id"} <= set(pd.read_parquet(local / "tables" / "leaks.parquet"))
+    assert json.loads((local / "checks" / "gx_result.json").read_text())["success"] is False
+    assert json.loads((local / "config.json").read_text()) == params.engine_config().to_dict()
+    mv = client.get_model_version(MODEL, version)
+    assert mv.tags["mirrorinf.gate"] == "failed" and mv.tags["mirrorinf.run_id"] == result.run_id
+
+
+def test_rerun_reuses_model_and_cached_scores(demo_run: tuple[InfluenceResult, Params]) -> None:
+    first, params = demo_run
+    again = run_influence(params)
+    assert again.cache_hit and not first.cache_hit
+    assert again.model["version"] == first.model["version"] and again.model["reused"]
+    assert again.run_id != first.run_id
+    assert again.summary["counts"] == first.summary["counts"]
+
+
+def test_score_cli_writes_matrix_and_manifest(
+    demo_run: tuple[InfluenceResult, Params], project: Path, tmp_path: Path
+) -> None:
+    result, params = demo_run
+    out = tmp_path / "out"
+    code = main([
+        "score", "--model-uri", f"models:/{MODEL}/{result.model['version']}",
+        "--train", str(params.resolve(params.data.train)),
+        "--queries", str(params.resolve(params.data.query)),
+        "--out", str(out), "--tracking-uri", tracking_uri(project),
+    ])  # fmt: skip
+    assert code == 0
+    scores = np.load(out / "scores.npy")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert scores.shape == (400, 30) == tuple(manifest["shape"])
+    assert manifest["model"]["version"] == result.model["version"]
+    train_md5 = hashlib.md5(params.resolve(params.data.train).read_bytes()).hexdigest()
+    assert manifest["train"]["md5"] == train_md5 and manifest["config"] == params.influence
+    assert not list(out.glob(".*.tmp"))  # written through temp names, nothing left over
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def test_gate_verdict_tags_alias_and_exit_codes(
+    demo_run: tuple[InfluenceResult, Params], project: Path
+) -> None:
+    """Thresholds are not part of the score cache key: re-gating reuses the scores."""
+    first, params = demo_run
+    version = first.model["version"]
+    client = get_client(tracking_uri(project))
+    lenient = {"max_flagged_fraction": 1.0, "max_harmful_fraction": 1.0, "max_leaks": 1000}
+    passed = run_influence(params.replace(gate={**params.gate.model_dump(), **lenient}))
+    assert passed.verdict == "passed" and passed.cache_hit, passed.reasons
+    assert gate(project, version) == 0
+    assert str(client.get_registered_model(MODEL).aliases["influence-passed"]) == version
+    mv = client.get_model_version(MODEL, version)
+    assert mv.tags["mirrorinf.gate"] == "passed" and mv.tags["mirrorinf.run_id"] == passed.run_id
+
+    strict = {"max_flagged_fraction": 0.0, "max_harmful_fraction": 0.0, "max_leaks": 0}
+    failed = run_influence(params.replace(gate={**params.gate.model_dump(), **strict}))
+    assert failed.verdict == "failed" and failed.reasons
+    assert gate(project, version) == 1
+    assert "influence-passed" not in client.get_registered_model(MODEL).aliases
+
+
+def test_dvc_data_clean_passes_noisy_fails(
+    prefect_harness: Path, project: Path, dvc_demo: dict[str, Any]
+) -> None:
+    clean = run_influence(make(project, data=dvc_section(dvc_demo, "clean")))
+    noisy = run_influence(make(project, data=dvc_section(dvc_demo, "noisy")))
+    assert noisy.model["version"] != clean.model["version"]
+    assert gate(project, clean.model["version"]) == (0 if clean.passed else 1)
+    assert gate(project, noisy.model["version"]) == (0 if noisy.passed else 1)
+    # the training run recorded the DVC revision; with rev null and a pinned version the flow
+    # reads the data at that recorded commit (HEAD holds the noisy data), so the cache hits
+    client = get_client(tracking_uri(project))
+    train_tags = client.get_run(clean.model["run_id"]).data.tags
+    assert train_tags["mirrorinf.data.train.commit"] == dvc_demo["clean"]
+    assert train_tags["mirrorinf.data.train.rev"] == "clean"
+    pinned = run_influence(
+        make(project, data=dvc_section(dvc_demo, None),
+             model={"version": int(clean.model["version"])})
+    )  # fmt: skip
+    assert pinned.cache_hit and pinned.verdict == clean.verdict
+    run_tags = client.get_run(pinned.run_id).data.tags
+    assert run_tags["mirrorinf.data.train.commit"] == dvc_demo["clean"]
+    assert run_tags["mirrorinf.data.matches_training"] == "true"
+    # the verdicts themselves: 30% flipped labels fail, clean labels pass
+    assert noisy.summary["truth"]["mislabel_recall_at_k"] >= RECALL_BOUND - 0.1
+    assert noisy.verdict == "failed", noisy.reasons
+    assert clean.verdict == "passed", clean.reasons
+
+
+def test_gate_exit_2_without_influence_result(prefect_harness: Path, project: Path) -> None:
+    params = make(project)
+    from tasks.data import load_dataset
+
+    train = load_dataset(params.resolve(params.data.train), name="train")
+    ref = train_and_register(
+        train, None, name=MODEL, train_params={"epochs": 5, "seed": 7},
+        tracking_uri=tracking_uri(project), experiment="e2e",
+    )  # fmt: skip
+    assert gate(project, ref.version) == 2
+    assert gate(project, "1", model="no-such-model") == 2
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_cases(project: Path, dvc_demo: dict[str, Any], version: str) -> dict[str, Any]:
+    corrupt = project / "bad" / "corrupt.npz"
+    corrupt.parent.mkdir(exist_ok=True)
+    corrupt.write_bytes(b"PK\x03\x04 not a zip")
+    rng = np.random.default_rng(0)
+    write_npz(project / "bad" / "labels.npz", rng.normal(size=(50, 64)), np.arange(50) % 13)
+    good = {"val": "data/demo/val.npz", "query": "data/demo/query.npz", "source": "file"}
+    return {
+        "unknown model name": (
+            {"model": {"name": "no-such-model", "version": 1}},
+            "registered model 'no-such-model' not found",
+        ),
+        "unknown model version": (
+            {"model": {"version": 999}},
+            f"registered model '{MODEL}' has no version 999",
+        ),
+        "unknown model alias": (
+            {"model": {"alias": "no-such-alias"}},
+            f"registered model '{MODEL}' has no alias 'no-such-alias'",
+        ),
+        "missing DVC path": (
+            {"data": {**dvc_section(dvc_demo, "clean"), "train": "data/nope.npz"}},
+            "'data/nope.npz' not found in DVC repo",
+        ),
+        "missing DVC rev": (
+            {"data": dvc_section(dvc_demo, "no-such-tag")},
+            "unknown git revision 'no-such-tag'",
+        ),
+        "corrupt data file": (
+            {"data": {**good, "train": str(corrupt)}},
+            "corrupt or unreadable .npz",
+        ),
+        "labels out of range": (
+            {"data": {**good, "train": "bad/labels.npz"}, "model": {"version": int(version)}},
+            "labels out of range",
+        ),
+        "params type error": ({"demo": {"n_train": "lots"}}, "demo.n_train"),
+    }
+
+
+CASES = [
+    "unknown model name",
+    "unknown model version",
+    "unknown model alias",
+    "missing DVC path",
+    "missing DVC rev",
+    "corrupt data file",
+    "labels out of range",
+    "params type error",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_and_leaves_no_running_run(
+    case: str,
+    demo_run: tuple[InfluenceResult, Params],
+    project: Path,
+    dvc_demo: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sections, needle = _bad_cases(project, dvc_demo, demo_run[0].model["version"])[case]
+    path = project / f"params-{case.replace(' ', '-')}.yaml"
+    path.write_text(yaml.safe_dump(merge(base_params(project), **sections)))
+    capsys.readouterr()
+    assert main(["run", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert "Traceback" not in err
+    assert running_runs(project) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_failure_after_the_run_started_marks_it_failed(
+    demo_run: tuple[InfluenceResult, Params], project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """device: cuda on a CPU machine fails inside the score task, after the MLflow run began."""
+    path = project / "params-cuda.yaml"
+    path.write_text(yaml.safe_dump(merge(base_params(project), device="cuda")))
+    capsys.readouterr()
+    assert main(["run", "--params", str(path)]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+    client = get_client(tracking_uri(project))
+    exp = client.get_experiment_by_name("e2e")
+    last = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    assert last.info.status == "FAILED"
+    assert "CUDA" in last.data.tags["mirrorinf.error"]
+    assert running_runs(project) == []

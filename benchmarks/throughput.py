@@ -100,7 +100,7 @@ def fwd_bwd(
 
 
 def peak_rss_child(n: int, args: argparse.Namespace) -> float:
-    """Peak RSS (MB) of a fresh process scoring n training points (memory flat in n?)."""
+    """Peak RSS (MB) of a fresh process that builds n training points and scores them."""
     code = (
         "import resource, sys; sys.path.insert(0, '.');"
         "from benchmarks.throughput import make_model, make_data;"
@@ -108,9 +108,10 @@ def peak_rss_child(n: int, args: argparse.Namespace) -> float:
         f"m = make_model({args.d_in}, {args.width}, {args.classes});"
         f"x, y = make_data({n}, {args.d_in}, {args.classes});"
         f"xq, yq = make_data({args.queries}, {args.d_in}, {args.classes}, seed=1);"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
         "ForwardInf(m, device='cpu').pairwise((x, y), (xq, yq));"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+        # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at the parent's peak
+        "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
+        " / 1024)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -189,10 +190,11 @@ def main() -> None:
         r1 = peak_rss_child(args.n, args)
         r4 = peak_rss_child(4 * args.n, args)
         data_mb = 4 * args.n * (args.d_in + 2) * 4 / 2**20
+        extra = 3 * args.n * (args.d_in + 2) * 4 / 2**20 + 3 * args.n * m * 12 / 2**20
         print(
-            f"\npeak RSS growth while scoring (MB): N={args.n}: {r1:.0f}; 4N={4 * args.n}: "
-            f"{r4:.0f} (the 4N training set itself is {data_mb:.0f} MB; output "
-            f"{4 * args.n * m * 12 / 2**20:.0f} MB)"
+            f"\npeak RSS of a process scoring N={args.n}: {r1:.0f} MB; 4N={4 * args.n}: "
+            f"{r4:.0f} MB; difference {r4 - r1:.0f} MB, of which the extra 3N of data and "
+            f"scores account for {extra:.0f} MB (4N data alone {data_mb:.0f} MB)"
         )
     print(f"\nprocess max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

@@ -84,7 +84,8 @@ def hessian_extremes(
             n: p.reshape(sh).to(params[n]) for n, p, sh in zip(names, parts, shapes, strict=True)
         }
 
-    q = torch.randn(dim, generator=gen, dtype=torch.float64)
+    device = next(iter(params.values())).device
+    q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
     basis = [q / q.norm()]
     alphas: list[float] = []
     betas: list[float] = []

@@ -119,6 +119,10 @@ class ForwardInf:
         if prec == "auto":
             prec = "float64" if self.config.mode == "anchored" else "float32"
         self.dtype = torch.float64 if prec == "float64" else torch.float32
+        # rows per forward pass: big on a GPU, where per-call overhead dominates small batches
+        self.train_batch = self.config.train_batch or (
+            131072 if self.device.type == "cuda" else 8192
+        )
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(
@@ -334,7 +338,7 @@ class ForwardInf:
         theta = self._cur
         out = torch.empty(len(tr), dtype=torch.float64)
         with torch.no_grad():
-            for start, xb, yb in tr.batches(self.config.train_batch, self.device):
+            for start, xb, yb in tr.batches(self.train_batch, self.device):
                 out[start : start + len(xb)] = self._losses(
                     self._fwd(theta, params, xb, buffers), yb
                 ).cpu()
@@ -543,7 +547,7 @@ class ForwardInf:
         """Gradient of the mean loss over ``data`` (streamed; exact, not a subsample)."""
         leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
         acc = {k: torch.zeros_like(v) for k, v in p.items()}
-        for _, xb, yb in data.batches(self.config.train_batch, self.device):
+        for _, xb, yb in data.batches(self.train_batch, self.device):
             loss = self._losses(self._fwd(theta, leaves, xb), yb).sum() / len(data)
             gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for k, gk in zip(leaves, gs, strict=True):
@@ -620,7 +624,7 @@ class ForwardInf:
                         q_base - self._losses(self._fwd(theta, theta.params, xqd), yqd)
                     ).cpu()
                     # k*rows rows per forward: as many as a plain forward of train_batch rows
-                    rows = max(64, self.config.train_batch // max(1, k))
+                    rows = max(64, self.train_batch // max(1, k))
                     for start, xb, yb in tr.batches(rows, self.device):
                         b = len(xb)
                         lre.set_mode("expand", batch=b)
@@ -768,7 +772,7 @@ class ForwardInf:
             return self._losses(self._fwd(theta, p, xb), yb).sum()
 
         acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
-        rows = max(64, self.config.train_batch // k)
+        rows = max(64, self.train_batch // k)
         for _, xb, yb in data.batches(rows, self.device):
             if theta.vmap_ok:
                 try:
@@ -791,7 +795,7 @@ class ForwardInf:
         theta = self._cur
         k = next(iter(stacked.values())).shape[0]
         out = torch.empty(k, len(data), dtype=torch.float64)
-        rows = max(64, self.config.train_batch // k)
+        rows = max(64, self.train_batch // k)
         with torch.no_grad():
             for start, xb, yb in data.batches(rows, self.device):
                 sl = slice(start, start + len(xb))
@@ -926,9 +930,9 @@ class ForwardInf:
     def _self_chunk(self) -> int:
         numel = sum(p.numel() for n, p in self.model.named_parameters() if n in self._trainable)
         cap = (
-            self.config.train_batch if self._lowrank is not None else _STACK_BUDGET // max(1, numel)
+            self.train_batch if self._lowrank is not None else _STACK_BUDGET // max(1, numel)
         )
-        return max(1, min(self.config.train_batch, cap))
+        return max(1, min(self.train_batch, cap))
 
     def _progress(self, it: Iterator, total: int, step: int) -> Iterator:
         """Progress bar on long work, only when logging at INFO is wanted and on a terminal."""

@@ -40,6 +40,7 @@ class Examples:
     y: torch.Tensor | None = None
     dataset: Dataset | None = None
     n: int = 0
+    key: tuple | None = None  # identity of the caller's data (kept when moved to a device)
 
     def __len__(self) -> int:
         return self.n
@@ -53,7 +54,7 @@ class Examples:
         if self.x is not None and self.y is not None:
             for start in range(0, self.n, size):
                 xb, yb = self.x[start : start + size], self.y[start : start + size]
-                if pin:
+                if pin and xb.device.type == "cpu":
                     xb, yb = xb.pin_memory(), yb.pin_memory()
                 yield start, xb.to(device, non_blocking=pin), yb.to(device, non_blocking=pin)
             return

@@ -145,7 +145,7 @@ class ForwardInf:
     # ================================================================== public API
     def pairwise(self, train: DataLike, queries: DataLike) -> torch.Tensor:
         """Scores [n_train, n_query]: how much fitting each query lowers each training loss."""
-        tr, qs = as_examples(train, "train"), as_examples(queries, "queries")
+        tr, qs = self._resident(as_examples(train, "train")), as_examples(queries, "queries")
         t0 = time.perf_counter()
         with self._scoring() as theta:
             self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
@@ -177,7 +177,7 @@ class ForwardInf:
 
     def group(self, train: DataLike, queries: DataLike) -> torch.Tensor:
         """Scores [n_train] for one update on the whole query set (negative = harmful to it)."""
-        tr, qs = as_examples(train, "train"), as_examples(queries, "queries")
+        tr, qs = self._resident(as_examples(train, "train")), as_examples(queries, "queries")
         t0 = time.perf_counter()
         with self._scoring() as theta:
             self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
@@ -216,7 +216,7 @@ class ForwardInf:
         Always the plain update (anchored self-influence would need n_train anchored runs).
         Large = atypical, mislabeled or memorised.
         """
-        tr = as_examples(train, "train")
+        tr = self._resident(as_examples(train, "train"))
         t0 = time.perf_counter()
         with self._scoring() as theta:
             self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
@@ -245,6 +245,23 @@ class ForwardInf:
             extra["upcast"] = len(zero)
         res = self._finish("self", scores, None, path, t0, len(tr), 1, extra)
         return res[:, 0]
+
+    def _resident(self, ex: Examples) -> Examples:
+        """On a GPU, keep an in-memory training set on the device (once per data): every query
+        chunk streams over it, and host-to-device copies would dominate. Larger sets stream."""
+        if self.device.type != "cuda" or ex.x is None or ex.y is None or ex.x.is_cuda:
+            return ex
+        key = _data_key(ex)
+        cached = self._cache.get(("resident", *key))
+        if cached is not None:
+            return Examples(ex.name, x=cached[0], y=cached[1], n=ex.n, key=key)  # type: ignore[index]
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if ex.x.nbytes + ex.y.nbytes > free // 4:
+            return ex
+        xy = (ex.x.to(self.device), ex.y.to(self.device))
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != "resident"}
+        self._cache[("resident", *key)] = xy  # type: ignore[assignment]
+        return Examples(ex.name, x=xy[0], y=xy[1], n=ex.n, key=key)
 
     def _upcast_engine(self) -> ForwardInf | None:
         """A float64 twin, used to redo the few columns/rows float32 could not resolve."""
@@ -929,9 +946,7 @@ class ForwardInf:
 
     def _self_chunk(self) -> int:
         numel = sum(p.numel() for n, p in self.model.named_parameters() if n in self._trainable)
-        cap = (
-            self.train_batch if self._lowrank is not None else _STACK_BUDGET // max(1, numel)
-        )
+        cap = self.train_batch if self._lowrank is not None else _STACK_BUDGET // max(1, numel)
         return max(1, min(self.train_batch, cap))
 
     def _progress(self, it: Iterator, total: int, step: int) -> Iterator:
@@ -980,6 +995,8 @@ def _stack_norm(d: Params) -> torch.Tensor:
 
 
 def _data_key(ex: Examples) -> tuple:
+    if ex.key is not None:
+        return ex.key
     if ex.x is not None and ex.y is not None:
         return (id(ex.x), ex.x._version, tuple(ex.x.shape), id(ex.y), ex.y._version)
     return (id(ex.dataset), ex.n)

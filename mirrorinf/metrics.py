@@ -208,12 +208,11 @@ def lds(scores: Any, masks: Any, subset_losses: Any) -> float:
 
 def _check_flags(scores: Any, is_flipped: Any) -> tuple[np.ndarray, np.ndarray]:
     s = _as_array(scores, "scores")
-    f = np.asarray(is_flipped.detach().cpu().numpy() if hasattr(is_flipped, "detach")
-                   else is_flipped)
+    f = np.asarray(
+        is_flipped.detach().cpu().numpy() if hasattr(is_flipped, "detach") else is_flipped
+    )
     if s.ndim != 1 or f.ndim != 1:
-        raise ValueError(
-            f"scores and is_flipped must be 1-D, got shapes {s.shape} and {f.shape}"
-        )
+        raise ValueError(f"scores and is_flipped must be 1-D, got shapes {s.shape} and {f.shape}")
     if s.shape != f.shape:
         raise ValueError(
             f"shape mismatch: scores has shape {s.shape} but is_flipped has shape {f.shape}"

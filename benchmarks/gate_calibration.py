@@ -17,7 +17,8 @@ fold scored by ``group`` against the other four folds).
 
 Rules compared, both through ``mirrorinf.summary.summarise`` with default ``GateThresholds``:
 - old: no calibration scores -> robust-z fallback (self_z > 3.5; group < 0 and group_z < -3.5);
-- new: calibrated conformal thresholds (mislabel_alpha = harmful_alpha = 0.01).
+- new: calibrated conformal thresholds (mislabel_alpha = harmful_alpha = 0.01; a harmful example
+  above the calibration median of self-influence is also a suspected mislabel).
 The gate fails when flagged_fraction > max_flagged_fraction (0.05) or harmful_fraction >
 max_harmful_fraction (0.05), i.e. exactly the two fraction checks of ``tasks.checks``.
 
@@ -51,12 +52,12 @@ from benchmarks._common import (
     query_losses,
 )
 from mirrorinf import ForwardInf
+from mirrorinf.calibration import calibration_scores
 from mirrorinf.summary import GateThresholds, summarise
 
 FLIPS = (0.0, 0.05, 0.1, 0.3)
 REGIMES = ("converged", "early")
 SIZES = {"digits": (1000, 300), "cancer": (350, 150), "wine": (110, 50)}  # train, validation
-FOLDS = 5
 
 
 Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
@@ -99,16 +100,6 @@ def train(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, 
     return model.eval()
 
 
-def held_out_group(fi: ForwardInf, xv: torch.Tensor, yv: torch.Tensor, seed: int) -> np.ndarray:
-    """Group influence of each validation example on the validation set without its own fold."""
-    folds = np.array_split(np.random.default_rng(seed).permutation(len(yv)), FOLDS)
-    out = np.empty(len(yv))
-    for fold in folds:
-        rest = np.setdiff1d(np.arange(len(yv)), fold)
-        out[fold] = fi.group((xv[fold], yv[fold]), (xv[rest], yv[rest])).double().numpy()
-    return out
-
-
 def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     x, y, xv, yv, c = load(name, seed)
     y_noisy, flipped = flip_labels(y, flip, seed=100 + seed, n_classes=c)
@@ -116,8 +107,8 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     fi = ForwardInf(model)
     self_inf = fi.self_influence((x, y_noisy)).numpy()
     group = fi.group((x, y_noisy), (xv, yv)).numpy()
-    calib_self = fi.self_influence((xv, yv)).numpy()
-    calib_group = held_out_group(fi, xv, yv, seed)
+    calib = calibration_scores(fi, (xv, yv), seed=seed)
+    calib_self, calib_group = calib.self_influence, calib.group_influence
     common = dict(pairwise=np.zeros((len(y), 0)), self_inf=self_inf, group_inf=group,
                   query_self_drop=[], thresholds=GateThresholds())
     out = {}

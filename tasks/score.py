@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
 from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
 from tasks.checks import CheckResult, validate_tables
@@ -42,8 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-CALIB_FOLDS = 5  # held-out group influence of the validation set: fold k vs the other folds
 
 
 @dataclass
@@ -81,25 +80,6 @@ def _engine(model: torch.nn.Module, cfg: ForwardInfConfig, device: str) -> Forwa
         raise InputError(f"cannot set up the engine: {err}") from None
 
 
-def _held_out_group(fi: ForwardInf, val: Dataset, seed: int) -> np.ndarray | None:
-    """Group influence of each validation example on the validation set without its own fold.
-
-    The clean reference for the harmful-example threshold: like a training example scored on
-    the validation set, but never fitted. None when the set is too small to split.
-    """
-    n = len(val)
-    if n < 2 * CALIB_FOLDS:
-        return None
-    folds = np.array_split(np.random.default_rng(seed).permutation(n), CALIB_FOLDS)
-    out = np.empty(n)
-    for fold in folds:
-        rest = np.setdiff1d(np.arange(n), fold)
-        f_idx, r_idx = torch.from_numpy(fold), torch.from_numpy(rest)
-        scores = fi.group((val.x[f_idx], val.y[f_idx]), (val.x[r_idx], val.y[r_idx]))
-        out[fold] = scores.detach().cpu().double().numpy()
-    return out
-
-
 def compute_scores(
     model: torch.nn.Module,
     train: Dataset,
@@ -119,8 +99,7 @@ def compute_scores(
     reports["group"] = _report(fi)
     self_inf = fi.self_influence(train.pair())
     reports["self"] = _report(fi)
-    calib_self = fi.self_influence(val.pair()).detach().cpu().numpy()
-    calib_group = _held_out_group(fi, val, seed=cfg.seed)
+    calib = calibration_scores(fi, val.pair(), seed=cfg.seed)
     seconds = time.perf_counter() - t0
     logger.info(
         "scored %d train x %d queries (+ group, self) in %.2f s",
@@ -135,8 +114,8 @@ def compute_scores(
         query_self_drop=(
             drop.detach().cpu().numpy() if drop is not None else np.full(len(queries), np.nan)
         ),
-        calib_self_influence=calib_self,
-        calib_group_influence=calib_group,
+        calib_self_influence=calib.self_influence,
+        calib_group_influence=calib.group_influence,
         reports=reports,
         seconds=seconds,
     )

@@ -332,10 +332,31 @@ def test_calibrated_rule_controls_false_flags_on_heavy_tailed_clean_scores(seed:
         calib_self_inf=_heavy(rng, 300),
         calib_group_inf=rng.standard_t(2, size=300) * 1e-3,
     )
-    # exchangeable clean scores: about alpha = 1% flagged (calibration noise: sd ~0.6%)
-    assert out.counts["flagged_fraction"] <= 0.03
+    # exchangeable clean scores: about alpha = 1% harmful (calibration noise: sd ~0.6%); the
+    # mislabel flag is a union of two alpha-rules, so its bound is 2% (+ the same noise)
     assert out.counts["harmful_fraction"] <= 0.03
+    assert out.counts["flagged_fraction"] <= 0.045
+    assert out.counts["flagged_fraction"] <= out.counts["harmful_fraction"] + 0.03
     assert out.counts["mislabel_alpha_eff"] <= 0.01 and out.counts["harmful_alpha_eff"] <= 0.01
+
+
+def test_harmful_and_atypical_is_a_suspected_mislabel() -> None:
+    """Fitted flips sit below the held-out self-influence tail but hurt the clean set."""
+    rng = np.random.default_rng(12)
+    inp = _clean(n_train=1000, n_query=1)
+    calib_self = rng.uniform(1.0, 10.0, size=300)  # held-out clean points: median ~5.5
+    inp["self_inf"] = rng.uniform(0.1, 3.0, size=1000)  # fitted training points score lower
+    inp["group_inf"] = rng.normal(0.0, 1e-3, size=1000)
+    flips = np.arange(0, 1000, 20)  # 50 planted
+    inp["self_inf"][flips] = 8.0  # atypical, but below the calibration maximum
+    inp["group_inf"][flips] = -1.0  # and clearly harmful
+    hard_but_clean = np.arange(5, 1000, 50)  # 20 points: harmful, not atypical
+    inp["group_inf"][hard_but_clean] = -1.0
+    out = summarise(**inp, calib_self_inf=calib_self, calib_group_inf=rng.normal(0, 1e-3, 300))
+    flags = out.train["flag_mislabel"].to_numpy()
+    assert flags[flips].all()
+    assert not flags[hard_but_clean].any()
+    assert out.train["flag_harmful"].to_numpy()[hard_but_clean].all()
 
 
 def test_calibrated_rule_finds_planted_mislabels() -> None:

@@ -213,9 +213,15 @@ class ForwardInf:
     def self_influence(self, train: DataLike) -> torch.Tensor:
         """Scores [n_train]: each training point's loss drop after fitting that point alone.
 
-        Always the plain update (anchored self-influence would need n_train anchored runs).
-        Large = atypical, mislabeled or memorised.
+        Always the plain update with its automatic step (anchored self-influence would need
+        n_train anchored runs), so it is on the same per-unit-lr scale as plain pairwise scores
+        whatever the mode. Large = atypical, mislabeled or memorised.
         """
+        if self.config.mode == "anchored":
+            twin = self.plain_twin()
+            out = twin.self_influence(train)
+            self.last_report = twin.last_report
+            return out
         tr = self._resident(as_examples(train, "train"))
         t0 = time.perf_counter()
         with self._scoring() as theta:
@@ -262,6 +268,14 @@ class ForwardInf:
         self._cache = {k: v for k, v in self._cache.items() if k[0] != "resident"}
         self._cache[("resident", *key)] = xy  # type: ignore[assignment]
         return Examples(ex.name, x=xy[0], y=xy[1], n=ex.n, key=key)
+
+    def plain_twin(self) -> ForwardInf:
+        """This engine in plain mode with automatic steps (same model, loss, device): the scale
+        on which self-influence and the leak rule's gradient cosine are defined."""
+        cfg = self.config.replace(mode="plain", steps=None, lr=None, precision="auto")
+        return ForwardInf(
+            self.model, cfg, None if self._default_loss else self.loss_fn, self.device
+        )
 
     def _upcast_engine(self) -> ForwardInf | None:
         """A float64 twin, used to redo the few columns/rows float32 could not resolve."""

@@ -274,6 +274,7 @@ def summarise(
     thresholds: GateThresholds | None = None,
     calib_self_inf: Any = None,
     calib_group_inf: Any = None,
+    leak_pairwise: Any = None,
 ) -> InfluenceTables:
     """Build the training, query and leak tables from the engine's score arrays.
 
@@ -302,12 +303,20 @@ def summarise(
         calib_group_inf: [m'] group influence of each clean held-out example on the same clean
             set *excluding itself* (e.g. 5-fold over the validation set: each fold scored
             against the other folds), same engine settings as ``group_inf``. None = fallback.
+        leak_pairwise: [n_train, n_query] plain-mode pairwise scores for the leak rule, whose
+            cosine needs the per-unit-lr scale of ``self_inf`` and ``query_self_drop``; pass it
+            when ``pairwise`` comes from another mode (anchored). None = ``pairwise``.
 
     Raises:
         ValueError: an input has the wrong shape or sizes disagree, naming the input.
     """
     th = thresholds if thresholds is not None else GateThresholds()
     scores = _as_float(pairwise, "pairwise", 2)
+    leak_scores = scores if leak_pairwise is None else _as_float(leak_pairwise, "leak_pairwise", 2)
+    if leak_scores.shape != scores.shape:
+        raise ValueError(
+            f"leak_pairwise has shape {leak_scores.shape} but pairwise has {scores.shape}"
+        )
     n_train, n_query = scores.shape
     if n_train == 0:
         raise ValueError("pairwise has no rows: at least one training example is needed")
@@ -411,7 +420,7 @@ def summarise(
         norm = np.sqrt(
             np.where(s_inf > 0, s_inf, np.nan)[:, None] * np.where(drop > 0, drop, np.nan)
         )
-        cos = scores / norm  # [n_train, n_query], NaN where undefined
+        cos = leak_scores / norm  # [n_train, n_query], NaN where undefined
     has = np.isfinite(cos).any(axis=0) if n_query else np.zeros(0, dtype=bool)
     best_idx = np.zeros(n_query, dtype=np.int64)
     if has.any():
@@ -425,7 +434,7 @@ def summarise(
         {
             "query_id": q_ids[is_leak],
             "train_id": t_ids[best_idx[is_leak]],
-            "score": scores[best_idx, cols][is_leak] if n_query else np.zeros(0),
+            "score": leak_scores[best_idx, cols][is_leak] if n_query else np.zeros(0),
             "cosine": best_cos[is_leak],
         }
     )

@@ -60,6 +60,7 @@ class ScoreBundle:
     self_influence: np.ndarray
     group_influence: np.ndarray
     query_self_drop: np.ndarray
+    leak_pairwise: np.ndarray | None = None  # plain-mode pairwise when mode is not plain
     calib_self_influence: np.ndarray | None = None
     calib_group_influence: np.ndarray | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -95,6 +96,11 @@ def compute_scores(
     pairwise = fi.pairwise(train.pair(), queries.pair())
     reports = {"pairwise": _report(fi)}
     drop = fi.last_report.query_self_drop
+    leak_pairwise = None
+    if cfg.mode != "plain":  # the leak cosine needs plain scores (self-influence's scale)
+        twin = fi.plain_twin()
+        leak_pairwise = twin.pairwise(train.pair(), queries.pair()).detach().cpu().numpy()
+        drop = twin.last_report.query_self_drop
     group = fi.group(train.pair(), val.pair())
     reports["group"] = _report(fi)
     self_inf = fi.self_influence(train.pair())
@@ -114,6 +120,7 @@ def compute_scores(
         query_self_drop=(
             drop.detach().cpu().numpy() if drop is not None else np.full(len(queries), np.nan)
         ),
+        leak_pairwise=leak_pairwise,
         calib_self_influence=calib.self_influence,
         calib_group_influence=calib.group_influence,
         reports=reports,
@@ -214,6 +221,7 @@ def summarise_and_check(
         train_labels=train.y.numpy(),
         query_ids=queries.ids,
         query_self_drop=scores.query_self_drop,
+        leak_pairwise=scores.leak_pairwise,
         thresholds=thresholds,
         calib_self_inf=scores.calib_self_influence,
         calib_group_inf=scores.calib_group_influence,

@@ -262,6 +262,14 @@ def test_group_fit_on_clean_validation_finds_flipped_labels():
     assert mislabel_auroc(harm, is_flipped) > mislabel_auroc(first_order, is_flipped) + 0.2
 
 
+def test_self_influence_is_plain_in_every_mode(mlp_setup):
+    model, x, y = mlp_setup
+    plain = ForwardInf(model).self_influence((x, y))
+    fi = ForwardInf(model, ForwardInfConfig(mode="anchored", steps=7, lr=0.5))
+    anchored = fi.self_influence((x, y))
+    assert torch.allclose(plain, anchored) and fi.last_report.scale == "per_unit_lr"
+
+
 def test_self_influence_finds_flipped_labels():
     s = digits_split(600, 0, seed=5, dtype=torch.float32)
     y_noisy, flipped = flip_labels(s.y_train, 0.1, seed=5)

@@ -432,3 +432,20 @@ def test_small_calibration_set_uses_its_maximum_and_warns(
     assert out.counts["mislabel_alpha_eff"] == pytest.approx(1 / 11)
     assert (out.train["flag_mislabel"] == (inp["self_inf"] > 10.0)).all()
     assert "cannot certify alpha=0.01" in caplog.text
+
+
+def test_leak_rule_uses_plain_scores_when_given() -> None:
+    """Anchored pairwise is on another scale: the cosine must use the plain pairwise pass."""
+    inp = _clean(n_train=100, n_query=4, seed=6)
+    inp["query_self_drop"] = np.full(4, 10.0)
+    plain = inp["pairwise"].copy()
+    plain[9, 1] = 10.0
+    inp["self_inf"][9] = 10.0
+    anchored = inp["pairwise"] * 1e4  # other scale, no duplicate visible in it
+    out = summarise(**dict(inp, pairwise=anchored), leak_pairwise=plain)
+    assert list(out.leaks["train_id"]) == [9]
+    assert out.leaks["cosine"].tolist() == pytest.approx([1.0])
+    # the query tables keep the anchored scores
+    assert out.queries["score"].abs().max() > 100
+    with pytest.raises(ValueError, match="leak_pairwise has shape"):
+        summarise(**inp, leak_pairwise=plain[:, :2])

@@ -32,8 +32,14 @@ from tasks.model import (
     output_size,
     train_and_register_task,
 )
-from tasks.score import check_task, score_cache_key, score_task, set_threads
-from tasks.tracking import code_version, influence_run, log_influence_task, tag_model_version_task
+from tasks.score import check_task, predict_labels, score_cache_key, score_task, set_threads
+from tasks.tracking import (
+    code_version,
+    influence_run,
+    log_influence_task,
+    log_review_task,
+    tag_model_version_task,
+)
 
 __all__ = ["InfluenceResult", "influence_flow", "run_influence"]
 
@@ -307,6 +313,11 @@ def influence_flow(params: Params) -> InfluenceResult:
                 run_id=run_id,
                 alias_on_pass=params.gate.alias_on_pass,
             )
+            log_review_task(
+                uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
+                predicted=predict_labels(model, sets["train"]), verdict=verdict,
+                reasons=reasons, model=ref,
+            )  # fmt: skip
     logger.info("influence gate %s for %s (run %s)", verdict, ref.uri, run_id)
     origin = "from registry"
     if params.model.train_demo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -231,7 +232,9 @@ class ForwardInf:
             use_lr = self._lowrank is not None and self._lowrank_verified is not False
             chunk = self._self_chunk()
             path = "lowrank" if use_lr else "generic"
-            for start, xb, yb in self._progress(tr.batches(chunk, self.device), len(tr), chunk):
+            for start, xb, yb in self._progress(
+                tr.batches(chunk, self.device), len(tr), chunk, "self-influence"
+            ):
                 if use_lr:
                     try:
                         s, lr = self._lowrank_self(theta, xb, yb)
@@ -519,7 +522,7 @@ class ForwardInf:
         lrs = torch.empty(m, dtype=torch.float64)
         qb = self._query_chunk(theta)
         q_base = self._batched_losses(theta.params, xq, yq)
-        for qs in range(0, m, qb):
+        for qs in self._progress(iter(range(0, m, qb)), m, qb, "pairwise queries"):
             sl = slice(qs, min(qs + qb, m))
             stacked, lr, bufs = self._per_example_updates(theta, xq[sl], yq[sl])
             lrs[sl] = lr.cpu()
@@ -643,7 +646,7 @@ class ForwardInf:
         lrs = torch.empty(m, dtype=torch.float64)
         qb = self.config.query_batch
         with self._lowrank.hooks() as lre:
-            for qs in range(0, m, qb):
+            for qs in self._progress(iter(range(0, m, qb)), m, qb, "pairwise queries"):
                 sl = slice(qs, min(qs + qb, m))
                 k = sl.stop - sl.start
                 lr, q_base = self._lowrank_updates(theta, lre, xq[sl], yq[sl])
@@ -705,7 +708,7 @@ class ForwardInf:
         weight = eps * (len(xq) if group else 1) * self._sign()
         k = n_cols if group else self._query_chunk(theta)
         q_ctrl = self._batched_losses(theta.params, xq, yq)
-        for qs in self._progress(iter(range(0, n_cols, k)), n_cols, k):
+        for qs in self._progress(iter(range(0, n_cols, k)), n_cols, k, "anchored queries"):
             sl = slice(qs, min(qs + k, n_cols))
             xs, ys = (xq, yq) if group else (xq[sl], yq[sl])
             p_mid, p_end = self._anchored_runs(theta, tr, xs, ys, weight, lr, steps, mid, g0, group)
@@ -963,15 +966,22 @@ class ForwardInf:
         cap = self.train_batch if self._lowrank is not None else _STACK_BUDGET // max(1, numel)
         return max(1, min(self.train_batch, cap))
 
-    def _progress(self, it: Iterator, total: int, step: int) -> Iterator:
-        """Progress bar on long work, only when logging at INFO is wanted and on a terminal."""
-        if total // max(1, step) < 8 or not log.isEnabledFor(logging.INFO):
+    def _progress(self, it: Iterator, total: int, step: int, desc: str = "mirrorinf") -> Iterator:
+        """Progress bar (per query chunk / training batch) on long work, on a terminal only.
+
+        Quiet when stderr is not a terminal (CI, pipes, pytest) or when this module's logger
+        is set above WARNING.
+        """
+        if total // max(1, step) < 8 or not log.isEnabledFor(logging.WARNING):
+            return it
+        if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
             return it
         try:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
         except ImportError:  # pragma: no cover
             return it
-        return iter(tqdm(it, total=math.ceil(total / step), desc="mirrorinf", leave=False))
+        bar = tqdm(it, total=math.ceil(total / step), desc=desc, leave=False, file=sys.stderr)
+        return iter(bar)
 
 
 class _Theta:

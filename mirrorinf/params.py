@@ -153,6 +153,26 @@ class MlflowParams(_Section):
     experiment: str = Field("mirrorinf", min_length=1)
 
 
+class ShardingParams(_Section):
+    """Sharded, resumable scoring of the training set (mirrorinf.shards)."""
+
+    size: int | None = Field(
+        None,
+        ge=1,
+        description="Training rows per shard; null = score the whole set in one task. Each "
+        "shard is a Prefect task (mapped over the task runner) persisted atomically; a rerun "
+        "skips finished shards, a changed model/data/config starts afresh.",
+    )
+    dir: str = Field("outputs/shards", min_length=1, description="Shard store folder.")
+
+
+class DaskParams(_Section):
+    """The Dask cluster used when runner is "dask"."""
+
+    workers: int = Field(2, ge=1, description="Worker processes of a local cluster.")
+    address: str | None = Field(None, description="Address of an existing cluster instead.")
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -167,7 +187,13 @@ class Params(_Section):
     )
     gate: GateParams = Field(default_factory=GateParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
-    runner: Literal["threads"] = Field("threads", description="Prefect task runner.")
+    sharding: ShardingParams = Field(default_factory=ShardingParams)
+    runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description='Prefect task runner: "threads" (one machine) or "dask" (prefect-dask: a '
+        "local cluster of dask.workers processes, or the cluster at dask.address).",
+    )
+    dask: DaskParams = Field(default_factory=DaskParams)
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",

@@ -35,6 +35,7 @@ __all__ = [
     "check_task",
     "compute_scores",
     "pairwise_scores",
+    "predict_labels",
     "score_cache_key",
     "score_task",
     "scoring_code_hash",
@@ -230,3 +231,15 @@ def summarise_and_check(
 
 
 check_task = task(summarise_and_check, name="summarise-and-check", cache_policy=NO_CACHE)
+
+
+def predict_labels(model: torch.nn.Module, data: Dataset, batch: int = 4096) -> np.ndarray:
+    """The model's predicted class (argmax of its outputs) for every example, in file order."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = [model(data.x[i : i + batch]).argmax(dim=-1) for i in range(0, len(data), batch)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)

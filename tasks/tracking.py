@@ -8,9 +8,11 @@ stable for reviewers and the release gate):
   ``mirrorinf.data.<set>.{source,path,repo,rev,commit,md5}``, ``mirrorinf.code_version``,
   ``mirrorinf.config_fingerprint``, ``mirrorinf.gate``; the params flattened as run params;
   the engine config as ``config.json``; artifacts ``scores/*.npy``, ``tables/*.parquet``,
-  ``checks/gx_result.json``, ``summary.json``;
+  ``checks/gx_result.json``, ``summary.json``; the review (:func:`log_review`): ``report.md``,
+  ``checks/gx_result.md``, ``plots/*.png`` and UI tables ``tables/*.json``;
 - the model version gets tags ``mirrorinf.gate`` = passed|failed and ``mirrorinf.run_id``, and
-  on pass the alias from params (an alias left on a version that now fails is removed).
+  on pass the alias from params (an alias left on a version that now fails is removed); the
+  review adds ``mirrorinf.report`` (the run's page in the UI) and a description linking it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ __all__ = [
     "influence_run",
     "log_influence",
     "log_influence_task",
+    "log_review",
+    "log_review_task",
     "tag_model_version",
     "tag_model_version_task",
 ]
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 GATE_TAG = "mirrorinf.gate"
 RUN_TAG = "mirrorinf.run_id"
+REPORT_TAG = "mirrorinf.report"
+_DESCRIPTION_MARK = "Influence gate "  # how a description written by log_review starts
 
 _clients: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -198,6 +204,11 @@ def influence_run(
         yield run_id
 
 
+def _numpy(x: Any) -> np.ndarray:
+    """A tensor or array as a numpy array (CPU)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
 def _finite_metrics(metrics: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Metric
 
@@ -244,6 +255,65 @@ def log_influence(
         (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         client.log_artifacts(run_id, str(d))
     client.set_tag(run_id, GATE_TAG, verdict)
+
+
+def log_review(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    tables: Any,
+    check: Any,
+    train: Any,
+    queries: Any,
+    predicted: Any,
+    verdict: str,
+    reasons: list[str],
+    model: Any = None,
+) -> list[str]:
+    """Log the review (``mirrorinf.report``): plots, report.md, GX markdown and UI tables.
+
+    ``train`` / ``queries`` are the scored datasets (``tasks.data.Dataset``), ``predicted`` the
+    model's labels of the training examples. With ``model`` (a ``ModelRef``) its version gets
+    tag ``mirrorinf.report`` (the run's UI path) and a description linking the run (a
+    description not written by mirrorinf is kept). Returns the artifact paths logged.
+    """
+    from mirrorinf.report import TABLES, ReviewInputs, review_tables, write_report
+
+    review = ReviewInputs(
+        tables=tables,
+        train_x=_numpy(train.x).reshape(len(train), -1),
+        query_x=_numpy(queries.x).reshape(len(queries), -1),
+        query_ids=np.asarray(queries.ids),
+        query_labels=_numpy(queries.y),
+        train_pred=None if predicted is None else np.asarray(predicted),
+        checks=list(check.results),
+        verdict=verdict,
+        reasons=list(reasons),
+        title="Influence review"
+        + (f": {model.name} v{model.version}" if model is not None else ""),
+    )
+    client = get_client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="mirrorinf-review-") as tmp:
+        files = write_report(tmp, review)
+        client.log_artifacts(run_id, tmp)
+    logged = {a.path for a in client.list_artifacts(run_id, "tables")}
+    for key, frame in review_tables(review).items():
+        if TABLES[key] not in logged:  # log_table appends: a retried task must not double rows
+            client.log_table(run_id, data=frame, artifact_file=TABLES[key])
+        files.append(TABLES[key])
+    if model is not None:
+        name, version = model.name, str(model.version)
+        exp_id = client.get_run(run_id).info.experiment_id
+        link = f"#/experiments/{exp_id}/runs/{run_id}"
+        client.set_model_version_tag(name, version, REPORT_TAG, link)
+        current = client.get_model_version(name, version).description or ""
+        if not current.strip() or current.startswith(_DESCRIPTION_MARK):
+            text = (
+                f"{_DESCRIPTION_MARK}**{verdict.upper()}**: "
+                f"[influence run {run_id}]({link}); its `report.md` says why, `plots/` shows it."
+            )
+            client.update_model_version(name, version, description=text)
+    return sorted(files)
 
 
 def tag_model_version(
@@ -293,6 +363,14 @@ def gate_status(tracking_uri: str, name: str, version: str) -> tuple[str | None,
 log_influence_task = task(
     log_influence,
     name="log-influence",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+log_review_task = task(
+    log_review,
+    name="log-review",
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,

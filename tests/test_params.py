@@ -44,7 +44,7 @@ def test_defaults_and_empty_sections() -> None:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        ({"bogus": 1}, "bogus: unknown key (allowed: cache, data, demo"),
+        ({"bogus": 1}, "bogus: unknown key (allowed: cache, dask, data, demo"),
         ({"model": {"verison": 3}}, "model.verison: unknown key (allowed: alias, name, train"),
         ({"demo": {"n_train": "many"}}, "demo.n_train"),
         ({"demo": {"flip_fraction": 2}}, "demo.flip_fraction"),
@@ -56,7 +56,7 @@ def test_defaults_and_empty_sections() -> None:
         ({"gate": {"max_leak": 1}}, "gate.max_leak: unknown key"),
         ({"gate": {"max_flagged_fraction": 1.5}}, "gate.max_flagged_fraction"),
         ({"demo": {"n_train": 1700}}, "exceeds the 1797 digits images"),
-        ({"runner": "dask"}, "runner"),
+        ({"runner": "ray"}, "runner"),
     ],
 )
 def test_errors_name_the_key(data: dict, needle: str) -> None:

@@ -42,20 +42,6 @@ RECALL_BOUND = 0.7  # see the module docstring
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One temporary Prefect API for the session; task results (the cache) in a temp dir."""
-    from prefect.settings import temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with (
-        prefect_test_harness(server_startup_timeout=90),
-        temporary_settings(updates={"results.local_storage_path": str(storage)}),
-    ):
-        yield storage
-
-
-@pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Project root for params (data, MLflow store); not a git repo."""
     return tmp_path_factory.mktemp("project")

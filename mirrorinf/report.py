@@ -1,0 +1,462 @@
+"""Review artifacts of one influence analysis: PNG plots and a short markdown report.
+
+Pure numpy / pandas / matplotlib (``matplotlib.figure.Figure`` on the Agg canvas, never pyplot's
+global state, so it is safe in worker threads). :func:`write_report` writes, under a folder:
+
+- ``plots/self_influence.png``: histogram of self-influence (log x), mislabel threshold marked;
+- ``plots/group_influence.png``: group influence on the validation set, helpful vs harmful,
+  harmful threshold marked (symmetric-log x: scores span orders of magnitude on both sides);
+- ``plots/top_harmful.png``: ranked bars of the most harmful training examples;
+- ``plots/mislabels.png``: the top suspected mislabels (given label, predicted label, score);
+- ``plots/leaks.png``: each suspected leak, query next to the training example;
+- ``plots/query_influence.png``: for a few queries, their top proponents and opponents;
+- ``report.md``: what was found, why the gate decided as it did, links to the tables;
+- ``checks/gx_result.md``: the gate checks as a table.
+
+Rows whose feature count is a square (64 -> 8x8) are drawn as images; other (tabular) rows as
+a one-row heat strip of their features, and the report lists their first feature values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from mirrorinf.summary import InfluenceTables
+
+__all__ = ["PLOTS", "ReviewInputs", "checks_markdown", "image_shape", "write_report"]
+
+PLOTS = (
+    "self_influence.png",
+    "group_influence.png",
+    "top_harmful.png",
+    "mislabels.png",
+    "leaks.png",
+    "query_influence.png",
+)
+TABLES = {
+    "top_k_per_query": "tables/top_k_per_query.json",
+    "flagged_train": "tables/flagged_train.json",
+    "leaks": "tables/leaks_table.json",
+}
+_RED, _GREEN, _GREY, _ORANGE = "#c0392b", "#27ae60", "#95a5a6", "#e67e22"
+_DPI = 90
+_SHOWN_FEATURES = 8  # feature values listed per tabular row in the report
+
+
+@dataclass
+class ReviewInputs:
+    """What the report needs besides the tables (arrays in file order, numpy).
+
+    ``train_pred`` are the model's predicted labels of the training examples (None: unknown);
+    ``checks`` the gate results (``CheckResult.results``: check, success, observed, threshold).
+    """
+
+    tables: InfluenceTables
+    train_x: np.ndarray
+    query_x: np.ndarray
+    query_ids: np.ndarray
+    query_labels: np.ndarray
+    train_pred: np.ndarray | None
+    checks: list[dict[str, Any]]
+    verdict: str
+    reasons: list[str]
+    title: str = "Influence review"
+    n_queries_shown: int = 4
+    n_gallery: int = 16
+    scale: tuple[np.ndarray, np.ndarray] | None = None  # display scaling; set by write_report
+
+
+def image_shape(n_features: int) -> tuple[int, int] | None:
+    """(side, side) when the features form a square image of at least 4x4, else None."""
+    side = math.isqrt(n_features)
+    return (side, side) if side * side == n_features and side >= 4 else None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if not math.isfinite(value) else f"{value:.3g}"
+    return str(value)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+
+
+def display_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (low, span) over the training set, for drawing rows as images.
+
+    Features are often standardised per pixel, which makes raw images unreadable; min-max per
+    feature undoes any per-feature affine scaling (exactly, when each pixel reaches its range).
+    """
+    finite = np.where(np.isfinite(x), x, np.nan)
+    low = np.nan_to_num(np.nanmin(finite, axis=0)) if len(x) else np.zeros(x.shape[1])
+    high = np.nan_to_num(np.nanmax(finite, axis=0)) if len(x) else np.ones(x.shape[1])
+    span = high - low
+    return low, np.where(span > 1e-12, span, np.inf)
+
+
+def _draw(
+    ax: Axes,
+    row: np.ndarray,
+    shape: tuple[int, int] | None,
+    scale: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """One example: an image when ``shape`` is set, else a heat strip of its features."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if shape is not None:
+        img = row if scale is None else np.clip((row - scale[0]) / scale[1], 0, 1)
+        lim = {"vmin": 0.0, "vmax": 1.0} if scale is not None else {}
+        ax.imshow(img.reshape(shape), cmap="gray_r", interpolation="nearest", **lim)
+        return
+    lim = float(np.nanmax(np.abs(row))) or 1.0
+    ax.imshow(row[None, :], cmap="coolwarm", vmin=-lim, vmax=lim, aspect="auto")
+    if len(row) <= 10:
+        for j, v in enumerate(row):
+            ax.text(j, 0, f"{v:.2g}", ha="center", va="center", fontsize=6)
+
+
+def _empty(path: Path, title: str, text: str) -> None:
+    fig = Figure(figsize=(5, 1.6))
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.4, text, ha="center", va="center", fontsize=11)
+    _save(fig, path)
+
+
+def plot_self_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path) -> None:
+    """Histogram of self-influence (log x), flagged examples stacked in red, threshold line."""
+    s = train["self_influence"].to_numpy(dtype=float)
+    flag = train["flag_mislabel"].to_numpy(dtype=bool)
+    pos = np.isfinite(s) & (s > 0)
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    if pos.any():
+        lo, hi = s[pos].min(), s[pos].max()
+        bins = np.geomspace(lo, hi * 1.0001, 40) if hi > lo else np.array([lo * 0.9, lo * 1.1])
+        ax.hist(
+            [s[pos & ~flag], s[pos & flag]],
+            bins=bins,
+            stacked=True,
+            color=[_GREY, _RED],
+            label=[
+                f"not flagged ({int((pos & ~flag).sum())})",
+                f"flagged ({int(flag.sum())}; left of the line: harmful and atypical)",
+            ],
+        )
+        ax.set_xscale("log")
+    thr = counts.get("mislabel_threshold", float("nan"))
+    if isinstance(thr, float) and math.isfinite(thr) and thr > 0:
+        alpha = counts.get("mislabel_alpha_eff", float("nan"))
+        ax.axvline(thr, color="k", ls="--", label=f"flag threshold {thr:.3g} (alpha {alpha:.2g})")
+    n_bad = int((~pos).sum())
+    note = f"; {n_bad} non-positive or non-finite not shown" if n_bad else ""
+    ax.set_title(f"Self-influence of {len(s)} training examples{note}", fontsize=10)
+    ax.set_xlabel("self-influence (log scale; large = atypical / hard to fit)")
+    ax.set_ylabel("training examples")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_group_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path) -> None:
+    """Group influence on the validation set: helpful, harmful-but-not-flagged, flagged."""
+    g = train["group_influence"].to_numpy(dtype=float)
+    flag = train["flag_harmful"].to_numpy(dtype=bool)
+    ok = np.isfinite(g)
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    if ok.any():
+        mags = np.abs(g[ok & (g != 0)])
+        lin = float(np.quantile(mags, 0.02)) if len(mags) else 1.0
+        hi = float(np.abs(g[ok]).max()) or 1.0
+        edges = np.geomspace(lin, hi * 1.0001, 25) if hi > lin else np.array([lin, hi * 1.01])
+        bins = np.unique(np.concatenate([-edges[::-1], [0.0], edges]))
+        groups = [g[ok & (g >= 0)], g[ok & (g < 0) & ~flag], g[ok & flag]]
+        labels = [
+            f"helpful ({len(groups[0])})",
+            f"harmful, not flagged ({len(groups[1])})",
+            f"harmful, flagged ({len(groups[2])})",
+        ]
+        ax.hist(groups, bins=bins, stacked=True, color=[_GREEN, _ORANGE, _RED], label=labels)
+        ax.set_xscale("symlog", linthresh=lin, linscale=0.5)
+        decades = 10.0 ** np.arange(math.ceil(math.log10(lin)) + 1, math.ceil(math.log10(hi)) + 1)
+        ax.set_xticks(np.concatenate([-decades[::-1], [0.0], decades]))
+        ax.xaxis.set_minor_locator(NullLocator())
+    thr = counts.get("harmful_threshold", float("nan"))
+    if isinstance(thr, float) and math.isfinite(thr):
+        ax.axvline(thr, color="k", ls="--", label=f"harmful threshold {thr:.3g}")
+    ax.axvline(0.0, color=_GREY, lw=0.8)
+    ax.set_title("Influence of each training example on the validation set", fontsize=10)
+    ax.set_xlabel("group influence (symlog; < 0 hurts held-out performance)")
+    ax.set_ylabel("training examples")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_top_harmful(
+    train: pd.DataFrame,
+    counts: dict[str, Any],
+    path: Path,
+    pred: np.ndarray | None = None,
+    n: int = 20,
+) -> None:
+    """Ranked horizontal bars of the most negative group influence (flagged in red)."""
+    worst = train[train["group_influence"] < 0].nsmallest(n, "group_influence")
+    if worst.empty:
+        _empty(path, "Most harmful training examples", "no training example hurts validation")
+        return
+    fig = Figure(figsize=(7, 1.0 + 0.28 * len(worst)))
+    ax = fig.subplots()
+    names = []
+    for pos, row in worst.iterrows():
+        extra = "" if pred is None else f", pred {pred[pos]}"
+        names.append(f"id {row['id']} (label {row['label']}{extra})")
+    colors = [_RED if f else _ORANGE for f in worst["flag_harmful"]]
+    ax.barh(range(len(worst)), -worst["group_influence"].to_numpy(dtype=float), color=colors)
+    ax.set_yticks(range(len(worst)), names, fontsize=8)
+    ax.invert_yaxis()
+    thr = counts.get("harmful_threshold", float("nan"))
+    if isinstance(thr, float) and math.isfinite(thr) and thr < 0:
+        ax.axvline(-thr, color="k", ls="--", label=f"flag threshold {-thr:.3g}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("harm = -(group influence on the validation set)")
+    ax.set_title(f"{len(worst)} most harmful training examples (red: flagged)", fontsize=10)
+    _save(fig, path)
+
+
+def _grid(n: int, cols: int, cell: float, height: float) -> tuple[Figure, np.ndarray]:
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(cols * cell, rows * (height + 0.35) + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _mislabel_rows(inp: ReviewInputs) -> tuple[pd.DataFrame, str]:
+    train = inp.tables.train
+    flagged = train[train["flag_mislabel"]]
+    if len(flagged):
+        rows = flagged.sort_values("self_influence", ascending=False)
+        return rows.head(inp.n_gallery), f"Top suspected mislabels ({len(flagged)} flagged)"
+    rows = train.sort_values("self_influence", ascending=False).head(inp.n_gallery)
+    return rows, "Highest self-influence (none flagged)"
+
+
+def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path) -> None:
+    """Gallery: image (or feature strip), given label, predicted label, self-influence."""
+    rows, title = _mislabel_rows(inp)
+    cols = 8 if shape is not None else 2
+    cell, height = (1.45, 1.45) if shape is not None else (3.0, 0.6)
+    fig, axes = _grid(len(rows), cols, cell, height)
+    for ax, (pos, row) in zip(axes, rows.iterrows(), strict=False):
+        _draw(ax, inp.train_x[pos], shape, inp.scale)
+        pred = "?" if inp.train_pred is None else str(inp.train_pred[pos])
+        wrong = inp.train_pred is not None and str(inp.train_pred[pos]) != str(row["label"])
+        ax.set_title(
+            f"id {row['id']}\ngiven {row['label']} pred {pred}\nself {row['self_influence']:.2g}",
+            fontsize=7,
+            color=_RED if wrong else "black",
+        )
+    fig.suptitle(f"{title}; red title: the model predicts another label", fontsize=10)
+    _save(fig, path)
+
+
+def plot_leaks(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path, n: int = 8) -> None:
+    """Each suspected leak: the query next to its most aligned training example."""
+    leaks = inp.tables.leaks.sort_values("cosine", ascending=False).head(n)
+    if leaks.empty:
+        _empty(path, "Suspected leaks", "no suspected leaks")
+        return
+    t_pos = _positions(inp.tables.train["id"])
+    q_pos = _positions(pd.Series(inp.query_ids))
+    width, height = (3.2, 1.75) if shape else (7.0, 0.9)
+    fig = Figure(figsize=(width, len(leaks) * height + 0.4), layout="constrained")
+    axes = fig.subplots(len(leaks), 2, squeeze=False)
+    for (ax_q, ax_t), row in zip(axes, leaks.itertuples(index=False), strict=True):
+        _draw(ax_q, inp.query_x[q_pos[row.query_id]], shape, inp.scale)
+        _draw(ax_t, inp.train_x[t_pos[row.train_id]], shape, inp.scale)
+        ax_q.set_title(f"query {row.query_id}", fontsize=8)
+        ax_t.set_title(f"train {row.train_id}  cos {row.cosine:.4f}", fontsize=8)
+    fig.suptitle(f"Suspected leaks ({len(inp.tables.leaks)}): query | training", fontsize=10)
+    _save(fig, path)
+
+
+def _positions(ids: pd.Series) -> dict[Any, int]:
+    return {v: i for i, v in enumerate(ids.tolist())}
+
+
+def _shown_queries(inp: ReviewInputs) -> list[Any]:
+    """Leak queries first (the most telling), then the first queries in file order."""
+    chosen = list(dict.fromkeys(inp.tables.leaks["query_id"].tolist()))[:1]
+    for q in inp.query_ids.tolist():
+        if len(chosen) >= inp.n_queries_shown:
+            break
+        if q not in chosen:
+            chosen.append(q)
+    return chosen
+
+
+def plot_query_influence(
+    inp: ReviewInputs, shape: tuple[int, int] | None, path: Path, k: int = 4
+) -> None:
+    """Per shown query: the query, its top-k proponents (green) and top-k opponents (red)."""
+    queries = _shown_queries(inp)
+    table = inp.tables.queries
+    if not queries or table.empty:
+        _empty(path, "Proponents and opponents", "no queries scored")
+        return
+    t_pos = _positions(inp.tables.train["id"])
+    q_pos = _positions(pd.Series(inp.query_ids))
+    cols = 1 + 2 * k
+    cell, height = (1.35, 1.35) if shape else (2.2, 0.6)
+    fig = Figure(figsize=(cols * cell, len(queries) * (height + 0.4) + 0.4), layout="constrained")
+    axes = fig.subplots(len(queries), cols, squeeze=False)
+    for r, q in enumerate(queries):
+        qi = q_pos[q]
+        _draw(axes[r, 0], inp.query_x[qi], shape, inp.scale)
+        axes[r, 0].set_title(f"query {q}\nlabel {inp.query_labels[qi]}", fontsize=7)
+        for c, kind in ((1, "proponent"), (1 + k, "opponent")):
+            rows = table[(table["query_id"] == q) & (table["kind"] == kind)].head(k)
+            for j, row in enumerate(rows.itertuples(index=False)):
+                ax = axes[r, c + j]
+                _draw(ax, inp.train_x[t_pos[row.train_id]], shape, inp.scale)
+                label = inp.tables.train["label"].iloc[t_pos[row.train_id]]
+                color = _GREEN if kind == "proponent" else _RED
+                ax.set_title(
+                    f"{row.train_id} (y={label})\n{row.score:.2g}", fontsize=7, color=color
+                )
+            for j in range(len(rows), k):
+                axes[r, c + j].axis("off")
+    fig.suptitle(f"Queries: top {k} proponents (green) | top {k} opponents (red)", fontsize=10)
+    _save(fig, path)
+
+
+def checks_markdown(checks: Sequence[dict[str, Any]]) -> str:
+    """The gate checks as a markdown table (check, result, observed, allowed)."""
+    lines = ["| check | result | observed | allowed |", "|---|---|---:|---:|"]
+    for r in checks:
+        result = "pass" if r.get("success") else "**FAIL**"
+        lines.append(
+            f"| {r.get('check')} | {result} | {_fmt(r.get('observed'))} | "
+            f"{_fmt(r.get('threshold'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _feature_text(row: np.ndarray) -> str:
+    shown = ", ".join(f"{v:.3g}" for v in row[:_SHOWN_FEATURES])
+    return shown + (", ..." if len(row) > _SHOWN_FEATURES else "")
+
+
+def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
+    c = inp.tables.counts
+    train = inp.tables.train
+    out = [
+        f"- Scored {c.get('n_train')} training examples against {c.get('n_query')} queries and "
+        "the validation set.",
+        f"- **Suspected mislabels: {c.get('n_flagged_mislabel')}** "
+        f"({100 * float(c.get('flagged_fraction', 0)):.1f}%); self-influence threshold "
+        f"{_fmt(c.get('mislabel_threshold'))} (conformal, alpha_eff "
+        f"{_fmt(c.get('mislabel_alpha_eff'))}), or harmful and atypical.",
+    ]
+    if inp.train_pred is not None and c.get("n_flagged_mislabel"):
+        flagged = train["flag_mislabel"].to_numpy(dtype=bool)
+        differ = inp.train_pred[flagged].astype(str) != train["label"][flagged].astype(str)
+        out.append(
+            f"  - the model predicts a different label for {int(differ.sum())} of them "
+            "(see plots/mislabels.png)."
+        )
+    out.append(
+        f"- **Harmful examples: {c.get('n_harmful')}** "
+        f"({100 * float(c.get('harmful_fraction', 0)):.1f}%): group influence on the validation "
+        f"set below {_fmt(c.get('harmful_threshold'))}."
+    )
+    out.append(
+        f"- **Suspected leaks: {c.get('n_leaks')}** of {c.get('n_query')} queries: a training "
+        "example's gradient is (nearly) identical to the query's (cosine >= the leak threshold)."
+    )
+    for row in inp.tables.leaks.head(10).itertuples(index=False):
+        out.append(f"  - query {row.query_id} <- train {row.train_id} (cosine {row.cosine:.4f})")
+    if shape is None and c.get("n_flagged_mislabel"):
+        rows, _ = _mislabel_rows(inp)
+        out.append("- First features of the top suspected mislabels:")
+        for pos, row in rows.head(5).iterrows():
+            out.append(
+                f"  - id {row['id']} label {row['label']}: {_feature_text(inp.train_x[pos])}"
+            )
+    return out
+
+
+def report_markdown(inp: ReviewInputs, shape: tuple[int, int] | None) -> str:
+    """``report.md``: verdict, findings in words, the gate checks, links to plots and tables."""
+    verdict = inp.verdict.upper()
+    lines = [f"# {inp.title}", "", f"## Gate: **{verdict}**", ""]
+    failed = [r for r in inp.checks if not r.get("success")]
+    if failed:
+        lines.append(f"The gate failed because {len(failed)} of {len(inp.checks)} checks failed:")
+    else:
+        lines.append(f"The gate passed: all {len(inp.checks)} checks passed.")
+    lines += [f"- {reason}" for reason in inp.reasons if failed]
+    lines += ["", "## What was found", "", *_findings(inp, shape), ""]
+    lines += ["## Gate checks (Great Expectations)", "", checks_markdown(inp.checks)]
+    lines += ["## Plots", ""]
+    lines += [f"- [{name}](plots/{name})" for name in PLOTS]
+    lines += ["", "## Tables", ""]
+    lines += [
+        "- [top-k proponents and opponents per query](tables/top_k_per_query.json)",
+        "- [flagged training examples](tables/flagged_train.json)",
+        "- [suspected leaks](tables/leaks_table.json)",
+        "- full tables: [train](tables/train.parquet), [queries](tables/queries.parquet), "
+        "[leaks](tables/leaks.parquet); scores under `scores/`",
+        "",
+        "Sign convention: positive = proponent; group influence < 0 hurts the validation set.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def review_tables(inp: ReviewInputs) -> dict[str, pd.DataFrame]:
+    """The tables logged for the UI, keyed like :data:`TABLES`."""
+    train = inp.tables.train
+    flagged = train[train["flag_mislabel"] | train["flag_harmful"]].copy()
+    if inp.train_pred is not None:
+        flagged.insert(2, "predicted", inp.train_pred[flagged.index.to_numpy()])
+    flagged = flagged.sort_values("self_influence", ascending=False)
+    return {
+        "top_k_per_query": inp.tables.queries,
+        "flagged_train": flagged.reset_index(drop=True),
+        "leaks": inp.tables.leaks,
+    }
+
+
+def write_report(out_dir: str | Path, inp: ReviewInputs) -> list[str]:
+    """Write the plots, ``report.md`` and ``checks/gx_result.md``; return their relative paths."""
+    out = Path(out_dir)
+    shape = image_shape(inp.train_x.shape[1]) if inp.train_x.ndim == 2 else None
+    if shape is not None and inp.scale is None:
+        inp = replace(inp, scale=display_scale(inp.train_x))
+    train, counts = inp.tables.train, inp.tables.counts
+    plots = out / "plots"
+    plot_self_influence(train, counts, plots / "self_influence.png")
+    plot_group_influence(train, counts, plots / "group_influence.png")
+    plot_top_harmful(train, counts, plots / "top_harmful.png", inp.train_pred)
+    plot_mislabels(inp, shape, plots / "mislabels.png")
+    plot_leaks(inp, shape, plots / "leaks.png")
+    plot_query_influence(inp, shape, plots / "query_influence.png")
+    (out / "report.md").write_text(report_markdown(inp, shape))
+    (out / "checks").mkdir(parents=True, exist_ok=True)
+    verdict = f"# Gate: {inp.verdict.upper()}\n\n"
+    (out / "checks" / "gx_result.md").write_text(verdict + checks_markdown(inp.checks))
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

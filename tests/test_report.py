@@ -1,0 +1,78 @@
+"""Review report (mirrorinf.report): plots and markdown for image and tabular data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mirrorinf.report import PLOTS, ReviewInputs, image_shape, review_tables, write_report
+from mirrorinf.summary import summarise
+
+CHECKS = [
+    {"check": "mislabel_fraction", "success": False, "observed": 0.1, "threshold": 0.05},
+    {"check": "leaks", "success": True, "observed": 0, "threshold": 0},
+]
+
+
+def _inputs(n_features: int, n_leaks: int = 1, seed: int = 0) -> ReviewInputs:
+    rng = np.random.default_rng(seed)
+    n_train, n_query = 60, 6
+    x = rng.normal(size=(n_train, n_features))
+    self_inf = np.exp(rng.normal(-6, 2, size=n_train))
+    group = rng.normal(0, 1e-3, size=n_train)
+    pairwise = rng.normal(0, 1e-8, size=(n_train, n_query))
+    drop = np.full(n_query, 1e-3)
+    for q in range(n_leaks):  # query q duplicates training row q: cosine 1
+        pairwise[q, q] = np.sqrt(self_inf[q] * drop[q])
+    tables = summarise(
+        pairwise, self_inf, group, train_labels=rng.integers(0, 3, n_train),
+        query_ids=np.arange(100, 100 + n_query), query_self_drop=drop,
+        calib_self_inf=np.exp(rng.normal(-7, 1, size=200)),
+        calib_group_inf=rng.normal(0, 3e-4, size=200),
+    )  # fmt: skip
+    return ReviewInputs(
+        tables=tables,
+        train_x=x,
+        query_x=np.concatenate([x[:n_leaks], rng.normal(size=(n_query - n_leaks, n_features))]),
+        query_ids=np.arange(100, 100 + n_query),
+        query_labels=rng.integers(0, 3, n_query),
+        train_pred=rng.integers(0, 3, n_train),
+        checks=CHECKS,
+        verdict="failed",
+        reasons=["mislabel_fraction: observed 0.1, allowed 0.05"],
+    )
+
+
+@pytest.mark.parametrize(("n_features", "n_leaks"), [(64, 2), (5, 1), (7, 0)])
+def test_write_report_images_and_tabular(tmp_path: Path, n_features: int, n_leaks: int) -> None:
+    inp = _inputs(n_features, n_leaks)
+    files = write_report(tmp_path, inp)
+    assert {f"plots/{p}" for p in PLOTS} | {"report.md", "checks/gx_result.md"} == set(files)
+    for name in PLOTS:
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 500_000
+    report = (tmp_path / "report.md").read_text()
+    assert "Gate: **FAILED**" in report and "mislabel_fraction" in report
+    assert f"Suspected leaks: {n_leaks}**" in report
+    assert "tables/top_k_per_query.json" in report
+    assert ("First features" in report) == (
+        image_shape(n_features) is None and inp.tables.counts["n_flagged_mislabel"] > 0
+    )
+    assert "| leaks | pass |" in (tmp_path / "checks" / "gx_result.md").read_text()
+
+
+def test_review_tables_carry_predictions() -> None:
+    inp = _inputs(64)
+    tables = review_tables(inp)
+    flagged = tables["flagged_train"]
+    assert "predicted" in flagged and len(flagged) == int(
+        (inp.tables.train["flag_mislabel"] | inp.tables.train["flag_harmful"]).sum()
+    )
+    assert len(tables["top_k_per_query"]) == len(inp.tables.queries)
+
+
+def test_image_shape() -> None:
+    assert image_shape(64) == (8, 8) and image_shape(784) == (28, 28)
+    assert image_shape(5) is None and image_shape(9) is None  # 3x3 is too small to read

@@ -1,0 +1,66 @@
+"""Scale-out overhead: the sharded influence flow on threads vs a local Dask cluster.
+
+Runs the whole flow (demo data, demo model, scoring in shards, checks, MLflow logging) twice in
+one process against one temporary Prefect API, with the score cache off so both really score:
+once with the thread-pool runner, once with prefect-dask on a LocalCluster. Prints wall times
+and the ratio (target on 2 cores: Dask <= 1.3x threads). Dask pays process start-up and model /
+data serialisation per shard; it wins when shards are heavy or workers are separate machines
+(or one per GPU).
+
+Run: python benchmarks/scaleout.py [--n-train 1200] [--shard 200] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tasks.env  # noqa: E402,F401 - telemetry off before the tools load
+from flows.influence import run_influence  # noqa: E402
+from mirrorinf.params import params_from_dict  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-query", type=int, default=100)
+    ap.add_argument("--shard", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=90):
+        root = Path(tmp)
+        base = {
+            "demo": {"n_train": args.n_train, "n_val": 300, "n_query": args.n_query},
+            "model": {"name": "scaleout"},
+            "sharding": {"size": args.shard},
+            "cache": False,
+        }
+        run_influence(params_from_dict(base, root=root))  # warm-up: data, model, imports
+        rows = []
+        for runner in ("threads", "dask"):
+            cfg = {**base, "runner": runner, "dask": {"workers": args.workers},
+                   "sharding": {"size": args.shard, "dir": f"outputs/shards-{runner}"}}
+            t0 = time.perf_counter()
+            result = run_influence(params_from_dict(cfg, root=root))
+            rows.append((runner, time.perf_counter() - t0, result.stage_seconds.get("score", 0.0)))
+    n_shards = -(-args.n_train // args.shard)
+    print(f"# scale-out: {args.n_train} train x {args.n_query} queries, {n_shards} shards, "
+          f"{os.cpu_count()} cores")
+    print("| runner | flow (s) | scoring stage (s) |\n|---|---:|---:|")
+    for runner, total, score in rows:
+        print(f"| {runner} | {total:.1f} | {score:.1f} |")
+    ratio = rows[1][1] / rows[0][1]
+    print(f"\nDask / threads: {ratio:.2f}x (target <= 1.3x: {'PASS' if ratio <= 1.3 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()

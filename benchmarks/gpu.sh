@@ -19,3 +19,5 @@ for n in 200000; do
   timeout 240 "$PY" benchmarks/throughput.py --device cuda --n "$n" --queries 32 --repeats 3 \
     --no-rss 2>&1 | tee -a "$OUT/throughput.md"
 done
+timeout 240 "$PY" benchmarks/models.py --device cuda --n 16384 --queries 8 2>&1 \
+  | grep -v Warning | tee "$OUT/models.md"

@@ -8,17 +8,21 @@ Importing this module sets quiet tool defaults (telemetry off, Prefect home unde
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mirrorinf.demo import evaluate_findings
+from mirrorinf.errors import InputError
 from mirrorinf.params import Params
+from mirrorinf.shards import shard_ranges
 from tasks.data import (
     Dataset,
     check_labels,
@@ -32,7 +36,16 @@ from tasks.model import (
     output_size,
     train_and_register_task,
 )
-from tasks.score import check_task, predict_labels, score_cache_key, score_task, set_threads
+from tasks.score import (
+    assemble_task,
+    check_task,
+    open_store_task,
+    predict_labels,
+    score_cache_key,
+    score_shard_task,
+    score_task,
+    set_threads,
+)
 from tasks.tracking import (
     code_version,
     influence_run,
@@ -249,16 +262,15 @@ def influence_flow(params: Params) -> InfluenceResult:
         )
 
     cfg = params.engine_config()
-    key = None
-    if params.cache:
-        key = score_cache_key(
-            model_uri=ref.uri,
-            model_run_id=ref.run_id,
-            data_md5={k: v.provenance.md5 for k, v in datasets.items()},
-            config_fingerprint=cfg.fingerprint(),
-            n_queries=len(queries),
-            device=params.device,
-        )
+    identity = score_cache_key(
+        model_uri=ref.uri,
+        model_run_id=ref.run_id,
+        data_md5={k: v.provenance.md5 for k, v in datasets.items()},
+        config_fingerprint=cfg.fingerprint(),
+        n_queries=len(queries),
+        device=params.device,
+    )
+    key = identity if params.cache else None
     run_score = score_task if key else score_task.with_options(persist_result=False)
     with influence_run(
         uri,
@@ -273,12 +285,15 @@ def influence_flow(params: Params) -> InfluenceResult:
         extra_tags={"mirrorinf.data.matches_training": str(same_data).lower()},
     ) as run_id:
         with stages("score"):
-            state = run_score(
-                key, model, sets["train"], sets["val"], queries, cfg.to_dict(), params.device,
-                return_state=True,
-            )  # fmt: skip
-            scores = state.result()
-            cache_hit = state.name == "Cached"
+            if params.sharding.size:
+                scores, cache_hit = _score_sharded(params, ref, model, sets, queries, identity)
+            else:
+                state = run_score(
+                    key, model, sets["train"], sets["val"], queries, cfg.to_dict(),
+                    params.device, return_state=True,
+                )  # fmt: skip
+                scores = state.result()
+                cache_hit = state.name == "Cached"
         with stages("check"):
             tables, check = check_task(scores, sets["train"], queries, params.gate.thresholds())
         verdict = "passed" if check.success else "failed"
@@ -333,7 +348,76 @@ def influence_flow(params: Params) -> InfluenceResult:
     )
 
 
+def _score_sharded(
+    params: Params,
+    ref: ModelRef,
+    model: Any,
+    sets: dict[str, Dataset],
+    queries: Dataset,
+    identity: str,
+) -> tuple[Any, bool]:
+    """Map the shard task over training-row ranges, then assemble; (bundle, all on disk)."""
+    assert params.sharding.size is not None
+    ranges = shard_ranges(len(sets["train"]), params.sharding.size)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{ref.name}-v{ref.version}")
+    root = str(params.root / params.sharding.dir / name)
+    ident = {"scores": identity, "shard_size": params.sharding.size}
+    open_store_task(root, ident)
+    cfg = params.engine_config().to_dict()
+    futures = score_shard_task.map(
+        unmapped(root), unmapped(ident), [r[0] for r in ranges], [r[1] for r in ranges],
+        unmapped(model), unmapped(sets["train"]), unmapped(sets["val"]), unmapped(queries),
+        unmapped(cfg), unmapped(params.device),
+    )  # fmt: skip
+    computed = [f.result() for f in futures]
+    logger.info(
+        "shards: %d scored, %d reused from %s", sum(computed), len(ranges) - sum(computed), root
+    )
+    bundle = assemble_task(
+        root, ident, ranges, model, sets["val"], cfg, params.device, len(queries)
+    )
+    return bundle, not any(computed)
+
+
+@contextmanager
+def _task_runner(params: Params) -> Iterator[Any]:
+    """The task runner named in params. For Dask, one Prefect API is started first and its URL
+    exported, so that worker processes report to it instead of each starting their own."""
+    if params.runner == "threads":
+        yield ThreadPoolTaskRunner(max_workers=3)
+        return
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise InputError("runner: dask needs prefect-dask: pip install 'mirrorinf[dask]'") from None
+    from prefect.settings import PREFECT_API_URL
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    server, exported = None, "PREFECT_API_URL" not in os.environ
+    if PREFECT_API_URL.value():  # a configured API (or a test harness): workers use it too
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    else:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start(timeout=90)
+        os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        if params.dask.address:
+            yield DaskTaskRunner(address=params.dask.address)
+        else:
+            yield DaskTaskRunner(
+                cluster_kwargs={"n_workers": params.dask.workers, "threads_per_worker": 1,
+                                "processes": True, "dashboard_address": None}
+            )  # fmt: skip
+    finally:
+        if exported:
+            os.environ.pop("PREFECT_API_URL", None)
+        if server is not None:
+            server.stop()
+
+
 def run_influence(params: Params) -> InfluenceResult:
     """Run :func:`influence_flow` with the task runner named in params."""
-    runners = {"threads": lambda: ThreadPoolTaskRunner(max_workers=3)}
-    return influence_flow.with_options(task_runner=runners[params.runner]())(params)
+    with _task_runner(params) as runner:
+        return influence_flow.with_options(task_runner=runner)(params)

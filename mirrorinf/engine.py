@@ -93,7 +93,10 @@ class ForwardInf:
     """Mirrored influence of training examples on queries, for any ``nn.Module``.
 
     ``pairwise`` gives [n_train, n_query], ``group`` one column for a whole query set,
-    ``self_influence`` each training point's own loss drop. The caller's model is never changed.
+    ``self_influence`` each training point's own loss drop. The caller's model is never changed
+    (after a call). Not thread-safe: during a call the model's modules run with the engine's
+    tensors swapped in (torch.func.functional_call); score one model object from one thread at
+    a time, or give each thread its own copy.
     """
 
     def __init__(

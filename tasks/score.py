@@ -9,6 +9,7 @@ queries, device), so a rerun with nothing changed reuses the scores.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -26,17 +27,21 @@ from prefect.cache_policies import NO_CACHE
 from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
+from mirrorinf.shards import ShardStore, score_rows
 from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
 from tasks.checks import CheckResult, validate_tables
 from tasks.data import Dataset
 
 __all__ = [
     "ScoreBundle",
+    "assemble_task",
     "check_task",
     "compute_scores",
+    "open_store_task",
     "pairwise_scores",
     "predict_labels",
     "score_cache_key",
+    "score_shard_task",
     "score_task",
     "scoring_code_hash",
     "set_threads",
@@ -68,12 +73,6 @@ class ScoreBundle:
     seconds: float = 0.0
 
 
-def _report(fi: ForwardInf) -> dict[str, Any]:
-    rep = fi.last_report.to_dict() if fi.last_report is not None else {}
-    rep.pop("query_self_drop", None)  # kept as an array in the bundle instead
-    return json.loads(json.dumps(rep, default=str))
-
-
 def _engine(model: torch.nn.Module, cfg: ForwardInfConfig, device: str) -> ForwardInf:
     """The engine; its ValueError on construction (e.g. no CUDA for device "cuda") is input."""
     try:
@@ -94,38 +93,89 @@ def compute_scores(
     cfg = config if isinstance(config, ForwardInfConfig) else ForwardInfConfig.from_dict(config)
     t0 = time.perf_counter()
     fi = _engine(model, cfg, device)
-    pairwise = fi.pairwise(train.pair(), queries.pair())
-    reports = {"pairwise": _report(fi)}
-    drop = fi.last_report.query_self_drop
-    leak_pairwise = None
-    if cfg.mode != "plain":  # the leak cosine needs plain scores (self-influence's scale)
-        twin = fi.plain_twin()
-        leak_pairwise = twin.pairwise(train.pair(), queries.pair()).detach().cpu().numpy()
-        drop = twin.last_report.query_self_drop
-    group = fi.group(train.pair(), val.pair())
-    reports["group"] = _report(fi)
-    self_inf = fi.self_influence(train.pair())
-    reports["self"] = _report(fi)
+    rows, reports = score_rows(fi, train.pair(), queries.pair(), val.pair())
+    return _bundle(rows, reports, fi, val, cfg, t0, len(train), len(queries))
+
+
+def _bundle(
+    rows: dict[str, np.ndarray],
+    reports: dict[str, dict[str, Any]],
+    fi: ForwardInf,
+    val: Dataset,
+    cfg: ForwardInfConfig,
+    t0: float,
+    n_train: int,
+    n_query: int,
+) -> ScoreBundle:
+    """Per-row scores + the calibration scores of the validation set -> one bundle."""
     calib = calibration_scores(fi, val.pair(), seed=cfg.seed)
     seconds = time.perf_counter() - t0
-    logger.info(
-        "scored %d train x %d queries (+ group, self) in %.2f s",
-        len(train),
-        len(queries),
-        seconds,
-    )
+    logger.info("scored %d train x %d queries (+ group, self) in %.2f s", n_train, n_query, seconds)
     return ScoreBundle(
-        pairwise=pairwise.detach().cpu().numpy(),
-        self_influence=self_inf.detach().cpu().numpy(),
-        group_influence=group.detach().cpu().numpy(),
-        query_self_drop=(
-            drop.detach().cpu().numpy() if drop is not None else np.full(len(queries), np.nan)
-        ),
-        leak_pairwise=leak_pairwise,
+        pairwise=rows["pairwise"],
+        self_influence=rows["self_influence"],
+        group_influence=rows["group_influence"],
+        query_self_drop=rows["query_self_drop"],
+        leak_pairwise=rows.get("leak_pairwise"),
         calib_self_influence=calib.self_influence,
         calib_group_influence=calib.group_influence,
-        reports=reports,
+        reports=json.loads(json.dumps(reports, default=str)),
         seconds=seconds,
+    )
+
+
+@task(name="open-shard-store", cache_policy=NO_CACHE)
+def open_store_task(store_root: str, identity: dict[str, Any]) -> None:
+    """Create the shard store, or clear it if it holds another model/data/config."""
+    ShardStore(store_root, identity).open()
+
+
+@task(name="score-shard", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def score_shard_task(
+    store_root: str,
+    identity: dict[str, Any],
+    start: int,
+    stop: int,
+    model: torch.nn.Module,
+    train: Dataset,
+    val: Dataset,
+    queries: Dataset,
+    config: dict[str, Any],
+    device: str = "auto",
+) -> bool:
+    """Score training rows [start, stop) into the shard store; skip a shard already there.
+
+    Returns True when it computed the shard, False when it was on disk (a resumed run).
+    """
+    store = ShardStore(store_root, identity)
+    if store.done(start, stop):
+        return False
+    # a private copy: the engine's functional calls swap a module's tensors for the duration of
+    # a forward pass, so one module object must not be scored from several threads at once
+    fi = _engine(copy.deepcopy(model), ForwardInfConfig.from_dict(config), device)
+    rows, _ = score_rows(fi, (train.x[start:stop], train.y[start:stop]), queries.pair(), val.pair())
+    store.save(start, stop, rows)
+    return True
+
+
+@task(name="assemble-shards", cache_policy=NO_CACHE)
+def assemble_task(
+    store_root: str,
+    identity: dict[str, Any],
+    ranges: list[tuple[int, int]],
+    model: torch.nn.Module,
+    val: Dataset,
+    config: dict[str, Any],
+    device: str,
+    n_query: int,
+) -> ScoreBundle:
+    """All shards in training-row order, plus calibration scores, as one bundle."""
+    t0 = time.perf_counter()
+    cfg = ForwardInfConfig.from_dict(config)
+    rows = ShardStore(store_root, identity).assemble(ranges)
+    reports = {"shards": {"count": len(ranges), "store": store_root}}
+    return _bundle(
+        rows, reports, _engine(model, cfg, device), val, cfg, t0, len(rows["pairwise"]), n_query
     )
 
 
@@ -149,7 +199,10 @@ def pairwise_scores(
     cfg = config if isinstance(config, ForwardInfConfig) else ForwardInfConfig.from_dict(config)
     fi = _engine(model, cfg, device)
     scores = fi.pairwise(train.pair(), queries.pair())
-    return scores.detach().cpu().numpy(), _report(fi)
+    assert fi.last_report is not None
+    report = fi.last_report.to_dict()
+    report.pop("query_self_drop", None)
+    return scores.detach().cpu().numpy(), json.loads(json.dumps(report, default=str))
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """mirrorinf: mirrored influence (Forward-INF) from forward passes, as an MLOps step.
 
 The engine (this package) is pure torch + numpy: no orchestration imports. Names are resolved
-lazily so that the command line answers ``--help`` without importing torch.
+lazily so that the command line answers ``--help`` without importing torch. ``trigger`` and
+``emit_model_registered`` are re-exported from ``flows`` / ``tasks``: Prefect loads on first use.
 """
 
 from __future__ import annotations
@@ -9,7 +10,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ForwardInf", "ForwardInfConfig", "ScoreReport", "SphereConfig", "cross_entropy"]
+__all__ = [
+    "ForwardInf",
+    "ForwardInfConfig",
+    "ScoreReport",
+    "SphereConfig",
+    "cross_entropy",
+    "emit_model_registered",
+    "trigger",
+]
 
 _WHERE = {
     "ForwardInf": "mirrorinf.engine",
@@ -17,11 +26,16 @@ _WHERE = {
     "cross_entropy": "mirrorinf.engine",
     "ForwardInfConfig": "mirrorinf.config",
     "SphereConfig": "mirrorinf.config",
+    # orchestration helpers: they live in flows/ and tasks/ and import Prefect only when used
+    "trigger": "flows.trigger",
+    "emit_model_registered": "tasks.events",
 }
 
 if TYPE_CHECKING:
+    from flows.trigger import trigger
     from mirrorinf.config import ForwardInfConfig, SphereConfig
     from mirrorinf.engine import ForwardInf, ScoreReport, cross_entropy
+    from tasks.events import emit_model_registered
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The ``mirrorinf`` command: run | score | gate | ui.
+"""The ``mirrorinf`` command: run | score | gate | ui | serve.
 
 Exit codes: 0 ok (gate passed), 1 gate failed, 2 bad input (one clear message, no traceback
 unless --debug), 3 unexpected error (a bug or a broken tool: traceback shown), 130 interrupted.
@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
     _store_args(ui)
     ui.set_defaults(func=_cmd_ui)
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve the influence deployment: runs it for each mirrorinf.model.registered event",
+        description="Create a Prefect deployment of the influence flow with an event trigger on "
+        "mirrorinf.model.registered (model name and version from the event) and run its flow "
+        "runs here until interrupted. Needs PREFECT_API_URL (a `prefect server start`).",
+    )
+    serve.add_argument("--params", default=DEFAULT_PARAMS, help="params (default: %(default)s)")
+    serve.add_argument("--name", default="mirrorinf", help="deployment (default: %(default)s)")
+    serve.add_argument(
+        "--model", default=None, help="react only to versions of this registered model"
+    )
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -282,6 +297,19 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    params_path = Path(args.params)
+    root = params_path.resolve().parent if params_path.is_file() else Path.cwd()
+    _setup(root, True, args.debug)
+    from mirrorinf.params import load_params
+
+    params = load_params(params_path)
+    from flows.trigger import serve
+
+    serve(params, name=args.name, model_name=args.model)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from mirrorinf.demo import build_model, model_spec, train_demo_model
 from mirrorinf.errors import ModelError
 from tasks.data import Dataset, retry_unless_input_error
+from tasks.events import emit_model_registered
 from tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
 
 __all__ = [
@@ -201,6 +202,7 @@ def train_and_register(
             name, source=f"{artifact_uri}/model", run_id=run_id, tags={TRAIN_KEY_TAG: key}
         )
     logger.info("registered %s v%s (train acc %.3f)", name, mv.version, info["train_accuracy"])
+    emit_model_registered(name, mv.version)  # best effort; a served deployment reacts to it
     return _ref(client, mv)
 
 
@@ -283,7 +285,12 @@ def load_registered_model(
     client = get_client(tracking_uri)
     mv = _resolve_version(client, name, version, alias)
     ref = _ref(client, mv)
-    return _load_source(client, mv.source, ref.uri), ref
+    # MLflow 3 versions have sources like models:/m-<id>, which mlflow resolves through the
+    # *global* tracking URI; the registry's download URI is the artifact location itself
+    source = mv.source
+    if source.startswith("models:/"):
+        source = client.get_model_version_download_uri(mv.name, mv.version)
+    return _load_source(client, source, ref.uri), ref
 
 
 def load_model_uri(uri: str, *, tracking_uri: str) -> tuple[torch.nn.Module, ModelRef | None]:

@@ -52,7 +52,10 @@ Rules (they go into the README):
   measured with forward passes), is a suspected leak when that cosine >= ``leak_cosine``
   (0.99). An exact duplicate has cosine 1.0 (measured 0.9999-1.0 on digits); the most aligned
   non-duplicate held-out digit reached 0.96. Queries or training rows with a non-positive
-  self-drop / self-influence are skipped (the cosine is undefined).
+  self-drop / self-influence are skipped (the cosine is undefined). When the inputs are given,
+  the pair must also be a near-copy, ``||x_q - x_i|| <= leak_input_distance * ||x_q||`` (0.05):
+  for a 2-class model the output-error part of every gradient points the same way, and on
+  breast-cancer data 19 of 20 clean queries reached cosine 0.99 without any duplicate.
 """
 
 from __future__ import annotations
@@ -137,6 +140,13 @@ class GateThresholds(BaseModel):
         description="A query's most gradient-aligned training example is a suspected leak "
         "when the cosine score / sqrt(self_influence * query_self_drop) reaches this (an exact "
         "duplicate has 1.0; held-out digits reached at most 0.96).",
+    )
+    leak_input_distance: float = Field(
+        0.05,
+        ge=0,
+        description="When inputs are given, a suspected leak must also be a near-copy: "
+        "||x_query - x_train|| <= this * ||x_query|| (gradients alone cannot tell apart "
+        "examples of a 2-class model whose hidden features align).",
     )
     max_leaks: int = Field(0, ge=0, description="Gate: largest allowed number of suspected leaks.")
     top_k: int = Field(
@@ -275,6 +285,8 @@ def summarise(
     calib_self_inf: Any = None,
     calib_group_inf: Any = None,
     leak_pairwise: Any = None,
+    train_x: Any = None,
+    query_x: Any = None,
 ) -> InfluenceTables:
     """Build the training, query and leak tables from the engine's score arrays.
 
@@ -306,6 +318,8 @@ def summarise(
         leak_pairwise: [n_train, n_query] plain-mode pairwise scores for the leak rule, whose
             cosine needs the per-unit-lr scale of ``self_inf`` and ``query_self_drop``; pass it
             when ``pairwise`` comes from another mode (anchored). None = ``pairwise``.
+        train_x, query_x: the inputs (any shape with a leading example axis). When given, a
+            leak must also be a near-copy in input space (``leak_input_distance``).
 
     Raises:
         ValueError: an input has the wrong shape or sizes disagree, naming the input.
@@ -430,12 +444,22 @@ def summarise(
     cols = np.arange(n_query)
     best_cos = np.where(has, cos[best_idx, cols] if n_query else np.zeros(0), np.nan)
     is_leak = np.isfinite(best_cos) & (best_cos >= th.leak_cosine)
+    distance = np.full(n_query, np.nan)
+    if train_x is not None and query_x is not None and n_query:
+        tx = np.asarray(train_x, dtype=np.float64).reshape(n_train, -1)
+        qx = np.asarray(query_x, dtype=np.float64).reshape(n_query, -1)
+        if tx.shape[1] != qx.shape[1]:
+            raise ValueError(f"train_x has {tx.shape[1]} features but query_x has {qx.shape[1]}")
+        gap = np.linalg.norm(qx - tx[best_idx], axis=1)
+        distance = gap / np.maximum(np.linalg.norm(qx, axis=1), 1e-12)
+        is_leak &= distance <= th.leak_input_distance
     leaks = pd.DataFrame(
         {
             "query_id": q_ids[is_leak],
             "train_id": t_ids[best_idx[is_leak]],
             "score": leak_scores[best_idx, cols][is_leak] if n_query else np.zeros(0),
             "cosine": best_cos[is_leak],
+            "input_distance": distance[is_leak],
         }
     )
 

@@ -276,6 +276,8 @@ def summarise_and_check(
         query_ids=queries.ids,
         query_self_drop=scores.query_self_drop,
         leak_pairwise=scores.leak_pairwise,
+        train_x=train.x.numpy(),
+        query_x=queries.x.numpy(),
         thresholds=thresholds,
         calib_self_inf=scores.calib_self_influence,
         calib_group_inf=scores.calib_group_influence,

@@ -45,7 +45,7 @@ def test_tables_have_documented_columns_and_sizes() -> None:
     assert isinstance(out, InfluenceTables)
     assert list(out.train.columns) == TRAIN_COLUMNS
     assert list(out.queries.columns) == ["query_id", "rank", "kind", "train_id", "score"]
-    assert list(out.leaks.columns) == ["query_id", "train_id", "score", "cosine"]
+    assert list(out.leaks.columns) == ["query_id", "train_id", "score", "cosine", "input_distance"]
     assert len(out.train) == 50 and (out.train["id"].to_numpy() == ids).all()
     assert len(out.queries) == 4 * 2 * 10  # top_k=10 proponents + 10 opponents per query
     assert out.counts["n_train"] == 50 and out.counts["n_query"] == 4
@@ -449,3 +449,23 @@ def test_leak_rule_uses_plain_scores_when_given() -> None:
     assert out.queries["score"].abs().max() > 100
     with pytest.raises(ValueError, match="leak_pairwise has shape"):
         summarise(**inp, leak_pairwise=plain[:, :2])
+
+
+def test_leak_needs_a_near_copy_when_inputs_are_given() -> None:
+    """Aligned gradients alone (e.g. a 2-class model) are not a leak without a near-copy."""
+    rng = np.random.default_rng(8)
+    inp = _clean(n_train=50, n_query=3, seed=8)
+    inp["query_self_drop"] = np.full(3, 10.0)
+    for i, j in ((4, 0), (5, 1), (6, 2)):  # gradient cosine 1.0 for all three pairs
+        inp["pairwise"][i, j] = 10.0
+        inp["self_inf"][i] = 10.0
+    train_x = rng.normal(size=(50, 8))
+    query_x = rng.normal(size=(3, 8))
+    query_x[0] = train_x[4]  # exact copy
+    query_x[1] = train_x[5] * 1.01  # near copy (1% away)
+    out = summarise(**inp, train_x=train_x, query_x=query_x)
+    assert list(out.leaks["query_id"]) == [0, 1]
+    assert out.leaks["input_distance"].tolist() == pytest.approx([0.0, 0.01 / 1.01], abs=1e-9)
+    assert len(summarise(**inp).leaks) == 3  # without inputs: the gradient rule alone
+    with pytest.raises(ValueError, match="features"):
+        summarise(**inp, train_x=train_x, query_x=query_x[:, :4])

@@ -55,7 +55,7 @@ Rules (they go into the README):
   self-drop / self-influence are skipped (the cosine is undefined). When the inputs are given,
   the pair must also be a near-copy, ``||x_q - x_i|| <= leak_input_distance * ||x_q||`` (0.05):
   for a 2-class model the output-error part of every gradient points the same way, and on
-  breast-cancer data 19 of 20 clean queries reached cosine 0.99 without any duplicate.
+  breast-cancer data 19 of 69 clean queries reached cosine 0.99 without any duplicate.
 """
 
 from __future__ import annotations

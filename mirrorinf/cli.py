@@ -193,7 +193,7 @@ def _print_summary(result: Any, wall: float, verbose: bool) -> None:
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in truth.items())
         print(f"planted ground truth: {shown}")
     print(f"MLflow run: {result.run_id}{'  (scores from cache)' if result.cache_hit else ''}")
-    print("see: mirrorinf ui")
+    print("see: mirrorinf ui  (the run's report.md, plots/ and tables/ show what was found)")
     if verbose:
         body = sum(result.stage_seconds.values())
         stages = "  ".join(f"{k} {v:.2f}s" for k, v in result.stage_seconds.items())

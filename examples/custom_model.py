@@ -47,7 +47,7 @@ os.makedirs("mlruns", exist_ok=True)
 mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")  # mirrorinf's default store
 with mlflow.start_run():
     info = mlflow.pytorch.log_model(net, name="model", registered_model_name="breast-mlp",
-                                    serialization_format="pickle", pip_requirements=["torch"])
+                                    input_example=x[:2], pip_requirements=["torch"])  # pt2
 
 data = {"source": "file", "train": "train.npz", "val": "val.npz", "query": "query.npz"}
 result = mirrorinf.trigger("breast-mlp", info.registered_model_version, params={"data": data})

@@ -202,7 +202,11 @@ def _model_and_data(
     if not params.model.train_demo:
         with stages("model"):
             model, ref = load_registered_model_task(
-                params.model.name, params.model.version, params.model.alias, tracking_uri=uri
+                params.model.name,
+                params.model.version,
+                params.model.alias,
+                tracking_uri=uri,
+                allow_pickle=params.model.allow_pickle,
             )
     rev = _data_rev(params, ref)
     with stages("data"):

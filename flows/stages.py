@@ -74,7 +74,11 @@ def _train(params: Params) -> None:
         )
     else:
         _, ref = load_registered_model(
-            params.model.name, params.model.version, params.model.alias, tracking_uri=uri
+            params.model.name,
+            params.model.version,
+            params.model.alias,
+            tracking_uri=uri,
+            allow_pickle=params.model.allow_pickle,
         )
     # only what pins the version (not "reused"), so an unchanged model keeps the same md5
     pinned = {k: v for k, v in ref.to_dict().items() if k != "reused"}

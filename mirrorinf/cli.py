@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--queries", required=True, help="query set (.npz or .parquet)")
     score.add_argument("--out", required=True, help="output directory")
     score.add_argument("--label-column", default=None, help="label column of parquet files")
+    score.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load mlflow.pytorch models saved with pickle (runs code from the artifact: only "
+        "for a store you trust)",
+    )
     _store_args(score)
     score.set_defaults(func=_cmd_score)
 
@@ -235,7 +241,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     set_threads(params.threads)
     train = load_dataset(args.train, name="train", label_column=label_column)
     queries = load_dataset(args.queries, name="query", label_column=label_column)
-    model, ref = load_model_uri(args.model_uri, tracking_uri=uri)
+    allow_pickle = args.allow_pickle or params.model.allow_pickle
+    model, ref = load_model_uri(args.model_uri, tracking_uri=uri, allow_pickle=allow_pickle)
     n_classes = output_size(model, train.x)
     check_labels(train, n_classes)
     check_labels(queries, n_classes)

@@ -305,7 +305,7 @@ class ForwardInf:
                 yield self._cur
         finally:
             for m, was in modes:
-                m.train(was)
+                m.training = was  # per module, without train()'s recursion (exported graphs)
 
     def _fwd(
         self, theta: _Theta, params: Params, x: torch.Tensor, buffers: Params | None = None

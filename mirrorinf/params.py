@@ -10,6 +10,7 @@ Pure pydantic + yaml: no orchestration imports here.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +113,12 @@ class ModelParams(_Section):
     name: str = Field("mirrorinf-demo", min_length=1, description="Registered model name.")
     version: int | None = Field(None, ge=1, description="Registered model version.")
     alias: str | None = Field(None, min_length=1, description="Registered model alias.")
+    allow_pickle: bool = Field(
+        False,
+        description="Load mlflow.pytorch models saved with pickle. Unpickling runs whatever code "
+        "the artifact holds: only for a model store you trust. pt2 and mirrorinf's own format "
+        "load without it.",
+    )
     train: TrainParams = Field(default_factory=TrainParams)
 
     @model_validator(mode="after")
@@ -285,6 +292,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(Params, loc[:-1])
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            close = difflib.get_close_matches(str(loc[-1]), allowed or [], n=1)
+            hint = f"; did you mean {close[0]!r}?{hint}" if close else hint
             lines.append(f"{key}: unknown key{hint}")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")

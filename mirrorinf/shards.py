@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,21 @@ def score_rows(
     return out, reports
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Write through a temp file in the same folder, then rename: readers (and a rerun after a
+    crash) see the old file or the new one, never half of one. ``write`` gets a binary handle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ShardStore:
@@ -102,7 +111,7 @@ class ShardStore:
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(self.identity, sort_keys=True, indent=1).encode()
-        _atomic_write(manifest, lambda fh: fh.write(payload))
+        atomic_write(manifest, lambda fh: fh.write(payload))
         return self
 
     def _marker(self, start: int, stop: int) -> Path:
@@ -116,12 +125,12 @@ class ShardStore:
         names = sorted(arrays)
         for name in names:
             arr = arrays[name]
-            _atomic_write(
+            atomic_write(
                 self.root / f"shard_{start:09d}_{stop:09d}.{name}.npy",
                 lambda fh, arr=arr: np.save(fh, arr, allow_pickle=False),
             )
         payload = json.dumps({"start": start, "stop": stop, "arrays": names}).encode()
-        _atomic_write(self._marker(start, stop), lambda fh: fh.write(payload))
+        atomic_write(self._marker(start, stop), lambda fh: fh.write(payload))
         with open(self.root / "computations.log", "a") as fh:  # audit: one line per scoring
             fh.write(f"{start}:{stop}\n")
 

@@ -13,8 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.errors import DataError, InputError
+from mirrorinf.shards import atomic_write
 
 __all__ = [
     "DataError",
@@ -303,37 +302,24 @@ def read_json(
     return data
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_npz(path: str | Path, x: Any, y: Any, ids: Any = None) -> str:
     """Write a dataset as .npz (atomically); returns the md5 of the file."""
     arrays = {"x": np.asarray(x), "y": np.asarray(y)}
     if ids is not None:
         arrays["ids"] = np.asarray(ids)
-    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 def write_npy(path: str | Path, array: Any) -> None:
     """Write one array as .npy atomically (temp name + rename)."""
-    _atomic_write(Path(path), lambda f: np.save(f, np.asarray(array)))
+    atomic_write(path, lambda f: np.save(f, np.asarray(array)))
 
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (sorted keys, so identical content gives identical bytes)."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 load_dataset_task = task(

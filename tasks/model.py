@@ -1,9 +1,15 @@
 """Models in the MLflow registry: train + register the demo model, load a version as torch.
 
-Format (no pickle): a version's artifacts hold ``mirrorinf_model.json`` (architecture name and
-constructor arguments from :data:`mirrorinf.demo.ARCHITECTURES`) and ``state_dict.pt`` (tensors
-only, loaded with ``torch.load(weights_only=True)``). Versions logged with ``mlflow.pytorch`` are
-loaded through it as a fallback (that path unpickles; a warning says so).
+Safe by default, no unpickling of arbitrary code:
+
+- mirrorinf's own format: ``mirrorinf_model.json`` (architecture name and constructor arguments
+  from :data:`mirrorinf.demo.ARCHITECTURES`) and ``state_dict.pt`` (tensors only, loaded with
+  ``torch.load(weights_only=True)``);
+- ``mlflow.pytorch`` models in MLflow's ``pt2`` format (``torch.export``; MLflow 3's default):
+  a traced graph plus weights, loaded with :func:`torch.export.load`, which runs no pickled code;
+- ``mlflow.pytorch`` models in ``pickle`` format only with ``allow_pickle=True``
+  (``model.allow_pickle`` in params, ``--allow-pickle`` on the CLI): unpickling runs whatever
+  code the file names, so a tampered artifact store becomes code execution on this machine.
 
 The training run records the data it trained on (tags ``mirrorinf.data.<set>.*``: path, rev,
 commit, md5), so the influence flow can score on exactly that data. The demo model is reused,
@@ -243,7 +249,97 @@ def _load_dir(local: Path, what: str) -> torch.nn.Module:
     raise ModelError(f"{what}: no {SPEC_FILE} found and not an MLflow pytorch model")
 
 
-def _load_source(client: Any, uri: str, what: str) -> torch.nn.Module:
+class ExportedModel(torch.nn.Module):
+    """A ``torch.export`` graph as an ordinary module (the graph itself refuses ``.eval()``).
+
+    The graph was traced in the mode the model had when it was logged (normally eval), so
+    ``train()``/``eval()`` only flip the flag here and never reach the graph.
+    """
+
+    def __init__(self, graph: torch.nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = mode
+        return self
+
+
+def _pt2_pickle_payload(path: Path) -> str | None:
+    """What in a pt2 archive would be unpickled on load (None: plain tensors and JSON only).
+
+    torch.export.load unpickles weights or constants marked ``use_pickle``, custom and opaque
+    objects, and retries sample inputs with ``weights_only=False``; each is checked here first.
+    """
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith((".so", ".cpp", ".pyd", ".dll")):
+                    return f"compiled code ({name})"
+                base = name.rsplit("/", 1)[-1]
+                if base.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    for fqn, meta in config.items():
+                        if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
+                            ("weight_", "tensor_")
+                        ):
+                            return f"a pickled object ({fqn})"
+                elif "/sample_inputs/" in name:
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except Exception:
+                        return f"pickled sample inputs ({name})"
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ModelError(f"{path}: not a readable pt2 archive: {err}") from None
+    return None
+
+
+def _mlflow_pytorch(local: Path, what: str, allow_pickle: bool) -> torch.nn.Module:
+    """An MLflow pytorch model: pt2 through torch.export.load, pickle only when allowed."""
+    import yaml
+
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["pytorch"]
+    except (KeyError, TypeError, yaml.YAMLError) as err:
+        raise ModelError(f"{what}: not an MLflow pytorch model (MLmodel: {err})") from None
+    data = local / str(flavor.get("model_data", "data"))
+    exported = data / "model.pt2"
+    if exported.is_file():
+        unsafe = None if allow_pickle else _pt2_pickle_payload(exported)
+        if unsafe is not None:
+            raise ModelError(
+                f"{what}: its pt2 archive holds {unsafe}, which loads by unpickling and so can "
+                "run arbitrary code; if you trust the model store set model.allow_pickle: true "
+                "in params.yaml (--allow-pickle for mirrorinf score)"
+            )
+        try:
+            program = torch.export.load(str(exported))
+        except Exception as err:  # corrupt archive or a torch too old for it
+            raise ModelError(f"{what}: cannot load the pt2 model: {err}") from None
+        return ExportedModel(program.module()).eval()
+    if not allow_pickle:
+        raise ModelError(
+            f"{what} was logged with pickle serialization; loading it unpickles and so runs "
+            "whatever code the file contains. Re-log it with mlflow.pytorch.log_model(..., "
+            "serialization_format='pt2', input_example=...), or if you trust the model store "
+            "set model.allow_pickle: true in params.yaml (--allow-pickle for mirrorinf score)"
+        )
+    logger.warning("%s: loading a pickled model (model.allow_pickle is true)", what)
+    import mlflow.pytorch
+
+    try:
+        return mlflow.pytorch.load_model(str(local), map_location="cpu").eval()
+    except Exception as err:
+        raise ModelError(f"{what}: cannot unpickle the model: {err}") from None
+
+
+def _load_source(client: Any, uri: str, what: str, allow_pickle: bool = False) -> torch.nn.Module:
     """Download a model's artifacts and rebuild it (mirrorinf format, else mlflow.pytorch)."""
     import mlflow
 
@@ -259,11 +355,7 @@ def _load_source(client: Any, uri: str, what: str) -> torch.nn.Module:
         if (local / SPEC_FILE).is_file():
             return _load_dir(local, what)
         if (local / "MLmodel").is_file():
-            logger.warning("%s: loading through mlflow.pytorch (unpickles the model)", what)
-            import mlflow.pytorch
-
-            mlflow.set_tracking_uri(client.tracking_uri)
-            return mlflow.pytorch.load_model(str(local), map_location="cpu").eval()
+            return _mlflow_pytorch(local, what, allow_pickle)
         raise ModelError(f"{what}: artifacts have neither {SPEC_FILE} nor an MLmodel file")
 
 
@@ -273,8 +365,11 @@ def load_registered_model(
     alias: str | None = None,
     *,
     tracking_uri: str,
+    allow_pickle: bool = False,
 ) -> tuple[torch.nn.Module, ModelRef]:
     """Load ``models:/name/version`` (or ``@alias``) as a torch module in eval mode.
+
+    Pickled ``mlflow.pytorch`` models are refused unless ``allow_pickle`` (see the module doc).
 
     Raises:
         ModelError: unknown model, version or alias (listing the versions there are), or
@@ -290,24 +385,36 @@ def load_registered_model(
     source = mv.source
     if source.startswith("models:/"):
         source = client.get_model_version_download_uri(mv.name, mv.version)
-    return _load_source(client, source, ref.uri), ref
+    return _load_source(client, source, ref.uri, allow_pickle), ref
 
 
-def load_model_uri(uri: str, *, tracking_uri: str) -> tuple[torch.nn.Module, ModelRef | None]:
+def load_model_uri(
+    uri: str, *, tracking_uri: str, allow_pickle: bool = False
+) -> tuple[torch.nn.Module, ModelRef | None]:
     """Load ``models:/name/version``, ``models:/name@alias`` or a local model directory."""
     if uri.startswith("models:/"):
         rest = uri[len("models:/") :]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return load_registered_model(name, alias=alias, tracking_uri=tracking_uri)
+        name, at, alias = rest.partition("@")
+        if at:
+            if not name or not alias or "/" in alias:
+                raise ModelError(
+                    f"bad model URI {uri!r}: use models:/NAME/VERSION or models:/NAME@ALIAS"
+                )
+            return load_registered_model(
+                name, alias=alias, tracking_uri=tracking_uri, allow_pickle=allow_pickle
+            )
         name, _, version = rest.rpartition("/")
         if not name or not version.isdigit():
             raise ModelError(
                 f"bad model URI {uri!r}: use models:/NAME/VERSION or models:/NAME@ALIAS"
             )
-        return load_registered_model(name, version=version, tracking_uri=tracking_uri)
+        return load_registered_model(
+            name, version=version, tracking_uri=tracking_uri, allow_pickle=allow_pickle
+        )
     local = Path(uri)
     if local.is_dir():
+        if (local / "MLmodel").is_file():
+            return _mlflow_pytorch(local, uri, allow_pickle), None
         return _load_dir(local, uri), None
     raise ModelError(f"model not found: {uri!r} (use models:/NAME/VERSION or a model directory)")
 

@@ -45,7 +45,7 @@ def test_defaults_and_empty_sections() -> None:
     ("data", "needle"),
     [
         ({"bogus": 1}, "bogus: unknown key (allowed: cache, dask, data, demo"),
-        ({"model": {"verison": 3}}, "model.verison: unknown key (allowed: alias, name, train"),
+        ({"model": {"verison": 3}}, "model.verison: unknown key; did you mean 'version'?"),
         ({"demo": {"n_train": "many"}}, "demo.n_train"),
         ({"demo": {"flip_fraction": 2}}, "demo.flip_fraction"),
         ({"data": {"source": "s3"}}, "data.source"),

@@ -1,0 +1,127 @@
+"""Safe model loading from a real MLflow store (SQLite in a temp dir).
+
+A pt2 model (MLflow 3's default mlflow.pytorch format) loads without unpickling and scores like
+the model that was logged; a pickled model is refused unless allow_pickle says so; a pt2
+archive tampered to carry a pickled payload is refused too.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.cli import main
+from mirrorinf.errors import ModelError
+from tasks.model import load_model_uri
+
+
+class Net(nn.Module):
+    """A user's own architecture (not one of mirrorinf's), as in examples/custom_model.py."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Net]]:
+    """A store holding Net as 'pt2-net' v1 (pt2) and 'pickled-net' v1 (pickle)."""
+    import mlflow
+    import mlflow.pytorch
+
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    torch.manual_seed(0)
+    net = Net().eval()
+    example = np.zeros((2, 6), np.float32)
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.create_experiment("models", artifact_location=str(root / "artifacts"))
+        with mlflow.start_run(experiment_id=exp):
+            mlflow.pytorch.log_model(
+                net, name="m", registered_model_name="pt2-net", input_example=example,
+                pip_requirements=["torch"],
+            )  # fmt: skip
+        with mlflow.start_run(experiment_id=exp):
+            mlflow.pytorch.log_model(
+                net, name="m", registered_model_name="pickled-net", serialization_format="pickle",
+                pip_requirements=["torch"],
+            )  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(old)
+    yield uri, net
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_pt2_loads_without_pickle_and_scores_like_the_original(store: tuple[str, Net]) -> None:
+    uri, net = store
+    loaded, ref = load_model_uri("models:/pt2-net/1", tracking_uri=uri)
+    assert ref is not None and ref.version == "1"
+    train, queries = _data(40, 1), _data(5, 2)
+    torch.testing.assert_close(loaded(train[0]), net(train[0]))
+    got = ForwardInf(loaded).pairwise(train, queries)  # generic path: a graph, not Linears
+    want = ForwardInf(net, ForwardInfConfig(fast_path="off")).pairwise(train, queries)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert loaded.training is False  # modes restored after scoring
+
+
+def test_pickled_model_refused_unless_allowed(store: tuple[str, Net]) -> None:
+    uri, net = store
+    with pytest.raises(ModelError, match=r"pickle serialization.*model\.allow_pickle: true"):
+        load_model_uri("models:/pickled-net/1", tracking_uri=uri)
+    loaded, _ = load_model_uri("models:/pickled-net/1", tracking_uri=uri, allow_pickle=True)
+    x = _data(4, 3)[0]
+    torch.testing.assert_close(loaded(x), net(x))
+
+
+def _tamper(src: Path, dst: Path) -> None:
+    """Copy a pt2 archive, marking one weight as pickled (what torch.export.load unpickles)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            blob = zin.read(item.filename)
+            if item.filename.endswith("_weights_config.json"):
+                config = json.loads(blob)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                blob = json.dumps(config).encode()
+            zout.writestr(item, blob)
+
+
+def test_pt2_archive_with_a_pickled_payload_refused(
+    store: tuple[str, Net], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow
+
+    uri, _ = store
+    source = mlflow.MlflowClient(uri).get_model_version_download_uri("pt2-net", "1")
+    local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / "dl")))
+    archive = local / "data" / "model.pt2"
+    _tamper(archive, tmp_path / "tampered.pt2")
+    (tmp_path / "tampered.pt2").replace(archive)
+    with pytest.raises(ModelError, match=r"pickled object \(hidden.weight\)"):
+        load_model_uri(str(local), tracking_uri=uri)
+    # the same through the CLI: exit 2, one message, nothing written
+    out = tmp_path / "out"
+    train = tmp_path / "train.npz"
+    x, y = _data(10, 4)
+    np.savez(train, x=x.numpy(), y=y.numpy())
+    code = main(["score", "--model-uri", str(local), "--train", str(train), "--queries",
+                 str(train), "--out", str(out), "--tracking-uri", uri])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "pickled object" in err and "Traceback" not in err
+    assert not out.exists()

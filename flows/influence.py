@@ -26,6 +26,7 @@ from mirrorinf.shards import shard_ranges
 from tasks.data import (
     Dataset,
     check_labels,
+    ensure_writable,
     load_dataset_task,
     prepare_demo_task,
     read_json,
@@ -423,5 +424,6 @@ def _task_runner(params: Params) -> Iterator[Any]:
 
 def run_influence(params: Params) -> InfluenceResult:
     """Run :func:`influence_flow` with the task runner named in params."""
+    ensure_writable(params.output_dirs())  # before any run starts: a clear error, nothing left
     with _task_runner(params) as runner:
         return influence_flow.with_options(task_runner=runner)(params)

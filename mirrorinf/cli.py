@@ -225,16 +225,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     _setup(Path.cwd(), False, args.debug)
-    from mirrorinf.errors import InputError
 
     params = _load_store_params(args)
     label_column = args.label_column or params.data.label_column
     uri = _tracking_uri(args, params)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
+    from tasks.data import check_labels, ensure_writable, load_dataset, write_json, write_npy
 
-    from tasks.data import check_labels, load_dataset, write_json, write_npy
+    ensure_writable({"--out": out}, create=False)  # now, not after the scoring
     from tasks.model import load_model_uri, output_size
     from tasks.score import pairwise_scores, set_threads
 

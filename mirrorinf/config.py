@@ -7,6 +7,7 @@ through JSON and YAML so the exact config can be saved beside every result and c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -181,9 +182,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
+        close = [difflib.get_close_matches(u, known, n=1) for u in unknown]
+        hint = "".join(f"; did you mean {prefix + c[0]!r}?" for c in close if c)
         raise ValueError(
-            f"unknown ForwardInfConfig field(s) {', '.join(prefix + u for u in unknown)}; "
-            f"allowed: {', '.join(sorted(prefix + k for k in known))}"
+            f"unknown ForwardInfConfig field(s) {', '.join(prefix + u for u in unknown)}{hint} "
+            f"(allowed: {', '.join(sorted(prefix + k for k in known))})"
         )
     kwargs = dict(data)
     for key, sub in getattr(cls, "_NESTED", {}).items():

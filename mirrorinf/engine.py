@@ -7,6 +7,7 @@ Positive = proponent (fitting q lowers z_i's loss). Base losses are computed onc
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -25,6 +26,7 @@ from mirrorinf._lowrank import LowRankSGD, Unsupported, linear_modules
 from mirrorinf.config import ForwardInfConfig
 from mirrorinf.curvature import hessian_extremes
 from mirrorinf.data import DataLike, Examples, as_examples
+from mirrorinf.errors import ResourceError
 from mirrorinf.metrics import spearman
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,21 @@ class ScoreReport:
         return out
 
 
+def _oom_retry(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Rerun a scoring call with halved batch sizes after an out-of-memory error (any device
+    torch reports it for), until it fits or both sizes are 1 (then a ResourceError)."""
+
+    @functools.wraps(method)
+    def run(self: ForwardInf, *args: Any, **kwargs: Any) -> torch.Tensor:
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except torch.OutOfMemoryError as err:
+                self._shrink_batches(err)
+
+    return run
+
+
 class ForwardInf:
     """Mirrored influence of training examples on queries, for any ``nn.Module``.
 
@@ -127,6 +144,7 @@ class ForwardInf:
         self.train_batch = self.config.train_batch or (
             131072 if self.device.type == "cuda" else 8192
         )
+        self.query_batch = self.config.query_batch  # both halve on out-of-memory (_oom_retry)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(
@@ -147,12 +165,15 @@ class ForwardInf:
         self.last_report: ScoreReport | None = None
 
     # ================================================================== public API
+    @_oom_retry
     def pairwise(self, train: DataLike, queries: DataLike) -> torch.Tensor:
         """Scores [n_train, n_query]: how much fitting each query lowers each training loss."""
         tr, qs = self._resident(as_examples(train, "train")), as_examples(queries, "queries")
         t0 = time.perf_counter()
         with self._scoring() as theta:
-            self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
+            self._check_targets(
+                theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train"
+            )
             xq, yq = self._prepare_queries(theta, qs)
             if self.config.mode == "anchored":
                 scores, drop, extra = self._anchored_pairwise(theta, tr, xq, yq)
@@ -179,12 +200,15 @@ class ForwardInf:
                 extra["upcast"] = len(idx)
         return self._finish("pairwise", scores, drop, path, t0, len(tr), len(xq), extra)
 
+    @_oom_retry
     def group(self, train: DataLike, queries: DataLike) -> torch.Tensor:
         """Scores [n_train] for one update on the whole query set (negative = harmful to it)."""
         tr, qs = self._resident(as_examples(train, "train")), as_examples(queries, "queries")
         t0 = time.perf_counter()
         with self._scoring() as theta:
-            self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
+            self._check_targets(
+                theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train"
+            )
             xq, yq = self._prepare_queries(theta, qs)
             if self.config.mode == "anchored":
                 scores, drop, extra = self._anchored_pairwise(theta, tr, xq, yq, group=True)
@@ -214,6 +238,7 @@ class ForwardInf:
         out = self._finish("group", scores, drop, path, t0, len(tr), 1, extra)
         return out[:, 0]
 
+    @_oom_retry
     def self_influence(self, train: DataLike) -> torch.Tensor:
         """Scores [n_train]: each training point's loss drop after fitting that point alone.
 
@@ -229,7 +254,9 @@ class ForwardInf:
         tr = self._resident(as_examples(train, "train"))
         t0 = time.perf_counter()
         with self._scoring() as theta:
-            self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256))), "train")
+            self._check_targets(
+                theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train"
+            )
             out = torch.empty(len(tr), dtype=torch.float64)
             lrs = torch.empty(len(tr), dtype=torch.float64)
             use_lr = self._lowrank is not None and self._lowrank_verified is not False
@@ -278,7 +305,9 @@ class ForwardInf:
     def plain_twin(self) -> ForwardInf:
         """This engine in plain mode with automatic steps (same model, loss, device): the scale
         on which self-influence and the leak rule's gradient cosine are defined."""
-        cfg = self.config.replace(mode="plain", steps=None, lr=None, precision="auto")
+        cfg = self.config.replace(
+            mode="plain", steps=None, lr=None, precision="auto", **self._batch_sizes()
+        )
         return ForwardInf(
             self.model, cfg, None if self._default_loss else self.loss_fn, self.device
         )
@@ -288,7 +317,7 @@ class ForwardInf:
         if self.config.precision != "auto" or self.dtype == torch.float64:
             return None
         log.info("some scores vanished at float32; recomputing them in float64")
-        cfg = self.config.replace(precision="float64", sphere=None)
+        cfg = self.config.replace(precision="float64", sphere=None, **self._batch_sizes())
         return ForwardInf(
             self.model, cfg, None if self._default_loss else self.loss_fn, self.device
         )
@@ -329,6 +358,8 @@ class ForwardInf:
         try:
             with torch.no_grad():
                 out = self._fwd(theta, theta.params, x)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, IndexError) as exc:
             raise ValueError(
                 f"the model's forward failed on {name} inputs of shape {tuple(x.shape)}: {exc}. "
@@ -647,7 +678,7 @@ class ForwardInf:
         scores = torch.empty(n, m, dtype=torch.float64)
         drops = torch.empty(m, dtype=torch.float64)
         lrs = torch.empty(m, dtype=torch.float64)
-        qb = self.config.query_batch
+        qb = self.query_batch
         with self._lowrank.hooks() as lre:
             for qs in self._progress(iter(range(0, m, qb)), m, qb, "pairwise queries"):
                 sl = slice(qs, min(qs + qb, m))
@@ -661,7 +692,7 @@ class ForwardInf:
                         q_base - self._losses(self._fwd(theta, theta.params, xqd), yqd)
                     ).cpu()
                     # k*rows rows per forward: as many as a plain forward of train_batch rows
-                    rows = max(64, self.train_batch // max(1, k))
+                    rows = max(min(64, self.train_batch), self.train_batch // max(1, k))
                     for start, xb, yb in tr.batches(rows, self.device):
                         b = len(xb)
                         lre.set_mode("expand", batch=b)
@@ -809,7 +840,7 @@ class ForwardInf:
             return self._losses(self._fwd(theta, p, xb), yb).sum()
 
         acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
-        rows = max(64, self.train_batch // k)
+        rows = max(min(64, self.train_batch), self.train_batch // k)
         for _, xb, yb in data.batches(rows, self.device):
             if theta.vmap_ok:
                 try:
@@ -832,7 +863,7 @@ class ForwardInf:
         theta = self._cur
         k = next(iter(stacked.values())).shape[0]
         out = torch.empty(k, len(data), dtype=torch.float64)
-        rows = max(64, self.train_batch // k)
+        rows = max(min(64, self.train_batch), self.train_batch // k)
         with torch.no_grad():
             for start, xb, yb in data.batches(rows, self.device):
                 sl = slice(start, start + len(xb))
@@ -961,8 +992,32 @@ class ForwardInf:
         )
         return scores.float()
 
+    def _batch_sizes(self) -> dict[str, int]:
+        """Current batch sizes (after any out-of-memory halving), for engines derived from this."""
+        return {"train_batch": self.train_batch, "query_batch": self.query_batch}
+
+    def _shrink_batches(self, err: BaseException) -> None:
+        """Halve the batch sizes after an out-of-memory error; ResourceError once both are 1."""
+        if self.train_batch <= 1 and self.query_batch <= 1:
+            raise ResourceError(
+                f"out of memory on {self.device} even with train_batch=1 and query_batch=1: "
+                "the model does not fit with its copies; use a device with more memory or "
+                f"device: cpu ({str(err).splitlines()[0]})"
+            ) from None
+        self.train_batch = max(1, self.train_batch // 2)
+        self.query_batch = max(1, self.query_batch // 2)
+        self._cache.clear()  # device-resident data goes too; it is re-uploaded if it fits
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning(
+            "out of memory on %s; retrying with train_batch=%d, query_batch=%d",
+            self.device,
+            self.train_batch,
+            self.query_batch,
+        )
+
     def _query_chunk(self, theta: _Theta) -> int:
-        return max(1, min(self.config.query_batch, _STACK_BUDGET // max(1, theta.numel)))
+        return max(1, min(self.query_batch, _STACK_BUDGET // max(1, theta.numel)))
 
     def _self_chunk(self) -> int:
         numel = sum(p.numel() for n, p in self.model.named_parameters() if n in self._trainable)

@@ -6,7 +6,7 @@ answer it with one clear message and exit code 2 while real bugs still show a tr
 
 from __future__ import annotations
 
-__all__ = ["DataError", "InputError", "ModelError", "ParamsError"]
+__all__ = ["DataError", "InputError", "ModelError", "ParamsError", "ResourceError"]
 
 
 class InputError(ValueError):
@@ -23,3 +23,7 @@ class DataError(InputError):
 
 class ModelError(InputError):
     """A model reference (name, version, alias, URI) cannot be resolved or loaded."""
+
+
+class ResourceError(InputError):
+    """The job does not fit the machine (out of memory even at the smallest batch sizes)."""

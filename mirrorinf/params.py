@@ -270,6 +270,22 @@ class Params(_Section):
         loc = self.mlflow.artifact_location
         return loc if "://" in loc else str(self.resolve(loc))
 
+    def output_dirs(self) -> dict[str, Path]:
+        """Local folders a run writes to, keyed by the params key that names each, so a run can
+        check them before it starts anything (remote stores are left to their own errors)."""
+        out: dict[str, Path] = {}
+        uri = self.tracking_uri()
+        if uri.startswith("sqlite:///"):
+            out["mlflow.tracking_uri"] = Path(uri[len("sqlite:///") :]).parent
+        loc = self.artifact_location()
+        if "://" not in loc or loc.startswith("file://"):
+            out["mlflow.artifact_location"] = Path(loc.removeprefix("file://"))
+        if self.sharding.size:
+            out["sharding.dir"] = self.resolve(self.sharding.dir)
+        if self.data.source == "demo":  # the demo data sets are written there
+            out["data.train"] = self.resolve(self.data.train).parent
+        return out
+
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Field names valid at ``loc`` (the parent of an unknown key), for the error message."""

@@ -9,10 +9,13 @@ Everything wrong with the input is a :class:`DataError` naming the file and the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ __all__ = [
     "Dataset",
     "Provenance",
     "check_labels",
+    "ensure_writable",
     "load_dataset",
     "load_dataset_task",
     "prepare_demo",
@@ -300,6 +304,33 @@ def read_json(
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
     return data
+
+
+def ensure_writable(dirs: dict[str, Path], create: bool = True) -> None:
+    """Check that each folder can be written before a run starts anything: create it and write
+    a probe file in it, or (``create=False``) check the nearest existing folder on its path.
+
+    Raises:
+        InputError: naming the key and the folder, for the first one that cannot be written
+            (a file in the way, no permission, a read-only disk).
+    """
+    for key, folder in dirs.items():
+        try:
+            if not create:
+                near = next(p for p in (folder, *folder.parents) if p.exists())
+                if not near.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, f"{near} is not a folder")
+                if not os.access(near, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "permission denied")
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".mirrorinf-probe-"):
+                pass
+        except OSError as err:
+            raise InputError(
+                f"{key}: cannot write to {folder} ({err.strerror or err}); point {key} at a "
+                "writable folder"
+            ) from None
 
 
 def write_npz(path: str | Path, x: Any, y: Any, ids: Any = None) -> str:

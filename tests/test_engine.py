@@ -339,3 +339,46 @@ def test_sphere_lifts_fit_queries(mlp_setup):
     fi = ForwardInf(model, cfg)
     s = fi.pairwise((x, y), (x[easy], y[easy]))
     assert torch.isfinite(s).all() and fi.last_report.n_constant_queries == 0
+
+
+class _RowLimited(nn.Module):
+    """Wraps a model; a forward over more than ``limit`` rows raises the out-of-memory error a
+    device would (a fault that cannot be caused on a CPU test machine without starving it)."""
+
+    def __init__(self, inner: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.inner, self.limit, self.refused = inner, limit, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            self.refused += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} rows")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "group", "self_influence"])
+def test_out_of_memory_halves_batches_and_gives_the_same_scores(mlp_setup, kind, caplog):
+    model, x, y = mlp_setup
+    cfg = ForwardInfConfig(fast_path="off", train_batch=512, query_batch=8)
+    limited = _RowLimited(model, limit=100)
+    args = ((x, y),) if kind == "self_influence" else ((x, y), (x[:6], y[:6]))
+    with caplog.at_level("WARNING", logger="mirrorinf.engine"):
+        fi = ForwardInf(limited, cfg)
+        got = getattr(fi, kind)(*args)
+    assert limited.refused > 0 and "out of memory" in caplog.text
+    assert fi.train_batch < 512 and fi.train_batch <= 100
+    # the same computation with batches that fit from the start
+    small = cfg.replace(train_batch=fi.train_batch, query_batch=fi.query_batch)
+    want = getattr(ForwardInf(_RowLimited(model, limit=10**9), small), kind)(*args)
+    torch.testing.assert_close(got, want)
+
+
+def test_out_of_memory_at_batch_one_is_a_clear_error(mlp_setup):
+    from mirrorinf.errors import InputError
+
+    model, x, y = mlp_setup
+    snap = _snapshot(model)
+    fi = ForwardInf(_RowLimited(model, limit=0), ForwardInfConfig(train_batch=64))
+    with pytest.raises(InputError, match=r"out of memory on cpu even with train_batch=1"):
+        fi.pairwise((x, y), (x[:2], y[:2]))
+    _assert_same(model, snap)

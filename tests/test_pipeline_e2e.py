@@ -260,7 +260,18 @@ def _bad_cases(project: Path, dvc_demo: dict[str, Any], version: str) -> dict[st
     corrupt.write_bytes(b"PK\x03\x04 not a zip")
     rng = np.random.default_rng(0)
     write_npz(project / "bad" / "labels.npz", rng.normal(size=(50, 64)), np.arange(50) % 13)
+    nan_x = rng.normal(size=(50, 64))
+    nan_x[[3, 7], 5] = [np.nan, np.inf]
+    write_npz(project / "bad" / "nan.npz", nan_x, np.arange(50) % 10)
+    write_npz(project / "bad" / "narrow.npz", rng.normal(size=(50, 30)), np.arange(50) % 10)
+    write_npz(project / "bad" / "empty.npz", np.zeros((0, 64)), np.zeros(0, dtype=np.int64))
+    whole = (project / "data" / "demo" / "train.npz").read_bytes()
+    (project / "bad" / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    (project / "bad" / "corrupt.parquet").write_bytes(b"PAR1 truncated")
+    (project / "bad" / "a-file").write_text("a file where a folder should be")
+    pinned = {"version": int(version)}
     good = {"val": "data/demo/val.npz", "query": "data/demo/query.npz", "source": "file"}
+    train = "data/demo/train.npz"
     return {
         "unknown model name": (
             {"model": {"name": "no-such-model", "version": 1}},
@@ -291,6 +302,35 @@ def _bad_cases(project: Path, dvc_demo: dict[str, Any], version: str) -> dict[st
             "labels out of range",
         ),
         "params type error": ({"demo": {"n_train": "lots"}}, "demo.n_train"),
+        "params unknown key": ({"influence": {"stpes": 2}}, "did you mean 'steps'?"),
+        "truncated npz": (
+            {"data": {**good, "train": "bad/truncated.npz"}, "model": pinned},
+            "corrupt or unreadable .npz",
+        ),
+        "corrupt parquet": (
+            {"data": {**good, "train": "bad/corrupt.parquet"}, "model": pinned},
+            "corrupt or unreadable parquet",
+        ),
+        "NaN or inf features": (
+            {"data": {**good, "train": "bad/nan.npz"}, "model": pinned},
+            "2 row(s) of x contain NaN or inf",
+        ),
+        "train and model shape mismatch": (
+            {"data": {**good, "train": "bad/narrow.npz"}, "model": pinned},
+            "the model cannot run on the data (x (50, 30))",
+        ),
+        "empty query set": (
+            {"data": {**good, "train": train, "query": "bad/empty.npz"}, "model": pinned},
+            "the dataset is empty",
+        ),
+        "unwritable MLflow store": (
+            {"mlflow": {"tracking_uri": "sqlite:///bad/a-file/mlflow.db"}},
+            "mlflow.tracking_uri: cannot write to",
+        ),
+        "unwritable output folder": (
+            {"sharding": {"size": 100, "dir": "bad/a-file/shards"}, "model": pinned},
+            "sharding.dir: cannot write to",
+        ),
     }
 
 
@@ -303,6 +343,14 @@ CASES = [
     "corrupt data file",
     "labels out of range",
     "params type error",
+    "params unknown key",
+    "truncated npz",
+    "corrupt parquet",
+    "NaN or inf features",
+    "train and model shape mismatch",
+    "empty query set",
+    "unwritable MLflow store",
+    "unwritable output folder",
 ]
 
 
@@ -323,6 +371,7 @@ def test_bad_input_exits_2_and_leaves_no_running_run(
     assert needle in err, err
     assert "Traceback" not in err
     assert running_runs(project) == []
+    assert [p.name for p in project.rglob("*.tmp")] == []  # nothing half-written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -341,3 +390,47 @@ def test_failure_after_the_run_started_marks_it_failed(
     assert last.info.status == "FAILED"
     assert "CUDA" in last.data.tags["mirrorinf.error"]
     assert running_runs(project) == []
+
+
+def test_failed_checks_exit_1_with_fail_on_gate(
+    demo_run: tuple[InfluenceResult, Params], project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's planted mislabels and leaks fail its GX suite: exit 1, not 2, run finished."""
+    path = project / "params-gate.yaml"
+    path.write_text(yaml.safe_dump(base_params(project)))
+    capsys.readouterr()
+    assert main(["run", "--params", str(path), "--fail-on-gate"]) == 1
+    out = capsys.readouterr().out
+    assert "gate:    FAILED" in out and "leaks:" in out
+    assert running_runs(project) == []
+    assert main(["run", "--params", str(path)]) == 0  # without the flag: logged, exit 0
+
+
+def test_score_bad_model_uri_and_unwritable_out(
+    demo_run: tuple[InfluenceResult, Params], project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = str(project / "data" / "demo" / "train.npz")
+    query = str(project / "data" / "demo" / "query.npz")
+    blocker = project / "bad" / "a-file"
+    blocker.parent.mkdir(exist_ok=True)
+    blocker.write_text("a file where a folder should be")
+    cases = {
+        "models:/e2e-demo": "bad model URI 'models:/e2e-demo'",
+        "models:/e2e-demo/one": "bad model URI",
+        "models:/@champion": "bad model URI",
+        "runs:/abc/model": "model not found: 'runs:/abc/model'",
+    }
+    uri = tracking_uri(project)
+    for model_uri, needle in cases.items():
+        out = project / "score-out"
+        code = main(["score", "--model-uri", model_uri, "--train", train, "--queries", query,
+                     "--out", str(out), "--tracking-uri", uri])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "Traceback" not in err, (model_uri, err)
+        assert not out.exists()
+    version = demo_run[0].model["version"]
+    code = main(["score", "--model-uri", f"models:/{MODEL}/{version}", "--train", train,
+                 "--queries", query, "--out", str(blocker / "out"),
+                 "--tracking-uri", uri])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--out: cannot write to" in err and "Traceback" not in err, err

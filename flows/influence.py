@@ -3,6 +3,12 @@
 Composition only; every step is a task from ``tasks/`` and all math lives in ``mirrorinf``.
 Importing this module sets quiet tool defaults (telemetry off, Prefect home under the project's
 ``.prefect/``) before Prefect is imported.
+
+Concurrent runs on one store (see ``tasks/tracking.py``): writing the demo data and training the
+demo model happen under a lock per model name (the demo is never registered twice); scoring a
+model version happens under a lock per version (a second run waits, then reuses the first's
+cached scores or shards instead of scoring again into the same store); the version's tags are
+written last, all together, and the run that started last wins.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -52,6 +58,7 @@ from tasks.tracking import (
     influence_run,
     log_influence_task,
     log_review_task,
+    store_lock,
     tag_model_version_task,
 )
 
@@ -233,6 +240,14 @@ def _model_and_data(
     return model, ref, sets, truth
 
 
+def _setup_lock(params: Params, uri: str) -> AbstractContextManager[Any]:
+    """One run at a time writes the demo data and trains/registers the demo model (per model
+    name and store), so two fresh runs do not register two versions of the same training."""
+    if params.data.source == "demo" or params.model.train_demo:
+        return store_lock(uri, f"setup-{params.model.name}")
+    return nullcontext()
+
+
 def _metrics(tables: Any, scores: Any, check: Any, truth: dict[str, float], hit: bool) -> dict:
     metrics = {
         **tables.counts,
@@ -251,7 +266,8 @@ def influence_flow(params: Params) -> InfluenceResult:
     stages = _Stages()
     uri = params.tracking_uri()
     set_threads(params.threads)
-    model, ref, sets, truth = _model_and_data(params, stages, uri)
+    with _setup_lock(params, uri):
+        model, ref, sets, truth = _model_and_data(params, stages, uri)
     queries = (sets["query"] if params.queries.source == "query" else sets["val"]).head(
         params.queries.max_queries
     )
@@ -289,7 +305,8 @@ def influence_flow(params: Params) -> InfluenceResult:
         code=code_version(params.root),
         extra_tags={"mirrorinf.data.matches_training": str(same_data).lower()},
     ) as run_id:
-        with stages("score"):
+        # one scoring per model version at a time: a concurrent run waits, then hits the cache
+        with stages("score"), store_lock(uri, f"scores-{ref.name}-v{ref.version}"):
             if params.sharding.size:
                 scores, cache_hit = _score_sharded(params, ref, model, sets, queries, identity)
             else:
@@ -325,6 +342,12 @@ def influence_flow(params: Params) -> InfluenceResult:
                 summary={"verdict": verdict, "reasons": reasons, **summary},
                 verdict=verdict,
             )
+            log_review_task(
+                uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
+                predicted=predict_labels(model, sets["train"]), verdict=verdict,
+                reasons=reasons, model=ref,
+            )  # fmt: skip
+            # last, once every artifact is logged: all version tags at once, started-last wins
             tag_model_version_task(
                 uri,
                 ref.name,
@@ -333,11 +356,6 @@ def influence_flow(params: Params) -> InfluenceResult:
                 run_id=run_id,
                 alias_on_pass=params.gate.alias_on_pass,
             )
-            log_review_task(
-                uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
-                predicted=predict_labels(model, sets["train"]), verdict=verdict,
-                reasons=reasons, model=ref,
-            )  # fmt: skip
     logger.info("influence gate %s for %s (run %s)", verdict, ref.uri, run_id)
     origin = "from registry"
     if params.model.train_demo:

@@ -10,24 +10,41 @@ stable for reviewers and the release gate):
   the engine config as ``config.json``; artifacts ``scores/*.npy``, ``tables/*.parquet``,
   ``checks/gx_result.json``, ``summary.json``; the review (:func:`log_review`): ``report.md``,
   ``checks/gx_result.md``, ``plots/*.png`` and UI tables ``tables/*.json``;
-- the model version gets tags ``mirrorinf.gate`` = passed|failed and ``mirrorinf.run_id``, and
-  on pass the alias from params (an alias left on a version that now fails is removed); the
-  review adds ``mirrorinf.report`` (the run's page in the UI) and a description linking it.
+- the model version gets tags ``mirrorinf.gate`` = passed|failed, ``mirrorinf.run_id`` and
+  ``mirrorinf.report`` (the run's page in the UI), a description linking the run, and on pass
+  the alias from params (an alias left on a version that now fails is removed).
+
+Concurrency (several runs, threads or processes, on one store): the version's tags and the alias
+are written together by :func:`tag_model_version`, the last step of a run (its artifacts are all
+logged by then), under an inter-process lock per registered model (:func:`store_lock`), and
+:func:`gate_status` reads under the same lock, so it never sees half of a set. **The run that
+started last wins** (MLflow start time, ties broken by run id): a run that finishes after a
+later-started run has tagged the version leaves the tags alone and is itself tagged
+``mirrorinf.superseded_by`` = the winner; a run that displaces an earlier one tags that one.
+The latest start is the latest intent (e.g. changed params re-triggered), and the winner does not
+depend on which run happened to be faster. A run that fails never tags, so it cannot win. Locks
+are files next to a SQLite / file store (``.mirrorinf-locks/``, flock: released by the kernel if
+a process dies); for a remote store they live in the temp folder and so only serialise runs on
+one machine. SQLite "database is locked" errors are retried, and a new SQLite store is created
+under a lock (MLflow's schema creation fails when two processes do it at once).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import random
+import re
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prefect import task
@@ -37,16 +54,19 @@ from mirrorinf.errors import ModelError
 from tasks.data import retry_unless_input_error
 
 __all__ = [
+    "SUPERSEDED_TAG",
     "code_version",
     "ensure_experiment",
     "flatten",
     "gate_status",
     "get_client",
     "influence_run",
+    "lock_dir",
     "log_influence",
     "log_influence_task",
     "log_review",
     "log_review_task",
+    "store_lock",
     "tag_model_version",
     "tag_model_version_task",
 ]
@@ -56,21 +76,108 @@ logger = logging.getLogger(__name__)
 GATE_TAG = "mirrorinf.gate"
 RUN_TAG = "mirrorinf.run_id"
 REPORT_TAG = "mirrorinf.report"
-_DESCRIPTION_MARK = "Influence gate "  # how a description written by log_review starts
+SUPERSEDED_TAG = "mirrorinf.superseded_by"  # on a run whose verdict another run replaced
+_DESCRIPTION_MARK = "Influence gate "  # how a description written by tag_model_version starts
+TAG_LOCK_TIMEOUT_S = 300.0  # tagging holds the lock for well under a second
 
 _clients: dict[str, Any] = {}
 _lock = threading.Lock()
+T = TypeVar("T")
+
+
+def _local_store_dir(tracking_uri: str) -> Path | None:
+    """The folder of a local store (SQLite file or file store); None for remote / in-memory."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+        return Path(db).parent if db and db != ":memory:" else None
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(tracking_uri).path)
+    if "://" not in tracking_uri and not tracking_uri.startswith("databricks"):
+        return Path(tracking_uri)
+    return None
+
+
+def lock_dir(tracking_uri: str) -> Path:
+    """Where the inter-process locks of a store live (created): beside a local store, else in the
+    temp folder under a hash of the URI (then they only serialise runs on one machine)."""
+    local = _local_store_dir(tracking_uri)
+    candidates = [local / ".mirrorinf-locks"] if local is not None else []
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    candidates.append(Path(tempfile.gettempdir()) / "mirrorinf-locks" / digest)
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:  # e.g. a read-only store folder
+            continue
+    raise OSError(f"cannot create a lock folder for {tracking_uri}")
+
+
+@contextmanager
+def store_lock(tracking_uri: str, key: str, timeout: float = -1) -> Iterator[None]:
+    """Hold the inter-process lock ``key`` of a store (flock on a file; -1 waits forever).
+
+    The kernel releases a lock whose process dies, so a crash never leaves one behind. Each
+    call takes its own lock object: do not nest two calls with the same key in one thread.
+
+    Raises:
+        TimeoutError: not acquired within ``timeout`` seconds.
+    """
+    from filelock import FileLock, Timeout
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:80]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    lock = FileLock(str(lock_dir(tracking_uri) / f"{safe}-{digest}.lock"), timeout=timeout)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another run holding %s (%s)", key, tracking_uri)
+        try:
+            lock.acquire()
+        except Timeout:
+            msg = f"lock {key!r} of {tracking_uri} not acquired in {timeout} s"
+            raise TimeoutError(msg) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, retried with backoff while SQLite says "database is locked"."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if "database is locked" not in str(err) or attempt == attempts - 1:
+                raise
+            delay = min(0.1 * 2**attempt, 5.0) * (1 + random.random())
+            logger.info("MLflow store busy (database is locked); retrying in %.1f s", delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def get_client(tracking_uri: str) -> Any:
-    """An ``MlflowClient`` for ``tracking_uri`` (one per URI; a SQLite file's folder is created)."""
+    """An ``MlflowClient`` for ``tracking_uri`` (one per URI; a SQLite file's folder is created).
+
+    A SQLite store is opened (created, migrated) under the store's ``init`` lock: MLflow's
+    schema creation fails ("table ... already exists") when two processes run it at once.
+    """
     from mlflow import MlflowClient
 
     with _lock:
         if tracking_uri not in _clients:
+            if not tracking_uri.startswith("sqlite:"):
+                _clients[tracking_uri] = MlflowClient(tracking_uri=tracking_uri)
+                return _clients[tracking_uri]
             if tracking_uri.startswith("sqlite:///"):
                 Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-            _clients[tracking_uri] = MlflowClient(tracking_uri=tracking_uri)
+            with store_lock(tracking_uri, "init"):
+                client = MlflowClient(tracking_uri=tracking_uri)
+                client.search_registered_models(max_results=1)  # opens the registry store too
+            _clients[tracking_uri] = client
         return _clients[tracking_uri]
 
 
@@ -273,9 +380,9 @@ def log_review(
     """Log the review (``mirrorinf.report``): plots, report.md, GX markdown and UI tables.
 
     ``train`` / ``queries`` are the scored datasets (``tasks.data.Dataset``), ``predicted`` the
-    model's labels of the training examples. With ``model`` (a ``ModelRef``) its version gets
-    tag ``mirrorinf.report`` (the run's UI path) and a description linking the run (a
-    description not written by mirrorinf is kept). Returns the artifact paths logged.
+    model's labels of the training examples; ``model`` (a ``ModelRef``) names the version in the
+    report's title. The version's tags (``mirrorinf.report`` and the rest) are written by
+    :func:`tag_model_version`, all together. Returns the artifact paths logged.
     """
     from mirrorinf.report import TABLES, ReviewInputs, review_tables, write_report
 
@@ -301,19 +408,59 @@ def log_review(
         if TABLES[key] not in logged:  # log_table appends: a retried task must not double rows
             client.log_table(run_id, data=frame, artifact_file=TABLES[key])
         files.append(TABLES[key])
-    if model is not None:
-        name, version = model.name, str(model.version)
-        exp_id = client.get_run(run_id).info.experiment_id
-        link = f"#/experiments/{exp_id}/runs/{run_id}"
-        client.set_model_version_tag(name, version, REPORT_TAG, link)
-        current = client.get_model_version(name, version).description or ""
-        if not current.strip() or current.startswith(_DESCRIPTION_MARK):
-            text = (
-                f"{_DESCRIPTION_MARK}**{verdict.upper()}**: "
-                f"[influence run {run_id}]({link}); its `report.md` says why, `plots/` shows it."
-            )
-            client.update_model_version(name, version, description=text)
     return sorted(files)
+
+
+def _started_after(client: Any, other: str, mine: str) -> bool:
+    """True when run ``other`` started after run ``mine`` (start time, then run id); False
+    when ``other`` no longer exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        theirs = client.get_run(other).info
+    except MlflowException:
+        return False
+    ours = client.get_run(mine).info
+    return (theirs.start_time or 0, other) > (ours.start_time or 0, mine)
+
+
+def _write_version_tags(
+    client: Any, name: str, version: str, verdict: str, run_id: str, alias_on_pass: str | None
+) -> bool:
+    """The body of :func:`tag_model_version`, run under the model's tag lock."""
+    from mlflow.exceptions import MlflowException
+
+    mv = client.get_model_version(name, version)
+    current = (mv.tags or {}).get(RUN_TAG)
+    if current and current != run_id and _started_after(client, current, run_id):
+        client.set_tag(run_id, SUPERSEDED_TAG, current)
+        logger.warning(
+            "%s v%s keeps the verdict of run %s, which started after this run %s",
+            name, version, current, run_id,
+        )  # fmt: skip
+        return False
+    link = f"#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+    client.set_model_version_tag(name, version, GATE_TAG, verdict)
+    client.set_model_version_tag(name, version, RUN_TAG, run_id)
+    client.set_model_version_tag(name, version, REPORT_TAG, link)
+    description = mv.description or ""
+    if not description.strip() or description.startswith(_DESCRIPTION_MARK):
+        text = (
+            f"{_DESCRIPTION_MARK}**{verdict.upper()}**: "
+            f"[influence run {run_id}]({link}); its `report.md` says why, `plots/` shows it."
+        )
+        client.update_model_version(name, version, description=text)
+    if alias_on_pass and verdict == "passed":
+        client.set_registered_model_alias(name, alias_on_pass, version)
+    elif alias_on_pass:
+        aliases = client.get_registered_model(name).aliases or {}
+        if str(aliases.get(alias_on_pass)) == version:
+            client.delete_registered_model_alias(name, alias_on_pass)
+            logger.info("removed alias %s from %s v%s (gate failed)", alias_on_pass, name, version)
+    if current and current != run_id:
+        with suppress(MlflowException):  # the displaced run may have been deleted
+            client.set_tag(current, SUPERSEDED_TAG, run_id)
+    return True
 
 
 def tag_model_version(
@@ -324,24 +471,27 @@ def tag_model_version(
     verdict: str,
     run_id: str,
     alias_on_pass: str | None,
-) -> None:
-    """Tag the model version with the gate verdict and run id; set (or drop) the pass alias."""
+) -> bool:
+    """Record a run's verdict on its model version: all tags at once, the started-last run wins.
+
+    Under the model's inter-process tag lock, writes ``mirrorinf.gate``, ``mirrorinf.run_id``,
+    ``mirrorinf.report`` (the run's UI path), the description (unless a person wrote it) and
+    sets the pass alias (or removes it from this version on a fail). If the version already
+    names a run that started after this one, nothing is written to the version and this run is
+    tagged ``mirrorinf.superseded_by`` instead; a run this one displaces gets that tag.
+    Call it after the run's artifacts are logged. Returns True when this run's verdict stands.
+    """
     client = get_client(tracking_uri)
-    client.set_model_version_tag(name, str(version), GATE_TAG, verdict)
-    client.set_model_version_tag(name, str(version), RUN_TAG, run_id)
-    if not alias_on_pass:
-        return
-    if verdict == "passed":
-        client.set_registered_model_alias(name, alias_on_pass, str(version))
-        return
-    aliases = client.get_registered_model(name).aliases or {}
-    if str(aliases.get(alias_on_pass)) == str(version):
-        client.delete_registered_model_alias(name, alias_on_pass)
-        logger.info("removed alias %s from %s v%s (gate failed)", alias_on_pass, name, version)
+    with store_lock(tracking_uri, f"tags-{name}", timeout=TAG_LOCK_TIMEOUT_S):
+        return _retry_locked(
+            _write_version_tags, client, name, str(version), verdict, run_id, alias_on_pass
+        )
 
 
 def gate_status(tracking_uri: str, name: str, version: str) -> tuple[str | None, str | None]:
     """(verdict, influence run id) recorded on a model version; (None, None) when none.
+
+    Read under the model's tag lock, so never half of a concurrent run's tags.
 
     Raises:
         ModelError: the registered model or version does not exist.
@@ -350,7 +500,8 @@ def gate_status(tracking_uri: str, name: str, version: str) -> tuple[str | None,
 
     client = get_client(tracking_uri)
     try:
-        mv = client.get_model_version(name, str(version))
+        with store_lock(tracking_uri, f"tags-{name}", timeout=TAG_LOCK_TIMEOUT_S):
+            mv = _retry_locked(client.get_model_version, name, str(version))
     except MlflowException as err:
         if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             raise ModelError(f"no model version {name!r} v{version} in {tracking_uri}") from None

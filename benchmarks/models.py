@@ -5,19 +5,27 @@ and a small transformer encoder classifier (4 layers, d=256, 64 tokens), on synt
 The bare limit is m inference-mode forward passes over N at the best of a few batch sizes;
 TFLOP/s counts forward FLOPs (torch.utils.flop_counter) of the m passes over N.
 
+Variants (--variants): fp32 (default engine), bf16 (autocast="bf16": its own bare limit is the
+bf16-autocast forward), compile (compile=True; first call compiles, the timed call reuses it).
+"Spearman" is the mean per-query rank agreement of the variant's scores with fp32's.
+
 Run: python benchmarks/models.py [--model cnn|transformer|all] [--n 8192] [--queries 8]
+     [--variants fp32,bf16,compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mirrorinf import ForwardInf
+from mirrorinf.metrics import spearman
 
 
 class Block(nn.Module):
@@ -80,37 +88,61 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def bench(kind: str, n: int, m: int, device: torch.device) -> None:
-    torch.manual_seed(0)
-    model = (resnet18() if kind == "cnn" else Encoder()).eval()
-    x, y = data(kind, n, 0)
-    xq, yq = data(kind, m, 1)
-    dev_model = __import__("copy").deepcopy(model).to(device)
-    xd = x.to(device)
-    counter = __import__("copy").deepcopy(dev_model).train()  # train mode: no fused fast path
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        counter(xd[:8])
-    flops = fc.get_total_flops() / 8 * n * m
-
+def bare_limit(
+    model: nn.Module, xd: torch.Tensor, m: int, device: torch.device, autocast: bool
+) -> float:
+    """Best time of m inference forward passes over xd, over a few batch sizes."""
     best = float("inf")
     for bs in (256, 1024, 4096):
 
         def run(bs: int = bs) -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
+                                                        enabled=autocast):  # fmt: skip
                 for _ in range(m):
-                    for s in range(0, n, bs):
-                        dev_model(xd[s : s + bs])
+                    for s in range(0, len(xd), bs):
+                        model(xd[s : s + bs])
 
         run()
         best = min(best, timed(run, device))
-    fi = ForwardInf(model, {"train_batch": 4096}, device=device)
-    fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up, base losses cached
-    t = timed(lambda: fi.pairwise((x, y), (xq, yq)), device)
+    return best
+
+
+def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.nanmean(spearman(a.double().numpy(), b.double().numpy())))
+
+
+def bench(kind: str, n: int, m: int, device: torch.device, variants: list[str]) -> None:
+    torch.manual_seed(0)
+    model = (resnet18() if kind == "cnn" else Encoder()).eval()
+    x, y = data(kind, n, 0)
+    xq, yq = data(kind, m, 1)
+    dev_model = copy.deepcopy(model).to(device)
+    xd = x.to(device)
+    counter = copy.deepcopy(dev_model).train()  # train mode: no fused fast path
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        counter(xd[:8])
+    flops = fc.get_total_flops() / 8 * n * m
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(
-        f"| {kind} ({params:.1f}M params) | {n} | {m} | {best:.3f} | {t:.3f} | {t / best:.2f} | "
-        f"{flops / best / 1e12:.1f} | {flops / t / 1e12:.1f} | {fi.last_report.path} |"
-    )
+    ref = None
+    for variant in variants:
+        cfg: dict[str, object] = {"train_batch": 4096}
+        if variant == "bf16":
+            cfg["autocast"] = "bf16"
+        elif variant == "compile":
+            cfg["compile"] = True
+        best = bare_limit(dev_model, xd, m, device, autocast=variant == "bf16")
+        fi = ForwardInf(model, cfg, device=device)
+        fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up: base losses cached, compiled
+        out: list[torch.Tensor] = []
+        t = timed(lambda fi=fi, out=out: out.append(fi.pairwise((x, y), (xq, yq))), device)
+        ref = out[0] if ref is None else ref
+        rho = mean_spearman(out[0], ref)
+        print(
+            f"| {kind} ({params:.1f}M params) | {variant} | {n} | {m} | {best:.3f} | {t:.3f} | "
+            f"{t / best:.2f} | {flops / best / 1e12:.1f} | {flops / t / 1e12:.1f} | "
+            f"{fi.last_report.path} | {rho:.3f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -119,6 +151,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--variants",
+        default="fp32,bf16,compile",
+        help="comma-separated: fp32 (first: the reference), bf16, compile",
+    )
     args = ap.parse_args()
     device = torch.device(
         "cuda"
@@ -127,11 +164,12 @@ def main() -> None:
     )
     print(f"# models: device={device}")
     print(
-        "| model | N | m | bare limit (s) | pairwise (s) | ratio | bare TFLOP/s | "
-        "pairwise TFLOP/s | path |\n|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| model | variant | N | m | bare limit (s) | pairwise (s) | ratio | bare TFLOP/s | "
+        "pairwise TFLOP/s | path | Spearman vs fp32 |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
     )
     for kind in ["cnn", "transformer"] if args.model == "all" else [args.model]:
-        bench(kind, args.n, args.queries, device)
+        bench(kind, args.n, args.queries, device, args.variants.split(","))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "score": ("signed", "abs"),
     "precision": ("auto", "float32", "float64"),
     "fast_path": ("auto", "off"),
+    "autocast": ("off", "bf16", "fp16"),
 }
 
 
@@ -95,6 +96,14 @@ class ForwardInfConfig:
         fast_path: "auto" uses the exact low-rank rewrite of SGD updates of Linear layers when
             the model allows it (verified against the generic path on the first batch); "off"
             always uses the generic path.
+        autocast: run forward passes in "bf16" or "fp16" autocast (GPU speed); "off" (default)
+            keeps ``precision``. Loss differences stay float64, and the automatic plain step is
+            at least 1e-2 (bf16) / 2e-3 (fp16) of ||theta||, because a smaller step is below the
+            format's resolution and every difference would be zero. Columns that still vanish
+            are recomputed without autocast in float64 (report.upcast).
+        compile: torch.compile the batched forward of the generic path (the hot loop over the
+            training set). Pays a compile (seconds to a minute) once per engine; helps on GPUs
+            where small models are launch-bound, not on CPUs (measured slower there).
         seed: seeds the sphere perturbation and the curvature estimate.
     """
 
@@ -113,6 +122,8 @@ class ForwardInfConfig:
     train_batch: int | None = None
     precision: str = "auto"
     fast_path: str = "auto"
+    autocast: str = "off"
+    compile: bool = False
     seed: int = 0
 
     _NESTED: ClassVar[dict[str, type]] = {"sphere": SphereConfig}
@@ -131,6 +142,10 @@ class ForwardInfConfig:
         _positive("anchor_eps", self.anchor_eps, allow_none=True)
         _positive("query_batch", self.query_batch, integer=True)
         _positive("train_batch", self.train_batch, allow_none=True, integer=True)
+        if not isinstance(self.compile, bool):
+            raise ValueError(
+                f"ForwardInfConfig.compile must be true or false, got {self.compile!r}"
+            )
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)):
             raise ValueError(
                 f"ForwardInfConfig.weight_decay must be a number, got {self.weight_decay!r}"

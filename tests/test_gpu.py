@@ -57,3 +57,42 @@ def test_cuda_anchored_runs(setup):
     fi = ForwardInf(model, ForwardInfConfig(mode="anchored", steps=5), device="cuda")
     s = fi.pairwise((x[:500], y[:500]), (x[:3], y[:3]))
     assert torch.isfinite(s).all() and s.shape == (500, 3)
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_cuda_autocast_ranks_like_float32(setup, autocast):
+    from mirrorinf.metrics import spearman
+
+    model, x, y = setup
+    q = (x[:16], y[:16])
+    ref = ForwardInf(model, ForwardInfConfig(fast_path="off"), device="cuda").pairwise((x, y), q)
+    fi = ForwardInf(model, ForwardInfConfig(autocast=autocast, fast_path="off"), device="cuda")
+    got = fi.pairwise((x, y), q)
+    rho = spearman(ref.double().numpy(), got.double().numpy())
+    assert torch.isfinite(got).all() and fi.last_report.n_constant_queries == 0
+    assert float(rho.mean()) > 0.85, rho
+
+
+def test_cuda_compile_matches_eager(setup):
+    model, x, y = setup
+    cfg = ForwardInfConfig(fast_path="off", train_batch=1024)
+    eager = ForwardInf(model, cfg, device="cuda").pairwise((x, y), (x[:4], y[:4]))
+    fi = ForwardInf(model, cfg.replace(compile=True), device="cuda")
+    got = fi.pairwise((x, y), (x[:4], y[:4]))
+    assert fi._compiled not in (None, False)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))
+
+
+def test_cuda_out_of_memory_recovers(setup):
+    """A real CUDA OOM: a training batch far beyond the device's memory halves until it fits."""
+    model = nn.Sequential(nn.Linear(32, 8192), nn.ReLU(), nn.Linear(8192, 5))
+    x = torch.randn(4096, 32)
+    y = torch.randint(0, 5, (4096,))
+    free, _ = torch.cuda.mem_get_info()
+    rows = int(free // (8192 * 4 * 2))  # activations of one forward alone exceed free memory
+    fi = ForwardInf(model, ForwardInfConfig(fast_path="off", train_batch=rows, query_batch=4),
+                    device="cuda")  # fmt: skip
+    x_big = x.repeat(max(1, rows // 4096 + 1), 1)
+    y_big = y.repeat(max(1, rows // 4096 + 1))
+    s = fi.pairwise((x_big, y_big), (x[:2], y[:2]))
+    assert fi.train_batch < rows and torch.isfinite(s).all()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -371,6 +372,25 @@ def influence_flow(params: Params) -> InfluenceResult:
     )
 
 
+def _shard_threads(params: Params) -> int | None:
+    """torch threads per shard task: params.threads, else on a local Dask cluster the cores
+    split between its worker processes (each would take them all: oversubscribed, slower)."""
+    if params.threads is not None or params.runner != "dask" or params.dask.address:
+        return params.threads
+    return max(1, (os.cpu_count() or 1) // params.dask.workers)
+
+
+def _shard_progress(futures: list[Any]) -> None:
+    """A progress bar over shards as they finish, on a terminal only (quiet in CI and logs)."""
+    if len(futures) < 2 or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return
+    from prefect.futures import as_completed
+    from tqdm import tqdm
+
+    for _ in tqdm(as_completed(futures), total=len(futures), desc="shards", leave=False):
+        pass
+
+
 def _score_sharded(
     params: Params,
     ref: ModelRef,
@@ -390,8 +410,9 @@ def _score_sharded(
     futures = score_shard_task.map(
         unmapped(root), unmapped(ident), [r[0] for r in ranges], [r[1] for r in ranges],
         unmapped(model), unmapped(sets["train"]), unmapped(sets["val"]), unmapped(queries),
-        unmapped(cfg), unmapped(params.device),
+        unmapped(cfg), unmapped(params.device), unmapped(_shard_threads(params)),
     )  # fmt: skip
+    _shard_progress(futures)
     computed = [f.result() for f in futures]
     logger.info(
         "shards: %d scored, %d reused from %s", sum(computed), len(ranges) - sum(computed), root

@@ -142,14 +142,17 @@ def score_shard_task(
     queries: Dataset,
     config: dict[str, Any],
     device: str = "auto",
+    threads: int | None = None,
 ) -> bool:
     """Score training rows [start, stop) into the shard store; skip a shard already there.
 
-    Returns True when it computed the shard, False when it was on disk (a resumed run).
+    ``threads``: torch CPU threads in this (possibly Dask worker) process. Returns True when it
+    computed the shard, False when it was on disk (a resumed run).
     """
     store = ShardStore(store_root, identity)
     if store.done(start, stop):
         return False
+    set_threads(threads)
     # a private copy: the engine's functional calls swap a module's tensors for the duration of
     # a forward pass, so one module object must not be scored from several threads at once
     fi = _engine(copy.deepcopy(model), ForwardInfConfig.from_dict(config), device)

@@ -434,3 +434,34 @@ def test_score_bad_model_uri_and_unwritable_out(
                  "--tracking-uri", uri])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--out: cannot write to" in err and "Traceback" not in err, err
+
+
+def test_hostile_ids_never_become_paths(
+    demo_run: tuple[InfluenceResult, Params], project: Path
+) -> None:
+    """String ids with path separators and '..' appear in tables and plots, never in file or
+    artifact names: nothing is written outside the run's artifact folder."""
+    from tasks.data import load_dataset
+
+    result = demo_run[0]
+    train = load_dataset(project / "data" / "demo" / "train.npz", name="train")
+    hostile = np.array([f"../../escape-{i}" if i % 2 else f"a/b\\c/{i}" for i in range(len(train))])
+    write_npz(project / "bad" / "hostile.npz", train.x.numpy(), train.y.numpy(), ids=hostile)
+    before = {p for p in project.parent.rglob("*") if "escape" in p.name}
+    data = {"source": "file", "train": "bad/hostile.npz", "val": "data/demo/val.npz",
+            "query": "data/demo/query.npz"}  # fmt: skip
+    run = run_influence(make(project, data=data, model={"version": int(result.model["version"])}))
+    client = get_client(tracking_uri(project))
+
+    def walk(path: str | None = None) -> list[str]:
+        out = []
+        for info in client.list_artifacts(run.run_id, path):
+            out += walk(info.path) if info.is_dir else [info.path]
+        return out
+
+    names = walk()
+    assert "summary.json" in names and any(n.startswith("plots/") for n in names)
+    assert not [n for n in names if ".." in n or "escape" in n or "\\" in n], names
+    assert {p for p in project.parent.rglob("*") if "escape" in p.name} == before
+    table = json.loads((Path(client.download_artifacts(run.run_id, "summary.json"))).read_text())
+    assert "escape" in json.dumps(table)  # the ids themselves are kept, as data

@@ -452,7 +452,8 @@ def _task_runner(params: Params) -> Iterator[Any]:
         else:
             yield DaskTaskRunner(
                 cluster_kwargs={"n_workers": params.dask.workers, "threads_per_worker": 1,
-                                "processes": True, "dashboard_address": None}
+                                "processes": True, "dashboard_address": None,
+                                "host": "127.0.0.1"}
             )  # fmt: skip
     finally:
         if exported:

@@ -129,6 +129,8 @@ class ForwardInfConfig:
     _NESTED: ClassVar[dict[str, type]] = {"sphere": SphereConfig}
 
     def __post_init__(self) -> None:
+        if self.autocast is False or self.autocast is None:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "autocast", "off")
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:

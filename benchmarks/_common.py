@@ -282,12 +282,12 @@ class MlpRecipe:
 
 
 def train_mlp(x: torch.Tensor, y: torch.Tensor, init_seed: int = 0,
-              recipe: MlpRecipe = MlpRecipe()) -> nn.Sequential:
-    """Train the 64-128-10 ReLU MLP from the init given by ``init_seed`` with ``recipe``.
+              recipe: MlpRecipe = MlpRecipe(), hidden: int = 128) -> nn.Sequential:
+    """Train the 64-``hidden``-10 ReLU MLP from the init given by ``init_seed`` with ``recipe``.
 
     Deterministic: the same data, seed and recipe give the same weights.
     """
-    model = make_mlp(init_seed, dtype=x.dtype)
+    model = make_mlp(init_seed, hidden=hidden, dtype=x.dtype)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.steps)
     for _ in range(recipe.steps):
@@ -305,13 +305,13 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, init_seed: int = 0,
 
 def lds_subsets(x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
                 n_subsets: int, frac: float = 0.5, seed: int = 0, init_seed: int = 0,
-                recipe: MlpRecipe = MlpRecipe()
+                recipe: MlpRecipe = MlpRecipe(), hidden: int = 128
                 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Retrain the MLP on ``n_subsets`` random subsets of size ``round(frac * n)``.
 
-    Same init (``init_seed``) and recipe as the full model. Returns ``masks [n_subsets, n_train]``
-    bool, ``losses [n_subsets, n_query]`` float64 (query cross-entropy of each retrained model)
-    and the total retraining time in seconds.
+    Same init (``init_seed``), width (``hidden``) and recipe as the full model. Returns
+    ``masks [n_subsets, n_train]`` bool, ``losses [n_subsets, n_query]`` float64 (query
+    cross-entropy of each retrained model) and the total retraining time in seconds.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -321,7 +321,7 @@ def lds_subsets(x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, yq: torch.Te
     for s in range(n_subsets):
         masks[s, rng.choice(n, size=round(frac * n), replace=False)] = True
         idx = torch.from_numpy(np.flatnonzero(masks[s]))
-        model = train_mlp(x[idx], y[idx], init_seed=init_seed, recipe=recipe)
+        model = train_mlp(x[idx], y[idx], init_seed=init_seed, recipe=recipe, hidden=hidden)
         losses[s] = query_losses(model, xq, yq).numpy()
     return masks, losses, time.perf_counter() - t0
 

@@ -109,7 +109,9 @@ def test_pt2_archive_with_a_pickled_payload_refused(
 
     uri, _ = store
     source = mlflow.MlflowClient(uri).get_model_version_download_uri("pt2-net", "1")
-    local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / "dl")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    )
     archive = local / "data" / "model.pt2"
     _tamper(archive, tmp_path / "tampered.pt2")
     (tmp_path / "tampered.pt2").replace(archive)

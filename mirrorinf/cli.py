@@ -248,8 +248,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scores, report = pairwise_scores(model, train, queries, cfg, params.device)
     out.mkdir(parents=True, exist_ok=True)
     write_npy(out / "scores.npy", scores)
+    # the manifest goes last and names the scores' md5: after a crash between the two renames,
+    # an old manifest does not match the new scores, and a reader can tell
+    import hashlib
+
     manifest = {
         "scores": "scores.npy",
+        "scores_md5": hashlib.md5((out / "scores.npy").read_bytes()).hexdigest(),
         "shape": list(scores.shape),
         "dtype": str(scores.dtype),
         "rows": "training examples, in training-file order",

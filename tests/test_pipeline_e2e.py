@@ -183,6 +183,7 @@ def test_score_cli_writes_matrix_and_manifest(
     train_md5 = hashlib.md5(params.resolve(params.data.train).read_bytes()).hexdigest()
     assert manifest["train"]["md5"] == train_md5 and manifest["config"] == params.influence
     assert not list(out.glob(".*.tmp"))  # written through temp names, nothing left over
+    assert manifest["scores_md5"] == hashlib.md5((out / "scores.npy").read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- gate

@@ -927,10 +927,7 @@ class ForwardInf:
         key = ("curv", *theta.key, *_data_key(tr), self.config.weight_decay, with_min)
         if key not in self._cache:
             self._forget("curv")
-            gen = torch.Generator().manual_seed(self.config.seed)
-            n_sub = min(len(tr), 2048)
-            idx = torch.randperm(len(tr), generator=gen)[:n_sub].sort().values
-            xs, ys = tr.take(idx)
+            xs, ys = tr.take(_curvature_rows(tr, self.config.seed))
             xs, ys = xs.to(self.device), ys.to(self.device)
 
             def objective(p: Params) -> torch.Tensor:
@@ -1121,6 +1118,30 @@ def _scale_name(cfg: ForwardInfConfig, path: str) -> str:
 
 def _stack_norm(d: Params) -> torch.Tensor:
     return torch.sqrt(sum(v.double().flatten(1).pow(2).sum(dim=1) for v in d.values()))
+
+
+_CURVATURE_ROWS = 2048  # rows of the Hessian estimate (a subsample of larger training sets)
+
+
+def _curvature_rows(tr: Examples, seed: int) -> torch.Tensor:
+    """Which training rows estimate the curvature: all of them up to _CURVATURE_ROWS; else, for
+    in-memory data, those with the smallest seeded random projection of their content, in that
+    order, so the estimate (and anchored scores) do not depend on the order of the rows. A
+    streamed dataset gets a seeded random subset of positions."""
+    n = len(tr)
+    if n <= _CURVATURE_ROWS:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    if tr.x is None or tr.y is None:
+        return torch.randperm(n, generator=gen)[:_CURVATURE_ROWS].sort().values
+    d = int(tr.x[0].numel())
+    proj = torch.randn(d, generator=gen, dtype=torch.float64)
+    keys = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, 65536):
+        xb = tr.x[start : start + 65536].flatten(1).to("cpu", torch.float64)
+        yb = tr.y[start : start + 65536].reshape(len(xb), -1).to("cpu", torch.float64)
+        keys[start : start + len(xb)] = xb @ proj + math.pi * yb.sum(dim=1)
+    return torch.argsort(keys, stable=True)[:_CURVATURE_ROWS]
 
 
 def _rank_agreement(a: torch.Tensor, b: torch.Tensor) -> float | None:

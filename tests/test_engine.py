@@ -412,3 +412,22 @@ def test_compile_gives_the_eager_scores(mlp_setup):
     got = fi.pairwise((x, y), (x[:3], y[:3]))
     assert fi._compiled not in (None, False)  # it really compiled (a C++ compiler is present)
     torch.testing.assert_close(got, eager)
+
+
+def test_anchored_curvature_does_not_depend_on_row_order():
+    """Beyond 2048 rows the curvature is estimated on a subsample chosen by row content, so a
+    permuted training set gives the same lambda estimates and the same run length."""
+    torch.manual_seed(3)
+    x = torch.randn(2600, 6)
+    y = (x @ torch.randn(6, 3)).argmax(1)
+    model = _train(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), x, y, steps=100)
+    perm = torch.randperm(2600, generator=torch.Generator().manual_seed(1))
+    cfg = ForwardInfConfig(mode="anchored", weight_decay=1e-2)
+    a = ForwardInf(model, cfg)
+    b = ForwardInf(model, cfg)
+    with a._scoring() as ta, b._scoring() as tb:
+        from mirrorinf.data import as_examples
+
+        la = a._curvature(ta, as_examples((x, y), "train"))
+        lb = b._curvature(tb, as_examples((x[perm], y[perm]), "train"))
+    assert la == lb

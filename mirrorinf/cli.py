@@ -9,6 +9,7 @@ inside the commands, so ``mirrorinf --help`` and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -250,8 +251,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     write_npy(out / "scores.npy", scores)
     # the manifest goes last and names the scores' md5: after a crash between the two renames,
     # an old manifest does not match the new scores, and a reader can tell
-    import hashlib
-
     manifest = {
         "scores": "scores.npy",
         "scores_md5": hashlib.md5((out / "scores.npy").read_bytes()).hexdigest(),

@@ -179,9 +179,7 @@ class ForwardInf:
         tr, qs = self._resident(as_examples(train, "train")), as_examples(queries, "queries")
         t0 = time.perf_counter()
         with self._scoring() as theta:
-            self._check_targets(
-                theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train"
-            )
+            self._check_train(theta, tr)
             xq, yq = self._prepare_queries(theta, qs)
             if self.config.mode == "anchored":
                 scores, drop, extra = self._anchored_pairwise(theta, tr, xq, yq)
@@ -214,9 +212,7 @@ class ForwardInf:
         tr, qs = self._resident(as_examples(train, "train")), as_examples(queries, "queries")
         t0 = time.perf_counter()
         with self._scoring() as theta:
-            self._check_targets(
-                theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train"
-            )
+            self._check_train(theta, tr)
             xq, yq = self._prepare_queries(theta, qs)
             if self.config.mode == "anchored":
                 scores, drop, extra = self._anchored_pairwise(theta, tr, xq, yq, group=True)
@@ -262,9 +258,7 @@ class ForwardInf:
         tr = self._resident(as_examples(train, "train"))
         t0 = time.perf_counter()
         with self._scoring() as theta:
-            self._check_targets(
-                theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train"
-            )
+            self._check_train(theta, tr)
             out = torch.empty(len(tr), dtype=torch.float64)
             lrs = torch.empty(len(tr), dtype=torch.float64)
             use_lr = self._lowrank is not None and self._lowrank_verified is not False
@@ -390,6 +384,14 @@ class ForwardInf:
         if y.is_floating_point():
             y = y.double()
         return self.loss_fn(out, y)
+
+    def _check_train(self, theta: _Theta, tr: Examples) -> None:
+        """_check_targets on the first training rows (at most one batch)."""
+        self._check_targets(theta, *tr.take(slice(0, min(len(tr), 256, self.train_batch))), "train")
+
+    def _rows_per_copy(self, k: int) -> int:
+        """Training rows per forward when k parameter copies share it: k*rows ~ train_batch."""
+        return max(min(64, self.train_batch), self.train_batch // max(1, k))
 
     def _check_targets(self, theta: _Theta, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
         """Validate targets against the model's outputs once, outside any vmap."""
@@ -731,7 +733,7 @@ class ForwardInf:
                         q_base - self._losses(self._fwd(theta, theta.params, xqd), yqd)
                     ).cpu()
                     # k*rows rows per forward: as many as a plain forward of train_batch rows
-                    rows = max(min(64, self.train_batch), self.train_batch // max(1, k))
+                    rows = self._rows_per_copy(k)
                     for start, xb, yb in tr.batches(rows, self.device):
                         b = len(xb)
                         lre.set_mode("expand", batch=b)
@@ -880,7 +882,7 @@ class ForwardInf:
             return self._losses(self._fwd(theta, p, xb), yb).sum()
 
         acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
-        rows = max(min(64, self.train_batch), self.train_batch // k)
+        rows = self._rows_per_copy(k)
         for _, xb, yb in data.batches(rows, self.device):
             if theta.vmap_ok:
                 try:
@@ -903,7 +905,7 @@ class ForwardInf:
         theta = self._cur
         k = next(iter(stacked.values())).shape[0]
         out = torch.empty(k, len(data), dtype=torch.float64)
-        rows = max(min(64, self.train_batch), self.train_batch // k)
+        rows = self._rows_per_copy(k)
         with torch.no_grad():
             for start, xb, yb in data.batches(rows, self.device):
                 sl = slice(start, start + len(xb))

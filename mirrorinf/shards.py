@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from mirrorinf.engine import ForwardInf
+from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +70,6 @@ def score_rows(
     out["self_influence"] = fi.self_influence(train).double().numpy()
     report("self")
     return out, reports
-
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename: readers (and a rerun after a
-    crash) see the old file or the new one, never half of one. ``write`` gets a binary handle."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ShardStore:

@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.errors import DataError, InputError
-from mirrorinf.shards import atomic_write
+from mirrorinf.io import atomic_write
 
 __all__ = [
     "DataError",

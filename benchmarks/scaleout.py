@@ -22,8 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tasks.env  # noqa: E402,F401 - telemetry off before the tools load
-from flows.influence import run_influence  # noqa: E402
+from mirrorinf.tasks.env import set_tool_env  # noqa: E402
+
+set_tool_env(ROOT)  # telemetry off, project-local Prefect home, before the tools load
+from mirrorinf.flows.influence import run_influence  # noqa: E402
 from mirrorinf.params import params_from_dict  # noqa: E402
 
 

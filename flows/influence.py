@@ -30,7 +30,7 @@ from mirrorinf.demo import evaluate_findings
 from mirrorinf.errors import InputError
 from mirrorinf.params import Params
 from mirrorinf.shards import shard_ranges
-from tasks.data import (
+from mirrorinf.tasks.data import (
     Dataset,
     check_labels,
     ensure_writable,
@@ -38,13 +38,13 @@ from tasks.data import (
     prepare_demo_task,
     read_json,
 )
-from tasks.model import (
+from mirrorinf.tasks.model import (
     ModelRef,
     load_registered_model_task,
     output_size,
     train_and_register_task,
 )
-from tasks.score import (
+from mirrorinf.tasks.score import (
     assemble_task,
     check_task,
     open_store_task,
@@ -54,7 +54,7 @@ from tasks.score import (
     score_task,
     set_threads,
 )
-from tasks.tracking import (
+from mirrorinf.tasks.tracking import (
     code_version,
     influence_run,
     log_influence_task,

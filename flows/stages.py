@@ -1,4 +1,4 @@
-"""DVC stage entry points: ``python -m flows.stages prepare|train|influence [--params FILE]``.
+"""DVC stage entry points: ``python -m mirrorinf.flows.stages prepare|train|influence``.
 
 - prepare: write the embedded demo (data/demo/*.npz + ground_truth.json) when data.source=demo.
 - train: train + register the demo model (or resolve the configured version) and write
@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.env import set_tool_env
+from mirrorinf.tasks.env import set_tool_env
 
 if TYPE_CHECKING:
     from mirrorinf.params import Params
-    from tasks.data import Dataset
+    from mirrorinf.tasks.data import Dataset
 
 __all__ = ["main"]
 
@@ -33,7 +33,7 @@ INFLUENCE_JSON = "outputs/influence.json"
 
 
 def _prepare(params: Params) -> None:
-    from tasks.data import prepare_demo
+    from mirrorinf.tasks.data import prepare_demo
 
     if params.data.source != "demo":
         print(f"prepare: data.source is {params.data.source!r}; nothing to prepare")
@@ -48,8 +48,8 @@ def _prepare(params: Params) -> None:
 
 
 def _train(params: Params) -> None:
-    from tasks.data import load_dataset, write_json
-    from tasks.model import load_registered_model, train_and_register
+    from mirrorinf.tasks.data import load_dataset, write_json
+    from mirrorinf.tasks.model import load_registered_model, train_and_register
 
     uri = params.tracking_uri()
     if params.model.train_demo:
@@ -90,7 +90,7 @@ def _influence(params: Params) -> None:
     import json
 
     from mirrorinf.errors import InputError
-    from tasks.data import write_json
+    from mirrorinf.tasks.data import write_json
 
     model_json = params.resolve(MODEL_JSON)
     if not model_json.is_file():
@@ -98,7 +98,7 @@ def _influence(params: Params) -> None:
     ref = json.loads(model_json.read_text())
     pinned = params.replace(model={**params.model.model_dump(), "version": ref["version"],
                                    "alias": None})  # fmt: skip
-    from flows.influence import run_influence
+    from mirrorinf.flows.influence import run_influence
 
     result = run_influence(pinned)
     metrics = {  # compact for `dvc metrics show`; the full summary is in the MLflow run
@@ -115,7 +115,7 @@ STAGES = {"prepare": _prepare, "train": _train, "influence": _influence}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mirrorinf.flows.stages", description=__doc__)
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--debug", action="store_true")
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     set_tool_env(path.resolve().parent if path.is_file() else Path.cwd())
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
-    for name in ("mirrorinf", "tasks", "flows"):
-        logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.INFO)
+    logging.getLogger("mirrorinf").setLevel(logging.DEBUG if args.debug else logging.INFO)
 
     from mirrorinf.errors import InputError
     from mirrorinf.params import load_params

@@ -16,9 +16,9 @@ from uuid import UUID
 
 from prefect import flow
 
-from flows.influence import InfluenceResult, run_influence
+from mirrorinf.flows.influence import InfluenceResult, run_influence
 from mirrorinf.params import Params, load_params, params_from_dict
-from tasks.events import MODEL_REGISTERED, emit_model_registered, prefect_api_configured
+from mirrorinf.tasks.events import MODEL_REGISTERED, emit_model_registered, prefect_api_configured
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

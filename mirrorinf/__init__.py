@@ -27,15 +27,15 @@ _WHERE = {
     "ForwardInfConfig": "mirrorinf.config",
     "SphereConfig": "mirrorinf.config",
     # orchestration helpers: they live in flows/ and tasks/ and import Prefect only when used
-    "trigger": "flows.trigger",
-    "emit_model_registered": "tasks.events",
+    "trigger": "mirrorinf.flows.trigger",
+    "emit_model_registered": "mirrorinf.tasks.events",
 }
 
 if TYPE_CHECKING:
-    from flows.trigger import trigger
     from mirrorinf.config import ForwardInfConfig, SphereConfig
     from mirrorinf.engine import ForwardInf, ScoreReport, cross_entropy
-    from tasks.events import emit_model_registered
+    from mirrorinf.flows.trigger import trigger
+    from mirrorinf.tasks.events import emit_model_registered
 
 
 def __getattr__(name: str) -> Any:

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup(root: Path, verbose: bool, debug: bool) -> None:
     """Tool environment before the heavy imports, then logging (the CLI owns logging)."""
-    from tasks.env import set_tool_env
+    from mirrorinf.tasks.env import set_tool_env
 
     if not (verbose or debug):
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -134,8 +134,7 @@ def _setup(root: Path, verbose: bool, debug: bool) -> None:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    for name in ("mirrorinf", "tasks", "flows"):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("mirrorinf").setLevel(level)  # mirrorinf.tasks / .flows too
 
 
 def _quiet_prefect(verbose: bool, debug: bool) -> None:
@@ -216,7 +215,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mirrorinf.params import load_params
 
     params = load_params(params_path)
-    from flows.influence import run_influence
+    from mirrorinf.flows.influence import run_influence
 
     _quiet_prefect(args.verbose, args.debug)
     result = run_influence(params)
@@ -231,11 +230,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
     label_column = args.label_column or params.data.label_column
     uri = _tracking_uri(args, params)
     out = Path(args.out)
-    from tasks.data import check_labels, ensure_writable, load_dataset, write_json, write_npy
+    from mirrorinf.tasks.data import (
+        check_labels,
+        ensure_writable,
+        load_dataset,
+        write_json,
+        write_npy,
+    )
 
     ensure_writable({"--out": out}, create=False)  # now, not after the scoring
-    from tasks.model import load_model_uri, output_size
-    from tasks.score import pairwise_scores, set_threads
+    from mirrorinf.tasks.model import load_model_uri, output_size
+    from mirrorinf.tasks.score import pairwise_scores, set_threads
 
     set_threads(params.threads)
     train = load_dataset(args.train, name="train", label_column=label_column)
@@ -276,7 +281,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_gate(args: argparse.Namespace) -> int:
     _setup(Path.cwd(), False, args.debug)
     params = _load_store_params(args)
-    from tasks.tracking import gate_status
+    from mirrorinf.tasks.tracking import gate_status
 
     verdict, run_id = gate_status(_tracking_uri(args, params), args.model, args.version)
     if verdict is None:
@@ -315,7 +320,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mirrorinf.params import load_params
 
     params = load_params(params_path)
-    from flows.trigger import serve
+    from mirrorinf.flows.trigger import serve
 
     serve(params, name=args.name, model_name=args.model)
     return 0

@@ -1,9 +1,11 @@
 """Prefect tasks: thin wrappers doing I/O with one tool each (DVC, MLflow, GX) around the engine.
 
-Importing this package sets quiet tool defaults (telemetry off, local Prefect home) before any
-tool is imported; see :mod:`tasks.env`.
+Ships as ``mirrorinf.tasks`` (pyproject maps this folder there); importing it changes nothing in
+the environment: entry points call :func:`mirrorinf.tasks.env.set_tool_env`.
 """
 
-from tasks.env import set_tool_env
-
-set_tool_env()
+if __name__ != "mirrorinf.tasks":  # a stray `import tasks` from the repository root
+    raise ImportError(
+        f"this folder is the package mirrorinf.tasks, imported here as {__name__!r}: "
+        "write `import mirrorinf.tasks` (after `pip install -e .`)"
+    )

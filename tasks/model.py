@@ -32,9 +32,9 @@ from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.demo import build_model, model_spec, train_demo_model
 from mirrorinf.errors import ModelError
-from tasks.data import Dataset, retry_unless_input_error
-from tasks.events import emit_model_registered
-from tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
+from mirrorinf.tasks.data import Dataset, retry_unless_input_error
+from mirrorinf.tasks.events import emit_model_registered
+from mirrorinf.tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
 
 __all__ = [
     "ModelRef",

@@ -29,8 +29,8 @@ from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
 from mirrorinf.shards import ShardStore, score_rows
 from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
-from tasks.checks import CheckResult, validate_tables
-from tasks.data import Dataset
+from mirrorinf.tasks.checks import CheckResult, validate_tables
+from mirrorinf.tasks.data import Dataset
 
 __all__ = [
     "ScoreBundle",

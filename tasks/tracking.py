@@ -51,7 +51,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.errors import ModelError
-from tasks.data import retry_unless_input_error
+from mirrorinf.tasks.data import retry_unless_input_error
 
 __all__ = [
     "SUPERSEDED_TAG",

@@ -1,7 +1,9 @@
-"""Shared test setup: repository root importable (benchmarks._common holds ground-truth code)."""
+"""Shared test setup: repository root importable (benchmarks._common holds ground-truth code),
+tool telemetry off and a throw-away Prefect home (importing mirrorinf sets none of this)."""
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mirrorinf-prefect-home-"))
 
 
 @pytest.fixture(scope="session")

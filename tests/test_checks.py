@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
-from tasks.checks import CheckResult, validate_tables
+from mirrorinf.tasks.checks import CheckResult, validate_tables
 
 CHECKS = [
     "self_influence_not_null",

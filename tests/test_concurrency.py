@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.influence import InfluenceResult, run_influence
+from mirrorinf.flows.influence import InfluenceResult, run_influence
 from mirrorinf.params import Params, params_from_dict
-from tasks.data import load_dataset, prepare_demo
-from tasks.model import train_and_register
-from tasks.tracking import (
+from mirrorinf.tasks.data import load_dataset, prepare_demo
+from mirrorinf.tasks.model import train_and_register
+from mirrorinf.tasks.tracking import (
     GATE_TAG,
     REPORT_TAG,
     RUN_TAG,

@@ -12,7 +12,7 @@ import torch
 from dvc_helpers import dvc_add_commit, make_dvc_repo
 
 from mirrorinf.demo import build_model, make_demo, train_demo_model
-from tasks.data import (
+from mirrorinf.tasks.data import (
     DataError,
     check_labels,
     load_dataset,

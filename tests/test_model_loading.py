@@ -20,7 +20,7 @@ from torch import nn
 from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.cli import main
 from mirrorinf.errors import ModelError
-from tasks.model import load_model_uri
+from mirrorinf.tasks.model import load_model_uri
 
 
 class Net(nn.Module):

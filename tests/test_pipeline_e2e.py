@@ -23,12 +23,12 @@ import torch
 import yaml
 from dvc_helpers import dvc_add_commit, make_dvc_repo
 
-from flows.influence import InfluenceResult, run_influence
 from mirrorinf.cli import main
+from mirrorinf.flows.influence import InfluenceResult, run_influence
 from mirrorinf.params import Params, params_from_dict
-from tasks.data import prepare_demo, write_npz
-from tasks.model import train_and_register
-from tasks.tracking import get_client
+from mirrorinf.tasks.data import prepare_demo, write_npz
+from mirrorinf.tasks.model import train_and_register
+from mirrorinf.tasks.tracking import get_client
 
 pytestmark = pytest.mark.slow
 
@@ -241,7 +241,7 @@ def test_dvc_data_clean_passes_noisy_fails(
 
 def test_gate_exit_2_without_influence_result(prefect_harness: Path, project: Path) -> None:
     params = make(project)
-    from tasks.data import load_dataset
+    from mirrorinf.tasks.data import load_dataset
 
     train = load_dataset(params.resolve(params.data.train), name="train")
     ref = train_and_register(
@@ -442,7 +442,7 @@ def test_hostile_ids_never_become_paths(
 ) -> None:
     """String ids with path separators and '..' appear in tables and plots, never in file or
     artifact names: nothing is written outside the run's artifact folder."""
-    from tasks.data import load_dataset
+    from mirrorinf.tasks.data import load_dataset
 
     result = demo_run[0]
     train = load_dataset(project / "data" / "demo" / "train.npz", name="train")

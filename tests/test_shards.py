@@ -16,8 +16,8 @@ import torch
 import yaml
 from test_pipeline_e2e import SMALL_DEMO, make
 
-from flows.influence import run_influence
 from mirrorinf import ForwardInf
+from mirrorinf.flows.influence import run_influence
 from mirrorinf.shards import ShardStore, score_rows, shard_ranges
 
 ROOT = Path(__file__).resolve().parents[1]

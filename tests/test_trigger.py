@@ -24,11 +24,11 @@ import pytest
 import yaml
 
 import mirrorinf
-from flows.trigger import FLOW_NAME, model_registered_trigger, pinned_params
 from mirrorinf.cli import build_parser
+from mirrorinf.flows.trigger import FLOW_NAME, model_registered_trigger, pinned_params
 from mirrorinf.params import params_from_dict
-from tasks.events import MODEL_REGISTERED, emit_model_registered, model_resource
-from tasks.tracking import get_client
+from mirrorinf.tasks.events import MODEL_REGISTERED, emit_model_registered, model_resource
+from mirrorinf.tasks.tracking import get_client
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +161,7 @@ def test_pinned_params_and_event_shape(tmp_path: Path) -> None:
     trig = model_registered_trigger("m")
     assert trig.expect == {MODEL_REGISTERED}
     assert trig.parameters["version"] == "{{ event.resource['mlflow.model.version'] }}"
-    assert mirrorinf.trigger.__module__ == "flows.trigger"
+    assert mirrorinf.trigger.__module__ == "mirrorinf.flows.trigger"
     assert build_parser().parse_args(["serve", "--model", "m"]).command == "serve"
 
 

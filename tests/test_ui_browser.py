@@ -53,7 +53,7 @@ def ui_run(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Any, Path]]:
     """(InfluenceResult, project) of one flow run in a fresh store."""
-    from flows.influence import run_influence
+    from mirrorinf.flows.influence import run_influence
 
     project = tmp_path_factory.mktemp("ui-project")
     params = params_from_dict(
@@ -162,7 +162,7 @@ def test_run_page_lists_review_artifacts(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tasks.tracking import get_client
+    from mirrorinf.tasks.tracking import get_client
 
     result, project = ui_run
     client = get_client(f"sqlite:///{project}/mlruns/mlflow.db")

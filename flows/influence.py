@@ -30,8 +30,9 @@ from mirrorinf.demo import evaluate_findings
 from mirrorinf.errors import InputError
 from mirrorinf.params import Params
 from mirrorinf.shards import shard_ranges
+from mirrorinf.tasks.checks import check_task
 from mirrorinf.tasks.data import (
-    Dataset,
+    Split,
     check_labels,
     ensure_writable,
     load_dataset_task,
@@ -42,13 +43,12 @@ from mirrorinf.tasks.model import (
     ModelRef,
     load_registered_model_task,
     output_size,
+    predict_labels,
     train_and_register_task,
 )
 from mirrorinf.tasks.score import (
     assemble_task,
-    check_task,
     open_store_task,
-    predict_labels,
     score_cache_key,
     score_shard_task,
     score_task,
@@ -164,7 +164,7 @@ def _data_rev(params: Params, ref: ModelRef | None) -> str | None:
     return None
 
 
-def _load_sets(params: Params, rev: str | None) -> dict[str, Dataset]:
+def _load_sets(params: Params, rev: str | None) -> dict[str, Split]:
     d = params.data
     source = "dvc" if d.source == "dvc" else "file"
     repo = str(params.resolve(d.repo)) if source == "dvc" else None
@@ -197,7 +197,7 @@ def _ground_truth(params: Params, rev: str | None) -> dict[str, Any] | None:
 
 def _model_and_data(
     params: Params, stages: _Stages, uri: str
-) -> tuple[Any, ModelRef, dict[str, Dataset], dict[str, Any] | None]:
+) -> tuple[Any, ModelRef, dict[str, Split], dict[str, Any] | None]:
     """The model version and the data it is scored on (training the demo model if asked)."""
     model = ref = None
     if params.data.source == "demo":
@@ -283,7 +283,7 @@ def influence_flow(params: Params) -> InfluenceResult:
             ref.uri,
         )
 
-    cfg = params.engine_config()
+    cfg = params.influence
     identity = score_cache_key(
         model_uri=ref.uri,
         model_run_id=ref.run_id,
@@ -312,7 +312,7 @@ def influence_flow(params: Params) -> InfluenceResult:
                 scores, cache_hit = _score_sharded(params, ref, model, sets, queries, identity)
             else:
                 state = run_score(
-                    key, model, sets["train"], sets["val"], queries, cfg.to_dict(),
+                    key, model, sets["train"], sets["val"], queries, cfg,
                     params.device, return_state=True,
                 )  # fmt: skip
                 scores = state.result()
@@ -395,8 +395,8 @@ def _score_sharded(
     params: Params,
     ref: ModelRef,
     model: Any,
-    sets: dict[str, Dataset],
-    queries: Dataset,
+    sets: dict[str, Split],
+    queries: Split,
     identity: str,
 ) -> tuple[Any, bool]:
     """Map the shard task over training-row ranges, then assemble; (bundle, all on disk)."""
@@ -406,7 +406,7 @@ def _score_sharded(
     root = str(params.root / params.sharding.dir / name)
     ident = {"scores": identity, "shard_size": params.sharding.size}
     open_store_task(root, ident)
-    cfg = params.engine_config().to_dict()
+    cfg = params.influence
     futures = score_shard_task.map(
         unmapped(root), unmapped(ident), [r[0] for r in ranges], [r[1] for r in ranges],
         unmapped(model), unmapped(sets["train"]), unmapped(sets["val"]), unmapped(queries),

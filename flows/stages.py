@@ -22,7 +22,7 @@ from mirrorinf.tasks.env import set_tool_env
 
 if TYPE_CHECKING:
     from mirrorinf.params import Params
-    from mirrorinf.tasks.data import Dataset
+    from mirrorinf.tasks.data import Split
 
 __all__ = ["main"]
 
@@ -59,7 +59,7 @@ def _train(params: Params) -> None:
         if kind == "dvc":
             kwargs["repo"] = str(params.resolve(d.repo))
 
-        def load(path: str, name: str) -> Dataset:
+        def load(path: str, name: str) -> Split:
             target = path if kind == "dvc" else str(params.resolve(path))
             return load_dataset(target, name=name, display_path=path, **kwargs)
 

@@ -250,7 +250,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     n_classes = output_size(model, train.x)
     check_labels(train, n_classes)
     check_labels(queries, n_classes)
-    cfg = params.engine_config()
+    cfg = params.influence
     scores, report = pairwise_scores(model, train, queries, cfg, params.device)
     out.mkdir(parents=True, exist_ok=True)
     write_npy(out / "scores.npy", scores)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -44,6 +45,25 @@ __all__ = [
 ]
 
 N_DIGITS = 1797  # rows in scikit-learn's bundled digits data set (the demo's source)
+
+
+def _engine_config(value: Any) -> ForwardInfConfig:
+    """params.yaml's ``influence`` mapping -> the engine's validated config (once, here)."""
+    if isinstance(value, ForwardInfConfig):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of ForwardInfConfig fields, got {value!r}")
+    return ForwardInfConfig.from_dict(value)
+
+
+# the engine's config object itself travels through flows and tasks; YAML/JSON see its dict
+EngineConfig = Annotated[
+    ForwardInfConfig,
+    PlainValidator(_engine_config),
+    PlainSerializer(lambda cfg: cfg.to_dict(), return_type=dict),
+]
 
 
 class _Section(BaseModel):
@@ -187,10 +207,9 @@ class Params(_Section):
     demo: DemoParams = Field(default_factory=DemoParams)
     model: ModelParams = Field(default_factory=ModelParams)
     queries: QueryParams = Field(default_factory=QueryParams)
-    influence: dict[str, Any] = Field(
-        default_factory=dict,
-        validate_default=True,  # always the full, normalised config (logged, fingerprinted)
-        description="ForwardInfConfig fields (see mirrorinf.config).",
+    influence: EngineConfig = Field(
+        default_factory=ForwardInfConfig,
+        description="The engine's ForwardInfConfig (fields documented there).",
     )
     gate: GateParams = Field(default_factory=GateParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
@@ -221,15 +240,6 @@ class Params(_Section):
             return {k: v for k, v in data.items() if v is not None}
         return data
 
-    @field_validator("influence", mode="before")
-    @classmethod
-    def _engine_config(cls, value: Any) -> dict[str, Any]:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping of ForwardInfConfig fields, got {value!r}")
-        return ForwardInfConfig.from_dict(value).to_dict()
-
     @property
     def root(self) -> Path:
         """Directory that relative paths are resolved against (the params file's directory)."""
@@ -247,10 +257,6 @@ class Params(_Section):
         for key, value in sections.items():
             data[key] = value.model_dump() if isinstance(value, BaseModel) else value
         return params_from_dict(data, root=self._root)
-
-    def engine_config(self) -> ForwardInfConfig:
-        """The engine's config object."""
-        return ForwardInfConfig.from_dict(self.influence)
 
     def resolve(self, path: str | Path) -> Path:
         """An absolute path: ``path`` itself if absolute, else under the root."""

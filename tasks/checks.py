@@ -31,14 +31,20 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from mirrorinf.summary import GateThresholds, InfluenceTables
+from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
 
-__all__ = ["CheckResult", "validate_tables"]
+if TYPE_CHECKING:
+    from mirrorinf.tasks.data import Split
+    from mirrorinf.tasks.score import ScoreBundle
+
+__all__ = ["CheckResult", "check_task", "summarise_and_check", "validate_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,3 +260,28 @@ def validate_tables(
         t_import,
     )
     return out
+
+
+def summarise_and_check(
+    scores: ScoreBundle, train: Split, queries: Split, thresholds: GateThresholds
+) -> tuple[InfluenceTables, CheckResult]:
+    """Reviewable tables from the scores, then the Great Expectations gate suite on them."""
+    tables = summarise(
+        scores.pairwise,
+        scores.self_influence,
+        scores.group_influence,
+        train_ids=train.ids,
+        train_labels=train.y.numpy(),
+        query_ids=queries.ids,
+        query_self_drop=scores.query_self_drop,
+        leak_pairwise=scores.leak_pairwise,
+        train_x=train.x.numpy(),
+        query_x=queries.x.numpy(),
+        thresholds=thresholds,
+        calib_self_inf=scores.calib_self_influence,
+        calib_group_inf=scores.calib_group_influence,
+    )
+    return tables, validate_tables(tables, thresholds)
+
+
+check_task = task(summarise_and_check, name="summarise-and-check", cache_policy=NO_CACHE)

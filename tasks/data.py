@@ -31,8 +31,8 @@ from mirrorinf.io import atomic_write
 
 __all__ = [
     "DataError",
-    "Dataset",
     "Provenance",
+    "Split",
     "check_labels",
     "ensure_writable",
     "load_dataset",
@@ -67,8 +67,8 @@ class Provenance:
 
 
 @dataclass
-class Dataset:
-    """A loaded dataset: features (float32), integer labels, ids and provenance."""
+class Split:
+    """One loaded split (train, val or query): features, labels, ids and provenance."""
 
     name: str
     x: torch.Tensor
@@ -83,11 +83,11 @@ class Dataset:
         """(x, y) as the engine takes it."""
         return self.x, self.y
 
-    def head(self, n: int | None) -> Dataset:
+    def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self):
             return self
-        return Dataset(self.name, self.x[:n], self.y[:n], self.ids[:n], self.provenance)
+        return Split(self.name, self.x[:n], self.y[:n], self.ids[:n], self.provenance)
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -236,7 +236,7 @@ def load_dataset(
     rev: str | None = None,
     label_column: str = "label",
     display_path: str | None = None,
-) -> Dataset:
+) -> Split:
     """Load a dataset from a local file (``source="file"``) or a DVC repo at ``rev``.
 
     Args:
@@ -271,10 +271,10 @@ def load_dataset(
     xt, yt, ids = _validate(x, y, ids, where)
     prov = Provenance(source=source, path=shown, md5=md5, repo=repo_s, rev=rev, commit=commit)
     logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
-    return Dataset(name=name, x=xt, y=yt, ids=ids, provenance=prov)
+    return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov)
 
 
-def check_labels(data: Dataset, n_classes: int) -> None:
+def check_labels(data: Split, n_classes: int) -> None:
     """DataError if a label is not a valid class index of a model with ``n_classes`` outputs."""
     top = int(data.y.max())
     if top >= n_classes:

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.demo import build_model, model_spec, train_demo_model
 from mirrorinf.errors import ModelError
-from mirrorinf.tasks.data import Dataset, retry_unless_input_error
+from mirrorinf.tasks.data import Split, retry_unless_input_error
 from mirrorinf.tasks.events import emit_model_registered
 from mirrorinf.tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
 
@@ -42,6 +43,7 @@ __all__ = [
     "load_registered_model",
     "load_registered_model_task",
     "output_size",
+    "predict_labels",
     "train_and_register",
     "train_and_register_task",
 ]
@@ -119,7 +121,7 @@ def _ref(client: Any, mv: Any, reused: bool = False) -> ModelRef:
     )
 
 
-def train_key(train: Dataset, train_params: dict[str, Any]) -> str:
+def train_key(train: Split, train_params: dict[str, Any]) -> str:
     """Identity of a demo training: training data md5 + training params."""
     blob = json.dumps({"data": train.provenance.md5, "train": train_params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -154,8 +156,8 @@ def save_model_dir(model: torch.nn.Module, directory: str | Path) -> Path:
 
 
 def train_and_register(
-    train: Dataset,
-    val: Dataset | None,
+    train: Split,
+    val: Split | None,
     *,
     name: str,
     train_params: dict[str, Any],
@@ -447,3 +449,15 @@ load_registered_model_task = task(
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
 )
+
+
+def predict_labels(model: torch.nn.Module, data: Split, batch: int = 4096) -> np.ndarray:
+    """The model's predicted class (argmax of its outputs) for every example, in file order."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = [model(data.x[i : i + batch]).argmax(dim=-1) for i in range(0, len(data), batch)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)

@@ -28,24 +28,19 @@ from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
 from mirrorinf.shards import ShardStore, score_rows
-from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
-from mirrorinf.tasks.checks import CheckResult, validate_tables
-from mirrorinf.tasks.data import Dataset
+from mirrorinf.tasks.data import Split
 
 __all__ = [
     "ScoreBundle",
     "assemble_task",
-    "check_task",
     "compute_scores",
     "open_store_task",
     "pairwise_scores",
-    "predict_labels",
     "score_cache_key",
     "score_shard_task",
     "score_task",
     "scoring_code_hash",
     "set_threads",
-    "summarise_and_check",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,14 +78,13 @@ def _engine(model: torch.nn.Module, cfg: ForwardInfConfig, device: str) -> Forwa
 
 def compute_scores(
     model: torch.nn.Module,
-    train: Dataset,
-    val: Dataset,
-    queries: Dataset,
-    config: dict[str, Any] | ForwardInfConfig,
+    train: Split,
+    val: Split,
+    queries: Split,
+    cfg: ForwardInfConfig,
     device: str = "auto",
 ) -> ScoreBundle:
     """Pairwise (train x queries), group (validation set), self-influence, calibration scores."""
-    cfg = config if isinstance(config, ForwardInfConfig) else ForwardInfConfig.from_dict(config)
     t0 = time.perf_counter()
     fi = _engine(model, cfg, device)
     rows, reports = score_rows(fi, train.pair(), queries.pair(), val.pair())
@@ -101,7 +95,7 @@ def _bundle(
     rows: dict[str, np.ndarray],
     reports: dict[str, dict[str, Any]],
     fi: ForwardInf,
-    val: Dataset,
+    val: Split,
     cfg: ForwardInfConfig,
     t0: float,
     n_train: int,
@@ -137,10 +131,10 @@ def score_shard_task(
     start: int,
     stop: int,
     model: torch.nn.Module,
-    train: Dataset,
-    val: Dataset,
-    queries: Dataset,
-    config: dict[str, Any],
+    train: Split,
+    val: Split,
+    queries: Split,
+    cfg: ForwardInfConfig,
     device: str = "auto",
     threads: int | None = None,
 ) -> bool:
@@ -155,7 +149,7 @@ def score_shard_task(
     set_threads(threads)
     # a private copy: the engine's functional calls swap a module's tensors for the duration of
     # a forward pass, so one module object must not be scored from several threads at once
-    fi = _engine(copy.deepcopy(model), ForwardInfConfig.from_dict(config), device)
+    fi = _engine(copy.deepcopy(model), cfg, device)
     rows, _ = score_rows(fi, (train.x[start:stop], train.y[start:stop]), queries.pair(), val.pair())
     store.save(start, stop, rows)
     return True
@@ -167,14 +161,13 @@ def assemble_task(
     identity: dict[str, Any],
     ranges: list[tuple[int, int]],
     model: torch.nn.Module,
-    val: Dataset,
-    config: dict[str, Any],
+    val: Split,
+    cfg: ForwardInfConfig,
     device: str,
     n_query: int,
 ) -> ScoreBundle:
     """All shards in training-row order, plus calibration scores, as one bundle."""
     t0 = time.perf_counter()
-    cfg = ForwardInfConfig.from_dict(config)
     rows = ShardStore(store_root, identity).assemble(ranges)
     reports = {"shards": {"count": len(ranges), "store": store_root}}
     return _bundle(
@@ -193,13 +186,12 @@ def set_threads(n: int | None) -> None:
 
 def pairwise_scores(
     model: torch.nn.Module,
-    train: Dataset,
-    queries: Dataset,
-    config: dict[str, Any] | ForwardInfConfig,
+    train: Split,
+    queries: Split,
+    cfg: ForwardInfConfig,
     device: str = "auto",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pairwise scores [n_train, n_query] (rows in training-file order) and the score report."""
-    cfg = config if isinstance(config, ForwardInfConfig) else ForwardInfConfig.from_dict(config)
     fi = _engine(model, cfg, device)
     scores = fi.pairwise(train.pair(), queries.pair())
     assert fi.last_report is not None
@@ -216,10 +208,12 @@ def scoring_code_hash() -> str:
     """
     import mirrorinf
 
-    files = [*sorted(Path(mirrorinf.__file__).parent.glob("*.py")), Path(__file__)]
+    files = [*sorted(Path(mirrorinf.__file__).parent.rglob("*.py")), Path(__file__)]
     digest = hashlib.sha256()
+    root = Path(mirrorinf.__file__).parent
     for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        name = path.relative_to(root) if path.is_relative_to(root) else path.name
+        digest.update(str(name).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -256,48 +250,11 @@ def _key_from_args(context: Any, parameters: dict[str, Any]) -> str | None:
 def score_task(
     cache_key: str | None,
     model: torch.nn.Module,
-    train: Dataset,
-    val: Dataset,
-    queries: Dataset,
-    config: dict[str, Any],
+    train: Split,
+    val: Split,
+    queries: Split,
+    cfg: ForwardInfConfig,
     device: str = "auto",
 ) -> ScoreBundle:
     """Prefect task around :func:`compute_scores`; ``cache_key`` None disables the cache."""
-    return compute_scores(model, train, val, queries, config, device)
-
-
-def summarise_and_check(
-    scores: ScoreBundle, train: Dataset, queries: Dataset, thresholds: GateThresholds
-) -> tuple[InfluenceTables, CheckResult]:
-    """Reviewable tables from the scores, then the Great Expectations gate suite on them."""
-    tables = summarise(
-        scores.pairwise,
-        scores.self_influence,
-        scores.group_influence,
-        train_ids=train.ids,
-        train_labels=train.y.numpy(),
-        query_ids=queries.ids,
-        query_self_drop=scores.query_self_drop,
-        leak_pairwise=scores.leak_pairwise,
-        train_x=train.x.numpy(),
-        query_x=queries.x.numpy(),
-        thresholds=thresholds,
-        calib_self_inf=scores.calib_self_influence,
-        calib_group_inf=scores.calib_group_influence,
-    )
-    return tables, validate_tables(tables, thresholds)
-
-
-check_task = task(summarise_and_check, name="summarise-and-check", cache_policy=NO_CACHE)
-
-
-def predict_labels(model: torch.nn.Module, data: Dataset, batch: int = 4096) -> np.ndarray:
-    """The model's predicted class (argmax of its outputs) for every example, in file order."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = [model(data.x[i : i + batch]).argmax(dim=-1) for i in range(0, len(data), batch)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)
+    return compute_scores(model, train, val, queries, cfg, device)

@@ -384,7 +384,7 @@ def log_review(
     report's title. The version's tags (``mirrorinf.report`` and the rest) are written by
     :func:`tag_model_version`, all together. Returns the artifact paths logged.
     """
-    from mirrorinf.report import TABLES, ReviewInputs, review_tables, write_report
+    from mirrorinf.review import TABLES, ReviewInputs, review_tables, write_report
 
     review = ReviewInputs(
         tables=tables,

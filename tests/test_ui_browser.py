@@ -27,7 +27,7 @@ import pytest
 from test_pipeline_e2e import base_params, merge
 
 from mirrorinf.params import params_from_dict
-from mirrorinf.report import PLOTS, TABLES
+from mirrorinf.review import PLOTS, TABLES
 
 pytestmark = pytest.mark.slow
 

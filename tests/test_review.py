@@ -1,4 +1,4 @@
-"""Review report (mirrorinf.report): plots and markdown for image and tabular data."""
+"""Review report (mirrorinf.review): plots and markdown for image and tabular data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirrorinf.report import PLOTS, ReviewInputs, image_shape, review_tables, write_report
+from mirrorinf.review import PLOTS, ReviewInputs, image_shape, review_tables, write_report
 from mirrorinf.summary import summarise
 
 CHECKS = [

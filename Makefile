@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test bench ui lint clean
+.PHONY: install run test test-fast bench ui lint format clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+test-fast: $(STAMP)  # the unit tests: no Prefect/MLflow/DVC end-to-end runs (about a minute)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/throughput.py
@@ -36,8 +39,14 @@ bench: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mirrorinf ui
 
-lint: $(STAMP)
+lint: $(STAMP)  # what CI checks before the tests
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy mirrorinf/engine
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix -q .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
@@ -51,8 +52,10 @@ def test_write_report_images_and_tabular(tmp_path: Path, n_features: int, n_leak
     files = write_report(tmp_path, inp)
     assert {f"plots/{p}" for p in PLOTS} | {"report.md", "checks/gx_result.md"} == set(files)
     for name in PLOTS:
-        data = (tmp_path / "plots" / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 500_000
+        path = tmp_path / "plots" / name
+        assert path.stat().st_size < 500_000
+        ink = _ink(path)
+        assert ink > 0.01, f"{name} is (nearly) blank: {ink:.3%} of its pixels drawn"
     report = (tmp_path / "report.md").read_text()
     assert "Gate: **FAILED**" in report and "mislabel_fraction" in report
     assert f"Suspected leaks: {n_leaks}**" in report
@@ -61,6 +64,41 @@ def test_write_report_images_and_tabular(tmp_path: Path, n_features: int, n_leak
         image_shape(n_features) is None and inp.tables.counts["n_flagged_mislabel"] > 0
     )
     assert "| leaks | pass |" in (tmp_path / "checks" / "gx_result.md").read_text()
+
+
+def _ink(path: Path) -> float:
+    """Fraction of a PNG's pixels that are not white (decoded, not just a header check)."""
+    img = mpimg.imread(path)
+    return float((img[..., :3] < 0.95).any(axis=-1).mean())
+
+
+def test_plots_follow_their_data(tmp_path: Path) -> None:
+    """The leak gallery has one row per leak (none: a short placeholder); the mislabel gallery
+    grows with the number flagged; image rows are drawn as grey images, tabular ones in colour."""
+    heights = []
+    for n_leaks in (0, 1, 3):
+        out = tmp_path / f"leaks{n_leaks}"
+        write_report(out, _inputs(64, n_leaks))
+        heights.append(mpimg.imread(out / "plots" / "leaks.png").shape[0])
+    assert heights[0] < heights[1] < heights[2], heights
+
+    def gallery_height(inp: ReviewInputs, out: Path) -> int:
+        write_report(out, inp)
+        return mpimg.imread(out / "plots" / "mislabels.png").shape[0]
+
+    few, many = _inputs(64), _inputs(64)
+    few.tables.train["flag_mislabel"] = few.tables.train.index < 3  # one gallery row of 8
+    many.tables.train["flag_mislabel"] = True  # more than the gallery holds: two rows
+    assert gallery_height(few, tmp_path / "few") < gallery_height(many, tmp_path / "many")
+
+    def grey_fraction(n_features: int, out: Path) -> float:
+        write_report(out, _inputs(n_features))
+        img = mpimg.imread(out / "plots" / "mislabels.png")[..., :3]
+        drawn = (img < 0.95).any(axis=-1)
+        grey = (np.ptp(img, axis=-1) < 0.02) & drawn
+        return float(grey.sum() / max(1, drawn.sum()))
+
+    assert grey_fraction(64, tmp_path / "img") > 0.9 > grey_fraction(5, tmp_path / "tab")
 
 
 def test_review_tables_carry_predictions() -> None:

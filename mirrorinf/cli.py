@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="react only to versions of this registered model"
     )
     serve.set_defaults(func=_cmd_serve)
+
+    watch = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="score every new version of the named models (polls the MLflow registry)",
+        description="Poll the MLflow registry and run the influence flow for each version of "
+        "the named models that has no verdict yet; restartable, each version scored once. A "
+        "model (or version) tagged mirrorinf.params=FILE is scored with that params file.",
+    )
+    watch.add_argument("--model", action="append", required=True, help="model name (repeatable)")
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between polls")
+    watch.add_argument("--once", action="store_true", help="one pass, then exit")
+    _store_args(watch)
+    watch.set_defaults(func=_cmd_watch)
     return parser
 
 
@@ -324,6 +338,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(params, name=args.name, model_name=args.model)
     return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    params_path = Path(args.params or DEFAULT_PARAMS)
+    root = params_path.resolve().parent if params_path.is_file() else Path.cwd()
+    _setup(root, False, args.debug)
+    params = _load_store_params(args)
+    uri = _tracking_uri(args, params)
+    params = params.replace(mlflow={**params.mlflow.model_dump(), "tracking_uri": uri})
+    from mirrorinf.flows.watch import watch
+
+    print(f"watching {', '.join(args.model)} on {params.tracking_uri()}", file=sys.stderr)
+    report = watch(params, args.model, interval=args.interval, once=args.once)
+    for key, verdict in report.scored.items():
+        print(f"{key}: gate {verdict}")
+    for key, err in report.failed.items():
+        print(f"{key}: failed: {err}", file=sys.stderr)
+    return 2 if report.failed and not report.scored else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -90,12 +92,30 @@ def _deployment_exists(name: str) -> bool:
     return True
 
 
+@contextmanager
+def quiet_prefect(verbose: bool = False) -> Iterator[None]:
+    """Prefect's INFO lines and failure tracebacks off for the duration (restored after): in a
+    user's training script mirrorinf speaks through its own ``mirrorinf`` logger and, on
+    failure, the exception it raises."""
+    names = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.events")
+    saved = {name: logging.getLogger(name).level for name in names}
+    if not verbose:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def trigger(
     model_name: str,
     version: str | int,
     params: ParamsLike = None,
     *,
     deployment: str = f"{FLOW_NAME}/{DEPLOYMENT}",
+    verbose: bool = False,
 ) -> InfluenceResult | UUID:
     """Score influence for ``models:/model_name/version``; call it at the end of training.
 
@@ -106,7 +126,16 @@ def trigger(
     Args:
         params: a Params, a params YAML path, a mapping of params.yaml sections, or None
             (./params.yaml when present, else defaults). The model section is overridden.
+        verbose: let Prefect print its flow and task lines (off: a training script's output
+            stays its own; results and failures come back as the return value / exception).
     """
+    with quiet_prefect(verbose):
+        return _trigger(model_name, version, params, deployment)
+
+
+def _trigger(
+    model_name: str, version: str | int, params: ParamsLike, deployment: str
+) -> InfluenceResult | UUID:
     pinned = pinned_params(model_name, version, params)
     if prefect_api_configured() and _deployment_exists(deployment):
         from prefect.deployments import run_deployment

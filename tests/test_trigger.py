@@ -126,11 +126,14 @@ def example_dir(prefect_api: str, work: Path, serve_process: Any) -> Path:
         env=_env(prefect_api, work / ".prefect"),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (work / "example.out").write_text(out.stdout)
     assert "gate passed: " in out.stdout, out.stdout
+    # polite in a training script: no Prefect progress lines or tracebacks in its output
+    chatter = [ln for ln in (out.stdout + out.stderr).splitlines() if "Finished in state" in ln]
+    assert not chatter and "Traceback" not in out.stderr, out.stderr[-3000:]
     return work
 
 

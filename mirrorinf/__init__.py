@@ -24,16 +24,21 @@ _WHERE = {
     "ForwardInf": "mirrorinf.engine",
     "ScoreReport": "mirrorinf.engine",
     "cross_entropy": "mirrorinf.engine",
-    "ForwardInfConfig": "mirrorinf.config",
-    "SphereConfig": "mirrorinf.config",
+    "ForwardInfConfig": "mirrorinf.engine",
+    "SphereConfig": "mirrorinf.engine",
     # orchestration helpers: they live in flows/ and tasks/ and import Prefect only when used
     "trigger": "mirrorinf.flows.trigger",
     "emit_model_registered": "mirrorinf.tasks.events",
 }
 
 if TYPE_CHECKING:
-    from mirrorinf.config import ForwardInfConfig, SphereConfig
-    from mirrorinf.engine import ForwardInf, ScoreReport, cross_entropy
+    from mirrorinf.engine import (
+        ForwardInf,
+        ForwardInfConfig,
+        ScoreReport,
+        SphereConfig,
+        cross_entropy,
+    )
     from mirrorinf.flows.trigger import trigger
     from mirrorinf.tasks.events import emit_model_registered
 

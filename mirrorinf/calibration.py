@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mirrorinf.data import DataLike, as_examples
-from mirrorinf.engine import ForwardInf
+from mirrorinf.engine import DataLike, ForwardInf, as_examples
 
 FOLDS = 5
 

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from mirrorinf.config import ForwardInfConfig
+from mirrorinf.engine import ForwardInfConfig
 from mirrorinf.errors import ParamsError
 from mirrorinf.summary import GateThresholds
 

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mirrorinf.engine import ForwardInf
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -32,44 +30,6 @@ def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     if size <= 0:
         raise ValueError(f"shard size must be positive, got {size}")
     return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def score_rows(
-    fi: ForwardInf,
-    train: tuple[torch.Tensor, torch.Tensor],
-    queries: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """Every per-training-row score of a set of rows (plus the per-query self-drop), and the
-    engine's report of each verb.
-
-    ``leak_pairwise`` is the plain-mode pairwise pass the leak rule needs when the engine runs
-    in another mode (absent in plain mode, where ``pairwise`` serves).
-    """
-    reports: dict[str, dict[str, Any]] = {}
-
-    def report(name: str) -> None:
-        assert fi.last_report is not None
-        rep = fi.last_report.to_dict()
-        rep.pop("query_self_drop", None)  # an array, kept with the scores
-        reports[name] = rep
-
-    out = {"pairwise": fi.pairwise(train, queries).double().numpy()}
-    assert fi.last_report is not None
-    drop = fi.last_report.query_self_drop
-    report("pairwise")
-    if fi.config.mode != "plain":
-        twin = fi.plain_twin()
-        out["leak_pairwise"] = twin.pairwise(train, queries).double().numpy()
-        assert twin.last_report is not None
-        drop = twin.last_report.query_self_drop
-    n_q = len(queries[1])
-    out["query_self_drop"] = drop.double().numpy() if drop is not None else np.full(n_q, np.nan)
-    out["group_influence"] = fi.group(train, val).double().numpy()
-    report("group")
-    out["self_influence"] = fi.self_influence(train).double().numpy()
-    report("self")
-    return out, reports
 
 
 class ShardStore:

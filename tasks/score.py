@@ -25,9 +25,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.analysis import score_rows
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
-from mirrorinf.shards import ShardStore, score_rows
+from mirrorinf.shards import ShardStore
 from mirrorinf.tasks.data import Split
 
 __all__ = [

@@ -79,7 +79,7 @@ def test_cuda_compile_matches_eager(setup):
     eager = ForwardInf(model, cfg, device="cuda").pairwise((x, y), (x[:4], y[:4]))
     fi = ForwardInf(model, cfg.replace(compile=True), device="cuda")
     got = fi.pairwise((x, y), (x[:4], y[:4]))
-    assert fi._compiled not in (None, False)
+    assert fi._rt._compiled not in (None, False)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mirrorinf.cli import main
-from mirrorinf.config import ForwardInfConfig
+from mirrorinf.engine import ForwardInfConfig
 from mirrorinf.params import Params, ParamsError, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

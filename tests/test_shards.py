@@ -17,8 +17,9 @@ import yaml
 from test_pipeline_e2e import SMALL_DEMO, make
 
 from mirrorinf import ForwardInf
+from mirrorinf.analysis import score_rows
 from mirrorinf.flows.influence import run_influence
-from mirrorinf.shards import ShardStore, score_rows, shard_ranges
+from mirrorinf.shards import ShardStore, shard_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,13 @@ negative-curvature directions of a non-convex model cannot blow up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
+
+from mirrorinf.engine.examples import Examples
 
 Params = dict[str, torch.Tensor]
 
@@ -21,7 +25,7 @@ def _hvp(objective: Callable[[Params], torch.Tensor], params: Params) -> Callabl
     pairs = [(k, g) for k, g in zip(leaves, grads, strict=True) if g is not None]
 
     def apply(v: Params) -> Params:
-        dot = sum((g * v[k]).sum() for k, g in pairs)
+        dot = cast(torch.Tensor, sum((g * v[k]).sum() for k, g in pairs))
         hv = torch.autograd.grad(
             dot, [leaves[k] for k, _ in pairs], retain_graph=True, allow_unused=True
         )
@@ -41,7 +45,7 @@ def _power(
     v = {k: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for k, t in like.items()}
     lam = 0.0
     for _ in range(iters):
-        norm = torch.sqrt(sum(x.double().pow(2).sum() for x in v.values()))
+        norm = torch.sqrt(cast(torch.Tensor, sum(x.double().pow(2).sum() for x in v.values())))
         v = {k: x / norm for k, x in v.items()}
         hv = apply(v)
         hv = {k: hv[k] - shift * v[k] for k in v}
@@ -107,3 +111,27 @@ def hessian_extremes(
         t += torch.diag(off, 1) + torch.diag(off, -1)
     ev = torch.linalg.eigvalsh(t)
     return float(ev[-1]), float(ev[0])
+
+
+_CURVATURE_ROWS = 2048  # rows of the Hessian estimate (a subsample of larger training sets)
+
+
+def curvature_rows(tr: Examples, seed: int) -> torch.Tensor:
+    """Which training rows estimate the curvature: all of them up to _CURVATURE_ROWS; else, for
+    in-memory data, those with the smallest seeded random projection of their content, in that
+    order, so the estimate (and anchored scores) do not depend on the order of the rows. A
+    streamed dataset gets a seeded random subset of positions."""
+    n = len(tr)
+    if n <= _CURVATURE_ROWS:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    if tr.x is None or tr.y is None:
+        return torch.randperm(n, generator=gen)[:_CURVATURE_ROWS].sort().values
+    d = int(tr.x[0].numel())
+    proj = torch.randn(d, generator=gen, dtype=torch.float64)
+    keys = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, 65536):
+        xb = tr.x[start : start + 65536].flatten(1).to("cpu", torch.float64)
+        yb = tr.y[start : start + 65536].reshape(len(xb), -1).to("cpu", torch.float64)
+        keys[start : start + len(xb)] = xb @ proj + math.pi * yb.sum(dim=1)
+    return torch.argsort(keys, stable=True)[:_CURVATURE_ROWS]

@@ -11,7 +11,9 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
+
+_T = TypeVar("_T")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("plain", "anchored"),
@@ -126,10 +128,11 @@ class ForwardInfConfig:
     compile: bool = False
     seed: int = 0
 
-    _NESTED: ClassVar[dict[str, type]] = {"sphere": SphereConfig}
+    _NESTED: ClassVar[dict[str, type[Any]]] = {"sphere": SphereConfig}
 
     def __post_init__(self) -> None:
-        if self.autocast is False or self.autocast is None:  # YAML reads a bare `off` as false
+        autocast: object = self.autocast
+        if autocast is False or autocast is None:  # YAML reads a bare `off` as false
             object.__setattr__(self, "autocast", "off")
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
@@ -190,13 +193,13 @@ class ForwardInfConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type[_T], data: Any, prefix: str) -> _T:
     if not isinstance(data, dict):
         raise ValueError(
             f"ForwardInfConfig{'.' + prefix.rstrip('.') if prefix else ''} must be a "
             f"mapping, got {type(data).__name__}"
         )
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cast(Any, cls))}
     unknown = sorted(set(data) - known)
     if unknown:
         close = [difflib.get_close_matches(u, known, n=1) for u in unknown]

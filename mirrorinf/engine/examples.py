@@ -38,9 +38,11 @@ class Examples:
     name: str
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
-    dataset: Dataset | None = None
+    dataset: Dataset[Any] | None = None
     n: int = 0
-    key: tuple | None = None  # identity of the caller's data (kept when moved to a device)
+    key: tuple[object, ...] | None = (
+        None  # identity of the caller's data (kept when moved to a device)
+    )
 
     def __len__(self) -> int:
         return self.n

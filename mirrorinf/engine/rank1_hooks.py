@@ -1,4 +1,5 @@
-"""Exact low-rank rewrite of SGD fit-on-query updates for models whose weights are all Linear.
+"""Exact low-rank (rank-1 per step and token) rewrite of SGD fit-on-query updates for models
+whose weights are all Linear: the forward hooks.
 
 One SGD step on one example changes a Linear layer by ``-lr * delta a^T`` (``delta`` = gradient
 at the layer's output, ``a`` = its input; a sum over tokens for sequence inputs), so k steps
@@ -55,18 +56,18 @@ def linear_modules(model: nn.Module, trainable: set[str]) -> dict[str, nn.Linear
     return found if covered == trainable and found else None
 
 
-class LowRankSGD:
+class Rank1Hooks:
     """Forward hooks that apply per-example low-rank Linear updates (see module docstring)."""
 
     def __init__(self, modules: dict[str, nn.Linear], trainable: set[str]):
         self.modules = modules
-        self.names = {mod: name for name, mod in modules.items()}
+        self.names: dict[nn.Module, str] = {mod: name for name, mod in modules.items()}
         self.has_w = {n: (f"{n}.weight" if n else "weight") in trainable for n in modules}
         self.has_b = {n: (f"{n}.bias" if n else "bias") in trainable for n in modules}
         self.state = _State()
 
     @contextmanager
-    def hooks(self) -> Iterator[LowRankSGD]:
+    def hooks(self) -> Iterator[Rank1Hooks]:
         handles = [mod.register_forward_hook(self._hook) for mod in self.modules.values()]
         try:
             yield self
@@ -85,7 +86,9 @@ class LowRankSGD:
         self.state.captured = {}
 
     # ---------------------------------------------------------------- the hook
-    def _hook(self, mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor):
+    def _hook(
+        self, mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor
+    ) -> torch.Tensor | None:
         st = self.state
         if st.mode == "off":
             return None
@@ -97,7 +100,7 @@ class LowRankSGD:
             if x.shape[0] != m:
                 raise Unsupported("batch dimension changed inside the model")
             new = out
-            if f.a is not None:
+            if f.a is not None and f.d is not None:
                 xf = x.reshape(m, -1, x.shape[-1])
                 corr = torch.bmm(torch.bmm(xf, f.a.transpose(1, 2)), f.d)
                 new = new + corr.reshape(out.shape)
@@ -112,30 +115,30 @@ class LowRankSGD:
         if not shared and x.shape[0] != m * b:
             raise Unsupported("batch dimension changed inside the model")
         mid, n_out = out.shape[1:-1], out.shape[-1]
-        u, d = self._folded(f, x, m, shared)
+        folded = self._folded(f, x, m, shared)
         if shared:
             base = out.reshape(1, -1, n_out).expand(m, -1, n_out)
         else:
             base = out.reshape(m, -1, n_out)
-        if u is None:
+        if folded is None:
             new = base.contiguous()
         elif torch.is_grad_enabled() or shared:
-            new = torch.baddbmm(base, u, d)
+            new = torch.baddbmm(base, *folded)
         else:
-            new = base.baddbmm_(u, d)  # fresh output of this layer: safe to update in place
+            new = base.baddbmm_(*folded)  # fresh output of this layer: safe to update in place
         return new.reshape(m * b, *mid, n_out)
 
     @staticmethod
     def _folded(
         f: _Factors, x: torch.Tensor, m: int, shared: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(u, d) with u @ d = the low-rank correction, the bias change folded in as a column."""
         if f.a is None and f.db is None:
-            return None, None
+            return None
         xf = x.reshape(-1, x.shape[-1])
         rows = xf.shape[0] if shared else xf.shape[0] // m
         parts_u, parts_d = [], []
-        if f.a is not None:
+        if f.a is not None and f.d is not None:
             r = f.a.shape[1]
             if shared:
                 u = (xf @ f.a.reshape(m * r, -1).T).reshape(rows, m, r).permute(1, 0, 2)

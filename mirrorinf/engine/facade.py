@@ -1,0 +1,193 @@
+"""``ForwardInf``: the engine's public face. It picks the scoring method once, validates
+inputs, runs a scorer inside a model-state snapshot, recomputes what float32 could not resolve
+in float64, and returns float32 CPU scores with a ``ScoreReport``.
+
+score(i, q) = loss(z_i; theta) - loss(z_i; theta_q), theta_q = theta after fitting q.
+Positive = proponent (fitting q lowers z_i's loss). Base losses are computed once per
+(model, training set) and reused; loss differences are always taken in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mirrorinf.engine.anchored import AnchoredScorer
+from mirrorinf.engine.config import ForwardInfConfig
+from mirrorinf.engine.examples import DataLike, Examples, as_examples
+from mirrorinf.engine.execution import retry_on_oom
+from mirrorinf.engine.inputs import check_train, prepare_queries
+from mirrorinf.engine.losses import LossFn
+from mirrorinf.engine.runtime import Runtime
+from mirrorinf.engine.scorer import PlainScorer, Scorer
+from mirrorinf.engine.scores import ScoreReport, Scores, make_report, vanished_columns
+
+log = logging.getLogger(__name__)
+
+_SCORERS: dict[str, type[PlainScorer] | type[AnchoredScorer]] = {
+    "plain": PlainScorer,
+    "anchored": AnchoredScorer,
+}
+
+
+class ForwardInf:
+    """Mirrored influence of training examples on queries, for any ``nn.Module``.
+
+    ``pairwise`` gives [n_train, n_query], ``group`` one column for a whole query set,
+    ``self_influence`` each training point's own loss drop. The caller's model is never changed
+    (after a call). Not thread-safe: during a call the model's modules run with the engine's
+    tensors swapped in (torch.func.functional_call); score one model object from one thread at
+    a time, or give each thread its own copy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ForwardInfConfig | dict[str, Any] | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(config, dict):
+            config = ForwardInfConfig.from_dict(config)
+        if config is not None and not isinstance(config, ForwardInfConfig):
+            raise ValueError(
+                f"config must be a ForwardInfConfig or mapping, got {type(config).__name__}"
+            )
+        self.model = model
+        self.config = config or ForwardInfConfig()
+        method = _SCORERS[self.config.mode]  # the one place the engine reads config.mode
+        self._rt = Runtime(model, self.config, loss_fn, device, method.auto_dtype)
+        self._scorer: Scorer = method(self._rt)
+        self._loss_given = loss_fn
+        self.last_report: ScoreReport | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def loss_fn(self) -> LossFn:
+        return self._rt.loss_fn
+
+    @property
+    def device(self) -> torch.device:
+        return self._rt.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._rt.dtype
+
+    @property
+    def train_batch(self) -> int:
+        """Rows per forward pass (halved after an out-of-memory error)."""
+        return self._rt.plan.train_batch
+
+    @property
+    def query_batch(self) -> int:
+        """Queries scored together (halved after an out-of-memory error)."""
+        return self._rt.plan.query_batch
+
+    def pairwise(self, train: DataLike, queries: DataLike) -> torch.Tensor:
+        """Scores [n_train, n_query]: how much fitting each query lowers each training loss."""
+        return self._run("pairwise", lambda: self._pairwise(train, queries))
+
+    def group(self, train: DataLike, queries: DataLike) -> torch.Tensor:
+        """Scores [n_train] for one update on the whole query set (negative = harmful to it)."""
+        return self._run("group", lambda: self._group(train, queries))[:, 0]
+
+    def self_influence(self, train: DataLike) -> torch.Tensor:
+        """Scores [n_train]: each training point's loss drop after fitting that point alone.
+
+        Always the plain update with its automatic step (anchored self-influence would need
+        n_train anchored runs), so it is on the same per-unit-lr scale as plain pairwise scores
+        whatever the mode. Large = atypical, mislabeled or memorised.
+        """
+        if self._scorer.self_in_plain_twin:
+            twin = self.plain_twin()
+            out = twin.self_influence(train)
+            self.last_report = twin.last_report
+            return out
+        return self._run("self", lambda: self._self(train))[:, 0]
+
+    def plain_twin(self) -> ForwardInf:
+        """This engine in plain mode with automatic steps (same model, loss, device): the scale
+        on which self-influence and the leak rule's gradient cosine are defined."""
+        return self._derived(mode="plain", steps=None, lr=None, precision="auto")
+
+    # ------------------------------------------------------------------ one call
+    def _run(self, kind: str, compute: Callable[[], Scores]) -> torch.Tensor:
+        """Compute (halving batches after out-of-memory errors), report, return float32."""
+        t0 = time.perf_counter()
+        scores = retry_on_oom(compute, self._rt.shrink)
+        report = make_report(kind, self._scorer.mode, scores, time.perf_counter() - t0)
+        self.last_report = report
+        log.info(
+            "%s: %d x %d scores in %.2fs (path %s, zero %.2f%%)",
+            kind,
+            report.n_train,
+            report.n_query,
+            report.seconds,
+            report.path,
+            100 * report.zero_fraction,
+        )
+        return scores.matrix.float()
+
+    def _pairwise(self, train: DataLike, queries: DataLike) -> Scores:
+        tr, qs = self._rt.resident(as_examples(train, "train")), as_examples(queries, "queries")
+        with self._rt.scoring() as state:
+            check_train(self._rt, state, tr)
+            xq, yq = prepare_queries(self._rt, state, qs)
+            scores = self._scorer.pairwise(state, tr, xq, yq)
+        bad = vanished_columns(scores.matrix).nonzero().flatten()
+        hi = self._float64_twin() if len(bad) > 0 and len(tr) > 1 else None
+        if hi is not None:  # redo the queries float32 could not resolve
+            redo = hi._pairwise(tr, (xq[bad], yq[bad]))
+            self._merge(scores, redo, bad, columns=True)
+        return scores
+
+    def _group(self, train: DataLike, queries: DataLike) -> Scores:
+        tr, qs = self._rt.resident(as_examples(train, "train")), as_examples(queries, "queries")
+        with self._rt.scoring() as state:
+            check_train(self._rt, state, tr)
+            xq, yq = prepare_queries(self._rt, state, qs)
+            return self._scorer.group(state, tr, xq, yq)
+
+    def _self(self, train: DataLike | Examples) -> Scores:
+        tr = self._rt.resident(as_examples(train, "train"))
+        with self._rt.scoring() as state:
+            check_train(self._rt, state, tr)
+            scores = self._scorer.self_influence(state, tr)
+        bad = (scores.matrix[:, 0] == 0).nonzero().flatten()
+        hi = self._float64_twin() if len(bad) > 0.01 * len(tr) else None
+        if hi is not None:  # redo the rows float32 could not resolve
+            self._merge(scores, hi._self(tr.take(bad)), bad, columns=False)
+        return scores
+
+    @staticmethod
+    def _merge(scores: Scores, redo: Scores, idx: torch.Tensor, columns: bool) -> None:
+        """Put float64 recomputed columns (queries) or rows into ``scores``."""
+        if columns:
+            scores.matrix[:, idx] = redo.matrix.float().double()
+            if scores.query_self_drop is not None and redo.query_self_drop is not None:
+                scores.query_self_drop[idx] = redo.query_self_drop.float().double()
+        else:
+            scores.matrix[idx, 0] = redo.matrix[:, 0].float().double()
+        scores.upcast = len(idx)
+
+    # ------------------------------------------------------------------ derived engines
+    def _float64_twin(self) -> ForwardInf | None:
+        """A float64 twin, used to redo the few columns/rows float32 could not resolve."""
+        if self.config.precision != "auto" or self.dtype == torch.float64:
+            return None
+        log.info("some scores vanished at float32; recomputing them in float64")
+        return self._derived(precision="float64", sphere=None, autocast="off", compile=False)
+
+    def _derived(self, **changes: Any) -> ForwardInf:
+        """An engine on the same model, loss and device with ``changes`` to the config (and
+        this engine's current batch sizes)."""
+        cfg = self.config.replace(**changes, **self._rt.plan.sizes())
+        return ForwardInf(self.model, cfg, self._loss_given, self.device)

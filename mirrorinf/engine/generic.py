@@ -1,0 +1,59 @@
+"""The generic plain path: stacked per-example updates, then one forward per updated copy.
+
+Works for any ``nn.Module`` (vmap where possible, a loop where not); the fast path of
+:mod:`mirrorinf.engine.rank1` is checked against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.execution import progress
+from mirrorinf.engine.runtime import ModelState, Runtime
+from mirrorinf.engine.scores import Scores, plain_scores
+from mirrorinf.engine.updates import per_example_updates
+
+
+def generic_pairwise(
+    rt: Runtime,
+    state: ModelState,
+    tr: Examples,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    base: torch.Tensor,
+) -> Scores:
+    """Plain pairwise scores [n_train, n_query] by the generic path."""
+    n, m = len(tr), len(xq)
+    scores = torch.empty(n, m, dtype=torch.float64)
+    drops = torch.empty(m, dtype=torch.float64)
+    lrs = torch.empty(m, dtype=torch.float64)
+    qb = rt.plan.query_chunk(state.numel)
+    q_base = rt.query_losses(state, state.params, xq, yq)
+    for qs in progress(range(0, m, qb), m, qb, "pairwise queries"):
+        sl = slice(qs, min(qs + qb, m))
+        stacked, lr, bufs = per_example_updates(rt, state, xq[sl], yq[sl])
+        lrs[sl] = lr.cpu()
+        for j in range(sl.stop - sl.start):
+            pj = {k: v[j] for k, v in stacked.items()}
+            bj = bufs[j] if bufs else None
+            q = qs + j
+            scores[:, q] = base - rt.losses_over(state, pj, tr, bj)
+            drops[q] = q_base[q] - rt.query_losses(state, pj, xq[q : q + 1], yq[q : q + 1])[0]
+    return plain_scores(rt.config, scores, drops, lrs, "generic")
+
+
+def generic_self(
+    rt: Runtime, state: ModelState, xb: torch.Tensor, yb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs."""
+    with torch.no_grad():
+        base = rt.losses(rt.forward(state, state.params, xb), yb)
+    stacked, lr, bufs = per_example_updates(rt, state, xb, yb)
+    after = torch.empty_like(base)
+    with torch.no_grad():
+        for j in range(len(xb)):
+            pj = {k: v[j] for k, v in stacked.items()}
+            out = rt.forward(state, pj, xb[j : j + 1], bufs[j] if bufs else None)
+            after[j] = rt.losses(out, yb[j : j + 1])[0]
+    return base - after, lr

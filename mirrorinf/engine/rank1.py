@@ -1,0 +1,142 @@
+"""The fast plain path: an exact rank-1 rewrite of SGD updates for ``nn.Linear`` models.
+
+One SGD step on one example changes each Linear layer by a rank-1 matrix per token, so the
+training set runs through the *shared* weights once for all queries of a chunk (see
+:mod:`mirrorinf.engine.rank1_hooks`). Exact, not an approximation; verified once per engine
+against the generic path before it is trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.execution import progress
+from mirrorinf.engine.generic import generic_pairwise
+from mirrorinf.engine.rank1_hooks import Rank1Hooks, Unsupported, linear_modules
+from mirrorinf.engine.runtime import ModelState, Runtime
+from mirrorinf.engine.scores import Scores, plain_scores
+from mirrorinf.engine.updates import step_lr
+
+log = logging.getLogger(__name__)
+
+
+class Rank1Path:
+    """The rank-1 fast path of one engine; ``verified``: None until checked, then a verdict."""
+
+    def __init__(self, rt: Runtime, hooks: Rank1Hooks) -> None:
+        self.rt = rt
+        self.hooks = hooks
+        self.verified: bool | None = None
+
+    @classmethod
+    def for_model(cls, rt: Runtime) -> Rank1Path | None:
+        """The fast path if the config allows it (SGD, frozen BatchNorm statistics) and every
+        trainable parameter lives in an nn.Linear; else None."""
+        cfg = rt.config
+        if cfg.fast_path != "auto" or cfg.optimizer != "sgd" or cfg.bn_update:
+            return None
+        mods = linear_modules(rt.model, rt.trainable)
+        return None if mods is None else cls(rt, Rank1Hooks(mods, rt.trainable))
+
+    def usable(
+        self,
+        state: ModelState,
+        tr: Examples,
+        xq: torch.Tensor,
+        yq: torch.Tensor,
+        base: torch.Tensor,
+    ) -> bool:
+        """Use the path if possible; verify it once against the generic path (a few rows)."""
+        if self.verified is not None:
+            return self.verified
+        k, nb = min(2, len(xq)), min(16, len(tr))
+        xs, ys = tr.take(slice(0, nb))
+        small = Examples("train", x=xs, y=ys, n=nb)
+        try:
+            fast = self.pairwise(state, small, xq[:k], yq[:k], base[:nb]).matrix
+        except Unsupported as exc:
+            log.info("low-rank fast path not applicable (%s); using the generic path", exc)
+            self.verified = False
+            return False
+        ref = generic_pairwise(self.rt, state, small, xq[:k], yq[:k], base[:nb]).matrix
+        tol = 1e-3 * float(ref.abs().max()) + 1e-9
+        self.verified = bool((fast - ref).abs().max() <= tol)
+        if not self.verified:
+            log.info("low-rank fast path disagreed with the generic path; using the generic path")
+        return self.verified
+
+    def _updates(
+        self, state: ModelState, hooks: Rank1Hooks, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build each example's update factors; returns (lr, loss before)."""
+        rt = self.rt
+        x, y = x.to(rt.device), y.to(rt.device)
+        hooks.reset(len(x))
+        lr = None
+        base = None
+        params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
+        for _ in range(rt.steps):
+            hooks.set_mode("diag", capture=True)
+            losses = rt.losses(rt.forward(state, params, x), y)
+            if base is None:
+                base = losses.detach()
+            grads = hooks.captured_grads(losses.sum())
+            if lr is None:
+                lr = step_lr(rt, state, hooks.grad_sqnorm(grads).sqrt())
+            hooks.add_step(grads, -rt.sign * lr)
+        assert lr is not None and base is not None
+        return lr, base
+
+    def pairwise(
+        self,
+        state: ModelState,
+        tr: Examples,
+        xq: torch.Tensor,
+        yq: torch.Tensor,
+        base: torch.Tensor,
+    ) -> Scores:
+        """Plain pairwise scores [n_train, n_query] by the rank-1 rewrite."""
+        rt = self.rt
+        n, m = len(tr), len(xq)
+        scores = torch.empty(n, m, dtype=torch.float64)
+        drops = torch.empty(m, dtype=torch.float64)
+        lrs = torch.empty(m, dtype=torch.float64)
+        qb = rt.plan.query_batch
+        with self.hooks.hooks() as rank1:
+            for qs in progress(range(0, m, qb), m, qb, "pairwise queries"):
+                sl = slice(qs, min(qs + qb, m))
+                k = sl.stop - sl.start
+                lr, q_base = self._updates(state, rank1, xq[sl], yq[sl])
+                lrs[sl] = lr.cpu()
+                with torch.no_grad():
+                    rank1.set_mode("diag")
+                    xqd, yqd = xq[sl].to(rt.device), yq[sl].to(rt.device)
+                    after_q = rt.losses(rt.forward(state, state.params, xqd), yqd)
+                    drops[sl] = (q_base - after_q).cpu()
+                    # k*rows rows per forward: as many as a plain forward of train_batch rows
+                    for start, xb, yb in tr.batches(rt.plan.rows_per_copy(k), rt.device):
+                        b = len(xb)
+                        rank1.set_mode("expand", batch=b)
+                        out = rt.forward(state, state.params, xb)
+                        if out.shape[0] != k * b:
+                            raise Unsupported("model output was not expanded over queries")
+                        after = rt.losses(out, yb.repeat(k)).reshape(k, b)
+                        scores[start : start + b, sl] = (
+                            base[start : start + b].to(after.device) - after
+                        ).T.cpu()
+                rank1.set_mode("off")
+        return plain_scores(rt.config, scores, drops, lrs, "lowrank")
+
+    def self_chunk(
+        self, state: ModelState, xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs."""
+        with self.hooks.hooks() as rank1:
+            lr, base = self._updates(state, rank1, xb, yb)
+            with torch.no_grad():
+                rank1.set_mode("diag")
+                after = self.rt.losses(self.rt.forward(state, state.params, xb), yb)
+        return base - after, lr

@@ -1,0 +1,87 @@
+"""The interface every scoring method implements, and the plain method.
+
+A scorer answers the three verbs for one call's model state, on validated inputs, with
+float64 ``Scores``; the facade (:mod:`mirrorinf.engine.facade`) does everything around it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+
+from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.execution import progress
+from mirrorinf.engine.generic import generic_pairwise, generic_self
+from mirrorinf.engine.group_fit import group_fit
+from mirrorinf.engine.rank1 import Rank1Path
+from mirrorinf.engine.rank1_hooks import Unsupported
+from mirrorinf.engine.runtime import ModelState, Runtime
+from mirrorinf.engine.scores import Scores, plain_scores
+
+
+class Scorer(Protocol):
+    """One scoring method. ``mode``: its name in reports; ``auto_dtype``: the dtype of
+    precision="auto"; ``self_in_plain_twin``: self-influence is the plain twin's (the method
+    has no per-example self-influence of its own)."""
+
+    mode: ClassVar[str]
+    auto_dtype: ClassVar[torch.dtype]
+    self_in_plain_twin: ClassVar[bool]
+
+    def pairwise(
+        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
+    ) -> Scores: ...
+
+    def group(
+        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
+    ) -> Scores: ...
+
+    def self_influence(self, state: ModelState, tr: Examples) -> Scores: ...
+
+
+class PlainScorer:
+    """Fit-on-query steps on loss(q) alone: the rank-1 fast path where the model allows it and
+    it agrees with the generic path, else the generic path; group influence by a group fit."""
+
+    mode: ClassVar[str] = "plain"
+    auto_dtype: ClassVar[torch.dtype] = torch.float32
+    self_in_plain_twin: ClassVar[bool] = False
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.fast = Rank1Path.for_model(rt)
+
+    def pairwise(
+        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
+    ) -> Scores:
+        base = self.rt.base_losses(state, tr)
+        if self.fast is not None and self.fast.usable(state, tr, xq, yq, base):
+            return self.fast.pairwise(state, tr, xq, yq, base)
+        return generic_pairwise(self.rt, state, tr, xq, yq, base)
+
+    def group(self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor) -> Scores:
+        return group_fit(self.rt, state, tr, xq, yq)
+
+    def self_influence(self, state: ModelState, tr: Examples) -> Scores:
+        rt = self.rt
+        out = torch.empty(len(tr), dtype=torch.float64)
+        lrs = torch.empty(len(tr), dtype=torch.float64)
+        fast = self.fast if self.fast is not None and self.fast.verified is not False else None
+        chunk = rt.plan.self_chunk(state.numel, stacked=self.fast is None)
+        for start, xb, yb in progress(
+            tr.batches(chunk, rt.device), len(tr), chunk, "self-influence"
+        ):
+            s = lr = None
+            if fast is not None:
+                try:
+                    s, lr = fast.self_chunk(state, xb, yb)
+                except Unsupported:
+                    fast.verified = False
+                    fast = None
+            if s is None or lr is None:
+                s, lr = generic_self(rt, state, xb, yb)
+            out[start : start + len(xb)] = s.cpu()
+            lrs[start : start + len(xb)] = lr.cpu()
+        path = "generic" if fast is None else "lowrank"
+        return plain_scores(rt.config, out.unsqueeze(1), None, lrs, path, per_row=True)

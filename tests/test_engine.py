@@ -56,7 +56,7 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return torch.cat([v.flatten(1) for v in g.values()], dim=1)
 
 
-def _brute_force(
+def brute_force_scores(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
     queries: tuple[torch.Tensor, torch.Tensor],
@@ -144,7 +144,7 @@ def test_lowrank_matches_generic_in_float32(mlp_setup):
         assert fast.last_report.path == "lowrank"
         _assert_matches(sa, sb.double(), 1e-3)
     one_step = ForwardInf(model, ForwardInfConfig(lr=1e-2)).pairwise((x, y), q)
-    _assert_matches(one_step, _brute_force(model, (x, y), q, lr=1e-2), 5e-3)
+    _assert_matches(one_step, brute_force_scores(model, (x, y), q, lr=1e-2), 5e-3)
 
 
 def test_duplicate_is_top_proponent(mlp_setup):
@@ -211,7 +211,7 @@ def test_variants_adam_ascent_abs(mlp_setup):
     s = adam.pairwise((x, y), q)
     assert adam.last_report.path == "generic"
     # one Adam step (the released code's update), by hand with torch.optim.Adam
-    _assert_matches(s, _brute_force(model, (x, y), q, lr=5e-3, optimizer="adam"), 1e-4)
+    _assert_matches(s, brute_force_scores(model, (x, y), q, lr=5e-3, optimizer="adam"), 1e-4)
 
 
 def test_dataset_input_equals_tensors(mlp_setup):
@@ -254,7 +254,7 @@ def test_cnn_batchnorm_stats_untouched_unless_asked():
     for bn_update in (False, True):
         cfg = ForwardInfConfig(lr=1e-2, precision="float64", bn_update=bn_update)
         got = ForwardInf(model, cfg).pairwise((x, y), q)
-        want = _brute_force(model, (x, y), q, lr=1e-2, bn_update=bn_update)
+        want = brute_force_scores(model, (x, y), q, lr=1e-2, bn_update=bn_update)
         _assert_matches(got, want, 1e-6)
     _assert_same(model, snap)
 
@@ -293,7 +293,7 @@ def test_transformer_encoder_classifier():
     # the scores are the loss drops of a real step (dropout off, as in eval mode)
     exact = ForwardInf(model, ForwardInfConfig(lr=1e-2, precision="float64"))
     got = exact.pairwise((x, y), (x[:4], y[:4]))
-    _assert_matches(got, _brute_force(model, (x, y), (x[:4], y[:4]), lr=1e-2), 1e-6)
+    _assert_matches(got, brute_force_scores(model, (x, y), (x[:4], y[:4]), lr=1e-2), 1e-6)
     assert model.training
 
 

@@ -47,6 +47,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_engine import brute_force_scores
 from torch import nn
 from torch.func import functional_call
 
@@ -388,6 +389,35 @@ def test_bn_update_leaves_running_stats_alone(
     self_inf = fi.self_influence(train)
     assert self_inf.shape == (n_train,) and torch.isfinite(self_inf).all()
     assert_untouched(model, snap)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(
+    arch=archs(),
+    n_train=st.integers(1, 12),
+    n_query=st.integers(1, 3),
+    scale=scales,
+    bn_update=st.booleans(),
+    data_seed=st.integers(0, 2**16),
+)
+def test_plain_scores_are_loss_drops_of_a_real_step(
+    arch: Arch, n_train: int, n_query: int, scale: float, bn_update: bool, data_seed: int
+) -> None:
+    """Every architecture (LayerNorm, BatchNorm, convolutions): with a fixed lr, score(i, q) is
+    loss_i(theta) - loss_i(theta after one SGD step on q), the step taken by hand on a deepcopy
+    (with bn_update, BatchNorm in train mode during the step, so its statistics move)."""
+    assume(not (bn_update and arch.kind == "batchnorm"))  # BatchNorm1d cannot see one example
+    model = build_model(arch).eval()
+    train = make_data(arch, n_train, scale, data_seed)
+    queries = make_data(arch, n_query, scale, data_seed + 1)
+    cfg = config("plain", lr=1e-3, precision="float64", bn_update=bn_update)
+    got = ForwardInf(model, cfg, device="cpu").pairwise(train, queries)
+    want = brute_force_scores(model, train, queries, lr=1e-3, bn_update=bn_update)
+    with torch.no_grad():
+        out = deepcopy(model).double()(train[0].double())
+        loss = float(nn.functional.cross_entropy(out, train[1]))
+    tol = 1e-6 * float(want.abs().max()) + 1e-12 * (1.0 + loss)
+    assert float((got.double() - want).abs().max()) <= tol
 
 
 @settings(max_examples=15, **SETTINGS)

@@ -405,9 +405,12 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args, params)
     params = params.replace(mlflow={**params.mlflow.model_dump(), "tracking_uri": uri})
     from mirrorinf.flows.watch import watch
+    from mirrorinf.tasks.server import prefect_api
 
+    _quiet_prefect(False, args.debug)
     print(f"watching {', '.join(args.model)} on {params.tracking_uri()}", file=sys.stderr)
-    report = watch(params, args.model, interval=args.interval, once=args.once)
+    with prefect_api():  # a temporary API, if none is configured, dies with this command
+        report = watch(params, args.model, interval=args.interval, once=args.once)
     for key, verdict in report.scored.items():
         print(f"{key}: gate {verdict}")
     for key, err in report.failed.items():

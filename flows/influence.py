@@ -425,8 +425,9 @@ def _score_sharded(
 
 @contextmanager
 def _task_runner(params: Params) -> Iterator[Any]:
-    """The task runner named in params. For Dask, one Prefect API is started first and its URL
-    exported, so that worker processes report to it instead of each starting their own."""
+    """The task runner named in params. For Dask, one Prefect API is started first (unless one
+    is configured) and its URL exported, so that worker processes report to it instead of each
+    starting their own; it is stopped after the flow (and its cluster) ended and logs drained."""
     if params.runner == "threads":
         yield ThreadPoolTaskRunner(max_workers=3)
         return
@@ -434,32 +435,25 @@ def _task_runner(params: Params) -> Iterator[Any]:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise InputError("runner: dask needs prefect-dask: pip install 'mirrorinf[dask]'") from None
-    from prefect.settings import PREFECT_API_URL
+    from mirrorinf.tasks.server import prefect_api
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    server, exported = None, "PREFECT_API_URL" not in os.environ
-    if PREFECT_API_URL.value():  # a configured API (or a test harness): workers use it too
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    else:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        server.start(timeout=90)
-        os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        if params.dask.address:
-            yield DaskTaskRunner(address=params.dask.address)
-        else:
-            yield DaskTaskRunner(
-                cluster_kwargs={"n_workers": params.dask.workers, "threads_per_worker": 1,
-                                "processes": True, "dashboard_address": None,
-                                "host": "127.0.0.1"}
-            )  # fmt: skip
-    finally:
-        if exported:
-            os.environ.pop("PREFECT_API_URL", None)
-        if server is not None:
-            server.stop()
+    exported = "PREFECT_API_URL" not in os.environ
+    # the configured API (or a test harness), else a temporary one that dies with this process
+    with prefect_api() as api_url:
+        os.environ["PREFECT_API_URL"] = api_url  # worker processes report to it too
+        try:
+            if params.dask.address:
+                yield DaskTaskRunner(address=params.dask.address)
+            else:
+                yield DaskTaskRunner(
+                    cluster_kwargs={"n_workers": params.dask.workers, "threads_per_worker": 1,
+                                    "processes": True, "dashboard_address": None,
+                                    "host": "127.0.0.1"}
+                )  # fmt: skip
+        finally:
+            if exported:
+                os.environ.pop("PREFECT_API_URL", None)
 
 
 def run_influence(params: Params) -> InfluenceResult:

@@ -153,7 +153,10 @@ def _trigger(
         )
         logger.info("submitted %s v%s to %s: flow run %s", model_name, version, deployment, run.id)
         return run.id
-    return run_influence(pinned)
+    from mirrorinf.tasks.server import prefect_api
+
+    with prefect_api():  # a temporary API, if none is configured, dies with this process
+        return run_influence(pinned)
 
 
 def model_registered_trigger(model_name: str | None = None) -> DeploymentEventTrigger:

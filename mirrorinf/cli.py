@@ -12,10 +12,14 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from mirrorinf.errors import InputError
 
 __all__ = ["build_parser", "main"]
 
@@ -221,6 +225,24 @@ def _print_summary(result: Any, wall: float, verbose: bool) -> None:
         print(f"total {wall:.1f}s (flow stages {body:.1f}s; imports + Prefect start/stop the rest)")
 
 
+def _check_name(name: str, what: str) -> None:
+    """InputError (exit 2) for a registered model name MLflow would refuse with a traceback."""
+    from mirrorinf.params import check_model_name
+
+    try:
+        check_model_name(name)
+    except ValueError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
+def _check_model_uri(uri: str) -> None:
+    """The registered model name inside a models:/ URI, checked before anything loads."""
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/") :]
+        name, at, _ = rest.partition("@")
+        _check_name(name if at else rest.rpartition("/")[0] or rest, "--model-uri")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     params_path = Path(args.params)
@@ -230,14 +252,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     params = load_params(params_path)
     from mirrorinf.flows.influence import run_influence
+    from mirrorinf.tasks.server import prefect_api
 
     _quiet_prefect(args.verbose, args.debug)
-    result = run_influence(params)
+    with prefect_api():  # a temporary API, if none is configured, dies with this command
+        result = run_influence(params)
     _print_summary(result, time.perf_counter() - t0, args.verbose)
     return 1 if (args.fail_on_gate and not result.passed) else 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    _check_model_uri(args.model_uri)
     _setup(Path.cwd(), False, args.debug)
 
     params = _load_store_params(args)
@@ -293,6 +318,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
+    from mirrorinf.params import shown
+
+    _check_name(args.model, "--model")
+    if not (args.version.isascii() and args.version.isdigit() and int(args.version) > 0):
+        raise InputError(
+            f"--version {shown(args.version)}: a registered model version is a positive integer "
+            "(e.g. --version 3)"
+        )
     _setup(Path.cwd(), False, args.debug)
     params = _load_store_params(args)
     from mirrorinf.tasks.tracking import gate_status
@@ -306,7 +339,6 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
 
     _setup(Path.cwd(), False, args.debug)
     params = _load_store_params(args)
@@ -320,11 +352,36 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         "--port", str(args.port),
         "--workers", "1",
     ]  # fmt: skip
-    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C to stop)")
+    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C to stop)", flush=True)
+    from mirrorinf import procs
+
+    # its own process group under a supervisor: stopped with this command, even on kill -9
+    server = procs.spawn(cmd, env=env)
+    previous = _on_sigterm(_raise_terminated)
     try:
-        return subprocess.call(cmd, env=env)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        procs.stop(server)
+        _on_sigterm(previous)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop the children, exit 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler (main thread only); the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -348,9 +405,12 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args, params)
     params = params.replace(mlflow={**params.mlflow.model_dump(), "tracking_uri": uri})
     from mirrorinf.flows.watch import watch
+    from mirrorinf.tasks.server import prefect_api
 
+    _quiet_prefect(False, args.debug)
     print(f"watching {', '.join(args.model)} on {params.tracking_uri()}", file=sys.stderr)
-    report = watch(params, args.model, interval=args.interval, once=args.once)
+    with prefect_api():  # a temporary API, if none is configured, dies with this command
+        report = watch(params, args.model, interval=args.interval, once=args.once)
     for key, verdict in report.scored.items():
         print(f"{key}: gate {verdict}")
     for key, err in report.failed.items():
@@ -363,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    from mirrorinf.errors import InputError
-
     try:
         return int(args.func(args))
     except InputError as err:

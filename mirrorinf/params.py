@@ -11,6 +11,10 @@ Pure pydantic + yaml: no orchestration imports here.
 from __future__ import annotations
 
 import difflib
+import errno
+import posixpath
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +27,7 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -40,11 +45,56 @@ __all__ = [
     "ParamsError",
     "QueryParams",
     "TrainParams",
+    "check_alias",
+    "check_model_name",
     "load_params",
     "params_from_dict",
 ]
 
 N_DIGITS = 1797  # rows in scikit-learn's bundled digits data set (the demo's source)
+MAX_SHOWN = 200  # characters of a bad value shown in an error message
+MAX_NAME = 256  # MLflow's registered model name column
+_ALIAS = re.compile(r"^[\w\-]+$")  # MLflow 3's alias rule
+
+
+def shown(value: Any) -> str:
+    """A bounded repr of a bad value for an error message (never the whole of a huge value)."""
+    short = reprlib.Repr()  # walks only the first few items and levels of a container
+    short.maxstring = short.maxother = MAX_SHOWN
+    text = short.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if MLflow 3 accepts it as a registered model name, else ValueError saying why
+    (MLflow refuses '/' and ':' and names that change as paths, e.g. '.', 'a/../b')."""
+    if not name.strip():
+        raise ValueError("a registered model name cannot be empty")
+    bad = "'/' or ':'" if ("/" in name or ":" in name) else None
+    if bad is None and (posixpath.normpath(name) != name or name in (".", "..")):
+        bad = "a name that changes as a path ('.', '..')"
+    if bad is None and (len(name) > MAX_NAME or not name.isprintable()):
+        bad = f"more than {MAX_NAME} characters or control characters"
+    if bad:
+        raise ValueError(
+            f"registered model name {shown(name)} is not valid in MLflow: it cannot contain "
+            f"{bad}; use letters, digits, '.', '_' or '-' (e.g. {_suggest(name)!r})"
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    """``alias`` if MLflow 3 accepts it (letters, digits, '_', '-'; not 'latest' or 'v<N>')."""
+    if not _ALIAS.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ValueError(
+            f"alias {shown(alias)} is not valid in MLflow: use letters, digits, '_' and '-' "
+            "(not 'latest' or 'v<number>', which MLflow reserves)"
+        )
+    return alias
+
+
+def _suggest(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "-", name).strip("-.")[:MAX_NAME] or "my-model"
 
 
 def _engine_config(value: Any) -> ForwardInfConfig:
@@ -54,7 +104,7 @@ def _engine_config(value: Any) -> ForwardInfConfig:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping of ForwardInfConfig fields, got {value!r}")
+        raise ValueError(f"must be a mapping of ForwardInfConfig fields, got {shown(value)}")
     return ForwardInfConfig.from_dict(value)
 
 
@@ -141,6 +191,16 @@ class ModelParams(_Section):
     )
     train: TrainParams = Field(default_factory=TrainParams)
 
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("alias")
+    @classmethod
+    def _valid_alias(cls, value: str | None) -> str | None:
+        return value if value is None else check_alias(value)
+
     @model_validator(mode="after")
     def _one_ref(self) -> ModelParams:
         if self.version is not None and self.alias is not None:
@@ -166,6 +226,11 @@ class GateParams(GateThresholds):
     alias_on_pass: str | None = Field(
         "influence-passed", description="Alias set on a model version that passes; null = none."
     )
+
+    @field_validator("alias_on_pass")
+    @classmethod
+    def _valid_alias(cls, value: str | None) -> str | None:
+        return value if value is None else check_alias(value)
 
     def thresholds(self) -> GateThresholds:
         """The thresholds alone, as the summary and checks take them."""
@@ -305,12 +370,16 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
     return sorted(fields) if fields else None
 
 
+def _bounded(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        msg = str(e["msg"]).removeprefix("Value error, ")
+        key = _bounded(".".join(str(p) for p in loc) or "(top level)")
+        msg = _bounded(str(e["msg"]).removeprefix("Value error, "), 2 * MAX_SHOWN)
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(Params, loc[:-1])
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
@@ -321,8 +390,9 @@ def _format_error(err: ValidationError, source: str) -> str:
             lines.append(f"{key}: required key is missing")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{key}: {msg}{shown}")
+            value = shown(got)
+            extra = "" if isinstance(got, dict) or value in msg else f" (got {value})"
+            lines.append(f"{key}: {msg}{extra}")
     return f"{source}: invalid params: " + "; ".join(lines)
 
 
@@ -341,15 +411,67 @@ def params_from_dict(
     return params.with_root(root if root is not None else Path.cwd())
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params YAML file; relative paths in it resolve against its folder."""
-    p = Path(path)
-    if not p.is_file():
-        raise ParamsError(f"params file not found: {p}")
+class _AliasError(yaml.YAMLError):
+    """An alias (``*name``) in a params file: refused, since aliases can expand without bound."""
+
+    def __init__(self, anchor: str, line: int) -> None:
+        super().__init__(anchor, line)
+        self.anchor, self.line = anchor, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with aliases refused before anything is built ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasError(str(event.anchor), event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+EMPTY_HINT = (
+    "to start, run the embedded demo from the mirrorinf repository (`mirrorinf run --params "
+    "params.yaml`, or put `data: {source: demo}` in this file), or write your settings here "
+    "(params.yaml in the repository lists every key)"
+)
+
+
+def _check_file(p: Path) -> None:
+    """ParamsError naming the real reason a params path cannot be read (not always "not found")."""
     try:
-        data = yaml.safe_load(p.read_text())
+        p.stat()
+    except FileNotFoundError:
+        broken = " (a symlink to a missing file)" if p.is_symlink() else ""
+        raise ParamsError(f"params file not found: {p}{broken}") from None
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if err.errno == errno.ELOOP:
+            reason += " (a symlink loop)"
+        raise ParamsError(f"cannot read params file {p}: {reason}") from None
+    if not p.is_file():
+        kind = "a folder" if p.is_dir() else "not a regular file"
+        raise ParamsError(f"params file {p} is {kind}; give the path of a YAML file")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params YAML file; relative paths in it resolve against its folder.
+
+    Aliases (``*name``) are refused before anything is built, and an empty file (or only
+    comments) is an error naming the two ways to start, not a silent run of the demo.
+    """
+    p = Path(path)
+    _check_file(p)
+    try:
+        data = yaml.load(p.read_text(), Loader=_NoAliasLoader)
+    except _AliasError as err:
+        raise ParamsError(
+            f"{p}: line {err.line}: YAML aliases (*{_bounded(err.anchor, 40)}) are not allowed in "
+            "params files (they can expand without bound); write the value out"
+        ) from None
     except yaml.YAMLError as err:
-        raise ParamsError(f"{p}: not valid YAML: {err}") from None
+        raise ParamsError(f"{p}: not valid YAML: {_bounded(str(err), 2 * MAX_SHOWN)}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ParamsError(f"{p}: cannot read: {err}") from None
+    if data is None:
+        raise ParamsError(f"{p}: the params file is empty; {EMPTY_HINT}")
     return params_from_dict(data, root=p.resolve().parent, source=str(p))

@@ -111,8 +111,14 @@ def _fmt(path: str) -> str:
 
 def _read_local(path: str | Path) -> bytes:
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file not found: {p}")
+    try:
+        p.stat()  # the real reason (a symlink loop, no permission), not always "not found"
+    except FileNotFoundError:
+        broken = " (a symlink to a missing file)" if p.is_symlink() else ""
+        raise DataError(f"data file not found: {p}{broken}") from None
+    except OSError as err:
+        loop = " (a symlink loop)" if err.errno == errno.ELOOP else ""
+        raise DataError(f"cannot read data file {p}: {err.strerror or err}{loop}") from None
     if not p.is_file():
         raise DataError(f"data path is not a file: {p}")
     try:

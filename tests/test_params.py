@@ -86,7 +86,38 @@ def test_file_errors(tmp_path: Path) -> None:
         load_params(_write(tmp_path, "demo: [unclosed\n"))
     with pytest.raises(ParamsError, match="top level must be a mapping"):
         load_params(_write(tmp_path, "- a\n- b\n"))
-    assert load_params(_write(tmp_path, "")).model == Params().model  # empty file = defaults
+    assert load_params(_write(tmp_path, "{}\n")).model == Params().model  # {} = defaults
+    for empty in ("", "# only comments\n\n"):  # not a silent run of the whole demo
+        with pytest.raises(ParamsError, match="params file is empty; to start, run the embedded"):
+            load_params(_write(tmp_path, empty))
+    with pytest.raises(ParamsError, match="is a folder"):
+        load_params(tmp_path)
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    with pytest.raises(ParamsError, match=r"symbolic links \(a symlink loop\)"):
+        load_params(loop)
+
+
+def test_yaml_aliases_are_refused_before_anything_is_built(tmp_path: Path) -> None:
+    """Aliases can expand without bound ("billion laughs"; the e2e bad-input case is a bomb)."""
+    with pytest.raises(ParamsError, match=r"line 2: YAML aliases \(\*a\) are not allowed"):
+        load_params(_write(tmp_path, "x: &a [1, 2]\ninfluence: {steps: *a}\n"))
+    assert load_params(_write(tmp_path, "threads: &n 2\n")).threads == 2  # an anchor alone is fine
+
+
+def test_bad_values_are_shown_bounded(tmp_path: Path) -> None:
+    """A huge bad value is cut in the message (at most 200 characters of it)."""
+    with pytest.raises(ParamsError) as err:
+        load_params(_write(tmp_path, {"demo": {"n_train": "x" * 100_000}}))
+    assert "demo.n_train" in str(err.value) and len(str(err.value)) < 1000
+
+
+@pytest.mark.parametrize("name", ["a/b", "a:b", "..", " "])
+def test_model_names_mlflow_refuses_are_params_errors(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ParamsError, match=r"model\.name: "):
+        load_params(_write(tmp_path, {"model": {"name": name}}))
+    with pytest.raises(ParamsError, match="alias 'v2' is not valid"):
+        load_params(_write(tmp_path, {"model": {"alias": "v2"}}))
 
 
 def test_cli_reports_params_errors_with_exit_2(tmp_path: Path, capsys) -> None:

@@ -271,6 +271,12 @@ def _bad_cases(project: Path, dvc_demo: dict[str, Any], version: str) -> dict[st
     (project / "bad" / "truncated.npz").write_bytes(whole[: len(whole) // 2])
     (project / "bad" / "corrupt.parquet").write_bytes(b"PAR1 truncated")
     (project / "bad" / "a-file").write_text("a file where a folder should be")
+    loop = project / "bad" / "loop.npz"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)  # a symlink loop: not "not found" but its real reason
+    bomb = ["a: &a [" + ", ".join(["lol"] * 9) + "]"]
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):  # 9**8 strings once expanded
+        bomb.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
     pinned = {"version": int(version)}
     good = {"val": "data/demo/val.npz", "query": "data/demo/query.npz", "source": "file"}
     train = "data/demo/train.npz"
@@ -333,6 +339,17 @@ def _bad_cases(project: Path, dvc_demo: dict[str, Any], version: str) -> dict[st
             {"sharding": {"size": 100, "dir": "bad/a-file/shards"}, "model": pinned},
             "sharding.dir: cannot write to",
         ),
+        # raw YAML text: a "billion laughs" alias bomb under influence.* (ran out of memory)
+        "YAML alias bomb": ("\n".join([*bomb, "influence: {steps: *h}\n"]), "YAML aliases"),
+        "empty params file": ("# only comments\n", "params file is empty; to start, run the"),
+        "model name with a slash": (
+            {"model": {"name": "team/model"}},
+            "registered model name 'team/model' is not valid in MLflow: it cannot contain '/'",
+        ),
+        "symlink loop as data path": (
+            {"data": {**good, "train": "bad/loop.npz"}, "model": pinned},
+            "Too many levels of symbolic links (a symlink loop)",
+        ),
     }
 
 
@@ -353,6 +370,10 @@ CASES = [
     "empty query set",
     "unwritable MLflow store",
     "unwritable output folder",
+    "YAML alias bomb",
+    "empty params file",
+    "model name with a slash",
+    "symlink loop as data path",
 ]
 
 
@@ -366,14 +387,36 @@ def test_bad_input_exits_2_and_leaves_no_running_run(
 ) -> None:
     sections, needle = _bad_cases(project, dvc_demo, demo_run[0].model["version"])[case]
     path = project / f"params-{case.replace(' ', '-')}.yaml"
-    path.write_text(yaml.safe_dump(merge(base_params(project), **sections)))
+    text = sections if isinstance(sections, str) else None  # raw YAML, else a params mapping
+    path.write_text(text or yaml.safe_dump(merge(base_params(project), **sections)))
     capsys.readouterr()
     assert main(["run", "--params", str(path)]) == 2
     err = capsys.readouterr().err
     assert needle in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert running_runs(project) == []
     assert [p.name for p in project.rglob("*.tmp")] == []  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["gate", "--model", "team/model", "--version", "1"], "--model: registered model name"),
+        (["gate", "--model", MODEL, "--version", "latest"], "--version 'latest': a registered"),
+        (["gate", "--model", MODEL, "--version", "0"], "is a positive integer"),
+        (["score", "--model-uri", "models:/team/model/1", "--train", "t.npz", "--queries",
+          "q.npz", "--out", "out"], "--model-uri: registered model name 'team/model'"),
+        (["gate", "--model", MODEL, "--version", "1", "--params", "no-such.yaml"],
+         "params file not found: no-such.yaml"),
+    ],
+)  # fmt: skip
+def test_bad_cli_arguments_exit_2_with_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names MLflow refuses and non-integer versions exited 3 with a traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -49,6 +49,7 @@ from mirrorinf.tasks.model import (
 from mirrorinf.tasks.score import (
     assemble_task,
     open_store_task,
+    score_cache_dir,
     score_cache_key,
     score_shard_task,
     score_task,
@@ -82,7 +83,8 @@ class InfluenceResult:
         summary: counts, top suspected mislabels / leaks / harmful examples, score health,
             and recall of planted ground truth when known.
         stage_seconds: wall time per stage of the flow body.
-        cache_hit: True when the scores came from the task cache.
+        cache_hit: True when the scores came from the verified score cache (or every shard
+            was on disk and verified).
     """
 
     run_id: str
@@ -261,7 +263,7 @@ def _metrics(tables: Any, scores: Any, check: Any, truth: dict[str, float], hit:
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-@flow(name="mirrorinf-influence", validate_parameters=False)
+@flow(name="mirrorinf-influence", validate_parameters=False, persist_result=False)
 def influence_flow(params: Params) -> InfluenceResult:
     """Score, check and log mirrored influence for one model version (see module docstring)."""
     stages = _Stages()
@@ -292,8 +294,7 @@ def influence_flow(params: Params) -> InfluenceResult:
         n_queries=len(queries),
         device=params.device,
     )
-    key = identity if params.cache else None
-    run_score = score_task if key else score_task.with_options(persist_result=False)
+    cache_dir = str(score_cache_dir(params.root)) if params.cache else None
     with influence_run(
         uri,
         params.mlflow.experiment,
@@ -311,12 +312,10 @@ def influence_flow(params: Params) -> InfluenceResult:
             if params.sharding.size:
                 scores, cache_hit = _score_sharded(params, ref, model, sets, queries, identity)
             else:
-                state = run_score(
-                    key, model, sets["train"], sets["val"], queries, cfg,
-                    params.device, return_state=True,
+                scores, cache_hit = score_task(
+                    identity, model, sets["train"], sets["val"], queries, cfg,
+                    params.device, cache_dir=cache_dir,
                 )  # fmt: skip
-                scores = state.result()
-                cache_hit = state.name == "Cached"
         with stages("check"):
             tables, check = check_task(scores, sets["train"], queries, params.gate.thresholds())
         verdict = "passed" if check.success else "failed"

@@ -63,7 +63,7 @@ def pinned_params(model_name: str, version: str | int, params: ParamsLike = None
     return p.replace(model=model)
 
 
-@flow(name=FLOW_NAME, validate_parameters=False)
+@flow(name=FLOW_NAME, validate_parameters=False, persist_result=False)
 def influence_for_model(
     model_name: str,
     version: str,

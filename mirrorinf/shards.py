@@ -2,13 +2,15 @@
 
 A shard's scores are a pure function of (model, training rows, queries, validation set, config),
 so shards can be scored in any order, on any worker, and a rerun only scores the shards that are
-not on disk yet. Each file is written to a temporary name and renamed, and a shard's small JSON
-marker is renamed into place last: a crash leaves a shard either absent or complete. A changed
-identity (model, data, config, code) invalidates every shard of the store.
+not on disk yet. Each file is written to a temporary name and renamed, and a shard's small signed
+JSON marker (each array's sha256, shape, dtype) is renamed into place last: a crash leaves a
+shard either absent or complete, and a modified, truncated or planted shard fails verification
+and is scored again. A changed identity (model, data, config, code) invalidates every shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mirrorinf.integrity import SignedRecords, remove_stale_tmp
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -33,14 +36,23 @@ def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
 
 
 class ShardStore:
-    """A folder of shard results for one identity (model, data, config, code, shard plan)."""
+    """A folder of shard results for one identity (model, data, config, code, shard plan).
+
+    Each shard is a signed record (:class:`mirrorinf.integrity.SignedRecords`): its marker
+    ``shard_<start>_<stop>.json`` holds every array's sha256, shape and dtype under an HMAC bound
+    to this identity and range. A shard whose marker or arrays do not verify is discarded (with a
+    warning naming the file) and scored again; it is never used.
+    """
 
     def __init__(self, root: str | Path, identity: dict[str, Any]) -> None:
         self.root = Path(root)
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
+        blob = json.dumps(self.identity, sort_keys=True).encode()
+        self.records = SignedRecords(self.root, "shard", hashlib.sha256(blob).hexdigest())
 
     def open(self) -> ShardStore:
-        """Create the store, or clear it when it holds shards of another identity."""
+        """Create the store, or clear it when it holds shards of another identity; remove the
+        temporary files of writes a killed run left behind."""
         manifest = self.root / "manifest.json"
         if manifest.exists():
             try:
@@ -48,6 +60,7 @@ class ShardStore:
             except (OSError, ValueError):
                 old = None
             if old == self.identity:
+                remove_stale_tmp(self.root)
                 return self
             log.info("shard store %s holds another model/data/config: starting afresh", self.root)
             shutil.rmtree(self.root)
@@ -56,41 +69,34 @@ class ShardStore:
         atomic_write(manifest, lambda fh: fh.write(payload))
         return self
 
-    def _marker(self, start: int, stop: int) -> Path:
-        return self.root / f"shard_{start:09d}_{stop:09d}.json"
+    @staticmethod
+    def _name(start: int, stop: int) -> str:
+        return f"shard_{start:09d}_{stop:09d}"
 
     def done(self, start: int, stop: int) -> bool:
-        return self._marker(start, stop).exists()
+        """The shard is on disk and verifies (else it is discarded, to be scored again)."""
+        return self.records.read(self._name(start, stop)) is not None
 
     def save(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write a shard's arrays, then its marker (the marker says: complete)."""
-        names = sorted(arrays)
-        for name in names:
-            arr = arrays[name]
-            atomic_write(
-                self.root / f"shard_{start:09d}_{stop:09d}.{name}.npy",
-                lambda fh, arr=arr: np.save(fh, arr, allow_pickle=False),
-            )
-        payload = json.dumps({"start": start, "stop": stop, "arrays": names}).encode()
-        atomic_write(self._marker(start, stop), lambda fh: fh.write(payload))
+        """Write a shard's arrays, then its signed marker (the marker says: complete)."""
+        self.records.write(self._name(start, stop), arrays, {"start": start, "stop": stop})
         with open(self.root / "computations.log", "a") as fh:  # audit: one line per scoring
             fh.write(f"{start}:{stop}\n")
 
     def load(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        meta = json.loads(self._marker(start, stop).read_text())
-        return {
-            name: np.load(
-                self.root / f"shard_{start:09d}_{stop:09d}.{name}.npy", allow_pickle=False
-            )
-            for name in meta["arrays"]
-        }
+        """A verified shard's arrays; RuntimeError if it vanished or stopped verifying."""
+        got = self.records.read(self._name(start, stop))
+        if got is None:
+            raise RuntimeError(f"shard {start}:{stop} is missing or failed verification")
+        return got[0]
 
     def assemble(self, ranges: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """Concatenate every shard's row arrays in order (all shards must be done)."""
-        missing = [r for r in ranges if not self.done(*r)]
+        """Concatenate every (verified) shard's row arrays in order (all must be done)."""
+        got = {r: self.records.read(self._name(*r)) for r in ranges}
+        missing = [r for r, rec in got.items() if rec is None]
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) not scored yet, first {missing[0]}")
-        parts = [self.load(*r) for r in ranges]
+        parts = [rec[0] for rec in got.values() if rec is not None]
         out = {
             name: np.concatenate([p[name] for p in parts], axis=0)
             for name in parts[0]

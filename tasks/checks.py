@@ -284,4 +284,6 @@ def summarise_and_check(
     return tables, validate_tables(tables, thresholds)
 
 
-check_task = task(summarise_and_check, name="summarise-and-check", cache_policy=NO_CACHE)
+check_task = task(
+    summarise_and_check, name="summarise-and-check", cache_policy=NO_CACHE, persist_result=False
+)

@@ -366,6 +366,7 @@ load_dataset_task = task(
     retry_delay_seconds=1,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
+    persist_result=False,
 )
 
 
@@ -396,4 +397,6 @@ def prepare_demo(
     return truth_path
 
 
-prepare_demo_task = task(prepare_demo, name="prepare-demo", cache_policy=NO_CACHE)
+prepare_demo_task = task(
+    prepare_demo, name="prepare-demo", cache_policy=NO_CACHE, persist_result=False
+)

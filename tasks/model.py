@@ -440,6 +440,7 @@ train_and_register_task = task(
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
+    persist_result=False,
 )
 load_registered_model_task = task(
     load_registered_model,
@@ -448,6 +449,7 @@ load_registered_model_task = task(
     retry_delay_seconds=1,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
+    persist_result=False,
 )
 
 

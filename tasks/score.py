@@ -3,8 +3,10 @@
 ``compute_scores`` runs the three Forward-INF views a review needs: pairwise influence of every
 training example on each query, group influence on the validation set (negative = hurts
 held-out performance) and self-influence of every training example. ``score_task`` caches the
-result keyed on (model version + training run, data md5s, engine config fingerprint, number of
-queries, device), so a rerun with nothing changed reuses the scores.
+result keyed on (model version + training run, data md5s, engine config fingerprint, code,
+number of queries, device), so a rerun with nothing changed reuses the scores. The cache is
+mirrorinf's own: arrays as .npy and reports as JSON, each array's sha256 in an HMAC-signed
+record (``mirrorinf.integrity``); nothing is pickled and no Prefect task persists its result.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.analysis import score_rows
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
+from mirrorinf.integrity import SignedRecords, remove_stale_tmp
 from mirrorinf.shards import ShardStore
 from mirrorinf.tasks.data import Split
 
@@ -35,8 +38,11 @@ __all__ = [
     "ScoreBundle",
     "assemble_task",
     "compute_scores",
+    "load_cached_scores",
     "open_store_task",
     "pairwise_scores",
+    "save_cached_scores",
+    "score_cache_dir",
     "score_cache_key",
     "score_shard_task",
     "score_task",
@@ -45,6 +51,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SCORE_CACHE_DIR = ".mirrorinf/cache/scores"  # under the project root (the params file's folder)
+_REQUIRED = ("pairwise", "self_influence", "group_influence", "query_self_drop")
+_OPTIONAL = ("leak_pairwise", "calib_self_influence", "calib_group_influence")
 
 
 @dataclass
@@ -119,13 +129,19 @@ def _bundle(
     )
 
 
-@task(name="open-shard-store", cache_policy=NO_CACHE)
+@task(name="open-shard-store", cache_policy=NO_CACHE, persist_result=False)
 def open_store_task(store_root: str, identity: dict[str, Any]) -> None:
     """Create the shard store, or clear it if it holds another model/data/config."""
     ShardStore(store_root, identity).open()
 
 
-@task(name="score-shard", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+@task(
+    name="score-shard",
+    retries=1,
+    retry_delay_seconds=1,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def score_shard_task(
     store_root: str,
     identity: dict[str, Any],
@@ -156,7 +172,7 @@ def score_shard_task(
     return True
 
 
-@task(name="assemble-shards", cache_policy=NO_CACHE)
+@task(name="assemble-shards", cache_policy=NO_CACHE, persist_result=False)
 def assemble_task(
     store_root: str,
     identity: dict[str, Any],
@@ -243,11 +259,7 @@ def score_cache_key(
     return "mirrorinf-scores-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _key_from_args(context: Any, parameters: dict[str, Any]) -> str | None:
-    return parameters.get("cache_key")
-
-
-@task(name="score", cache_key_fn=_key_from_args, persist_result=True)
+@task(name="score", cache_policy=NO_CACHE, persist_result=False)
 def score_task(
     cache_key: str | None,
     model: torch.nn.Module,
@@ -256,6 +268,55 @@ def score_task(
     queries: Split,
     cfg: ForwardInfConfig,
     device: str = "auto",
-) -> ScoreBundle:
-    """Prefect task around :func:`compute_scores`; ``cache_key`` None disables the cache."""
-    return compute_scores(model, train, val, queries, cfg, device)
+    cache_dir: str | None = None,
+) -> tuple[ScoreBundle, bool]:
+    """(scores, from cache): a verified cache entry when there is one, else
+    :func:`compute_scores`, then cached. ``cache_key`` or ``cache_dir`` None: no cache."""
+    if cache_key is None or cache_dir is None:
+        return compute_scores(model, train, val, queries, cfg, device), False
+    cached = load_cached_scores(cache_dir, cache_key)
+    if cached is not None:
+        return cached, True
+    bundle = compute_scores(model, train, val, queries, cfg, device)
+    save_cached_scores(cache_dir, cache_key, bundle)
+    return bundle, False
+
+
+def score_cache_dir(root: str | Path) -> Path:
+    """The score cache of a project: data-only signed records (git-ignored)."""
+    return Path(root) / SCORE_CACHE_DIR
+
+
+def load_cached_scores(cache_dir: str | Path, key: str) -> ScoreBundle | None:
+    """The cached bundle of ``key`` if its record verifies (see mirrorinf.integrity), else None
+    (an invalid entry is logged and discarded). Nothing is unpickled."""
+    records = SignedRecords(cache_dir, "scores")
+    got = records.read(key)
+    if got is None:
+        return None
+    arrays, meta = got
+    missing = sorted(set(_REQUIRED) - set(arrays))
+    unknown = sorted(set(arrays) - set(_REQUIRED) - set(_OPTIONAL))
+    if missing or unknown:
+        logger.warning("discarding score cache %s: arrays missing %s, unknown %s", key,
+                       missing, unknown)  # fmt: skip
+        records.discard(key)
+        return None
+    return ScoreBundle(**arrays, reports=meta["reports"], seconds=float(meta["seconds"]))
+
+
+def save_cached_scores(cache_dir: str | Path, key: str, bundle: ScoreBundle) -> None:
+    """Cache a bundle as a signed record (arrays .npy, reports JSON); a failed write only warns:
+    the scores are still returned, the next run computes them again."""
+    root = Path(cache_dir)
+    remove_stale_tmp(root, key)  # under the version's scoring lock: no other writer of this key
+    arrays = {
+        name: value
+        for name in (*_REQUIRED, *_OPTIONAL)
+        if (value := getattr(bundle, name)) is not None
+    }
+    meta = {"reports": bundle.reports, "seconds": bundle.seconds}
+    try:
+        SignedRecords(root, "scores").write(key, arrays, meta)
+    except OSError as err:
+        logger.warning("cannot write the score cache in %s: %s; scores not cached", root, err)

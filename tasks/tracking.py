@@ -518,6 +518,7 @@ log_influence_task = task(
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
+    persist_result=False,
 )
 log_review_task = task(
     log_review,
@@ -526,6 +527,7 @@ log_review_task = task(
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
+    persist_result=False,
 )
 tag_model_version_task = task(
     tag_model_version,
@@ -534,4 +536,5 @@ tag_model_version_task = task(
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
+    persist_result=False,
 )

@@ -19,11 +19,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mirrorinf-prefect-home-"))
+# the cache's HMAC key: never the user's own (~/.config/mirrorinf); subprocesses inherit it
+os.environ.setdefault(
+    "MIRRORINF_CACHE_KEY_FILE",
+    str(Path(tempfile.mkdtemp(prefix="mirrorinf-key-")) / "cache.key"),
+)
 
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One temporary Prefect API for the session; task results (the cache) in a temp dir."""
+    """One temporary Prefect API for the session; Prefect's result storage (which mirrorinf no
+    longer uses: its score cache is its own) in a temp dir."""
     from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 

@@ -34,9 +34,13 @@ def test_shard_ranges_cover_in_order():
 def test_store_round_trip_ignores_partial_writes_and_invalidates(tmp_path):
     store = ShardStore(tmp_path / "s", {"model": "m", "v": 1}).open()
     store.save(0, 2, {"pairwise": np.ones((2, 3)), "query_self_drop": np.arange(3.0)})
-    # a crash mid-write leaves a temporary file and no marker: the shard is not done
-    (tmp_path / "s" / ".shard_000000002_000000004.pairwise.npy.tmp-1").write_bytes(b"junk")
+    # a crash mid-write leaves a temporary file and no marker: the shard is not done, and
+    # reopening the store removes the temporary file
+    tmp = tmp_path / "s" / ".shard_000000002_000000004.pairwise.npy.k2j4x8.tmp"
+    tmp.write_bytes(b"junk")
     assert store.done(0, 2) and not store.done(2, 4)
+    ShardStore(tmp_path / "s", {"model": "m", "v": 1}).open()
+    assert not tmp.exists()
     with pytest.raises(RuntimeError, match="not scored yet"):
         store.assemble([(0, 2), (2, 4)])
     store.save(2, 4, {"pairwise": np.zeros((2, 3)), "query_self_drop": np.arange(3.0)})

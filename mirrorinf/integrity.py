@@ -1,0 +1,240 @@
+"""Authenticated, data-only records for caches and shards: arrays as .npy, metadata as JSON.
+
+A record ``<name>`` in a folder is ``<name>.json`` plus one ``<name>.<array>.npy`` per array. The
+JSON holds the metadata and, for every array, its sha256, shape and dtype; it is written last
+(atomically), so a crash leaves a record either absent or complete. On read every array file is
+hashed and compared, loaded with ``allow_pickle=False`` and checked against its shape and dtype;
+any mismatch (bad HMAC, digest, truncation, shape, dtype, unparsable JSON) is logged as a warning
+naming the file and the reason, the record is discarded, and the caller recomputes.
+
+Threat model. The JSON is authenticated with HMAC-SHA256 under a per-user secret kept outside the
+project folder (:func:`cache_key_path`: ``$MIRRORINF_CACHE_KEY_FILE``, else
+``$XDG_CONFIG_HOME/mirrorinf/cache.key``, else ``~/.config/mirrorinf/cache.key``; 32 random bytes,
+mode 0600, created on first use). The MAC covers the record's kind, context (e.g. the shard
+store's identity) and name, so a record is valid only where it was written.
+- Defended: anyone who can write the project folder but not read your key (a restored CI cache, a
+  shared volume, a copied checkout, a planted file): their records never verify, so they can
+  neither run code (nothing is unpickled, ever) nor change a verdict; a crash or a torn copy is
+  detected the same way.
+- Not defended: someone who can read your key file (your account, your home directory, root),
+  who can sign anything; and deleting records (that only costs a recomputation).
+Sharing a cache between users or machines means sharing the key file (same path or the variable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mirrorinf.errors import InputError
+from mirrorinf.io import atomic_write
+
+__all__ = ["RecordError", "SignedRecords", "cache_key", "cache_key_path", "remove_stale_tmp"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mirrorinf-record/1"
+KEY_BYTES = 32
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ARRAY = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RecordError(Exception):
+    """A record that must not be used: which file, and why."""
+
+    def __init__(self, reason: str, path: Path) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason, self.path = reason, path
+
+
+def cache_key_path() -> Path:
+    """Where the per-user HMAC key lives (outside any project; see the module docstring)."""
+    explicit = os.environ.get("MIRRORINF_CACHE_KEY_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return Path(config) / "mirrorinf" / "cache.key"
+
+
+def cache_key() -> bytes:
+    """The per-user secret, created (0600, atomically, never overwritten) on first use."""
+    path = cache_key_path()
+    fix = "delete it to create a new key, or set MIRRORINF_CACHE_KEY_FILE to another path"
+    if not path.exists():
+        try:
+            _create_key(path)
+        except OSError as err:
+            raise InputError(
+                f"cannot create the cache key file {path}: {err.strerror or err}; set "
+                "MIRRORINF_CACHE_KEY_FILE to a writable path outside the project"
+            ) from None
+    try:
+        key = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read the cache key file {path}: {err.strerror}; {fix}") from None
+    if len(key) != KEY_BYTES:
+        raise InputError(f"cache key file {path} holds {len(key)} bytes, not {KEY_BYTES}; {fix}")
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """Write 32 random bytes to a 0600 temp file, then link it to ``path`` unless one is there
+    already (two first runs at once agree on one key)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(KEY_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another first run won: use its key
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale_tmp(folder: Path, prefix: str = "") -> list[Path]:
+    """Delete temp files left by a killed :func:`mirrorinf.io.atomic_write` in ``folder``
+    (``.<prefix>*.tmp``); call only while no other writer uses that prefix there."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(f".{prefix}*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) of killed writes in %s", len(removed), folder)
+    return removed
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+class SignedRecords:
+    """A folder of authenticated records of one ``kind`` within one ``context``."""
+
+    def __init__(self, root: str | Path, kind: str, context: str = "") -> None:
+        self.root = Path(root)
+        self.kind = kind
+        self.context = context
+
+    def _json(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise ValueError(f"invalid record name {name!r}")
+        return self.root / f"{name}.json"
+
+    def array_path(self, name: str, array: str) -> Path:
+        """The file of one array of a record."""
+        return self.root / f"{name}.{array}.npy"
+
+    def _mac(self, body: dict[str, Any]) -> str:
+        return hmac.new(cache_key(), _canonical(body), hashlib.sha256).hexdigest()
+
+    def _body(self, name: str, arrays: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "kind": self.kind,
+            "context": self.context,
+            "name": name,
+            "meta": meta,
+            "arrays": arrays,
+        }
+
+    def write(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Each array (atomically), then the signed JSON that references them (last)."""
+        target = self._json(name)
+        entries = {}
+        for array, value in sorted(arrays.items()):
+            if not _ARRAY.match(array):
+                raise ValueError(f"invalid array name {array!r}")
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
+            blob = buf.getvalue()
+            atomic_write(self.array_path(name, array), lambda fh, blob=blob: fh.write(blob))
+            entries[array] = {
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "shape": list(value.shape),
+                "dtype": np.asarray(value).dtype.str,
+            }
+        body = self._body(name, entries, json.loads(json.dumps(meta)))
+        record = {**body, "hmac": self._mac(body)}
+        payload = json.dumps(record, sort_keys=True, indent=1).encode()
+        atomic_write(target, lambda fh: fh.write(payload))
+
+    def exists(self, name: str) -> bool:
+        """A record file is there (not yet verified)."""
+        return self._json(name).exists()
+
+    def read(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """(arrays, meta) of a verified record; None when absent or invalid (then discarded,
+        with a warning naming the file and the reason)."""
+        path = self._json(name)
+        if not path.exists():
+            return None
+        try:
+            return self._verified(name, path)
+        except RecordError as err:
+            log.warning("discarding %s: %s; it will be recomputed", err.path, err.reason)
+            self.discard(name)
+            return None
+
+    def _verified(self, name: str, path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        try:
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise RecordError(f"unreadable or not JSON ({err})", path) from None
+        if not isinstance(record, dict) or not isinstance(record.get("hmac"), str):
+            raise RecordError("no HMAC (planted, or written by an older mirrorinf)", path)
+        body = {k: v for k, v in record.items() if k != "hmac"}
+        expected = self._mac(body)
+        if not hmac.compare_digest(expected, record["hmac"]):
+            raise RecordError("HMAC mismatch (forged, or signed with another user's key)", path)
+        header = self._body(name, {}, {})
+        if any(body.get(k) != header[k] for k in ("format", "kind", "context", "name")):
+            raise RecordError("written for another record, kind or store", path)
+        try:
+            items = body["arrays"].items()
+            specs = {a: (s["sha256"], list(s["shape"]), s["dtype"]) for a, s in items}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise RecordError(f"malformed array list ({err})", path) from None
+        arrays = {array: self._array(name, array, *spec) for array, spec in specs.items()}
+        return arrays, body["meta"]
+
+    def _array(self, name: str, array: str, sha: str, shape: list[int], dtype: str) -> np.ndarray:
+        if not _ARRAY.match(array):
+            raise RecordError(f"invalid array name {array!r}", self._json(name))
+        path = self.array_path(name, array)
+        try:
+            blob = path.read_bytes()
+        except OSError as err:
+            raise RecordError(f"cannot read ({err.strerror})", path) from None
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise RecordError("sha256 mismatch (modified, truncated or replaced)", path)
+        try:
+            value = np.load(io.BytesIO(blob), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise RecordError(f"not a plain .npy array ({err})", path) from None
+        if list(value.shape) != shape or value.dtype.str != dtype:
+            got, want = f"{list(value.shape)} {value.dtype.str}", f"{shape} {dtype}"
+            raise RecordError(f"shape/dtype {got} differs from the recorded {want}", path)
+        return value
+
+    def discard(self, name: str) -> None:
+        """Remove a record: its JSON first (then it is absent), then its array files."""
+        self._json(name).unlink(missing_ok=True)
+        for path in self.root.glob(f"{name}.*.npy"):
+            if _ARRAY.match(path.name[len(name) + 1 : -len(".npy")]):
+                path.unlink(missing_ok=True)

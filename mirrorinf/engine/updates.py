@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -98,6 +98,15 @@ def per_example_updates(
     return stacked, lr, bufs
 
 
+def _row_loss(rt: Runtime, state: ModelState) -> Callable[[Params, Tensor, Tensor], Tensor]:
+    """The loss of one example under parameters ``p`` (a scalar), the function vmap batches."""
+
+    def f(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return rt.losses(rt.forward(state, p, xi.unsqueeze(0)), yi.unsqueeze(0))[0]
+
+    return f
+
+
 def per_example_grads(
     rt: Runtime,
     state: ModelState,
@@ -111,14 +120,11 @@ def per_example_grads(
     unstacked set for every example)."""
     x, y = x.to(rt.device), y.to(rt.device)
     if bufs is None and state.vmap_ok:
-
-        def f(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return rt.losses(rt.forward(state, p, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
-
         try:
             dims = (None if shared else 0, 0, 0)
+            f = grad(_row_loss(rt, state))
             with batchable():
-                out: Params = vmap(grad(f), in_dims=dims, randomness="same")(stacked, x, y)
+                out: Params = vmap(f, in_dims=dims, randomness="same")(stacked, x, y)
             return out
         except Exception as exc:  # model uses an op vmap cannot batch: loop instead
             vmap_failed(rt, state, "per-example gradients", exc)
@@ -148,13 +154,9 @@ def per_example_losses(
     """Loss of each example under its own copy of the parameters [m] (one batched forward)."""
     with torch.no_grad():
         if bufs is None and state.vmap_ok:
-
-            def f(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-                return rt.losses(rt.forward(state, p, xi.unsqueeze(0)), yi.unsqueeze(0))[0]
-
             try:
                 with batchable():
-                    out: torch.Tensor = vmap(f, randomness="same")(stacked, x, y)
+                    out: torch.Tensor = vmap(_row_loss(rt, state), randomness="same")(stacked, x, y)
                 return out
             except Exception as exc:  # model uses an op vmap cannot batch: loop instead
                 vmap_failed(rt, state, "per-example losses", exc)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.tasks.model import ExportedModel, load_model_uri
 
 F64 = ForwardInfConfig(precision="float64", fast_path="off")
 
@@ -154,3 +155,109 @@ def test_unbatchable_model_still_scores_pairwise_and_self(
     ref = ForwardInf(model, F64)
     torch.testing.assert_close(pw, ref.pairwise((x, y), (x[:3], y[:3])))
     torch.testing.assert_close(si, ref.self_influence((x, y)))
+
+
+# ---------------------------------------------------------------- models loaded from pt2
+
+
+def _fingerprint(model: nn.Module) -> tuple[object, ...]:
+    """Everything a call could change: tensors (bitwise, with identity), modules, graph code."""
+    tensors = [(k, id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()]
+    mods = [(k, type(m), m.training, tuple(m._modules)) for k, m in model.named_modules()]
+    code = [m.code for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    return tensors, mods, code
+
+
+def _assert_unchanged(model: nn.Module, before: tuple[object, ...]) -> None:
+    after = _fingerprint(model)
+    assert [t[:2] for t in after[0]] == [t[:2] for t in before[0]]  # type: ignore[index]
+    for (_, _, a), (k, _, b) in zip(after[0], before[0], strict=True):  # type: ignore[call-overload]
+        assert torch.equal(a, b), f"{k} changed"
+    assert after[1:] == before[1:]
+
+
+@pytest.fixture(scope="module")
+def pt2_models(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]]:
+    """Each model, and the same model logged with mlflow.pytorch (pt2) to a SQLite store and
+    loaded back as the flow loads it (mirrorinf.tasks.model.load_model_uri)."""
+    import mlflow
+    import mlflow.pytorch
+
+    root = tmp_path_factory.mktemp("pt2")
+    uri = f"sqlite:///{root}/mlflow.db"
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    out = {}
+    try:
+        exp = mlflow.create_experiment("pt2", artifact_location=str(root / "artifacts"))
+        for name, make in MODELS.items():
+            model, x, y = make()
+            with mlflow.start_run(experiment_id=exp):
+                mlflow.pytorch.log_model(
+                    model, name="m", registered_model_name=name, input_example=x[:2].numpy(),
+                    pip_requirements=["torch"],
+                )  # fmt: skip
+            loaded, _ = load_model_uri(f"models:/{name}/1", tracking_uri=uri)
+            out[name] = (model, loaded, x, y)
+    finally:
+        mlflow.set_tracking_uri(old)
+    return out
+
+
+def test_pt2_mlp_takes_the_rank1_path_with_the_sequential_scores(pt2_models) -> None:  # type: ignore[no-untyped-def]
+    model, loaded, x, y = pt2_models["mlp"]
+    assert isinstance(loaded, nn.Module) and not isinstance(loaded, nn.Sequential)
+    before = _fingerprint(loaded)
+    for cfg in (ForwardInfConfig(precision="float64"), ForwardInfConfig()):
+        want = ForwardInf(model, cfg)
+        got = ForwardInf(loaded, cfg)
+        si = got.self_influence((x, y))
+        assert got.last_report is not None and got.last_report.path == "lowrank"
+        torch.testing.assert_close(si, want.self_influence((x, y)), rtol=1e-6, atol=0)
+        pw = got.pairwise((x, y), (x[:4], y[:4]))
+        assert got.last_report.path == "lowrank"
+        torch.testing.assert_close(pw, want.pairwise((x, y), (x[:4], y[:4])), rtol=1e-6, atol=0)
+        _assert_unchanged(loaded, before)
+    # and against the generic path on the loaded graph itself, in float64
+    generic = ForwardInf(loaded, F64).self_influence((x, y))
+    fast = ForwardInf(loaded, F64.replace(fast_path="auto")).self_influence((x, y))
+    torch.testing.assert_close(fast, generic, rtol=1e-6, atol=1e-12)
+    _assert_unchanged(loaded, before)
+
+
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer"])
+def test_pt2_cnn_and_transformer_run_batched_with_the_modules_scores(
+    pt2_models, name: str, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    model, loaded, x, y = pt2_models[name]
+    before = _fingerprint(loaded)
+    calls = []
+    loaded.register_forward_pre_hook(lambda *_: calls.append(1))
+    with (
+        caplog.at_level(logging.WARNING, logger="mirrorinf.engine"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        got = ForwardInf(loaded, F64).self_influence((x, y))
+    assert len(calls) < 6 and not _loop_warnings(caplog)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    torch.testing.assert_close(got, ForwardInf(model, F64).self_influence((x, y)))
+    _assert_unchanged(loaded, before)
+
+
+def test_decomposed_graph_addmm_takes_the_rank1_path() -> None:
+    """Core-ATen graphs (linear decomposed into permute + addmm) are recognised too."""
+    model, x, y = _mlp()
+    dyn = ({0: torch.export.Dim.AUTO},)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=dyn).run_decompositions()
+    graph = ExportedModel(program.module())  # as the loader wraps it (the graph refuses eval())
+    targets = {n.target for n in graph.graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.addmm.default in targets and torch.ops.aten.linear.default not in targets
+    before = _fingerprint(graph)
+    fi = ForwardInf(graph)
+    got = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "lowrank"
+    torch.testing.assert_close(got, ForwardInf(model).self_influence((x, y)), rtol=1e-6, atol=0)
+    _assert_unchanged(graph, before)

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from mirrorinf.engine.config import ForwardInfConfig
 from mirrorinf.engine.examples import Examples
 from mirrorinf.engine.execution import BatchPlan, Cache, Params, data_key
+from mirrorinf.engine.graph_view import engine_view
 from mirrorinf.engine.losses import LossFn, cross_entropy, float64_losses
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class Runtime:
         device: str | torch.device,
         auto_dtype: torch.dtype,
     ) -> None:
-        self.model = model
+        # exported graphs as nn.Linear calls and batchable sizes (a copy; the caller's is kept)
+        self.model = engine_view(model)
         self.config = config
         self.loss_fn: LossFn = loss_fn or cross_entropy
         self.default_loss = loss_fn is None

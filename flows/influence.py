@@ -7,8 +7,8 @@ Importing this module sets quiet tool defaults (telemetry off, Prefect home unde
 Concurrent runs on one store (see ``tasks/tracking.py``): writing the demo data and training the
 demo model happen under a lock per model name (the demo is never registered twice); scoring a
 model version happens under a lock per version (a second run waits, then reuses the first's
-cached scores or shards instead of scoring again into the same store); the version's tags are
-written last, all together, and the run that started last wins.
+cached scores or shards instead of scoring again into the same store); the version's verdict
+record is written once the run is FINISHED, and the FINISHED run that started last wins.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from mirrorinf.tasks.tracking import (
     log_influence_task,
     log_review_task,
     store_lock,
-    tag_model_version_task,
 )
+from mirrorinf.tasks.verdict import tag_model_version_task
 
 __all__ = ["InfluenceResult", "influence_flow", "run_influence"]
 
@@ -347,15 +347,16 @@ def influence_flow(params: Params) -> InfluenceResult:
                 predicted=predict_labels(model, sets["train"]), verdict=verdict,
                 reasons=reasons, model=ref,
             )  # fmt: skip
-            # last, once every artifact is logged: all version tags at once, started-last wins
-            tag_model_version_task(
-                uri,
-                ref.name,
-                ref.version,
-                verdict=verdict,
-                run_id=run_id,
-                alias_on_pass=params.gate.alias_on_pass,
-            )
+    # the run is FINISHED with every artifact and its own verdict: only now the version's record
+    with stages("publish"):
+        tag_model_version_task(
+            uri,
+            ref.name,
+            ref.version,
+            verdict=verdict,
+            run_id=run_id,
+            alias_on_pass=params.gate.alias_on_pass,
+        )
     logger.info("influence gate %s for %s (run %s)", verdict, ref.uri, run_id)
     origin = "from registry"
     if params.model.train_demo:

@@ -333,14 +333,15 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         )
     _setup(Path.cwd(), False, args.debug)
     params = _load_store_params(args)
-    from mirrorinf.tasks.tracking import gate_status
+    from mirrorinf.tasks.verdict import gate_status
 
-    verdict, run_id = gate_status(_tracking_uri(args, params), args.model, args.version)
-    if verdict is None:
-        print(f"{args.model} v{args.version}: no influence result", file=sys.stderr)
+    # the version's verdict record only, accepted only if the run it names FINISHED with it
+    status = gate_status(_tracking_uri(args, params), args.model, args.version)
+    if status.verdict is None:
+        print(f"{args.model} v{args.version}: {status.reason}", file=sys.stderr)
         return 2
-    print(f"{args.model} v{args.version}: {verdict} (influence run {run_id})")
-    return 0 if verdict == "passed" else 1
+    print(f"{args.model} v{args.version}: {status.verdict} (influence run {status.run_id})")
+    return 0 if status.verdict == "passed" else 1
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:

@@ -6,27 +6,23 @@ stable for reviewers and the release gate):
 
 - the influence run carries tags ``mirrorinf.model.{name,version,run_id}``,
   ``mirrorinf.data.<set>.{source,path,repo,rev,commit,md5}``, ``mirrorinf.code_version``,
-  ``mirrorinf.config_fingerprint``, ``mirrorinf.gate``; the params flattened as run params;
+  ``mirrorinf.config_fingerprint``, ``mirrorinf.owner.*``, ``mirrorinf.gate`` (the run's own
+  verdict, set once its artifacts are logged); the params flattened as run params;
   the engine config as ``config.json``; artifacts ``scores/*.npy``, ``tables/*.parquet``,
   ``checks/gx_result.json``, ``summary.json``; the review (:func:`log_review`): ``report.md``,
   ``checks/gx_result.md``, ``plots/*.png`` and UI tables ``tables/*.json``;
-- the model version gets tags ``mirrorinf.gate`` = passed|failed, ``mirrorinf.run_id`` and
-  ``mirrorinf.report`` (the run's page in the UI), a description linking the run, and on pass
-  the alias from params (an alias left on a version that now fails is removed).
+- the model version gets its verdict record ``mirrorinf.verdict`` and tags derived from it
+  (``mirrorinf.gate``, ``mirrorinf.run_id``, ``mirrorinf.report``, ``mirrorinf.validation_status``,
+  a description, the pass alias): written by ``mirrorinf.tasks.verdict`` once the run is
+  FINISHED, read back by the gate from the record alone.
 
-Concurrency (several runs, threads or processes, on one store): the version's tags and the alias
-are written together by :func:`tag_model_version`, the last step of a run (its artifacts are all
-logged by then), under an inter-process lock per registered model (:func:`store_lock`), and
-:func:`gate_status` reads under the same lock, so it never sees half of a set. **The run that
-started last wins** (MLflow start time, ties broken by run id): a run that finishes after a
-later-started run has tagged the version leaves the tags alone and is itself tagged
-``mirrorinf.superseded_by`` = the winner; a run that displaces an earlier one tags that one.
-The latest start is the latest intent (e.g. changed params re-triggered), and the winner does not
-depend on which run happened to be faster. A run that fails never tags, so it cannot win. Locks
-are files next to a SQLite / file store (``.mirrorinf-locks/``, flock: released by the kernel if
-a process dies); for a remote store they live in the temp folder and so only serialise runs on
-one machine. SQLite "database is locked" errors are retried, and a new SQLite store is created
-under a lock (MLflow's schema creation fails when two processes do it at once).
+Each influence run is tagged with its owner process (``mirrorinf.owner.*``); a run starting
+first marks FAILED the runs of its experiment whose owner on this host died (see
+``mirrorinf.tasks.verdict``). Locks are files next to a SQLite / file store
+(``.mirrorinf-locks/``, flock: released by the kernel if a process dies); for a remote store they
+live in the temp folder and so only serialise runs on one machine. SQLite "database is locked"
+errors are retried, and a new SQLite store is created under a lock (MLflow's schema creation
+fails when two processes do it at once).
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +46,6 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mirrorinf.errors import ModelError
 from mirrorinf.tasks.data import retry_unless_input_error
 
 __all__ = [
@@ -58,7 +53,6 @@ __all__ = [
     "code_version",
     "ensure_experiment",
     "flatten",
-    "gate_status",
     "get_client",
     "influence_run",
     "lock_dir",
@@ -67,8 +61,6 @@ __all__ = [
     "log_review",
     "log_review_task",
     "store_lock",
-    "tag_model_version",
-    "tag_model_version_task",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +69,6 @@ GATE_TAG = "mirrorinf.gate"
 RUN_TAG = "mirrorinf.run_id"
 REPORT_TAG = "mirrorinf.report"
 SUPERSEDED_TAG = "mirrorinf.superseded_by"  # on a run whose verdict another run replaced
-_DESCRIPTION_MARK = "Influence gate "  # how a description written by tag_model_version starts
 TAG_LOCK_TIMEOUT_S = 300.0  # tagging holds the lock for well under a second
 
 _clients: dict[str, Any] = {}
@@ -247,9 +238,9 @@ def mlflow_run(
         try:
             client.set_tag(run_id, "mirrorinf.error", f"{type(err).__name__}: {err}"[:5000])
         finally:
-            client.set_terminated(run_id, status="FAILED")
+            _retry_locked(client.set_terminated, run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    _retry_locked(client.set_terminated, run_id, status="FINISHED")
 
 
 def provenance_tags(datasets: dict[str, Any]) -> dict[str, str]:
@@ -280,13 +271,17 @@ def influence_run(
     """Start the influence run for a model version (tags, params, config) and yield its id.
 
     Marked FINISHED when the block ends, FAILED on any exception (see :func:`mlflow_run`).
+    First, runs of the experiment left RUNNING by a dead process on this host are marked FAILED;
+    the new run is tagged with its owner (this process) for the same check later.
     """
     from mlflow.entities import Param
 
     import mirrorinf
+    from mirrorinf.tasks.verdict import owner_tags, reap_dead_runs  # verdict imports this module
 
     client = get_client(tracking_uri)
     exp_id = ensure_experiment(client, experiment, artifact_location)
+    reap_dead_runs(client, exp_id, by=f"an influence run of {model.name} v{model.version}")
     tags = {
         "mirrorinf.kind": "influence",
         "mirrorinf.model.name": model.name,
@@ -295,6 +290,7 @@ def influence_run(
         "mirrorinf.config_fingerprint": config_fingerprint,
         "mirrorinf.version": getattr(mirrorinf, "__version__", "unknown"),
         **provenance_tags(datasets),
+        **owner_tags(),
         **(extra_tags or {}),
     }
     if model.run_id:
@@ -382,7 +378,7 @@ def log_review(
     ``train`` / ``queries`` are the scored datasets (``tasks.data.Dataset``), ``predicted`` the
     model's labels of the training examples; ``model`` (a ``ModelRef``) names the version in the
     report's title. The version's tags (``mirrorinf.report`` and the rest) are written by
-    :func:`tag_model_version`, all together. Returns the artifact paths logged.
+    ``mirrorinf.tasks.verdict`` once the run is FINISHED. Returns the artifact paths logged.
     """
     from mirrorinf.review import TABLES, ReviewInputs, review_tables, write_report
 
@@ -411,106 +407,6 @@ def log_review(
     return sorted(files)
 
 
-def _started_after(client: Any, other: str, mine: str) -> bool:
-    """True when run ``other`` started after run ``mine`` (start time, then run id); False
-    when ``other`` no longer exists."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        theirs = client.get_run(other).info
-    except MlflowException:
-        return False
-    ours = client.get_run(mine).info
-    return (theirs.start_time or 0, other) > (ours.start_time or 0, mine)
-
-
-def _write_version_tags(
-    client: Any, name: str, version: str, verdict: str, run_id: str, alias_on_pass: str | None
-) -> bool:
-    """The body of :func:`tag_model_version`, run under the model's tag lock."""
-    from mlflow.exceptions import MlflowException
-
-    mv = client.get_model_version(name, version)
-    current = (mv.tags or {}).get(RUN_TAG)
-    if current and current != run_id and _started_after(client, current, run_id):
-        client.set_tag(run_id, SUPERSEDED_TAG, current)
-        logger.warning(
-            "%s v%s keeps the verdict of run %s, which started after this run %s",
-            name, version, current, run_id,
-        )  # fmt: skip
-        return False
-    link = f"#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
-    client.set_model_version_tag(name, version, GATE_TAG, verdict)
-    client.set_model_version_tag(name, version, RUN_TAG, run_id)
-    client.set_model_version_tag(name, version, REPORT_TAG, link)
-    description = mv.description or ""
-    if not description.strip() or description.startswith(_DESCRIPTION_MARK):
-        text = (
-            f"{_DESCRIPTION_MARK}**{verdict.upper()}**: "
-            f"[influence run {run_id}]({link}); its `report.md` says why, `plots/` shows it."
-        )
-        client.update_model_version(name, version, description=text)
-    if alias_on_pass and verdict == "passed":
-        client.set_registered_model_alias(name, alias_on_pass, version)
-    elif alias_on_pass:
-        aliases = client.get_registered_model(name).aliases or {}
-        if str(aliases.get(alias_on_pass)) == version:
-            client.delete_registered_model_alias(name, alias_on_pass)
-            logger.info("removed alias %s from %s v%s (gate failed)", alias_on_pass, name, version)
-    if current and current != run_id:
-        with suppress(MlflowException):  # the displaced run may have been deleted
-            client.set_tag(current, SUPERSEDED_TAG, run_id)
-    return True
-
-
-def tag_model_version(
-    tracking_uri: str,
-    name: str,
-    version: str,
-    *,
-    verdict: str,
-    run_id: str,
-    alias_on_pass: str | None,
-) -> bool:
-    """Record a run's verdict on its model version: all tags at once, the started-last run wins.
-
-    Under the model's inter-process tag lock, writes ``mirrorinf.gate``, ``mirrorinf.run_id``,
-    ``mirrorinf.report`` (the run's UI path), the description (unless a person wrote it) and
-    sets the pass alias (or removes it from this version on a fail). If the version already
-    names a run that started after this one, nothing is written to the version and this run is
-    tagged ``mirrorinf.superseded_by`` instead; a run this one displaces gets that tag.
-    Call it after the run's artifacts are logged. Returns True when this run's verdict stands.
-    """
-    client = get_client(tracking_uri)
-    with store_lock(tracking_uri, f"tags-{name}", timeout=TAG_LOCK_TIMEOUT_S):
-        return _retry_locked(
-            _write_version_tags, client, name, str(version), verdict, run_id, alias_on_pass
-        )
-
-
-def gate_status(tracking_uri: str, name: str, version: str) -> tuple[str | None, str | None]:
-    """(verdict, influence run id) recorded on a model version; (None, None) when none.
-
-    Read under the model's tag lock, so never half of a concurrent run's tags.
-
-    Raises:
-        ModelError: the registered model or version does not exist.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = get_client(tracking_uri)
-    try:
-        with store_lock(tracking_uri, f"tags-{name}", timeout=TAG_LOCK_TIMEOUT_S):
-            mv = _retry_locked(client.get_model_version, name, str(version))
-    except MlflowException as err:
-        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            raise ModelError(f"no model version {name!r} v{version} in {tracking_uri}") from None
-        raise
-    tags = mv.tags or {}
-    verdict = tags.get(GATE_TAG)
-    return (verdict if verdict in ("passed", "failed") else None), tags.get(RUN_TAG)
-
-
 log_influence_task = task(
     log_influence,
     name="log-influence",
@@ -523,15 +419,6 @@ log_influence_task = task(
 log_review_task = task(
     log_review,
     name="log-review",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless_input_error,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-tag_model_version_task = task(
-    tag_model_version,
-    name="tag-model-version",
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_input_error,

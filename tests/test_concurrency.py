@@ -1,12 +1,14 @@
 """Concurrent influence runs, with real components (Prefect harness, SQLite MLflow, real flows).
 
-The rule under test (tasks/tracking.py, "Concurrency"): a model version's tags (gate, run id,
-report link, description) and the pass alias are written together, last in a run, under a
-per-model lock; the run that *started* last (MLflow start time, then run id) wins, and a run that
-loses is tagged ``mirrorinf.superseded_by`` = the winner. So whatever the interleaving, the
-version's tags all name one run, ``gate_status`` agrees with them, and every run's artifacts are
-its own. Scoring of one model version is serialised too, so the second run reuses the first's
-cached scores instead of scoring again, and the demo model is never registered twice.
+The rule under test (tasks/verdict.py): once a run is FINISHED, its verdict record and the tags
+derived from it (gate, run id, report link, description, validation status) and the pass alias
+are written under a per-model lock; among FINISHED runs the one that *started* last (MLflow start
+time, then run id) wins, and a run that loses is tagged ``mirrorinf.superseded_by`` = the winner.
+So whatever the interleaving, the record and the version's tags all name one run,
+``gate_status`` agrees with them, and every run's artifacts are its own (runs killed with
+SIGKILL: tests/test_verdict.py). Scoring of one model version is serialised too, so the second
+run reuses the first's cached scores instead of scoring again, and the demo model is never
+registered twice.
 
 Two in-process runs (threads), and a ``mirrorinf run`` process beside an in-process run, are
 tested; the demo is as small as the end-to-end file's (400 training images).
@@ -30,14 +32,8 @@ from mirrorinf.flows.influence import InfluenceResult, run_influence
 from mirrorinf.params import Params, params_from_dict
 from mirrorinf.tasks.data import load_dataset, prepare_demo
 from mirrorinf.tasks.model import train_and_register
-from mirrorinf.tasks.tracking import (
-    GATE_TAG,
-    REPORT_TAG,
-    RUN_TAG,
-    SUPERSEDED_TAG,
-    gate_status,
-    get_client,
-)
+from mirrorinf.tasks.tracking import GATE_TAG, REPORT_TAG, RUN_TAG, SUPERSEDED_TAG, get_client
+from mirrorinf.tasks.verdict import STATUS_TAG, VERDICT_TAG, gate_status
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +126,10 @@ def assert_one_winner(uri: str, version: str, runs: dict[str, str]) -> str:
     assert mv.tags[GATE_TAG] == runs[winner]
     assert mv.tags[REPORT_TAG].endswith(f"/runs/{winner}")
     assert winner in (mv.description or "")
-    assert gate_status(uri, MODEL, version) == (runs[winner], winner)
+    record = json.loads(mv.tags[VERDICT_TAG])
+    assert (record["run_id"], record["gate"]) == (winner, runs[winner])
+    assert mv.tags[STATUS_TAG] == runs[winner]
+    assert gate_status(uri, MODEL, version)[:2] == (runs[winner], winner)
     for run_id in runs:
         tags = client.get_run(run_id).data.tags
         assert tags.get(SUPERSEDED_TAG) == (None if run_id == winner else winner), run_id
@@ -168,7 +167,7 @@ def test_two_runs_different_versions_do_not_mix(project: dict[str, Any], tmp_pat
         mv = client.get_model_version(MODEL, version)
         assert mv.tags[RUN_TAG] == result.run_id and mv.tags[GATE_TAG] == result.verdict
         assert mv.tags[REPORT_TAG].endswith(f"/runs/{result.run_id}")
-        assert gate_status(uri, MODEL, version) == (result.verdict, result.run_id)
+        assert gate_status(uri, MODEL, version)[:2] == (result.verdict, result.run_id)
     assert str(client.get_registered_model(MODEL).aliases[ALIAS]) == v1
 
 

@@ -2,10 +2,11 @@
 
 ``mirrorinf watch --model NAME [--model NAME2 ...]`` polls the registry API (any MLflow server or
 store) and runs the influence flow for every version of those models that has no verdict yet.
-The version's own tags are the state: a version with a ``mirrorinf.gate`` tag is done, so a
-restarted watcher resumes where it stopped and never scores a version twice; a version whose
-runs failed ``max_attempts`` times (tag ``mirrorinf.watch.attempts``) is left alone until a
-person removes that tag.
+The version's own tags are the state: a version with a valid verdict record (``mirrorinf.verdict``,
+checked as ``mirrorinf gate`` checks it) is done, so a restarted watcher resumes where it stopped
+and never scores a version twice, while one left half-published by a killed run is scored
+again; a version whose runs failed ``max_attempts`` times (tag ``mirrorinf.watch.attempts``) is
+left alone until a person removes that tag.
 
 Each model brings its own data: the params file named by the tag ``mirrorinf.params`` on the
 version or, failing that, on the registered model (a path, relative to the watcher's params
@@ -24,7 +25,8 @@ from typing import Any
 from mirrorinf.errors import InputError
 from mirrorinf.flows.trigger import pinned_params
 from mirrorinf.params import Params, load_params
-from mirrorinf.tasks.tracking import GATE_TAG, get_client
+from mirrorinf.tasks.tracking import get_client
+from mirrorinf.tasks.verdict import VERDICT_TAG, gate_status
 
 __all__ = ["PARAMS_TAG", "WatchReport", "pending_versions", "watch", "watch_once"]
 
@@ -43,14 +45,21 @@ class WatchReport:
 
 
 def pending_versions(client: Any, name: str, max_attempts: int) -> list[Any]:
-    """Versions of ``name`` without a verdict and under the attempt limit, oldest first."""
+    """Versions of ``name`` without a valid verdict and under the attempt limit, oldest first."""
     versions = client.search_model_versions(f"name = '{_quoted(name)}'")
     todo = [
         mv
         for mv in versions
-        if GATE_TAG not in mv.tags and int(mv.tags.get(ATTEMPTS_TAG, "0")) < max_attempts
+        if int(mv.tags.get(ATTEMPTS_TAG, "0")) < max_attempts and not _decided(client, mv)
     ]
     return sorted(todo, key=lambda mv: int(mv.version))
+
+
+def _decided(client: Any, mv: Any) -> bool:
+    """The version carries a verdict record that the gate accepts."""
+    if VERDICT_TAG not in mv.tags:
+        return False
+    return gate_status(client.tracking_uri, mv.name, mv.version).verdict is not None
 
 
 def _quoted(name: str) -> str:
@@ -120,4 +129,3 @@ def watch(
         if once:
             return total
         time.sleep(interval)
-

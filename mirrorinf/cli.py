@@ -353,11 +353,12 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri,
-        "--default-artifact-root", params.artifact_location(),
         "--host", "127.0.0.1",
         "--port", str(args.port),
         "--workers", "1",
     ]  # fmt: skip
+    if params.artifact_location() is not None:
+        cmd += ["--default-artifact-root", str(params.artifact_location())]
     print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C to stop)", flush=True)
     from mirrorinf import procs
 

@@ -65,6 +65,11 @@ def shown(value: Any) -> str:
     return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
+def has_uri_scheme(location: str) -> bool:
+    """``s3://b``, ``mlflow-artifacts:/x``, ``file:/p`` yes; ``mlruns/a``, ``C:\\a`` no."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", location) is not None
+
+
 def check_model_name(name: str) -> str:
     """``name`` if MLflow 3 accepts it as a registered model name, else ValueError saying why
     (MLflow refuses '/' and ':' and names that change as paths, e.g. '.', 'a/../b')."""
@@ -241,7 +246,14 @@ class MlflowParams(_Section):
     """The MLflow store (embedded SQLite by default)."""
 
     tracking_uri: str = Field("sqlite:///mlruns/mlflow.db", min_length=1)
-    artifact_location: str = Field("mlruns/artifacts", min_length=1)
+    artifact_location: str | None = Field(
+        None,
+        min_length=1,
+        description="Where new experiments keep artifacts. null: beside the database for the "
+        "embedded SQLite store (mlruns/artifacts), the server's own artifact store for a "
+        "tracking server (what its UI and other clients read). URIs with a scheme "
+        "(mlflow-artifacts:/, s3://, file:) pass through untouched; a path is made absolute.",
+    )
     experiment: str = Field("mirrorinf", min_length=1)
 
 
@@ -336,10 +348,15 @@ class Params(_Section):
             return prefix + str(self.resolve(uri[len(prefix) :]))
         return uri
 
-    def artifact_location(self) -> str:
-        """The experiment's artifact location; a relative path is made absolute."""
+    def artifact_location(self) -> str | None:
+        """Artifact location for new experiments (None: the tracking server decides)."""
         loc = self.mlflow.artifact_location
-        return loc if "://" in loc else str(self.resolve(loc))
+        if loc is None:
+            uri = self.tracking_uri()
+            if uri.startswith("sqlite:///"):  # the embedded store: artifacts beside the database
+                return str(Path(uri[len("sqlite:///") :]).parent / "artifacts")
+            return None
+        return loc if has_uri_scheme(loc) else str(self.resolve(loc))
 
     def output_dirs(self) -> dict[str, Path]:
         """Local folders a run writes to, keyed by the params key that names each, so a run can
@@ -349,8 +366,8 @@ class Params(_Section):
         if uri.startswith("sqlite:///"):
             out["mlflow.tracking_uri"] = Path(uri[len("sqlite:///") :]).parent
         loc = self.artifact_location()
-        if "://" not in loc or loc.startswith("file://"):
-            out["mlflow.artifact_location"] = Path(loc.removeprefix("file://"))
+        if loc is not None and (not has_uri_scheme(loc) or loc.startswith("file:")):
+            out["mlflow.artifact_location"] = Path(re.sub(r"^file:(//)?", "", loc))
         if self.sharding.size:
             out["sharding.dir"] = self.resolve(self.sharding.dir)
         if self.data.source == "demo":  # the demo data sets are written there

@@ -46,6 +46,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mirrorinf.params import has_uri_scheme
 from mirrorinf.tasks.data import retry_unless_input_error
 
 __all__ = [
@@ -179,7 +180,7 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    if artifact_location and "://" not in artifact_location:
+    if artifact_location and not has_uri_scheme(artifact_location):
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
     try:
         return client.create_experiment(name, artifact_location=artifact_location)

@@ -70,7 +70,27 @@ def test_relative_paths_resolve_against_the_params_file(tmp_path: Path) -> None:
     p = load_params(path)
     assert p.resolve(p.data.train) == tmp_path / "d" / "train.npz"
     assert p.tracking_uri() == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    assert p.artifact_location() == str(tmp_path / "mlruns" / "artifacts")
+    assert p.artifact_location() == str(tmp_path / "mlruns" / "artifacts")  # beside the db
+
+
+@pytest.mark.parametrize(
+    ("mlflow", "expected"),
+    [
+        ({"tracking_uri": "http://127.0.0.1:5000"}, None),  # the server's own artifact store
+        ({"tracking_uri": "http://h:5000", "artifact_location": "mlflow-artifacts:/x"},
+         "mlflow-artifacts:/x"),
+        ({"artifact_location": "s3://bucket/p"}, "s3://bucket/p"),
+        ({"artifact_location": "file:///data/a"}, "file:///data/a"),
+        ({"artifact_location": "arts"}, "ROOT/arts"),
+        ({"tracking_uri": "sqlite:////abs/m.db"}, "/abs/artifacts"),
+    ],
+)  # fmt: skip
+def test_artifact_location_passes_uris_through(tmp_path: Path, mlflow: dict, expected) -> None:
+    p = params_from_dict({"mlflow": mlflow}, root=tmp_path)
+    want = expected.replace("ROOT", str(tmp_path)) if expected else None
+    assert p.artifact_location() == want
+    if expected and "://" not in expected and ":" in expected:  # no folder named after a URI
+        assert "mlflow.artifact_location" not in p.output_dirs()
     assert p.resolve("/abs/x.npz") == Path("/abs/x.npz")
     # replace() validates again and keeps the root
     q = p.replace(model={"name": "m", "version": 3})

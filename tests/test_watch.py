@@ -16,7 +16,8 @@ from mirrorinf.flows.watch import ATTEMPTS_TAG, PARAMS_TAG, watch_once
 from mirrorinf.params import Params, params_from_dict
 from mirrorinf.tasks.data import load_dataset, prepare_demo
 from mirrorinf.tasks.model import train_and_register
-from mirrorinf.tasks.tracking import GATE_TAG, get_client
+from mirrorinf.tasks.tracking import get_client
+from mirrorinf.tasks.verdict import VERDICT_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +82,12 @@ def test_watch_scores_each_new_version_once_on_its_own_data(
 
     assert watch_once(params, ["watch-a", "watch-b"]).scored == {}  # idempotent
 
+    # a version left half-published (tags from a killed run, no verdict record) is rescored
+    client.delete_model_version_tag("watch-b", "1", VERDICT_TAG)
+    assert set(watch_once(params, ["watch-a", "watch-b"]).scored) == {"watch-b/1"}
+
     v2 = _new_version(client, "watch-a")
-    assert GATE_TAG not in client.get_model_version("watch-a", v2).tags
+    assert VERDICT_TAG not in client.get_model_version("watch-a", v2).tags
     assert set(watch_once(params, ["watch-a", "watch-b"]).scored) == {f"watch-a/{v2}"}
 
     # a version whose params file is missing fails, is counted, and is given up after 2 tries
@@ -108,4 +113,4 @@ def test_watch_scores_each_new_version_once_on_its_own_data(
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"watch-a/{v4}: gate " in out.stdout, out.stdout + out.stderr[-2000:]
-    assert GATE_TAG in client.get_model_version("watch-a", v4).tags
+    assert VERDICT_TAG in client.get_model_version("watch-a", v4).tags

@@ -162,25 +162,41 @@ def _quiet_prefect(verbose: bool, debug: bool) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _find_params() -> Path | None:
+    """params.yaml in this folder or the nearest parent (as git finds .git), so that gate, ui,
+    score and watch use the project's store from any subfolder."""
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / DEFAULT_PARAMS).is_file():
+            return folder / DEFAULT_PARAMS
+    return None
+
+
 def _load_store_params(args: argparse.Namespace) -> Any:
-    """Params for score / gate / ui: --params, else ./params.yaml when present, else defaults."""
+    """Params for score / gate / ui / watch: --params, else the project's params.yaml (this
+    folder or a parent), else defaults (then MLFLOW_TRACKING_URI or the embedded store)."""
     from mirrorinf.params import load_params, params_from_dict
 
     if args.params is not None:
         return load_params(args.params)
-    if Path(DEFAULT_PARAMS).is_file():
-        return load_params(DEFAULT_PARAMS)
+    found = _find_params()
+    if found is not None:
+        return load_params(found)
     return params_from_dict({})
 
 
-def _tracking_uri(args: argparse.Namespace, params: Any) -> str:
-    if args.tracking_uri:
-        return args.tracking_uri
-    if args.params is None and not Path(DEFAULT_PARAMS).is_file():
-        env = os.environ.get("MLFLOW_TRACKING_URI")
-        if env:
-            return env
-    return params.tracking_uri()
+def _tracking_uri(args: argparse.Namespace, params: Any, *, must_exist: bool = False) -> str:
+    """--tracking-uri, else the params' store (see Params.tracking_uri). With ``must_exist``, a
+    local SQLite store that is not there is an error naming where it looked, not a new store."""
+    uri = str(args.tracking_uri or params.tracking_uri())
+    if must_exist and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        where = "no params.yaml here or in a parent folder"
+        if args.params or _find_params():
+            where = f"the params in {params.root}"
+        raise InputError(
+            f"no MLflow store at {uri} (from {where}, no --tracking-uri, no "
+            "MLFLOW_TRACKING_URI): run in the project folder or pass --params / --tracking-uri"
+        )
+    return uri
 
 
 def _fmt(value: Any) -> str:
@@ -336,7 +352,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     from mirrorinf.tasks.verdict import gate_status
 
     # the version's verdict record only, accepted only if the run it names FINISHED with it
-    status = gate_status(_tracking_uri(args, params), args.model, args.version)
+    status = gate_status(_tracking_uri(args, params, must_exist=True), args.model, args.version)
     if status.verdict is None:
         print(f"{args.model} v{args.version}: {status.reason}", file=sys.stderr)
         return 2
@@ -348,7 +364,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     _setup(Path.cwd(), False, args.debug)
     params = _load_store_params(args)
-    uri = _tracking_uri(args, params)
+    uri = _tracking_uri(args, params, must_exist=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
@@ -409,7 +425,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     root = params_path.resolve().parent if params_path.is_file() else Path.cwd()
     _setup(root, False, args.debug)
     params = _load_store_params(args)
-    uri = _tracking_uri(args, params)
+    uri = _tracking_uri(args, params, must_exist=True)
     params = params.replace(mlflow={**params.mlflow.model_dump(), "tracking_uri": uri})
     from mirrorinf.flows.watch import watch
     from mirrorinf.tasks.server import prefect_api

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import os
 import posixpath
 import re
 import reprlib
@@ -330,7 +331,7 @@ class Params(_Section):
 
     def replace(self, **sections: Any) -> Params:
         """A copy with some sections or fields replaced (same root), validated again."""
-        data = self.model_dump()
+        data = self.model_dump(exclude_unset=True)  # defaults stay defaults (env precedence)
         for key, value in sections.items():
             data[key] = value.model_dump() if isinstance(value, BaseModel) else value
         return params_from_dict(data, root=self._root)
@@ -341,8 +342,15 @@ class Params(_Section):
         return p if p.is_absolute() else (self._root / p)
 
     def tracking_uri(self) -> str:
-        """The MLflow tracking URI with a relative SQLite path made absolute."""
+        """The MLflow tracking URI with a relative SQLite path made absolute.
+
+        Precedence, as MLflow users expect: a ``mlflow.tracking_uri`` written in the params
+        file, else the ``MLFLOW_TRACKING_URI`` environment variable, else the embedded store.
+        """
         uri = self.mlflow.tracking_uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env and "tracking_uri" not in self.mlflow.model_fields_set:
+            return env
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
             return prefix + str(self.resolve(uri[len(prefix) :]))

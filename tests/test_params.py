@@ -147,3 +147,18 @@ def test_cli_reports_params_errors_with_exit_2(tmp_path: Path, capsys) -> None:
     assert "demo.n_train" in err and "Traceback" not in err
     assert main(["run", "--params", str(tmp_path / "nope.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking_uri written in params wins; else MLFLOW_TRACKING_URI; else the embedded store.
+    A replaced section keeps what was written and what was default apart."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    default = params_from_dict({}, root=tmp_path)
+    assert default.tracking_uri() == "http://tracking.example:5000"
+    assert default.replace(model={"name": "m", "version": 2}).tracking_uri() == (
+        "http://tracking.example:5000"
+    )
+    written = params_from_dict({"mlflow": {"tracking_uri": "sqlite:///s.db"}}, root=tmp_path)
+    assert written.tracking_uri() == f"sqlite:///{tmp_path}/s.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert default.tracking_uri() == f"sqlite:///{tmp_path}/mlruns/mlflow.db"

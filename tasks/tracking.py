@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 GATE_TAG = "mirrorinf.gate"
 RUN_TAG = "mirrorinf.run_id"
 REPORT_TAG = "mirrorinf.report"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# MLflow's dataset-input contexts (the UI's lineage column); the query set explains predictions
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "query": "evaluation"}
 SUPERSEDED_TAG = "mirrorinf.superseded_by"  # on a run whose verdict another run replaced
 TAG_LOCK_TIMEOUT_S = 300.0  # tagging holds the lock for well under a second
 
@@ -183,7 +186,9 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
     if artifact_location and not has_uri_scheme(artifact_location):
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        # the classic model-development view (MLflow 3 otherwise lists runs as GenAI evaluations)
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -305,7 +310,30 @@ def influence_run(
             client.log_batch(run_id, params=flat[i : i + 100])
         client.log_dict(run_id, config, "config.json")
         client.log_dict(run_id, params, "params.json")
+        client.log_inputs(run_id, datasets=dataset_inputs(datasets))
         yield run_id
+
+
+def dataset_inputs(datasets: dict[str, Any]) -> list[Any]:
+    """MLflow dataset inputs (name, digest, source) for lineage the UI shows natively: the
+    training, validation and query sets with their md5 and where the bytes came from."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    out = []
+    for name, prov in datasets.items():
+        p = prov if isinstance(prov, dict) else prov.to_dict()
+        source = {"path": p["path"]}
+        if p.get("source") == "dvc":
+            source.update(repo=p.get("repo"), rev=p.get("rev"), commit=p.get("commit"))
+        dataset = Dataset(
+            name=f"{name}:{Path(str(p['path'])).name}",
+            digest=str(p["md5"])[:36],
+            source_type="dvc" if p.get("source") == "dvc" else "local",
+            source=json.dumps(source, sort_keys=True),
+        )
+        context = DATASET_CONTEXTS.get(name, name)
+        out.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    return out
 
 
 def _numpy(x: Any) -> np.ndarray:

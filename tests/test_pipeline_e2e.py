@@ -153,6 +153,19 @@ def test_demo_run_is_logged_and_tagged(demo_run: tuple[InfluenceResult, Params])
     assert json.loads((local / "config.json").read_text()) == params.influence.to_dict()
     mv = client.get_model_version(MODEL, version)
     assert mv.tags["mirrorinf.gate"] == "failed" and mv.tags["mirrorinf.run_id"] == result.run_id
+    # lineage the MLflow UI shows natively: the three sets as dataset inputs, digest = md5
+    inputs = {
+        d.dataset.name.split(":")[0]: (d.dataset, {t.key: t.value for t in d.tags})
+        for d in run.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"train", "val", "query"}
+    train_ds, train_ctx = inputs["train"]
+    assert train_ds.digest == tags["mirrorinf.data.train.md5"][:36]
+    assert train_ctx["mlflow.data.context"] == "training"
+    assert json.loads(train_ds.source)["path"].endswith("train.npz")
+    # the classic model-development view, not GenAI evaluation runs
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_rerun_reuses_model_and_cached_scores(demo_run: tuple[InfluenceResult, Params]) -> None:

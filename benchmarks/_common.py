@@ -57,12 +57,24 @@ class Split:
     y_extra: torch.Tensor
 
     def to(self, dtype: torch.dtype) -> Split:
-        return Split(*(t.to(dtype) if t.is_floating_point() else t for t in (
-            self.x_train, self.y_train, self.x_query, self.y_query, self.x_extra, self.y_extra)))
+        return Split(
+            *(
+                t.to(dtype) if t.is_floating_point() else t
+                for t in (
+                    self.x_train,
+                    self.y_train,
+                    self.x_query,
+                    self.y_query,
+                    self.x_extra,
+                    self.y_extra,
+                )
+            )
+        )
 
 
-def digits_split(n_train: int, n_query: int, n_extra: int = 0, seed: int = 0,
-                 dtype: torch.dtype = torch.float64) -> Split:
+def digits_split(
+    n_train: int, n_query: int, n_extra: int = 0, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> Split:
     """Random disjoint split of the 1,797 digits; features standardised with train statistics."""
     x, y = load_digits(return_X_y=True)
     if n_train + n_query + n_extra > len(y):
@@ -79,8 +91,9 @@ def digits_split(n_train: int, n_query: int, n_extra: int = 0, seed: int = 0,
     return Split(*part(idx[0]), *part(idx[1]), *part(idx[2]))
 
 
-def flip_labels(y: torch.Tensor, frac: float, seed: int, n_classes: int = 10
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def flip_labels(
+    y: torch.Tensor, frac: float, seed: int, n_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip ``round(frac * n)`` labels (chosen by ``seed``) to a uniformly random *other* class."""
     rng = np.random.default_rng(seed)
     n = len(y)
@@ -93,8 +106,9 @@ def flip_labels(y: torch.Tensor, frac: float, seed: int, n_classes: int = 10
     return y_noisy, is_flipped
 
 
-def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float
-              ) -> torch.Tensor:
+def objective(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float
+) -> torch.Tensor:
     """Mean cross-entropy + (weight_decay / 2) * ||theta||^2 (all parameters)."""
     loss = F.cross_entropy(model(x), y)
     if weight_decay:
@@ -116,12 +130,24 @@ def make_logreg(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Linear:
     return nn.Linear(64, 10).to(dtype)
 
 
-def _lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
-           max_iter: int, tol: float) -> float:
+def _lbfgs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight_decay: float,
+    max_iter: int,
+    tol: float,
+) -> float:
     """Full-batch L-BFGS (strong Wolfe) to gradient tolerance ``tol``; returns final grad norm."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=50,
-                            tolerance_grad=tol, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=50,
+        tolerance_grad=tol,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -132,7 +158,7 @@ def _lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decay: flo
     opt.step(closure)
     opt.zero_grad()
     objective(model, x, y, weight_decay).backward()
-    gnorm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())))
+    gnorm = float(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())))
     opt.zero_grad()
     return gnorm
 
@@ -165,8 +191,13 @@ def _logreg_hessian(w: torch.Tensor, xa: torch.Tensor, weight_decay: float) -> t
     return h.reshape(d, d) + weight_decay * torch.eye(d, dtype=w.dtype)
 
 
-def train_logreg(x: torch.Tensor, y: torch.Tensor, weight_decay: float,
-                 max_iter: int = 2000, newton_steps: int = 3) -> nn.Linear:
+def train_logreg(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight_decay: float,
+    max_iter: int = 2000,
+    newton_steps: int = 3,
+) -> nn.Linear:
     """Multinomial logistic regression trained to convergence in float64.
 
     Full-batch L-BFGS (strong Wolfe), then ``newton_steps`` exact Newton steps that take the
@@ -189,9 +220,17 @@ def train_logreg(x: torch.Tensor, y: torch.Tensor, weight_decay: float,
     return model
 
 
-def exact_loo(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,
-              yq: torch.Tensor, weight_decay: float, tol: float = 1e-12, max_iter: int = 300,
-              batch: int = 100) -> tuple[torch.Tensor, dict[str, float]]:
+def exact_loo(
+    model: nn.Linear,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    weight_decay: float,
+    tol: float = 1e-12,
+    max_iter: int = 300,
+    batch: int = 100,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Exact leave-one-out influence of every training point on every query, by retraining.
 
     Returns ``loo [n_train, n_query]`` float64 with ``loo[i, j] = L(A(D minus z_i), q_j) -
@@ -245,14 +284,22 @@ def exact_loo(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, xq: torch.Tens
             raise RuntimeError(f"exact_loo did not reach grad norm {tol} (at {gn:.2e})")
         worst, iters = max(worst, gn), max(iters, it)
         lq = torch.einsum("qk,bak->bqa", xqa, w)
-        loo[idx] = F.cross_entropy(lq.reshape(-1, 10), yq.repeat(b), reduction="none"
-                                   ).reshape(b, -1) - base
-    return loo, {"max_grad_norm": worst, "iterations": iters,
-                 "seconds": time.perf_counter() - t0}
+        loo[idx] = (
+            F.cross_entropy(lq.reshape(-1, 10), yq.repeat(b), reduction="none").reshape(b, -1)
+            - base
+        )
+    return loo, {"max_grad_norm": worst, "iterations": iters, "seconds": time.perf_counter() - t0}
 
 
-def exact_loo_lbfgs(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,
-                    yq: torch.Tensor, weight_decay: float, indices: list[int]) -> torch.Tensor:
+def exact_loo_lbfgs(
+    model: nn.Linear,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    weight_decay: float,
+    indices: list[int],
+) -> torch.Tensor:
     """Reference LOO rows for ``indices`` by warm-started L-BFGS + Newton (slow; cross-check)."""
     x, xq = x.double(), xq.double()
     base = query_losses(model, xq, yq)
@@ -266,8 +313,7 @@ def exact_loo_lbfgs(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, xq: torc
 # ------------------------------------------------------------------ non-convex: MLP
 
 
-def make_mlp(seed: int = 0, hidden: int = 128, dtype: torch.dtype = torch.float32
-             ) -> nn.Sequential:
+def make_mlp(seed: int = 0, hidden: int = 128, dtype: torch.dtype = torch.float32) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)).to(dtype)
 
@@ -281,8 +327,13 @@ class MlpRecipe:
     steps: int = 400
 
 
-def train_mlp(x: torch.Tensor, y: torch.Tensor, init_seed: int = 0,
-              recipe: MlpRecipe = MlpRecipe(), hidden: int = 128) -> nn.Sequential:
+def train_mlp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    init_seed: int = 0,
+    recipe: MlpRecipe = MlpRecipe(),
+    hidden: int = 128,
+) -> nn.Sequential:
     """Train the 64-``hidden``-10 ReLU MLP from the init given by ``init_seed`` with ``recipe``.
 
     Deterministic: the same data, seed and recipe give the same weights.
@@ -297,16 +348,27 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, init_seed: int = 0,
         sched.step()
     opt.zero_grad()
     objective(model, x, y, recipe.weight_decay).backward()
-    model.grad_norm = float(torch.sqrt(  # type: ignore[attr-defined]
-        sum((p.grad ** 2).sum() for p in model.parameters())))
+    model.grad_norm = float(
+        torch.sqrt(  # type: ignore[attr-defined]
+            sum((p.grad**2).sum() for p in model.parameters())
+        )
+    )
     model.zero_grad()
     return model
 
 
-def lds_subsets(x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
-                n_subsets: int, frac: float = 0.5, seed: int = 0, init_seed: int = 0,
-                recipe: MlpRecipe = MlpRecipe(), hidden: int = 128
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def lds_subsets(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    n_subsets: int,
+    frac: float = 0.5,
+    seed: int = 0,
+    init_seed: int = 0,
+    recipe: MlpRecipe = MlpRecipe(),
+    hidden: int = 128,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Retrain the MLP on ``n_subsets`` random subsets of size ``round(frac * n)``.
 
     Same init (``init_seed``), width (``hidden``) and recipe as the full model. Returns
@@ -341,8 +403,11 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return torch.cat([g[k].reshape(len(x), -1) for k in params], dim=1)
 
 
-def tracin(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-           query: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def tracin(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """TracIn at the final checkpoint: ``grad L(z_i) . grad L(q_j)`` -> [n_train, n_query].
 
     Per unit learning rate; positive = proponent (a descent step on q lowers z_i's loss).

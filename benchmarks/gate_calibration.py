@@ -78,8 +78,15 @@ def load(name: str, seed: int) -> Data:
     return xs[tr], yt[tr], xs[va], yt[va], int(y.max()) + 1
 
 
-def train(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, n_classes: int,
-          seed: int, regime: str) -> nn.Module:
+def train(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    n_classes: int,
+    seed: int,
+    regime: str,
+) -> nn.Module:
     recipe = MlpRecipe()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, n_classes))
@@ -109,11 +116,18 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     group = fi.group((x, y_noisy), (xv, yv)).numpy()
     calib = calibration_scores(fi, (xv, yv), seed=seed)
     calib_self, calib_group = calib.self_influence, calib.group_influence
-    common = dict(pairwise=np.zeros((len(y), 0)), self_inf=self_inf, group_inf=group,
-                  query_self_drop=[], thresholds=GateThresholds())
+    common = dict(
+        pairwise=np.zeros((len(y), 0)),
+        self_inf=self_inf,
+        group_inf=group,
+        query_self_drop=[],
+        thresholds=GateThresholds(),
+    )
     out = {}
-    for rule, extra in (("old", {}), ("new", {"calib_self_inf": calib_self,
-                                             "calib_group_inf": calib_group})):
+    for rule, extra in (
+        ("old", {}),
+        ("new", {"calib_self_inf": calib_self, "calib_group_inf": calib_group}),
+    ):
         t = summarise(**common, **extra)
         mis = t.train["flag_mislabel"].to_numpy()
         rec = float(mis[flipped.numpy()].mean()) if flip else float("nan")
@@ -134,9 +148,11 @@ def main() -> None:
     logging.disable(logging.WARNING)  # the fallback warning fires on every "old" row
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    head = (f"{'dataset':7s} {'regime':9s} {'s':>1s} {'rule':4s} | {'0%: mis  harm':>13s} | "
-            + " | ".join(f"{int(f * 100):>2d}%: mis  rec  harm" for f in FLIPS[1:])
-            + " | gate 0/30")
+    head = (
+        f"{'dataset':7s} {'regime':9s} {'s':>1s} {'rule':4s} | {'0%: mis  harm':>13s} | "
+        + " | ".join(f"{int(f * 100):>2d}%: mis  rec  harm" for f in FLIPS[1:])
+        + " | gate 0/30"
+    )
     print(head)
     print("-" * len(head))
     tally: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
@@ -148,17 +164,21 @@ def main() -> None:
                     cells = [res[f][rule] for f in FLIPS]
                     g0, g30 = gate_fails(cells[0]), gate_fails(cells[-1])
                     tally.setdefault((regime, rule), []).append((g0, g30))
-                    row = (f"{name:7s} {regime:9s} {seed:1d} {rule:4s} | "
-                           f"{cells[0][0]:7.3f} {cells[0][2]:5.3f} | "
-                           + " | ".join(f"{m:7.3f} {r:4.2f} {h:5.3f}" for m, r, h in cells[1:])
-                           + f" | {'F' if g0 else 'P'}/{'F' if g30 else 'P'}")
+                    row = (
+                        f"{name:7s} {regime:9s} {seed:1d} {rule:4s} | "
+                        f"{cells[0][0]:7.3f} {cells[0][2]:5.3f} | "
+                        + " | ".join(f"{m:7.3f} {r:4.2f} {h:5.3f}" for m, r, h in cells[1:])
+                        + f" | {'F' if g0 else 'P'}/{'F' if g30 else 'P'}"
+                    )
                     print(row, flush=True)
     print()
     for (regime, rule), v in sorted(tally.items()):
         v = np.array(v)
-        print(f"{regime:9s} {rule}: gate passes at 0% in {int((~v[:, 0]).sum())}/{len(v)} runs, "
-              f"fails at 30% in {int(v[:, 1].sum())}/{len(v)}; wanted P/F in "
-              f"{int(((~v[:, 0]) & v[:, 1]).sum())}/{len(v)}")
+        print(
+            f"{regime:9s} {rule}: gate passes at 0% in {int((~v[:, 0]).sum())}/{len(v)} runs, "
+            f"fails at 30% in {int(v[:, 1].sum())}/{len(v)}; wanted P/F in "
+            f"{int(((~v[:, 0]) & v[:, 1]).sum())}/{len(v)}"
+        )
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 

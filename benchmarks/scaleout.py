@@ -49,8 +49,12 @@ def main() -> None:
         run_influence(params_from_dict(base, root=root))  # warm-up: data, model, imports
 
         def timed(label: str, runner: str, dask: dict, shard_dir: str) -> None:
-            cfg = {**base, "runner": runner, "dask": dask,
-                   "sharding": {"size": args.shard, "dir": f"outputs/{shard_dir}"}}
+            cfg = {
+                **base,
+                "runner": runner,
+                "dask": dask,
+                "sharding": {"size": args.shard, "dir": f"outputs/{shard_dir}"},
+            }
             t0 = time.perf_counter()
             result = run_influence(params_from_dict(cfg, root=root))
             rows.append((label, time.perf_counter() - t0, result.stage_seconds.get("score", 0.0)))
@@ -66,20 +70,28 @@ def main() -> None:
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster:  # fmt: skip
             warm = {"workers": args.workers, "address": cluster.scheduler_address}
-            cfg = {**base, "runner": "dask", "dask": warm,
-                   "sharding": {"size": args.shard, "dir": "outputs/shards-warmup"}}
+            cfg = {
+                **base,
+                "runner": "dask",
+                "dask": warm,
+                "sharding": {"size": args.shard, "dir": "outputs/shards-warmup"},
+            }
             run_influence(params_from_dict(cfg, root=root))
             timed("dask, running cluster (dask.address)", "dask", warm, "shards-warm")
     n_shards = -(-args.n_train // args.shard)
-    print(f"# scale-out: {args.n_train} train x {args.n_query} queries, {n_shards} shards, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"# scale-out: {args.n_train} train x {args.n_query} queries, {n_shards} shards, "
+        f"{os.cpu_count()} cores"
+    )
     print("| runner | flow (s) | scoring stage (s) | flow vs threads |\n|---|---:|---:|---:|")
     for label, total, score in rows:
         print(f"| {label} | {total:.1f} | {score:.1f} | {total / rows[0][1]:.2f}x |")
     ratio = rows[2][1] / rows[0][1]
-    print(f"\nDask (running cluster) / threads: {ratio:.2f}x "
-          f"(target <= 1.3x: {'PASS' if ratio <= 1.3 else 'FAIL'}); a new LocalCluster adds its "
-          f"start-up: {rows[1][1] / rows[0][1]:.2f}x")
+    print(
+        f"\nDask (running cluster) / threads: {ratio:.2f}x "
+        f"(target <= 1.3x: {'PASS' if ratio <= 1.3 else 'FAIL'}); a new LocalCluster adds its "
+        f"start-up: {rows[1][1] / rows[0][1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

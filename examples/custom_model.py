@@ -45,9 +45,9 @@ for _ in range(200):
 
 os.makedirs("mlruns", exist_ok=True)
 mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")  # mirrorinf's default store
-with mlflow.start_run():
+with mlflow.start_run():  # logged as pt2 (torch.export), MLflow 3's default: no pickle
     info = mlflow.pytorch.log_model(net, name="model", registered_model_name="breast-mlp",
-                                    input_example=x[:2], pip_requirements=["torch"])  # pt2
+                                    input_example=x[:2], pip_requirements=["torch"])  # fmt: skip
 
 data = {"source": "file", "train": "train.npz", "val": "val.npz", "query": "query.npz"}
 result = mirrorinf.trigger("breast-mlp", info.registered_model_version, params={"data": data})

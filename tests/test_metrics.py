@@ -186,9 +186,7 @@ def test_auroc_matches_sklearn():
     rng = np.random.default_rng(3)
     flipped = rng.random(200) < 0.1
     scores = np.round(rng.normal(size=200) + flipped, 1)  # ties included
-    assert mislabel_auroc(scores, flipped) == pytest.approx(
-        metrics.roc_auc_score(flipped, scores)
-    )
+    assert mislabel_auroc(scores, flipped) == pytest.approx(metrics.roc_auc_score(flipped, scores))
 
 
 def test_auroc_needs_both_classes():

@@ -11,7 +11,7 @@ import logging
 import torch
 from torch.func import grad, vmap
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, each, move, rows
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.runtime import AUTOCAST_MIN_STEP, ModelState, Runtime
 
@@ -51,11 +51,11 @@ def stack_norm(d: Params) -> torch.Tensor:
 
 
 def per_example_updates(
-    rt: Runtime, state: ModelState, x: torch.Tensor, y: torch.Tensor
+    rt: Runtime, state: ModelState, x: Inputs, y: torch.Tensor
 ) -> tuple[Params, torch.Tensor, list[Params] | None]:
     """Stacked parameters [m, ...] after ``steps`` updates, each on its own example; the lr of
     each, and each copy's BatchNorm buffers when bn_update lets them move."""
-    m = len(x)
+    m = len(y)
     stacked = {k: v.unsqueeze(0).expand(m, *v.shape).clone() for k, v in state.params.items()}
     bufs = None
     if rt.config.bn_update:
@@ -78,16 +78,17 @@ def per_example_grads(
     rt: Runtime,
     state: ModelState,
     stacked: Params,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     bufs: list[Params] | None,
 ) -> Params:
     """Gradient of each example's loss under its own copy of the parameters."""
-    x, y = x.to(rt.device), y.to(rt.device)
+    x, y = move(x, rt.device), y.to(rt.device)
     if bufs is None and state.vmap_ok:
 
-        def f(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return rt.losses(rt.forward(state, p, xi.unsqueeze(0)), yi.unsqueeze(0)).sum()
+        def f(p: Params, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+            xi = each(xi, lambda v: v.unsqueeze(0))
+            return rt.losses(rt.forward(state, p, xi), yi.unsqueeze(0)).sum()
 
         try:
             out: Params = vmap(grad(f), in_dims=(0, 0, 0), randomness="same")(stacked, x, y)
@@ -96,10 +97,10 @@ def per_example_grads(
             log.debug("vmap over examples failed (%s); looping", exc)
             state.vmap_ok = False
     res = {k: torch.empty_like(v) for k, v in stacked.items()}
-    for j in range(len(x)):
+    for j in range(len(y)):
         p = {k: v[j].detach().requires_grad_(True) for k, v in stacked.items()}
         with rt.bn_train(bufs is not None):
-            out_j = rt.forward(state, p, x[j : j + 1], bufs[j] if bufs else None)
+            out_j = rt.forward(state, p, rows(x, slice(j, j + 1)), bufs[j] if bufs else None)
             loss = rt.losses(out_j, y[j : j + 1]).sum()
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         for k, gk in zip(p, gs, strict=True):
@@ -127,7 +128,7 @@ def stacked_mean_grad(rt: Runtime, state: ModelState, stacked: Params, data: Exa
         g = mean_grad(rt, state, {n: v[0] for n, v in stacked.items()}, data)
         return {n: v.unsqueeze(0) for n, v in g.items()}
 
-    def f(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def f(p: Params, xb: Inputs, yb: torch.Tensor) -> torch.Tensor:
         return rt.losses(rt.forward(state, p, xb), yb).sum()
 
     acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
@@ -141,11 +142,11 @@ def stacked_mean_grad(rt: Runtime, state: ModelState, stacked: Params, data: Exa
             except Exception as exc:  # an op vmap cannot batch: loop over the copies
                 log.debug("vmap over parameter sets failed (%s); looping", exc)
                 state.vmap_ok = False
-        sub = Examples("batch", x=xb, y=yb, n=len(xb))
+        sub = Examples("batch", x=xb, y=yb, n=len(yb))
         for j in range(k):
             gj = mean_grad(rt, state, {n: v[j] for n, v in stacked.items()}, sub)
             for n in acc:
-                acc[n][j] += gj[n] * len(xb)
+                acc[n][j] += gj[n] * len(yb)
     return {n: v / len(data) for n, v in acc.items()}
 
 
@@ -155,7 +156,7 @@ def stacked_losses(rt: Runtime, state: ModelState, stacked: Params, data: Exampl
     out = torch.empty(k, len(data), dtype=torch.float64)
     with torch.no_grad():
         for start, xb, yb in data.batches(rt.plan.rows_per_copy(k), rt.device):
-            sl = slice(start, start + len(xb))
+            sl = slice(start, start + len(yb))
             if state.vmap_ok:
                 try:
                     out[:, sl] = vmap(

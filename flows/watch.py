@@ -120,4 +120,3 @@ def watch(
         if once:
             return total
         time.sleep(interval)
-

@@ -242,7 +242,12 @@ def _check_model_uri(uri: str) -> None:
     if uri.startswith("models:/"):
         rest = uri[len("models:/") :]
         name, at, _ = rest.partition("@")
-        _check_name(name if at else rest.rpartition("/")[0] or rest, "--model-uri")
+        name = name if at else rest.rpartition("/")[0] or rest
+        if not name.strip():
+            raise InputError(
+                f"bad model URI {uri[:200]!r}: use models:/NAME/VERSION or models:/NAME@ALIAS"
+            )
+        _check_name(name, "--model-uri")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

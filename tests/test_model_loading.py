@@ -75,9 +75,13 @@ def test_pt2_loads_without_pickle_and_scores_like_the_original(store: tuple[str,
     assert ref is not None and ref.version == "1"
     train, queries = _data(40, 1), _data(5, 2)
     torch.testing.assert_close(loaded(train[0]), net(train[0]))
-    got = ForwardInf(loaded).pairwise(train, queries)  # generic path: a graph, not Linears
-    want = ForwardInf(net, ForwardInfConfig(fast_path="off")).pairwise(train, queries)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    for cfg in (ForwardInfConfig(), ForwardInfConfig(fast_path="off")):
+        fi = ForwardInf(loaded, cfg)  # the graph's linear calls take the rank-1 path too
+        got = fi.pairwise(train, queries)
+        assert fi.last_report is not None
+        assert fi.last_report.path == ("lowrank" if cfg.fast_path == "auto" else "generic")
+        want = ForwardInf(net, cfg).pairwise(train, queries)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert loaded.training is False  # modes restored after scoring
 
 

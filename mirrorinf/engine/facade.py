@@ -154,11 +154,11 @@ class ForwardInf:
             check_train(self._rt, state, tr)
             xq, yq = prepare_queries(self._rt, state, qs)
             scores = self._scorer.pairwise(state, tr, xq, yq)
-        bad = vanished_columns(scores.matrix).nonzero().flatten()
-        hi = self._float64_twin() if len(bad) > 0 and len(tr) > 1 else None
-        if hi is not None:  # redo the queries float32 could not resolve
-            redo = hi._pairwise(tr, (rows(xq, bad), yq[bad]))
-            self._merge(scores, redo, bad, columns=True)
+        if len(tr) > 1:
+            bad = vanished_columns(scores.matrix).nonzero().flatten()
+            self._redo_in_float64(
+                scores, bad, lambda hi: hi._pairwise(tr, (rows(xq, bad), yq[bad]))
+            )
         return scores
 
     def _group(self, train: DataLike, queries: DataLike) -> Scores:
@@ -173,21 +173,30 @@ class ForwardInf:
         with self._rt.scoring() as state:
             check_train(self._rt, state, tr)
             scores = self._scorer.self_influence(state, tr)
-        bad = (scores.matrix[:, 0] == 0).nonzero().flatten()
-        hi = self._float64_twin() if len(bad) > 0.01 * len(tr) else None
-        if hi is not None:  # redo the rows float32 could not resolve
-            self._merge(scores, hi._self(tr.take(bad)), bad, columns=False)
+        zero = (scores.matrix[:, 0] == 0).nonzero().flatten()
+        if len(zero) > 0.01 * len(tr):
+            self._redo_in_float64(scores, zero, lambda hi: hi._self(tr.take(zero)), rows=True)
         return scores
 
-    @staticmethod
-    def _merge(scores: Scores, redo: Scores, idx: torch.Tensor, columns: bool) -> None:
-        """Put float64 recomputed columns (queries) or rows into ``scores``."""
-        if columns:
-            scores.matrix[:, idx] = redo.matrix.float().double()
-            if scores.query_self_drop is not None and redo.query_self_drop is not None:
-                scores.query_self_drop[idx] = redo.query_self_drop.float().double()
+    def _redo_in_float64(
+        self,
+        scores: Scores,
+        idx: torch.Tensor,
+        redo: Callable[[ForwardInf], Scores],
+        rows: bool = False,
+    ) -> None:
+        """Recompute the columns (queries; or ``rows``) float32 could not resolve with a float64
+        twin, and put them into ``scores`` (rounded to float32, as the result is returned)."""
+        hi = self._float64_twin() if len(idx) > 0 else None
+        if hi is None:
+            return
+        fixed = redo(hi)
+        if rows:
+            scores.matrix[idx, 0] = fixed.matrix[:, 0].float().double()
         else:
-            scores.matrix[idx, 0] = redo.matrix[:, 0].float().double()
+            scores.matrix[:, idx] = fixed.matrix.float().double()
+            if scores.query_self_drop is not None and fixed.query_self_drop is not None:
+                scores.query_self_drop[idx] = fixed.query_self_drop.float().double()
         scores.upcast = len(idx)
 
     # ------------------------------------------------------------------ derived engines

@@ -12,7 +12,7 @@ from mirrorinf.engine.examples import Examples, Inputs, rows
 from mirrorinf.engine.execution import progress
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scores import Scores, plain_scores
-from mirrorinf.engine.updates import per_example_updates
+from mirrorinf.engine.updates import batchable, per_example_losses, per_example_updates
 
 
 def generic_pairwise(
@@ -48,14 +48,11 @@ def generic_pairwise(
 def generic_self(
     rt: Runtime, state: ModelState, xb: Inputs, yb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs."""
-    with torch.no_grad():
+    """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs:
+    per-example updates and losses batched over the rows (vmap), a loop only where vmap
+    cannot batch the model or BatchNorm statistics move per copy."""
+    with torch.no_grad(), batchable():  # the kernels of the batched losses below
         base = rt.losses(rt.forward(state, state.params, xb), yb)
     stacked, lr, bufs = per_example_updates(rt, state, xb, yb)
-    after = torch.empty_like(base)
-    with torch.no_grad():
-        for j in range(len(yb)):
-            pj = {k: v[j] for k, v in stacked.items()}
-            out = rt.forward(state, pj, rows(xb, slice(j, j + 1)), bufs[j] if bufs else None)
-            after[j] = rt.losses(out, yb[j : j + 1])[0]
+    after = per_example_losses(rt, state, stacked, xb, yb, bufs)
     return base - after, lr

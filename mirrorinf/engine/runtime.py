@@ -13,6 +13,7 @@ from torch.func import functional_call
 from mirrorinf.engine.config import ForwardInfConfig
 from mirrorinf.engine.examples import Examples, Inputs, each, n_rows, parts
 from mirrorinf.engine.execution import BatchPlan, Cache, Params, data_key
+from mirrorinf.engine.graph_view import engine_view
 from mirrorinf.engine.losses import LossFn, default_loss, float64_losses
 from mirrorinf.engine.outputs import OutputSpec, select_output
 
@@ -71,7 +72,8 @@ class Runtime:
         kind: str = "classification",
         output: OutputSpec = None,
     ) -> None:
-        self.model = model
+        # exported graphs as nn.Linear calls and batchable sizes (a copy; the caller's is kept)
+        self.model = engine_view(model)
         self.config = config
         self.kind = kind
         self.output = output

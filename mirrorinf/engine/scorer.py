@@ -62,7 +62,9 @@ class PlainScorer:
         out = torch.empty(len(tr), dtype=torch.float64)
         lrs = torch.empty(len(tr), dtype=torch.float64)
         fast = self.fast if self.fast is not None and self.fast.verified is not False else None
-        chunk = rt.plan.self_chunk(state.numel, stacked=self.fast is None)
+        if fast is not None and not fast.usable_self(state, tr):
+            fast = None
+        chunk = rt.plan.self_chunk(state.numel, stacked=fast is None)
         for start, xb, yb in progress(
             tr.batches(chunk, rt.device), len(tr), chunk, "self-influence"
         ):

@@ -7,9 +7,14 @@ leading copy dimension [k, ...].
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import Tensor, nn
 from torch.func import grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mirrorinf.engine.examples import Examples, Inputs, each, move, rows
 from mirrorinf.engine.execution import Params
@@ -18,6 +23,20 @@ from mirrorinf.engine.runtime import AUTOCAST_MIN_STEP, ModelState, Runtime
 log = logging.getLogger(__name__)
 
 AdamState = dict[tuple[str, str], torch.Tensor]
+_LOOP_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models told about the loop
+
+
+@contextmanager
+def batchable() -> Iterator[None]:
+    """Kernels vmap can batch: SDPA's math backend (CPU flash attention and its backward have
+    no batching rule, so vmap would loop over examples) and no fused transformer fast path."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def direction(g: Params, state: AdamState, t: int, optimizer: str) -> Params:
@@ -54,24 +73,39 @@ def per_example_updates(
     rt: Runtime, state: ModelState, x: Inputs, y: torch.Tensor
 ) -> tuple[Params, torch.Tensor, list[Params] | None]:
     """Stacked parameters [m, ...] after ``steps`` updates, each on its own example; the lr of
-    each, and each copy's BatchNorm buffers when bn_update lets them move."""
+    each, and each copy's BatchNorm buffers when bn_update lets them move. The first step's
+    gradients are taken at the shared parameters (no m copies of theta to build or read)."""
     m = len(y)
-    stacked = {k: v.unsqueeze(0).expand(m, *v.shape).clone() for k, v in state.params.items()}
+    shared = {k: v.unsqueeze(0) for k, v in state.params.items()}
+    stacked: Params | None = None  # None: every copy still equals theta
     bufs = None
     if rt.config.bn_update:
         bufs = [{k: v.clone() for k, v in state.buffers.items()} for _ in range(m)]
     adam: AdamState = {}
     lr = None
     for t in range(rt.steps):
-        g = per_example_grads(rt, state, stacked, x, y, bufs)
+        if stacked is None:
+            g = per_example_grads(rt, state, state.params, x, y, bufs, shared=True)
+        else:
+            g = per_example_grads(rt, state, stacked, x, y, bufs)
         d = direction(g, adam, t, rt.config.optimizer)
         if lr is None:
             lr = step_lr(rt, state, stack_norm(d))
         coef = (-rt.sign * lr).to(rt.dtype)
-        for k in stacked:
-            stacked[k] = stacked[k] + coef.reshape(-1, *[1] * (stacked[k].ndim - 1)) * d[k]
-    assert lr is not None
+        prev = shared if stacked is None else stacked
+        stacked = {k: prev[k] + coef.reshape(-1, *[1] * (prev[k].ndim - 1)) * d[k] for k in prev}
+    assert lr is not None and stacked is not None
     return stacked, lr, bufs
+
+
+def _row_loss(rt: Runtime, state: ModelState) -> Callable[[Params, Inputs, Tensor], Tensor]:
+    """The loss of one example under parameters ``p`` (a scalar), the function vmap batches."""
+
+    def f(p: Params, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+        one = each(xi, lambda v: v.unsqueeze(0))
+        return rt.losses(rt.forward(state, p, one), yi.unsqueeze(0))[0]
+
+    return f
 
 
 def per_example_grads(
@@ -81,24 +115,26 @@ def per_example_grads(
     x: Inputs,
     y: torch.Tensor,
     bufs: list[Params] | None,
+    shared: bool = False,
 ) -> Params:
-    """Gradient of each example's loss under its own copy of the parameters."""
+    """Gradient of each example's loss under its own copy of the parameters (``shared``: one
+    unstacked set for every example)."""
     x, y = move(x, rt.device), y.to(rt.device)
     if bufs is None and state.vmap_ok:
-
-        def f(p: Params, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
-            xi = each(xi, lambda v: v.unsqueeze(0))
-            return rt.losses(rt.forward(state, p, xi), yi.unsqueeze(0)).sum()
-
         try:
-            out: Params = vmap(grad(f), in_dims=(0, 0, 0), randomness="same")(stacked, x, y)
+            dims = (None if shared else 0, 0, 0)
+            f = grad(_row_loss(rt, state))
+            with batchable():
+                out: Params = vmap(f, in_dims=dims, randomness="same")(stacked, x, y)
             return out
         except Exception as exc:  # model uses an op vmap cannot batch: loop instead
-            log.debug("vmap over examples failed (%s); looping", exc)
-            state.vmap_ok = False
-    res = {k: torch.empty_like(v) for k, v in stacked.items()}
+            vmap_failed(rt, state, "per-example gradients", exc)
+    res = {
+        k: torch.empty(len(y), *v.shape[0 if shared else 1 :], dtype=v.dtype, device=v.device)
+        for k, v in stacked.items()
+    }
     for j in range(len(y)):
-        p = {k: v[j].detach().requires_grad_(True) for k, v in stacked.items()}
+        p = {k: (v if shared else v[j]).detach().requires_grad_(True) for k, v in stacked.items()}
         with rt.bn_train(bufs is not None):
             out_j = rt.forward(state, p, rows(x, slice(j, j + 1)), bufs[j] if bufs else None)
             loss = rt.losses(out_j, y[j : j + 1]).sum()
@@ -106,6 +142,44 @@ def per_example_grads(
         for k, gk in zip(p, gs, strict=True):
             res[k][j] = 0 if gk is None else gk
     return res
+
+
+def per_example_losses(
+    rt: Runtime,
+    state: ModelState,
+    stacked: Params,
+    x: Inputs,
+    y: torch.Tensor,
+    bufs: list[Params] | None,
+) -> torch.Tensor:
+    """Loss of each example under its own copy of the parameters [m] (one batched forward)."""
+    with torch.no_grad():
+        if bufs is None and state.vmap_ok:
+            try:
+                with batchable():
+                    out: torch.Tensor = vmap(_row_loss(rt, state), randomness="same")(stacked, x, y)
+                return out
+            except Exception as exc:  # model uses an op vmap cannot batch: loop instead
+                vmap_failed(rt, state, "per-example losses", exc)
+        parts = []
+        for j in range(len(y)):
+            pj = {k: v[j] for k, v in stacked.items()}
+            out_j = rt.forward(state, pj, rows(x, slice(j, j + 1)), bufs[j] if bufs else None)
+            parts.append(rt.losses(out_j, y[j : j + 1]))
+        return torch.cat(parts)
+
+
+def vmap_failed(rt: Runtime, state: ModelState, what: str, exc: Exception) -> None:
+    """Fall back to a per-example loop for this call, saying so once per model (much slower)."""
+    state.vmap_ok = False
+    if rt.model not in _LOOP_WARNED:
+        _LOOP_WARNED.add(rt.model)
+        log.warning(
+            "vmap cannot batch this model's %s (%s: %s); looping over examples (much slower)",
+            what,
+            type(exc).__name__,
+            str(exc).split("\n")[0][:200],
+        )
 
 
 def mean_grad(rt: Runtime, state: ModelState, p: Params, data: Examples) -> Params:
@@ -140,8 +214,7 @@ def stacked_mean_grad(rt: Runtime, state: ModelState, stacked: Params, data: Exa
                     acc[n] += gs[n]
                 continue
             except Exception as exc:  # an op vmap cannot batch: loop over the copies
-                log.debug("vmap over parameter sets failed (%s); looping", exc)
-                state.vmap_ok = False
+                vmap_failed(rt, state, "mean gradients over parameter sets", exc)
         sub = Examples("batch", x=xb, y=yb, n=len(yb))
         for j in range(k):
             gj = mean_grad(rt, state, {n: v[j] for n, v in stacked.items()}, sub)
@@ -165,8 +238,7 @@ def stacked_losses(rt: Runtime, state: ModelState, stacked: Params, data: Exampl
                     )(stacked).cpu()
                     continue
                 except Exception as exc:
-                    log.debug("vmap over parameter sets failed (%s); looping", exc)
-                    state.vmap_ok = False
+                    vmap_failed(rt, state, "losses over parameter sets", exc)
             for j in range(k):
                 pj = {n: v[j] for n, v in stacked.items()}
                 out[j, sl] = rt.losses(rt.forward(state, pj, xb), yb).cpu()

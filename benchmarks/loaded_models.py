@@ -1,0 +1,166 @@
+"""Models as the pipeline loads them: pairwise and self-influence time ratios, nn.Module vs pt2.
+
+For an MLP, a CNN with BatchNorm and a transformer encoder, each both as the nn.Module and as
+logged with mlflow.pytorch.log_model (pt2, MLflow 3's default) to a temporary SQLite store and
+loaded back through mirrorinf.tasks.model.load_model_uri, as the flow does. Ratios as in
+throughput.py: pairwise time / the bare limit (m inference-mode forward passes over N at the
+better of two batch sizes); self-influence time / one forward+backward pass over N.
+Targets: self-influence <= 3x one forward+backward; pairwise near the bare limit.
+
+Run: python benchmarks/loaded_models.py [--scale 1.0] [--queries 8] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.throughput import best_of, fwd_bwd
+from mirrorinf import ForwardInf
+
+
+class Encoder(nn.Module):
+    """A small transformer encoder classifier over real-valued token features."""
+
+    def __init__(self, d_in: int = 16, d: int = 64, layers: int = 2, n_cls: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Linear(d_in, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(dim=1))
+
+
+def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
+    """(name, model in eval mode, input shape of one row, N)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+    cnn.train()
+    with torch.no_grad():
+        cnn(torch.randn(256, 3, 16, 16))  # BatchNorm statistics that are not 0/1
+    return [
+        ("MLP 64-256-256-10", mlp.eval(), (64,), int(20000 * scale)),
+        ("CNN 2 conv+BN, 3x16x16", cnn.eval(), (3, 16, 16), int(4000 * scale)),
+        ("transformer 2x(d64, 4 heads), 16 tokens", Encoder().eval(), (16, 16), int(4000 * scale)),
+    ]
+
+
+def log_and_load(name: str, model: nn.Module, example: torch.Tensor, root: str) -> nn.Module:
+    """Log ``model`` with mlflow.pytorch (pt2) to a SQLite store in ``root``; load it back."""
+    import mlflow
+    import mlflow.pytorch
+
+    from mirrorinf.tasks.model import load_model_uri
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("bench") or mlflow.get_experiment(
+        mlflow.create_experiment("bench", artifact_location=f"{root}/artifacts")
+    )
+    reg = "m" + str(abs(hash(name)) % 10**8)
+    with mlflow.start_run(experiment_id=exp.experiment_id):
+        mlflow.pytorch.log_model(
+            model, name="m", registered_model_name=reg, input_example=example.numpy(),
+            pip_requirements=["torch"],
+        )  # fmt: skip
+    loaded, _ = load_model_uri(f"models:/{reg}/1", tracking_uri=uri)
+    return loaded
+
+
+def bare(model: nn.Module, x: torch.Tensor, m: int, repeats: int) -> float:
+    """m inference-mode forward passes over x, at the better of two batch sizes."""
+    best = float("inf")
+    for bs in (256, 2048):
+
+        def run(bs: int = bs) -> None:
+            with torch.inference_mode():
+                for _ in range(m):
+                    for s in range(0, len(x), bs):
+                        model(x[s : s + bs])
+
+        run()
+        best = min(best, best_of(run, repeats, torch.device("cpu")))
+    return best
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int, repeats: int) -> dict:
+    """Times and ratios of one model (CPU)."""
+    cpu = torch.device("cpu")
+    xq, yq = x[:m], y[:m]
+    t_bare = bare(model, x, m, repeats)
+    t_fb = fwd_bwd(model, x, y, cpu, repeats)
+    fi = ForwardInf(model, device="cpu")
+    fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up + base-loss cache, as in a real run
+    t_pw = best_of(lambda: fi.pairwise((x, y), (xq, yq)), repeats, cpu)
+    path_pw = fi.last_report.path
+    t_self = best_of(lambda: fi.self_influence((x, y)), repeats, cpu)
+    return {
+        "bare": t_bare,
+        "fb": t_fb,
+        "pairwise": t_pw,
+        "self": t_self,
+        "path": f"{path_pw}/{fi.last_report.path}",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every N")
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    print(
+        f"# loaded models: CPU, torch {torch.__version__}, {args.threads} thread(s), "
+        f"m={args.queries} queries"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for name, model, shape, n in cases(args.scale):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(n, *shape, generator=g)
+            y = torch.randint(0, 10, (n,), generator=g)
+            loaded = log_and_load(name, model, x[:2], root)
+            for how, mod in (("nn.Module", model), ("pt2 (load_model_uri)", loaded)):
+                t0 = time.perf_counter()
+                r = measure(mod, x, y, args.queries, args.repeats)
+                rows.append((name, how, n, r))
+                print(f"  {name} as {how}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(
+        "\n| model | as | N | path (pairwise/self) | bare limit | pairwise | ratio "
+        "| fwd+bwd | self-influence | ratio |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for name, how, n, r in rows:
+        print(
+            f"| {name} | {how} | {n:,} | {r['path']} | {r['bare']:.3f} s | {r['pairwise']:.3f} s "
+            f"| **{r['pairwise'] / r['bare']:.2f}x** | {r['fb']:.3f} s | {r['self']:.3f} s "
+            f"| **{r['self'] / r['fb']:.2f}x** |"
+        )
+    worst = max(r["self"] / r["fb"] for *_, r in rows)
+    pw = [round(r["pairwise"] / r["bare"], 2) for *_, r in rows]
+    verdict = "PASS" if worst <= 3 else "FAIL"
+    print(f"\nself-influence <= 3x fwd+bwd: {verdict} (worst {worst:.2f}x); pairwise ratios {pw}")
+
+
+if __name__ == "__main__":
+    main()

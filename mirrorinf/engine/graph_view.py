@@ -1,0 +1,190 @@
+"""Exported graphs (``torch.export``, MLflow's pt2 format) as modules the fast paths can use.
+
+A graph loaded from pt2 calls aten ops on its parameters: ``aten.linear`` (or ``addmm`` of a
+transposed weight after decomposition) instead of ``nn.Linear`` modules, so the exact rank-1
+path never saw a Linear layer; and ``aten.sym_size``, which vmap cannot batch, so the batched
+generic path fell back to a loop. :func:`engine_view` returns a copy whose graph calls
+``nn.Linear`` submodules holding the *same* Parameter objects (same names, same order) and
+reads sizes in Python. Numerically the same model; the caller's model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+_LINEAR = (aten.linear.default, torch._C._nn.linear, nn.functional.linear)
+
+
+def engine_view(model: nn.Module) -> nn.Module:
+    """``model`` itself when it holds no exported graph to rewrite, else a rewritten copy that
+    shares every parameter and buffer (and any module the rewrite did not touch)."""
+    if isinstance(model, fx.GraphModule):
+        return _graph_view(model) or model
+    changed = {}
+    for name, child in model._modules.items():
+        if child is not None:
+            view = engine_view(child)
+            if view is not child:
+                changed[name] = view
+    if not changed:
+        return model
+    clone = copy.copy(model)  # its own dicts: swapping tensors in it must not touch the original
+    for attr in ("_modules", "_parameters", "_buffers"):
+        clone.__dict__[attr] = dict(getattr(model, attr))
+    clone._modules.update(changed)
+    return clone
+
+
+def _dim_size(t: torch.Tensor, dim: int) -> int:
+    """``t.size(dim)``; what ``aten.sym_size.int`` computes, but batchable by vmap."""
+    return t.size(dim)
+
+
+def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """The rewritten copy of one graph module, or None if nothing in it needs rewriting."""
+    graph = copy.deepcopy(gm.graph)
+    linears: dict[str, nn.Linear] = {}
+    sizes = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.sym_size.int:
+            node.target = _dim_size
+            sizes += 1
+            continue
+        site = _linear_site(gm, graph, node)
+        if site is None:
+            continue
+        owner, x, erase = site
+        lin = _shared_linear(gm.get_submodule(owner))
+        with graph.inserting_before(node):
+            call = graph.call_module(owner, (x,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        for dead in (node, *erase):
+            graph.erase_node(dead)
+        linears[owner] = lin
+    if not linears and not sizes:
+        return None
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            root[node.target] = _attr(gm, node.target)
+        elif node.op == "call_module":
+            root[node.target] = linears.get(node.target) or gm.get_submodule(node.target)
+    view = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    _restore_kinds(view, gm, [n.target for n in graph.nodes if n.op == "get_attr"])
+    _match_order(view, gm)
+    fresh = fx.GraphModule(nn.Module(), fx.Graph()).__dict__
+    for key, value in gm.__dict__.items():  # pytree specs, input checks, train/eval guards
+        if key not in fresh or key in ("meta", "training"):
+            view.__dict__[key] = value
+    log.info(
+        "exported graph: %d linear call(s) as nn.Linear, %d size read(s) made batchable",
+        len(linears),
+        sizes,
+    )
+    return view
+
+
+def _linear_site(
+    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, list[fx.Node]] | None:
+    """(owner module, input node, nodes to erase) of a linear call on one module's own weight
+    (and bias) that nothing else reads; None for anything else."""
+    args: list[Any] = [*node.args, *node.kwargs.values()]
+    extra: list[fx.Node] = []
+    if node.target in _LINEAR and len(args) in (2, 3):
+        x, w, b = args[0], args[1], args[2] if len(args) == 3 else None
+    elif node.target is aten.addmm.default and not node.kwargs and len(args) == 3:
+        b, x, wt = args
+        if not (isinstance(wt, fx.Node) and _is_transpose(wt) and len(wt.users) == 1):
+            return None
+        w, extra = wt.args[0], [wt]
+    else:
+        return None
+    if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
+        return None
+    owner, _, field = str(w.target).rpartition(".")
+    if not owner or field != "weight" or (b is not None and b.target != f"{owner}.bias"):
+        return None
+    mod = gm.get_submodule(owner)
+    weight = mod._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 2 or mod._modules or mod._buffers:
+        return None
+    if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
+        return None
+    nodes = [w] if b is None else [w, b]
+    reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(owner + ".")]
+    if len(reads) != len(nodes):  # the owner's tensors are read elsewhere too (tied weights)
+        return None
+    return owner, x, [*extra, *nodes]
+
+
+def _is_transpose(n: fx.Node) -> bool:
+    """A 2-D transpose: aten.t, permute [1, 0] or transpose(0, 1)."""
+    rest: list[Any] = list(n.args[1:])
+    if n.target is aten.t.default:
+        return True
+    if n.target is aten.permute.default:
+        return len(rest) == 1 and list(rest[0]) == [1, 0]
+    return n.target is aten.transpose.int and sorted(rest) in ([0, 1], [-2, -1])
+
+
+def _own_attr(n: object) -> bool:
+    """A get_attr node read by one node only."""
+    return isinstance(n, fx.Node) and n.op == "get_attr" and len(n.users) == 1
+
+
+def _shared_linear(owner: nn.Module) -> nn.Linear:
+    """An nn.Linear holding ``owner``'s weight and bias (the same Parameter objects)."""
+    weight = owner._parameters["weight"]
+    assert weight is not None
+    bias = owner._parameters.get("bias")
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = weight
+    if bias is not None:
+        lin.bias = bias
+    lin.training = owner.training
+    return lin
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    owner, _, field = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, field)
+
+
+def _restore_kinds(view: nn.Module, gm: nn.Module, targets: list[str]) -> None:
+    """Attributes the original held as plain tensors (constants) or non-persistent buffers
+    stay so (fx registers every non-Parameter tensor as a persistent buffer)."""
+    for target in targets:
+        owner, _, field = target.rpartition(".")
+        old = gm.get_submodule(owner) if owner else gm
+        new = view.get_submodule(owner) if owner else view
+        if field in old._buffers:
+            if field in old._non_persistent_buffers_set:
+                new._non_persistent_buffers_set.add(field)
+        elif field in new._buffers:
+            value = new._buffers.pop(field)
+            new.__dict__[field] = value
+
+
+def _match_order(new: nn.Module, old: nn.Module) -> None:
+    """Parameters, buffers and submodules in the original's order (fx installs them in graph
+    order): the engine's parameter list, norms and stacking then match the original model's."""
+    for attr in ("_parameters", "_buffers", "_modules"):
+        mine, theirs = getattr(new, attr), getattr(old, attr)
+        keys = [k for k in theirs if k in mine] + [k for k in mine if k not in theirs]
+        new.__dict__[attr] = {k: mine[k] for k in keys}
+    for name, child in new._modules.items():
+        ref = old._modules.get(name)
+        if child is not None and ref is not None and child is not ref:
+            _match_order(child, ref)

@@ -1,0 +1,263 @@
+"""The generic path batched over rows and the rank-1 path on exported graphs (issue 14).
+
+Vectorised self-influence equals the per-row loop (the engine's own fallback, forced by a real
+op vmap cannot batch) and a by-hand SGD step; MLPs, CNNs with BatchNorm and transformer
+encoders run batched (no loop, no vmap fallback); a model loaded from MLflow's pt2 format takes
+the exact rank-1 path with the nn.Sequential model's scores, and the caller's model is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mirrorinf import ForwardInf, ForwardInfConfig
+from mirrorinf.tasks.model import ExportedModel, load_model_uri
+
+F64 = ForwardInfConfig(precision="float64", fast_path="off")
+
+
+class _Unbatchable(nn.Module):
+    """``inner`` plus a data-dependent Python branch (.item()): vmap cannot batch it, so the
+    engine must loop over rows; the outputs are the inner model's."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        if out.detach().abs().sum().item() < 0:  # never true; only vmap cannot follow it
+            out = -out
+        return out
+
+
+class _Encoder(nn.Module):
+    def __init__(self, d_in: int = 4, d: int = 8, n_cls: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Linear(d_in, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(dim=1))
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).eval()
+    return model, torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+
+def _cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    model.train()
+    model(torch.randn(32, 1, 6, 6))  # running statistics that are not 0/1
+    return model.eval(), torch.randn(30, 1, 6, 6), torch.randint(0, 3, (30,))
+
+
+def _transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(2)
+    return _Encoder().eval(), torch.randn(25, 5, 4), torch.randint(0, 3, (25,))
+
+
+MODELS = {"mlp": _mlp, "cnn_batchnorm": _cnn, "transformer": _transformer}
+
+
+def _by_hand_self(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """loss_i(theta) - loss_i(theta - lr * grad loss_i), one row at a time, float64, by hand."""
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    buffers = {k: v.double() for k, v in model.named_buffers()}
+    out = []
+    for i in range(len(x)):
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        xi, yi = x[i : i + 1].double(), y[i : i + 1]
+        loss = nn.functional.cross_entropy(functional_call(model, {**buffers, **p}, (xi,)), yi)
+        gs = torch.autograd.grad(loss, list(p.values()))
+        stepped = {k: v.detach() - lr * g for (k, v), g in zip(p.items(), gs, strict=True)}
+        with torch.no_grad():
+            after = nn.functional.cross_entropy(
+                functional_call(model, {**buffers, **stepped}, (xi,)), yi
+            )
+        out.append(float(loss.detach() - after))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _loop_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "looping over examples" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_vectorised_self_influence_equals_the_row_loop(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, x, y = MODELS[name]()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    for cfg in (F64, F64.replace(lr=1e-2)):
+        caplog.clear()
+        calls.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="mirrorinf.engine"),
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            fast = ForwardInf(model, cfg).self_influence((x, y)).double()
+        # batched: a few model calls for all rows (not one a row), no engine loop and no vmap
+        # fallback (torch's "performance drop" warning)
+        assert len(calls) < 6, len(calls)
+        assert not _loop_warnings(caplog)
+        assert not [w for w in caught if "batching rule" in str(w.message)]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mirrorinf.engine"):
+            loop = ForwardInf(_Unbatchable(model), cfg).self_influence((x, y)).double()
+        assert len(_loop_warnings(caplog)) == 1  # the loop ran, and said so once
+        torch.testing.assert_close(fast, loop, rtol=1e-6, atol=1e-12)  # float32 results
+    got = ForwardInf(model, F64.replace(lr=1e-2)).self_influence((x, y)).double()
+    torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2).float().double())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_vectorised_self_influence_float64_equals_the_loop_exactly(name: str) -> None:
+    """The float64 scores of the batched and looped paths before the float32 return cast."""
+    from mirrorinf.engine.generic import generic_self
+    from mirrorinf.engine.runtime import Runtime
+
+    model, x, y = MODELS[name]()
+    results = []
+    for m in (model, _Unbatchable(model)):
+        rt = Runtime(m, F64, None, "cpu", torch.float64)
+        with rt.scoring() as state:
+            drop, lr = generic_self(rt, state, x, y)
+        results.append(drop / lr)
+        assert state.vmap_ok is (m is model)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-14)
+
+
+def test_unbatchable_model_still_scores_pairwise_and_self(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model, x, y = _mlp()
+    wrapped = _Unbatchable(model)
+    with caplog.at_level(logging.WARNING, logger="mirrorinf.engine"):
+        fi = ForwardInf(wrapped, F64)
+        pw = fi.pairwise((x, y), (x[:3], y[:3]))
+        si = fi.self_influence((x, y))
+    assert len(_loop_warnings(caplog)) == 1  # once per model, not per call
+    ref = ForwardInf(model, F64)
+    torch.testing.assert_close(pw, ref.pairwise((x, y), (x[:3], y[:3])))
+    torch.testing.assert_close(si, ref.self_influence((x, y)))
+
+
+# ---------------------------------------------------------------- models loaded from pt2
+
+
+def _fingerprint(model: nn.Module) -> tuple[object, ...]:
+    """Everything a call could change: tensors (bitwise, with identity), modules, graph code."""
+    tensors = [(k, id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()]
+    mods = [(k, type(m), m.training, tuple(m._modules)) for k, m in model.named_modules()]
+    code = [m.code for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    return tensors, mods, code
+
+
+def _assert_unchanged(model: nn.Module, before: tuple[object, ...]) -> None:
+    after = _fingerprint(model)
+    assert [t[:2] for t in after[0]] == [t[:2] for t in before[0]]  # type: ignore[index]
+    for (_, _, a), (k, _, b) in zip(after[0], before[0], strict=True):  # type: ignore[call-overload]
+        assert torch.equal(a, b), f"{k} changed"
+    assert after[1:] == before[1:]
+
+
+@pytest.fixture(scope="module")
+def pt2_models(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]]:
+    """Each model, and the same model logged with mlflow.pytorch (pt2) to a SQLite store and
+    loaded back as the flow loads it (mirrorinf.tasks.model.load_model_uri)."""
+    import mlflow
+    import mlflow.pytorch
+
+    root = tmp_path_factory.mktemp("pt2")
+    uri = f"sqlite:///{root}/mlflow.db"
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    out = {}
+    try:
+        exp = mlflow.create_experiment("pt2", artifact_location=str(root / "artifacts"))
+        for name, make in MODELS.items():
+            model, x, y = make()
+            with mlflow.start_run(experiment_id=exp):
+                mlflow.pytorch.log_model(
+                    model, name="m", registered_model_name=name, input_example=x[:2].numpy(),
+                    pip_requirements=["torch"],
+                )  # fmt: skip
+            loaded, _ = load_model_uri(f"models:/{name}/1", tracking_uri=uri)
+            out[name] = (model, loaded, x, y)
+    finally:
+        mlflow.set_tracking_uri(old)
+    return out
+
+
+def test_pt2_mlp_takes_the_rank1_path_with_the_sequential_scores(pt2_models) -> None:  # type: ignore[no-untyped-def]
+    model, loaded, x, y = pt2_models["mlp"]
+    assert isinstance(loaded, nn.Module) and not isinstance(loaded, nn.Sequential)
+    before = _fingerprint(loaded)
+    for cfg in (ForwardInfConfig(precision="float64"), ForwardInfConfig()):
+        want = ForwardInf(model, cfg)
+        got = ForwardInf(loaded, cfg)
+        si = got.self_influence((x, y))
+        assert got.last_report is not None and got.last_report.path == "lowrank"
+        torch.testing.assert_close(si, want.self_influence((x, y)), rtol=1e-6, atol=0)
+        pw = got.pairwise((x, y), (x[:4], y[:4]))
+        assert got.last_report.path == "lowrank"
+        torch.testing.assert_close(pw, want.pairwise((x, y), (x[:4], y[:4])), rtol=1e-6, atol=0)
+        _assert_unchanged(loaded, before)
+    # and against the generic path on the loaded graph itself, in float64
+    generic = ForwardInf(loaded, F64).self_influence((x, y))
+    fast = ForwardInf(loaded, F64.replace(fast_path="auto")).self_influence((x, y))
+    torch.testing.assert_close(fast, generic, rtol=1e-6, atol=1e-12)
+    _assert_unchanged(loaded, before)
+
+
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer"])
+def test_pt2_cnn_and_transformer_run_batched_with_the_modules_scores(
+    pt2_models, name: str, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    model, loaded, x, y = pt2_models[name]
+    before = _fingerprint(loaded)
+    calls = []
+    loaded.register_forward_pre_hook(lambda *_: calls.append(1))
+    with (
+        caplog.at_level(logging.WARNING, logger="mirrorinf.engine"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        got = ForwardInf(loaded, F64).self_influence((x, y))
+    assert len(calls) < 6 and not _loop_warnings(caplog)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    torch.testing.assert_close(got, ForwardInf(model, F64).self_influence((x, y)))
+    _assert_unchanged(loaded, before)
+
+
+def test_decomposed_graph_addmm_takes_the_rank1_path() -> None:
+    """Core-ATen graphs (linear decomposed into permute + addmm) are recognised too."""
+    model, x, y = _mlp()
+    dyn = ({0: torch.export.Dim.AUTO},)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=dyn).run_decompositions()
+    graph = ExportedModel(program.module())  # as the loader wraps it (the graph refuses eval())
+    targets = {n.target for n in graph.graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.addmm.default in targets and torch.ops.aten.linear.default not in targets
+    before = _fingerprint(graph)
+    fi = ForwardInf(graph)
+    got = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "lowrank"
+    torch.testing.assert_close(got, ForwardInf(model).self_influence((x, y)), rtol=1e-6, atol=0)
+    _assert_unchanged(graph, before)

@@ -30,10 +30,10 @@ from mirrorinf.demo import evaluate_findings
 from mirrorinf.errors import InputError
 from mirrorinf.params import Params
 from mirrorinf.shards import shard_ranges
+from mirrorinf.summary import flag_rules, suspect_noun
 from mirrorinf.tasks.checks import check_task
 from mirrorinf.tasks.data import (
     Split,
-    check_labels,
     ensure_writable,
     load_dataset_task,
     prepare_demo_task,
@@ -41,8 +41,8 @@ from mirrorinf.tasks.data import (
 )
 from mirrorinf.tasks.model import (
     ModelRef,
+    check_fit,
     load_registered_model_task,
-    output_size,
     predict_labels,
     train_and_register_task,
 )
@@ -54,6 +54,7 @@ from mirrorinf.tasks.score import (
     score_shard_task,
     score_task,
     set_threads,
+    task_identity,
 )
 from mirrorinf.tasks.tracking import (
     code_version,
@@ -132,8 +133,10 @@ def _records(frame: Any, columns: list[str], n: int = TOP_N) -> list[dict[str, A
     return out
 
 
-def _summary(tables: Any, scores: Any, truth_metrics: dict[str, float]) -> dict[str, Any]:
-    train = tables.train
+def _summary(
+    tables: Any, scores: Any, truth_metrics: dict[str, float], kind: str = "classification"
+) -> dict[str, Any]:
+    train = tables.train.assign(flag_rule=flag_rules(tables.train, tables.counts))
     mislabels = train[train["flag_mislabel"]].sort_values("self_influence", ascending=False)
     by_self = train.sort_values("self_influence", ascending=False)
     harmful = train[train["flag_harmful"]].sort_values("group_influence")
@@ -141,9 +144,15 @@ def _summary(tables: Any, scores: Any, truth_metrics: dict[str, float]) -> dict[
     leaks = tables.leaks.sort_values(leak_cols[-1], ascending=False)
     pair = scores.reports.get("pairwise", {})
     return {
+        "task_kind": kind,
+        "suspect_noun": suspect_noun(kind),
         "counts": dict(tables.counts),
-        "top_mislabels": _records(mislabels, ["id", "label", "self_influence", "self_z"]),
-        "top_self_influence": _records(by_self, ["id", "label", "self_influence", "flag_mislabel"]),
+        "top_mislabels": _records(
+            mislabels, ["id", "label", "self_influence", "self_z", "flag_rule"]
+        ),
+        "top_self_influence": _records(
+            by_self, ["id", "label", "self_influence", "flag_mislabel", "flag_rule"]
+        ),
         "top_harmful": _records(harmful, ["id", "label", "group_influence", "group_z"]),
         "leaks": _records(leaks, leak_cols),
         "score_health": {
@@ -181,6 +190,7 @@ def _load_sets(params: Params, rev: str | None) -> dict[str, Split]:
             rev=rev,
             label_column=d.label_column,
             display_path=path,
+            kind=params.task.kind,
         )
     return {name: fut.result() for name, fut in futures.items()}
 
@@ -224,6 +234,11 @@ def _model_and_data(
         sets = _load_sets(params, rev)
         truth = _ground_truth(params, rev)
     if ref is None:
+        if params.task != params.task.__class__():
+            raise InputError(
+                "the demo model is a digits classifier and takes no task settings: register "
+                "your own model and set model.version (or model.alias), or remove the task section"
+            )
         with stages("train"):
             trained = train_and_register_task(
                 sets["train"],
@@ -237,9 +252,7 @@ def _model_and_data(
             # score the registered artifact itself, not the in-memory copy
             model, ref = load_registered_model_task(trained.name, trained.version, tracking_uri=uri)
             ref = replace(ref, reused=trained.reused)
-    n_classes = output_size(model, sets["train"].x)
-    for data in sets.values():
-        check_labels(data, n_classes)
+    check_fit(model, list(sets.values()), params.task)
     return model, ref, sets, truth
 
 
@@ -293,6 +306,7 @@ def influence_flow(params: Params) -> InfluenceResult:
         config_fingerprint=cfg.fingerprint(),
         n_queries=len(queries),
         device=params.device,
+        task=task_identity(params.task),
     )
     cache_dir = str(score_cache_dir(params.root)) if params.cache else None
     with influence_run(
@@ -314,7 +328,7 @@ def influence_flow(params: Params) -> InfluenceResult:
             else:
                 scores, cache_hit = score_task(
                     identity, model, sets["train"], sets["val"], queries, cfg,
-                    params.device, cache_dir=cache_dir,
+                    params.device, cache_dir=cache_dir, task=params.task,
                 )  # fmt: skip
         with stages("check"):
             tables, check = check_task(scores, sets["train"], queries, params.gate.thresholds())
@@ -329,7 +343,7 @@ def influence_flow(params: Params) -> InfluenceResult:
                 tables.leaks[["query_id", "train_id"]].to_numpy(),
                 truth,
             )
-        summary = _summary(tables, scores, truth_metrics)
+        summary = _summary(tables, scores, truth_metrics, params.task.kind)
         reasons = _reasons(check)
         with stages("log"):
             log_influence_task(
@@ -344,8 +358,8 @@ def influence_flow(params: Params) -> InfluenceResult:
             )
             log_review_task(
                 uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
-                predicted=predict_labels(model, sets["train"]), verdict=verdict,
-                reasons=reasons, model=ref,
+                predicted=predict_labels(model, sets["train"], task=params.task), verdict=verdict,
+                reasons=reasons, model=ref, kind=params.task.kind,
             )  # fmt: skip
     # the run is FINISHED with every artifact and its own verdict: only now the version's record
     with stages("publish"):
@@ -411,6 +425,7 @@ def _score_sharded(
         unmapped(root), unmapped(ident), [r[0] for r in ranges], [r[1] for r in ranges],
         unmapped(model), unmapped(sets["train"]), unmapped(sets["val"]), unmapped(queries),
         unmapped(cfg), unmapped(params.device), unmapped(_shard_threads(params)),
+        unmapped(params.task),
     )  # fmt: skip
     _shard_progress(futures)
     computed = [f.result() for f in futures]
@@ -418,7 +433,7 @@ def _score_sharded(
         "shards: %d scored, %d reused from %s", sum(computed), len(ranges) - sum(computed), root
     )
     bundle = assemble_task(
-        root, ident, ranges, model, sets["val"], cfg, params.device, len(queries)
+        root, ident, ranges, model, sets["val"], cfg, params.device, len(queries), params.task
     )
     return bundle, not any(computed)
 

@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mirrorinf.engine import ForwardInf
+from mirrorinf.engine import ForwardInf, Inputs
 
 
 def score_rows(
     fi: ForwardInf,
-    train: tuple[torch.Tensor, torch.Tensor],
-    queries: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[Inputs, torch.Tensor],
+    queries: tuple[Inputs, torch.Tensor],
+    val: tuple[Inputs, torch.Tensor],
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Every per-training-row score of a set of rows (plus the per-query self-drop), and the
     engine's report of each verb.

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mirrorinf.engine import DataLike, ForwardInf, as_examples
+from mirrorinf.engine.examples import rows
 
 FOLDS = 5
 
@@ -40,5 +41,5 @@ def calibration_scores(
     for fold in np.array_split(np.random.default_rng(seed).permutation(n), folds):
         rest = torch.from_numpy(np.setdiff1d(np.arange(n), fold))
         idx = torch.from_numpy(fold)
-        out[fold] = fi.group((x[idx], y[idx]), (x[rest], y[rest])).double().numpy()
+        out[fold] = fi.group((rows(x, idx), y[idx]), (rows(x, rest), y[rest])).double().numpy()
     return Calibration(self_inf, out)

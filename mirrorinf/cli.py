@@ -214,15 +214,17 @@ def _print_summary(result: Any, wall: float, verbose: bool) -> None:
         print(f"  - {reason}")
     counts = s.get("counts", {})
     n_flag = counts.get("n_flagged_mislabel", 0)
-    print(
-        f"suspected mislabels: {n_flag} flagged of {counts.get('n_train', '?')} training "
-        "examples; highest self-influence:"
-    )
-    for row in s.get("top_self_influence", []):
-        flag = "  FLAGGED" if row.get("flag_mislabel") else ""
+    noun = s.get("suspect_noun", "suspected mislabel")
+    what = "target" if noun == "suspect target" else "label"
+    rows = s.get("top_mislabels", []) if n_flag else s.get("top_self_influence", [])
+    head = f"{noun}s: {n_flag} flagged of {counts.get('n_train', '?')} training examples"
+    print(head + (f"; top {len(rows)}, each with the rule that flagged it:" if n_flag else
+                  "; none flagged. Highest self-influence:"))  # fmt: skip
+    for row in rows:
+        rule = f"  flagged by: {row['flag_rule']}" if n_flag and row.get("flag_rule") else ""
         print(
-            f"  id {row['id']}  label {row['label']}  self-influence "
-            f"{_fmt(row['self_influence'])}{flag}"
+            f"  id {row['id']}  {what} {_fmt(row['label'])}  self-influence "
+            f"{_fmt(row['self_influence'])}{rule}"
         )
     print(f"suspected leaks: {counts.get('n_leaks', 0)} of {counts.get('n_query', '?')} queries")
     for row in s.get("leaks", []):
@@ -291,7 +293,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args, params)
     out = Path(args.out)
     from mirrorinf.tasks.data import (
-        check_labels,
         ensure_writable,
         load_dataset,
         write_json,
@@ -299,19 +300,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
     )
 
     ensure_writable({"--out": out}, create=False)  # now, not after the scoring
-    from mirrorinf.tasks.model import load_model_uri, output_size
+    from mirrorinf.tasks.model import check_fit, load_model_uri
     from mirrorinf.tasks.score import pairwise_scores, set_threads
 
     set_threads(params.threads)
-    train = load_dataset(args.train, name="train", label_column=label_column)
-    queries = load_dataset(args.queries, name="query", label_column=label_column)
+    kind = params.task.kind
+    train = load_dataset(args.train, name="train", label_column=label_column, kind=kind)
+    queries = load_dataset(args.queries, name="query", label_column=label_column, kind=kind)
     allow_pickle = args.allow_pickle or params.model.allow_pickle
     model, ref = load_model_uri(args.model_uri, tracking_uri=uri, allow_pickle=allow_pickle)
-    n_classes = output_size(model, train.x)
-    check_labels(train, n_classes)
-    check_labels(queries, n_classes)
+    check_fit(model, [train, queries], params.task)
     cfg = params.influence
-    scores, report = pairwise_scores(model, train, queries, cfg, params.device)
+    scores, report = pairwise_scores(model, train, queries, cfg, params.device, params.task)
     out.mkdir(parents=True, exist_ok=True)
     write_npy(out / "scores.npy", scores)
     # the manifest goes last and names the scores' md5: after a crash between the two renames,

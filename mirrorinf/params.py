@@ -45,6 +45,7 @@ __all__ = [
     "Params",
     "ParamsError",
     "QueryParams",
+    "TaskParams",
     "TrainParams",
     "check_alias",
     "check_model_name",
@@ -219,6 +220,37 @@ class ModelParams(_Section):
         return self.version is None and self.alias is None
 
 
+class TaskParams(_Section):
+    """What the model was trained to do: the task kind, and optionally the user's own loss and
+    where the prediction is in the model's output (the names are a contract)."""
+
+    kind: Literal["classification", "binary", "regression", "multilabel", "sequence"] = Field(
+        "classification",
+        description="classification: integer labels, [n, C] logits (cross-entropy); binary: 0/1 "
+        "labels, one logit [n] or [n, 1] (BCE-with-logits); regression: float targets [n] or "
+        "[n, D] (squared error summed over D); multilabel: 0/1 targets [n, L] (BCE-with-logits "
+        "summed over labels); sequence: token labels [n, T] with -100 = ignored, logits "
+        "[n, T, V] (mean token cross-entropy; causal LMs: labels already shifted).",
+    )
+    loss: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description='null = the kind\'s built-in loss, or "package.module:function": your '
+        "per-example loss f(outputs, targets) -> [n] (reduction none). It is imported from "
+        "your code (the module must be importable, e.g. on PYTHONPATH): this runs your code.",
+    )
+    output: str | int | None = Field(
+        None,
+        description="null = the model returns the prediction tensor; else the attribute or "
+        "dict key (e.g. logits for transformers outputs) or tuple index holding it.",
+    )
+
+    @property
+    def float_targets(self) -> bool:
+        """Targets are read as float (regression, multilabel) rather than integer labels."""
+        return self.kind in ("regression", "multilabel")
+
+
 class QueryParams(_Section):
     """Which points to explain with pairwise influence."""
 
@@ -284,6 +316,7 @@ class Params(_Section):
     data: DataParams = Field(default_factory=DataParams)
     demo: DemoParams = Field(default_factory=DemoParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    task: TaskParams = Field(default_factory=TaskParams)
     queries: QueryParams = Field(default_factory=QueryParams)
     influence: EngineConfig = Field(
         default_factory=ForwardInfConfig,

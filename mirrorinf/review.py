@@ -31,7 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from mirrorinf.summary import InfluenceTables
+from mirrorinf.summary import InfluenceTables, flag_rules, suspect_noun, target_labels
 
 __all__ = ["PLOTS", "ReviewInputs", "checks_markdown", "image_shape", "write_report"]
 
@@ -71,6 +71,7 @@ class ReviewInputs:
     verdict: str
     reasons: list[str]
     title: str = "Influence review"
+    kind: str = "classification"  # the task kind: names flags (suspect targets) and predictions
     n_queries_shown: int = 4
     n_gallery: int = 16
     scale: tuple[np.ndarray, np.ndarray] | None = None  # display scaling; set by write_report
@@ -250,9 +251,32 @@ def _mislabel_rows(inp: ReviewInputs) -> tuple[pd.DataFrame, str]:
     flagged = train[train["flag_mislabel"]]
     if len(flagged):
         rows = flagged.sort_values("self_influence", ascending=False)
-        return rows.head(inp.n_gallery), f"Top suspected mislabels ({len(flagged)} flagged)"
+        noun = suspect_noun(inp.kind)
+        return rows.head(inp.n_gallery), f"Top {noun}s ({len(flagged)} flagged)"
     rows = train.sort_values("self_influence", ascending=False).head(inp.n_gallery)
     return rows, "Highest self-influence (none flagged)"
+
+
+_VALUED = ("regression", "multilabel")  # targets are values, not one class label
+
+
+def _short(pred: np.ndarray | None, pos: int) -> str:
+    """A predicted value for a small title."""
+    if pred is None:
+        return "?"
+    v = pred[pos]
+    if np.ndim(v):
+        return ",".join(_fmt(x) for x in np.ravel(v)[:8])
+    return _fmt(v)
+
+
+def _differs(pred: Any, label: Any) -> bool:
+    """The prediction is another label (classes, 0/1 rows); values are never "another label"."""
+    if np.ndim(pred) or isinstance(pred, (float, np.floating)):
+        if np.ndim(pred) and np.asarray(pred).dtype.kind in "iub":
+            return ",".join(str(int(v)) for v in np.ravel(pred)) != str(label).split(",...")[0]
+        return False
+    return str(pred) != str(label)
 
 
 def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path) -> None:
@@ -263,10 +287,10 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path)
     fig, axes = _grid(len(rows), cols, cell, height)
     for ax, (pos, row) in zip(axes, rows.iterrows(), strict=False):
         _draw(ax, inp.train_x[pos], shape, inp.scale)
-        pred = "?" if inp.train_pred is None else str(inp.train_pred[pos])
-        wrong = inp.train_pred is not None and str(inp.train_pred[pos]) != str(row["label"])
+        wrong = inp.train_pred is not None and _differs(inp.train_pred[pos], row["label"])
         ax.set_title(
-            f"id {row['id']}\ngiven {row['label']} pred {pred}\nself {row['self_influence']:.2g}",
+            f"id {row['id']}\ngiven {_fmt(row['label'])} pred {_short(inp.train_pred, pos)}\n"
+            f"self {row['self_influence']:.2g}",
             fontsize=7,
             color=_RED if wrong else "black",
         )
@@ -367,13 +391,17 @@ def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
     out = [
         f"- Scored {c.get('n_train')} training examples against {c.get('n_query')} queries and "
         "the validation set.",
-        f"- **Suspected mislabels: {c.get('n_flagged_mislabel')}** "
+        f"- **{suspect_noun(inp.kind).capitalize()}s: {c.get('n_flagged_mislabel')}** "
         f"({100 * float(c.get('flagged_fraction', 0)):.1f}%); self-influence threshold "
         f"{_fmt(c.get('mislabel_threshold'))} (conformal, alpha_eff "
         f"{_fmt(c.get('mislabel_alpha_eff'))}), or harmful and atypical.",
     ]
-    if inp.train_pred is not None and c.get("n_flagged_mislabel"):
+    if c.get("n_flagged_mislabel"):
+        rules = flag_rules(train, c)
         flagged = train["flag_mislabel"].to_numpy(dtype=bool)
+        for rule in ("self-influence", "harmful and atypical"):
+            out.append(f"  - flagged by the {rule} rule: {int((rules == rule).sum())}")
+    if inp.train_pred is not None and c.get("n_flagged_mislabel") and inp.kind not in _VALUED:
         differ = inp.train_pred[flagged].astype(str) != train["label"][flagged].astype(str)
         out.append(
             f"  - the model predicts a different label for {int(differ.sum())} of them "
@@ -392,10 +420,11 @@ def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
         out.append(f"  - query {row.query_id} <- train {row.train_id} (cosine {row.cosine:.4f})")
     if shape is None and c.get("n_flagged_mislabel"):
         rows, _ = _mislabel_rows(inp)
-        out.append("- First features of the top suspected mislabels:")
+        out.append(f"- First features of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
             out.append(
-                f"  - id {row['id']} label {row['label']}: {_feature_text(inp.train_x[pos])}"
+                f"  - id {row['id']} {'target' if inp.kind in _VALUED else 'label'} "
+                f"{_fmt(row['label'])}: {_feature_text(inp.train_x[pos])}"
             )
     return out
 
@@ -432,7 +461,9 @@ def review_tables(inp: ReviewInputs) -> dict[str, pd.DataFrame]:
     train = inp.tables.train
     flagged = train[train["flag_mislabel"] | train["flag_harmful"]].copy()
     if inp.train_pred is not None:
-        flagged.insert(2, "predicted", inp.train_pred[flagged.index.to_numpy()])
+        pred = target_labels(inp.train_pred)  # [n, L] predictions as one string per row
+        flagged.insert(2, "predicted", pred[flagged.index.to_numpy()])
+    flagged.insert(len(flagged.columns), "flag_rule", flag_rules(flagged, inp.tables.counts))
     flagged = flagged.sort_values("self_influence", ascending=False)
     return {
         "top_k_per_query": inp.tables.queries,

@@ -55,7 +55,13 @@ Rules (they go into the README):
   self-drop / self-influence are skipped (the cosine is undefined). When the inputs are given,
   the pair must also be a near-copy, ``||x_q - x_i|| <= leak_input_distance * ||x_q||`` (0.05):
   for a 2-class model the output-error part of every gradient points the same way, and on
-  breast-cancer data 19 of 69 clean queries reached cosine 0.99 without any duplicate.
+  breast-cancer data 19 of 69 clean queries reached cosine 0.99 without any duplicate. The
+  near-copy test fits the input: float inputs by that relative distance, integer inputs (token
+  ids) only by exact equality of the whole sequence (distance 0, else inf), and several named
+  inputs by the largest distance over the parts (every part must be a near-copy).
+- Which rule flagged an example (:func:`flag_rules`): "self-influence" (above the conformal
+  threshold, or the robust-z fallback) or "harmful and atypical". For regression and multilabel
+  tasks a suspected mislabel is a *suspect target*; the rules are the same.
 """
 
 from __future__ import annotations
@@ -69,7 +75,17 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["GateThresholds", "InfluenceTables", "conformal_threshold", "robust_z", "summarise"]
+__all__ = [
+    "GateThresholds",
+    "InfluenceTables",
+    "conformal_threshold",
+    "flag_rules",
+    "input_distance",
+    "robust_z",
+    "summarise",
+    "suspect_noun",
+    "target_labels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +221,67 @@ def _as_ids(x: Any, n: int, name: str) -> np.ndarray:
     if arr.dtype.kind in "US":
         return arr.astype(str)
     return arr
+
+
+def suspect_noun(kind: str) -> str:
+    """What a flagged example is called for a task kind: a suspected mislabel, or for
+    regression and multilabel tasks a suspect target."""
+    return "suspect target" if kind in ("regression", "multilabel") else "suspected mislabel"
+
+
+def flag_rules(train: pd.DataFrame, counts: dict[str, Any]) -> np.ndarray:
+    """Per training row, which rule flagged it as a suspected mislabel: "self-influence" (the
+    self-influence threshold, or the robust-z fallback), "harmful and atypical", or ""."""
+    flagged = train["flag_mislabel"].to_numpy(dtype=bool)
+    thr = float(counts.get("mislabel_threshold", float("nan")))
+    s = train["self_influence"].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        by_self = s > thr if math.isfinite(thr) else flagged  # fallback: the z rule only
+    return np.where(
+        flagged & by_self, "self-influence", np.where(flagged, "harmful and atypical", "")
+    )
+
+
+def target_labels(y: Any) -> np.ndarray:
+    """Targets as one value per example for the tables: as they are when one-dimensional; else
+    a short string per row (multilabel 0/1 rows, token labels of a sequence)."""
+    arr = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
+    if arr.ndim <= 1:
+        return arr
+    flat = arr.reshape(len(arr), -1)
+    fmt = (lambda v: f"{v:g}") if flat.dtype.kind == "f" else str
+    out = [",".join(fmt(v) for v in row[:16]) + (",..." if len(row) > 16 else "") for row in flat]
+    return np.asarray(out, dtype=str)
+
+
+def _part_distance(tx: np.ndarray, qx: np.ndarray) -> np.ndarray:
+    """Per query, how far it is from its matched training row: integer inputs 0 when equal
+    (else inf); float inputs ``||x_q - x_i|| / ||x_q||``."""
+    n = len(qx)
+    tx, qx = tx.reshape(n, -1), qx.reshape(n, -1)
+    if tx.shape[1] != qx.shape[1]:
+        raise ValueError(f"train_x has {tx.shape[1]} features but query_x has {qx.shape[1]}")
+    if tx.dtype.kind in "iub" and qx.dtype.kind in "iub":
+        return np.where((tx == qx).all(axis=1), 0.0, np.inf)
+    tf, qf = tx.astype(np.float64), qx.astype(np.float64)
+    return np.linalg.norm(qf - tf, axis=1) / np.maximum(np.linalg.norm(qf, axis=1), 1e-12)
+
+
+def input_distance(train_x: Any, query_x: Any, best_idx: np.ndarray) -> np.ndarray:
+    """Near-copy distance of each query to training row ``best_idx`` (module docstring); the
+    inputs are arrays/tensors, or dicts of them (several named inputs: the largest part)."""
+
+    def arr(v: Any) -> np.ndarray:
+        return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+
+    if isinstance(train_x, dict) != isinstance(query_x, dict):
+        raise ValueError("train_x and query_x must both be arrays or both be dicts of arrays")
+    if isinstance(train_x, dict):
+        if set(train_x) != set(query_x):
+            raise ValueError(f"train_x has inputs {sorted(train_x)}, query_x {sorted(query_x)}")
+        parts = [_part_distance(arr(train_x[k])[best_idx], arr(query_x[k])) for k in train_x]
+        return np.max(np.stack(parts), axis=0)
+    return _part_distance(arr(train_x)[best_idx], arr(query_x))
 
 
 def robust_z(values: Any) -> np.ndarray:
@@ -446,12 +523,7 @@ def summarise(
     is_leak = np.isfinite(best_cos) & (best_cos >= th.leak_cosine)
     distance = np.full(n_query, np.nan)
     if train_x is not None and query_x is not None and n_query:
-        tx = np.asarray(train_x, dtype=np.float64).reshape(n_train, -1)
-        qx = np.asarray(query_x, dtype=np.float64).reshape(n_query, -1)
-        if tx.shape[1] != qx.shape[1]:
-            raise ValueError(f"train_x has {tx.shape[1]} features but query_x has {qx.shape[1]}")
-        gap = np.linalg.norm(qx - tx[best_idx], axis=1)
-        distance = gap / np.maximum(np.linalg.norm(qx, axis=1), 1e-12)
+        distance = input_distance(train_x, query_x, best_idx)
         is_leak &= distance <= th.leak_input_distance
     leaks = pd.DataFrame(
         {

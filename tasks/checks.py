@@ -38,7 +38,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mirrorinf.summary import GateThresholds, InfluenceTables, summarise
+from mirrorinf.summary import GateThresholds, InfluenceTables, summarise, target_labels
 
 if TYPE_CHECKING:
     from mirrorinf.tasks.data import Split
@@ -271,17 +271,24 @@ def summarise_and_check(
         scores.self_influence,
         scores.group_influence,
         train_ids=train.ids,
-        train_labels=train.y.numpy(),
+        train_labels=target_labels(train.y),
         query_ids=queries.ids,
         query_self_drop=scores.query_self_drop,
         leak_pairwise=scores.leak_pairwise,
-        train_x=train.x.numpy(),
-        query_x=queries.x.numpy(),
+        train_x=_arrays(train.x),
+        query_x=_arrays(queries.x),
         thresholds=thresholds,
         calib_self_inf=scores.calib_self_influence,
         calib_group_inf=scores.calib_group_influence,
     )
     return tables, validate_tables(tables, thresholds)
+
+
+def _arrays(x: Any) -> Any:
+    """A split's inputs as numpy (a dict of named inputs stays a dict: each part is compared)."""
+    if isinstance(x, dict):
+        return {k: v.numpy() for k, v in x.items()}
+    return x.numpy()
 
 
 check_task = task(

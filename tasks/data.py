@@ -1,7 +1,11 @@
 """Datasets from a local file or a DVC repository at a revision (one tool: DVC).
 
-A dataset file is ``.npz`` with arrays ``x``, ``y`` and optional ``ids``, or ``.parquet`` with
-numeric feature columns, a label column (named in params) and an optional ``id`` column.
+A dataset file is ``.npz`` with arrays ``x`` (or several named inputs ``x_<name>``, which the
+model receives as keyword arguments), ``y`` and optional ``ids``, or ``.parquet`` with numeric
+feature columns, a label column (named in params) and an optional ``id`` column. Float inputs
+are read as float32, integer inputs stay integer (int64: token ids, embeddings). Targets follow
+the task kind: integer labels (classification, binary, sequence) or float (regression,
+multilabel).
 Loading returns tensors plus :class:`Provenance` (source, path, repo, rev, resolved commit and
 the md5 of the exact bytes read), which keys caches and is logged with every result.
 Everything wrong with the input is a :class:`DataError` naming the file and the problem.
@@ -26,6 +30,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mirrorinf.engine import Inputs
+from mirrorinf.engine.examples import rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
 
@@ -68,10 +74,11 @@ class Provenance:
 
 @dataclass
 class Split:
-    """One loaded split (train, val or query): features, labels, ids and provenance."""
+    """One loaded split (train, val or query): inputs (a tensor, or named tensors), targets,
+    ids and provenance."""
 
     name: str
-    x: torch.Tensor
+    x: Inputs
     y: torch.Tensor
     ids: np.ndarray
     provenance: Provenance
@@ -79,7 +86,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self) -> tuple[Inputs, torch.Tensor]:
         """(x, y) as the engine takes it."""
         return self.x, self.y
 
@@ -87,7 +94,9 @@ class Split:
         """The first ``n`` examples (all when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self):
             return self
-        return Split(self.name, self.x[:n], self.y[:n], self.ids[:n], self.provenance)
+        return Split(
+            self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance
+        )
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -158,17 +167,28 @@ def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]
             close()
 
 
-def _parse_npz(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+RawX = np.ndarray | dict[str, np.ndarray]
+
+
+def _parse_npz(blob: bytes, where: str) -> tuple[RawX, np.ndarray, np.ndarray | None]:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             names = set(npz.files)
-            missing = {"x", "y"} - names
+            named = sorted(n for n in names if n.startswith("x_") and len(n) > 2)
+            if "x" in names and named:
+                raise DataError(
+                    f"{where}: .npz has both x and named inputs ({', '.join(named)}); keep x "
+                    "for one input or x_<name> arrays for several"
+                )
+            missing = {"y"} - names if named else {"x", "y"} - names
             if missing:
                 raise DataError(
                     f"{where}: .npz is missing array(s) {', '.join(sorted(missing))} "
-                    f"(has: {', '.join(sorted(names)) or 'none'})"
+                    f"(has: {', '.join(sorted(names)) or 'none'}; inputs are x, or x_<name> "
+                    "for several named ones)"
                 )
-            return npz["x"], npz["y"], (npz["ids"] if "ids" in names else None)
+            x: RawX = {n[2:]: npz[n] for n in named} if named else npz["x"]
+            return x, npz["y"], (npz["ids"] if "ids" in names else None)
     except DataError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
@@ -199,28 +219,94 @@ def _parse_parquet(
     return features.to_numpy(dtype=np.float32), df[label_column].to_numpy(), ids
 
 
-def _validate(
-    x: np.ndarray, y: np.ndarray, ids: np.ndarray | None, where: str
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def _input(x: np.ndarray, where: str, name: str) -> torch.Tensor:
+    """One input array as a tensor: floats (and bools) as float32, integers as int64."""
     if x.dtype.kind not in "fiub" or x.ndim < 2:
-        raise DataError(f"{where}: x must be a numeric array [n, ...], got {x.dtype} {x.shape}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{where}: y must be one label per row of x ({len(x)}), got {y.shape}")
-    if len(y) == 0:
-        raise DataError(f"{where}: the dataset is empty")
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all():
-            raise DataError(f"{where}: labels contain NaN or inf")
-        if not np.equal(np.mod(y, 1), 0).all():
-            raise DataError(f"{where}: labels must be integer class indices, got fractions")
-    elif y.dtype.kind not in "iu":
-        raise DataError(f"{where}: labels must be integer class indices, got dtype {y.dtype}")
-    if (y < 0).any():
-        raise DataError(f"{where}: labels out of range: {int((y < 0).sum())} negative label(s)")
+        raise DataError(
+            f"{where}: {name} must be a numeric array [n, ...], got {x.dtype} {x.shape}"
+        )
+    if x.dtype.kind in "iu":
+        if x.dtype.kind == "u" and x.size and int(x.max()) > np.iinfo(np.int64).max:
+            raise DataError(f"{where}: {name} holds integers beyond int64")
+        return torch.from_numpy(np.ascontiguousarray(x.astype(np.int64, copy=False)))
     xf = x.astype(np.float32, copy=False)
     n_bad = int((~np.isfinite(xf)).any(axis=tuple(range(1, xf.ndim))).sum())
     if n_bad:
-        raise DataError(f"{where}: {n_bad} row(s) of x contain NaN or inf")
+        raise DataError(f"{where}: {n_bad} row(s) of {name} contain NaN or inf")
+    return torch.from_numpy(np.ascontiguousarray(xf))
+
+
+_LABEL_HINT = {
+    "classification": "integer class indices",
+    "binary": "0/1 labels",
+    "sequence": "integer token labels (-100 = ignored)",
+}
+
+
+def _targets(y: np.ndarray, n: int, where: str, kind: str) -> torch.Tensor:
+    """Targets as the task kind reads them (see the module docstring); DataError naming the
+    kind that would fit when they cannot be."""
+    if y.ndim == 0 or len(y) != n:
+        raise DataError(f"{where}: y must be one label per row of x ({n}), got {y.shape}")
+    if n == 0:
+        raise DataError(f"{where}: the dataset is empty")
+    if y.dtype.kind not in "fiub":
+        raise DataError(f"{where}: targets must be numeric, got dtype {y.dtype}")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise DataError(f"{where}: labels contain NaN or inf")
+    whole = y.dtype.kind != "f" or bool(np.equal(np.mod(y, 1), 0).all())
+    is01 = bool(np.isin(y, (0, 1)).all())
+    if kind in ("regression", "multilabel"):
+        if kind == "multilabel" and (y.ndim != 2 or not is01):
+            fit = "binary" if y.ndim == 1 and is01 else "classification" if whole else None
+            hint = f"; set task.kind: {fit}" if fit and y.ndim == 1 else ""
+            raise DataError(
+                f"{where}: multilabel targets must be 0/1 of shape [n, labels], got {y.dtype} "
+                f"{y.shape}{hint}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(y.astype(np.float32)))
+    want = 2 if kind == "sequence" else 1
+    if y.ndim != want:
+        hint = ""
+        if y.ndim == 2 and is01:
+            hint = "; for 0/1 targets per label set task.kind: multilabel"
+        elif y.ndim == 2 and not whole:
+            hint = "; for several real targets set task.kind: regression"
+        raise DataError(
+            f"{where}: {kind} needs y of shape [n{', T' if want == 2 else ''}] "
+            f"({_LABEL_HINT[kind]}), got {y.shape}{hint}"
+        )
+    if not whole:
+        raise DataError(
+            f"{where}: labels must be {_LABEL_HINT[kind]}, got fractions; for real-valued "
+            "targets set task.kind: regression"
+        )
+    if kind == "binary" and not is01:
+        fit = "classification" if (y >= 0).all() else None
+        raise DataError(
+            f"{where}: binary targets must be 0/1, found values in [{y.min()}, {y.max()}]"
+            + (f"; for class indices set task.kind: {fit}" if fit else "")
+        )
+    floor = -100 if kind == "sequence" else 0
+    if (y < floor).any() or (kind == "sequence" and ((y < 0) & (y != -100)).any()):
+        bad = int((y < 0).sum()) if kind != "sequence" else int(((y < 0) & (y != -100)).sum())
+        raise DataError(f"{where}: labels out of range: {bad} negative label(s)")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _validate(
+    x: RawX, y: np.ndarray, ids: np.ndarray | None, where: str, kind: str = "classification"
+) -> tuple[Inputs, torch.Tensor, np.ndarray]:
+    if isinstance(x, dict):
+        xt: Inputs = {k: _input(v, where, f"x_{k}") for k, v in x.items()}
+        sizes = {k: len(v) for k, v in xt.items()}
+        if len(set(sizes.values())) != 1:
+            raise DataError(f"{where}: the named inputs differ in their number of rows: {sizes}")
+        n = next(iter(sizes.values()))
+    else:
+        xt = _input(x, where, "x")
+        n = len(xt)
+    yt = _targets(y, n, where, kind)
     if ids is None:
         ids = np.arange(len(y), dtype=np.int64)
     elif ids.ndim != 1 or len(ids) != len(y):
@@ -230,7 +316,7 @@ def _validate(
     if ids.dtype.kind == "f":  # parquet ints with nulls come back as floats
         raise DataError(f"{where}: ids must be integers or strings, got {ids.dtype}")
     ids = ids.astype(str) if ids.dtype.kind in "OUS" else ids.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(xf)), torch.from_numpy(y.astype(np.int64)), ids
+    return xt, yt, ids
 
 
 def load_dataset(
@@ -242,6 +328,7 @@ def load_dataset(
     rev: str | None = None,
     label_column: str = "label",
     display_path: str | None = None,
+    kind: str = "classification",
 ) -> Split:
     """Load a dataset from a local file (``source="file"``) or a DVC repo at ``rev``.
 
@@ -251,6 +338,7 @@ def load_dataset(
         repo, rev: DVC repository and git revision (None = workspace).
         label_column: label column of parquet files.
         display_path: path as the user wrote it, for provenance (defaults to ``path``).
+        kind: the task kind (params ``task.kind``), which says how targets are read.
 
     Raises:
         DataError: missing file, path or revision; unsupported format; corrupt file; bad
@@ -274,20 +362,27 @@ def load_dataset(
         x, y, ids = _parse_npz(blob, where)
     else:
         x, y, ids = _parse_parquet(blob, where, label_column)
-    xt, yt, ids = _validate(x, y, ids, where)
+    xt, yt, ids = _validate(x, y, ids, where, kind)
     prov = Provenance(source=source, path=shown, md5=md5, repo=repo_s, rev=rev, commit=commit)
     logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
     return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov)
 
 
 def check_labels(data: Split, n_classes: int) -> None:
-    """DataError if a label is not a valid class index of a model with ``n_classes`` outputs."""
+    """DataError if a label is not a valid class index of a model with ``n_classes`` outputs
+    (classification), naming the task kind that would fit a one-output model."""
     top = int(data.y.max())
     if top >= n_classes:
         n_bad = int((data.y >= n_classes).sum())
+        hint = ""
+        if n_classes == 1:
+            is01 = bool(((data.y == 0) | (data.y == 1)).all())
+            fit = "binary" if is01 else "regression"
+            targets = "0/1" if is01 else "numbers"
+            hint = f". The model has 1 output and the targets are {targets}: set task.kind: {fit}"
         raise DataError(
             f"{data.name} set {data.provenance.path!r}: labels out of range: {n_bad} label(s) "
-            f">= {n_classes} (max {top}) but the model has {n_classes} outputs"
+            f">= {n_classes} (max {top}) but the model has {n_classes} outputs{hint}"
         )
 
 

@@ -32,13 +32,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.demo import build_model, model_spec, train_demo_model
-from mirrorinf.errors import ModelError
-from mirrorinf.tasks.data import Split, retry_unless_input_error
+from mirrorinf.engine import Inputs, OutputSpec, select_output
+from mirrorinf.engine.examples import describe, parts, rows
+from mirrorinf.engine.inputs import kind_problem
+from mirrorinf.errors import DataError, ModelError
+from mirrorinf.params import TaskParams
+from mirrorinf.tasks.data import Split, check_labels, retry_unless_input_error
 from mirrorinf.tasks.events import emit_model_registered
 from mirrorinf.tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
 
 __all__ = [
     "ModelRef",
+    "call_model",
+    "check_fit",
     "load_model_uri",
     "load_registered_model",
     "load_registered_model_task",
@@ -255,19 +261,40 @@ class ExportedModel(torch.nn.Module):
     """A ``torch.export`` graph as an ordinary module (the graph itself refuses ``.eval()``).
 
     The graph was traced in the mode the model had when it was logged (normally eval), so
-    ``train()``/``eval()`` only flip the flag here and never reach the graph.
+    ``train()``/``eval()`` only flip the flag here and never reach the graph. A graph of several
+    inputs takes them positionally; ``input_names`` (the names of its logged MLflow signature,
+    in order) lets it take them by name, as every model gets several named inputs.
     """
 
-    def __init__(self, graph: torch.nn.Module) -> None:
+    def __init__(self, graph: torch.nn.Module, input_names: list[str] | None = None) -> None:
         super().__init__()
         self.graph = graph
+        self.input_names = input_names
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs and not args and self.input_names:
+            if set(kwargs) != set(self.input_names):
+                raise TypeError(
+                    f"the model takes the inputs {self.input_names} (its logged MLflow "
+                    f"signature, in that order) but the data has {sorted(kwargs)}: name the "
+                    "arrays x_<input name>"
+                )
+            return self.graph(*(kwargs[n] for n in self.input_names))
         return self.graph(*args, **kwargs)
 
     def train(self, mode: bool = True) -> ExportedModel:
         self.training = mode
         return self
+
+
+def _signature_inputs(meta: dict[str, Any]) -> list[str] | None:
+    """The input names of a logged MLflow signature, in order (None: unnamed or none)."""
+    try:
+        inputs = json.loads((meta.get("signature") or {}).get("inputs") or "[]")
+        names = [str(spec["name"]) for spec in inputs]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return names if len(names) > 1 else None
 
 
 def _pt2_pickle_payload(path: Path) -> str | None:
@@ -307,7 +334,8 @@ def _mlflow_pytorch(local: Path, what: str, allow_pickle: bool) -> torch.nn.Modu
     import yaml
 
     try:
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["pytorch"]
+        meta = yaml.safe_load((local / "MLmodel").read_text())
+        flavor = meta["flavors"]["pytorch"]
     except (KeyError, TypeError, yaml.YAMLError) as err:
         raise ModelError(f"{what}: not an MLflow pytorch model (MLmodel: {err})") from None
     data = local / str(flavor.get("model_data", "data"))
@@ -324,7 +352,7 @@ def _mlflow_pytorch(local: Path, what: str, allow_pickle: bool) -> torch.nn.Modu
             program = torch.export.load(str(exported))
         except Exception as err:  # corrupt archive or a torch too old for it
             raise ModelError(f"{what}: cannot load the pt2 model: {err}") from None
-        return ExportedModel(program.module()).eval()
+        return ExportedModel(program.module(), _signature_inputs(meta)).eval()
     if not allow_pickle:
         raise ModelError(
             f"{what} was logged with pickle serialization; loading it unpickles and so runs "
@@ -421,16 +449,57 @@ def load_model_uri(
     raise ModelError(f"model not found: {uri!r} (use models:/NAME/VERSION or a model directory)")
 
 
-def output_size(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Number of model outputs (classes), from one forward pass on the first example."""
+def call_model(model: torch.nn.Module, x: Inputs, output: OutputSpec = None) -> torch.Tensor:
+    """The model's prediction on ``x`` (named inputs as keyword arguments; ``output`` picks the
+    prediction out of a tuple, dict or output object, as ``task.output`` says)."""
+    raw = model(**x) if isinstance(x, dict) else model(x)
+    return select_output(raw, output)
+
+
+def _run_head(model: torch.nn.Module, x: Inputs, output: OutputSpec, n: int) -> torch.Tensor:
+    """The prediction on the first ``n`` examples; ModelError when the model cannot run."""
+    head = rows(x, slice(0, n))
     try:
         with torch.no_grad():
-            out = model(x[:1])
-    except RuntimeError as err:  # typically a feature-count mismatch between model and data
-        raise ModelError(f"the model cannot run on the data (x {tuple(x.shape)}): {err}") from None
+            return call_model(model, head, output)
+    except ValueError as err:  # task.output does not fit the model's output
+        raise ModelError(str(err)) from None
+    except (RuntimeError, TypeError, IndexError) as err:  # e.g. a feature-count mismatch
+        shown = describe(x).replace(" torch.float32", "") if not isinstance(x, dict) else None
+        what = f"x {shown}" if shown else describe(x)
+        hint = ""
+        if any(not v.is_floating_point() for v in parts(x)):
+            hint = (
+                "; x is an integer array, which is passed as integers (token ids): if the model "
+                "takes real-valued features, save x as float (x.astype('float32'))"
+            )
+        raise ModelError(f"the model cannot run on the data ({what}): {err}{hint}") from None
+
+
+def output_size(model: torch.nn.Module, x: Inputs, output: OutputSpec = None) -> int:
+    """Number of model outputs (classes), from one forward pass on the first example."""
+    out = _run_head(model, x, output, 1)
     if out.ndim != 2:
-        raise ModelError(f"the model returns shape {tuple(out.shape)}; expected [n, n_classes]")
+        raise ModelError(
+            f"the model returns shape {tuple(out.shape)}; expected [n, n_classes] for "
+            "task.kind: classification (set task.kind to what the model was trained for)"
+        )
     return int(out.shape[1])
+
+
+def check_fit(model: torch.nn.Module, splits: list[Split], task: TaskParams) -> None:
+    """Before any scoring: the model runs on every split and its outputs fit the targets and
+    the task kind (DataError naming the kind that would fit). A user's own loss (task.loss)
+    owns its targets: then only that the model runs."""
+    if task.kind == "classification" and task.loss is None:
+        n_classes = output_size(model, splits[0].x, task.output)
+        for data in splits:
+            check_labels(data, n_classes)
+    for data in splits:
+        out = _run_head(model, data.x, task.output, 64)
+        problem = None if task.loss else kind_problem(task.kind, out.double(), data.y[:64])
+        if problem is not None:
+            raise DataError(f"{data.name} set {data.provenance.path!r}: {problem}")
 
 
 train_and_register_task = task(
@@ -453,13 +522,37 @@ load_registered_model_task = task(
 )
 
 
-def predict_labels(model: torch.nn.Module, data: Split, batch: int = 4096) -> np.ndarray:
-    """The model's predicted class (argmax of its outputs) for every example, in file order."""
+def _prediction(out: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the model predicts for each example, per task kind (see predict_labels)."""
+    n = len(out)
+    if kind == "binary":
+        return (out.reshape(n) > 0).long()
+    if kind == "multilabel":
+        return (out.reshape(n, -1) > 0).long()
+    if kind == "regression":
+        flat = out.reshape(n, -1).float()
+        return flat[:, 0] if flat.shape[1] == 1 else flat
+    return out.argmax(dim=-1)
+
+
+def predict_labels(
+    model: torch.nn.Module, data: Split, batch: int = 4096, task: TaskParams | None = None
+) -> np.ndarray | None:
+    """The model's prediction for every example, in file order, per task kind:
+    classification the argmax class; binary logit > 0; multilabel each label's logit > 0
+    ([n, L]); regression the predicted value(s); sequence None (per token, not shown)."""
+    task = task or TaskParams()
+    if task.kind == "sequence":
+        return None
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            out = [model(data.x[i : i + batch]).argmax(dim=-1) for i in range(0, len(data), batch)]
+            out = [
+                _prediction(call_model(model, rows(data.x, slice(i, i + batch)), task.output),
+                            task.kind)
+                for i in range(0, len(data), batch)
+            ]  # fmt: skip
     finally:
         model.train(was_training)
     return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)

@@ -29,10 +29,13 @@ from prefect.cache_policies import NO_CACHE
 from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.analysis import score_rows
 from mirrorinf.calibration import calibration_scores
+from mirrorinf.engine.examples import rows as rows_of
 from mirrorinf.errors import InputError
 from mirrorinf.integrity import SignedRecords, remove_stale_tmp
+from mirrorinf.params import TaskParams
 from mirrorinf.shards import ShardStore
 from mirrorinf.tasks.data import Split
+from mirrorinf.usercode import load_callable, source_digest
 
 __all__ = [
     "ScoreBundle",
@@ -79,12 +82,30 @@ class ScoreBundle:
     seconds: float = 0.0
 
 
-def _engine(model: torch.nn.Module, cfg: ForwardInfConfig, device: str) -> ForwardInf:
-    """The engine; its ValueError on construction (e.g. no CUDA for device "cuda") is input."""
+def _engine(
+    model: torch.nn.Module, cfg: ForwardInfConfig, device: str, task: TaskParams | None = None
+) -> ForwardInf:
+    """The engine for the task (kind, the user's loss imported from their code, output); its
+    ValueError on construction (e.g. no CUDA for device "cuda") is input."""
+    task = task or TaskParams()
+    loss_fn = load_callable(task.loss, "task.loss") if task.loss else None
     try:
-        return ForwardInf(model, config=cfg, device=device)
+        return ForwardInf(
+            model, config=cfg, loss_fn=loss_fn, device=device, kind=task.kind, output=task.output
+        )
     except ValueError as err:
         raise InputError(f"cannot set up the engine: {err}") from None
+
+
+def task_identity(task: TaskParams | None) -> dict[str, Any] | None:
+    """What of the task changes scores, for cache keys (None for the default task); a custom
+    loss counts with a digest of its source, so an edited loss is not served stale scores."""
+    if task is None or task == TaskParams():
+        return None
+    ident: dict[str, Any] = task.model_dump()
+    if task.loss:
+        ident["loss_source"] = source_digest(load_callable(task.loss, "task.loss"))
+    return ident
 
 
 def compute_scores(
@@ -94,10 +115,11 @@ def compute_scores(
     queries: Split,
     cfg: ForwardInfConfig,
     device: str = "auto",
+    task: TaskParams | None = None,
 ) -> ScoreBundle:
     """Pairwise (train x queries), group (validation set), self-influence, calibration scores."""
     t0 = time.perf_counter()
-    fi = _engine(model, cfg, device)
+    fi = _engine(model, cfg, device, task)
     rows, reports = score_rows(fi, train.pair(), queries.pair(), val.pair())
     return _bundle(rows, reports, fi, val, cfg, t0, len(train), len(queries))
 
@@ -154,6 +176,7 @@ def score_shard_task(
     cfg: ForwardInfConfig,
     device: str = "auto",
     threads: int | None = None,
+    task: TaskParams | None = None,
 ) -> bool:
     """Score training rows [start, stop) into the shard store; skip a shard already there.
 
@@ -166,8 +189,9 @@ def score_shard_task(
     set_threads(threads)
     # a private copy: the engine's functional calls swap a module's tensors for the duration of
     # a forward pass, so one module object must not be scored from several threads at once
-    fi = _engine(copy.deepcopy(model), cfg, device)
-    rows, _ = score_rows(fi, (train.x[start:stop], train.y[start:stop]), queries.pair(), val.pair())
+    fi = _engine(copy.deepcopy(model), cfg, device, task)
+    part = (rows_of(train.x, slice(start, stop)), train.y[start:stop])
+    rows, _ = score_rows(fi, part, queries.pair(), val.pair())
     store.save(start, stop, rows)
     return True
 
@@ -182,13 +206,21 @@ def assemble_task(
     cfg: ForwardInfConfig,
     device: str,
     n_query: int,
+    task: TaskParams | None = None,
 ) -> ScoreBundle:
     """All shards in training-row order, plus calibration scores, as one bundle."""
     t0 = time.perf_counter()
     rows = ShardStore(store_root, identity).assemble(ranges)
     reports = {"shards": {"count": len(ranges), "store": store_root}}
     return _bundle(
-        rows, reports, _engine(model, cfg, device), val, cfg, t0, len(rows["pairwise"]), n_query
+        rows,
+        reports,
+        _engine(model, cfg, device, task),
+        val,
+        cfg,
+        t0,
+        len(rows["pairwise"]),
+        n_query,
     )
 
 
@@ -207,9 +239,10 @@ def pairwise_scores(
     queries: Split,
     cfg: ForwardInfConfig,
     device: str = "auto",
+    task: TaskParams | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pairwise scores [n_train, n_query] (rows in training-file order) and the score report."""
-    fi = _engine(model, cfg, device)
+    fi = _engine(model, cfg, device, task)
     scores = fi.pairwise(train.pair(), queries.pair())
     assert fi.last_report is not None
     report = fi.last_report.to_dict()
@@ -242,20 +275,21 @@ def score_cache_key(
     config_fingerprint: str,
     n_queries: int,
     device: str,
+    task: dict[str, Any] | None = None,
 ) -> str:
     """Cache key of a scoring: what model, on which bytes, with which config and code."""
-    blob = json.dumps(
-        {
-            "model": model_uri,
-            "run": model_run_id,
-            "data": data_md5,
-            "config": config_fingerprint,
-            "n_queries": n_queries,
-            "device": device,
-            "code": scoring_code_hash(),
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "model": model_uri,
+        "run": model_run_id,
+        "data": data_md5,
+        "config": config_fingerprint,
+        "n_queries": n_queries,
+        "device": device,
+        "code": scoring_code_hash(),
+    }
+    if task is not None:  # the default task keeps the keys it always had
+        fields["task"] = task
+    blob = json.dumps(fields, sort_keys=True)
     return "mirrorinf-scores-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -269,15 +303,16 @@ def score_task(
     cfg: ForwardInfConfig,
     device: str = "auto",
     cache_dir: str | None = None,
+    task: TaskParams | None = None,
 ) -> tuple[ScoreBundle, bool]:
     """(scores, from cache): a verified cache entry when there is one, else
     :func:`compute_scores`, then cached. ``cache_key`` or ``cache_dir`` None: no cache."""
     if cache_key is None or cache_dir is None:
-        return compute_scores(model, train, val, queries, cfg, device), False
+        return compute_scores(model, train, val, queries, cfg, device, task), False
     cached = load_cached_scores(cache_dir, cache_key)
     if cached is not None:
         return cached, True
-    bundle = compute_scores(model, train, val, queries, cfg, device)
+    bundle = compute_scores(model, train, val, queries, cfg, device, task)
     save_cached_scores(cache_dir, cache_key, bundle)
     return bundle, False
 

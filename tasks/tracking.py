@@ -337,7 +337,11 @@ def dataset_inputs(datasets: dict[str, Any]) -> list[Any]:
 
 
 def _numpy(x: Any) -> np.ndarray:
-    """A tensor or array as a numpy array (CPU)."""
+    """A tensor or array as a numpy array (CPU); several named inputs side by side, each
+    flattened per example (the review draws them as one strip)."""
+    if isinstance(x, dict):
+        parts = [_numpy(v) for v in x.values()]
+        return np.concatenate([p.reshape(len(p), -1).astype(np.float64) for p in parts], axis=1)
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
@@ -401,6 +405,7 @@ def log_review(
     verdict: str,
     reasons: list[str],
     model: Any = None,
+    kind: str = "classification",
 ) -> list[str]:
     """Log the review (``mirrorinf.report``): plots, report.md, GX markdown and UI tables.
 
@@ -410,17 +415,19 @@ def log_review(
     ``mirrorinf.tasks.verdict`` once the run is FINISHED. Returns the artifact paths logged.
     """
     from mirrorinf.review import TABLES, ReviewInputs, review_tables, write_report
+    from mirrorinf.summary import target_labels
 
     review = ReviewInputs(
         tables=tables,
         train_x=_numpy(train.x).reshape(len(train), -1),
         query_x=_numpy(queries.x).reshape(len(queries), -1),
         query_ids=np.asarray(queries.ids),
-        query_labels=_numpy(queries.y),
+        query_labels=target_labels(queries.y),
         train_pred=None if predicted is None else np.asarray(predicted),
         checks=list(check.results),
         verdict=verdict,
         reasons=list(reasons),
+        kind=kind,
         title="Influence review"
         + (f": {model.name} v{model.version}" if model is not None else ""),
     )

@@ -9,24 +9,45 @@ progress, cache), ``scores`` (the typed result, scale, health, report), ``inputs
 """
 
 from mirrorinf.engine.config import ForwardInfConfig, SphereConfig
-from mirrorinf.engine.examples import DataLike, Examples, as_examples
+from mirrorinf.engine.examples import DataLike, Examples, Inputs, as_examples
 from mirrorinf.engine.facade import ForwardInf
-from mirrorinf.engine.losses import LossFn, cross_entropy
+from mirrorinf.engine.losses import (
+    KINDS,
+    LossFn,
+    TaskKind,
+    binary_cross_entropy,
+    cross_entropy,
+    default_loss,
+    multilabel_bce,
+    sequence_cross_entropy,
+    squared_error,
+)
+from mirrorinf.engine.outputs import OutputSpec, select_output
 from mirrorinf.engine.runtime import ModelState
 from mirrorinf.engine.scorer import Scorer
 from mirrorinf.engine.scores import ScoreReport, Scores
 
 __all__ = [
+    "KINDS",
     "DataLike",
     "Examples",
     "ForwardInf",
     "ForwardInfConfig",
+    "Inputs",
     "LossFn",
     "ModelState",
+    "OutputSpec",
     "ScoreReport",
     "Scorer",
     "Scores",
     "SphereConfig",
+    "TaskKind",
     "as_examples",
+    "binary_cross_entropy",
     "cross_entropy",
+    "default_loss",
+    "multilabel_bce",
+    "select_output",
+    "sequence_cross_entropy",
+    "squared_error",
 ]

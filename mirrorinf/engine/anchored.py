@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mirrorinf.engine.curvature import curvature_rows, hessian_extremes
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, each, move, rows
 from mirrorinf.engine.execution import Params, data_key, progress
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scores import Scores, rescale
@@ -46,12 +46,10 @@ class AnchoredScorer:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def pairwise(
-        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
-    ) -> Scores:
+    def pairwise(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
         return anchored_scores(self.rt, state, tr, xq, yq)
 
-    def group(self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor) -> Scores:
+    def group(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
         return anchored_scores(self.rt, state, tr, xq, yq, group=True)
 
     def self_influence(self, state: ModelState, tr: Examples) -> Scores:
@@ -62,7 +60,7 @@ def anchored_scores(
     rt: Runtime,
     state: ModelState,
     tr: Examples,
-    xq: torch.Tensor,
+    xq: Inputs,
     yq: torch.Tensor,
     group: bool = False,
 ) -> Scores:
@@ -77,21 +75,21 @@ def anchored_scores(
         (state.key, data_key(tr)), lambda: mean_grad(rt, state, state.params, tr)
     )
     base = rt.base_losses(state, tr)
-    n_cols = 1 if group else len(xq)
+    n_cols = 1 if group else len(yq)
     scores = torch.empty(len(tr), n_cols, dtype=torch.float64)
     scores_mid = torch.empty_like(scores)
     drops = torch.empty(n_cols, dtype=torch.float64)
-    query_weight = eps * (len(xq) if group else 1)
+    query_weight = eps * (len(yq) if group else 1)
     weight = query_weight * rt.sign
     k = n_cols if group else rt.plan.query_chunk(state.numel)
     q_ctrl = rt.query_losses(state, state.params, xq, yq)
     for qs in progress(range(0, n_cols, k), n_cols, k, "anchored queries"):
         sl = slice(qs, min(qs + k, n_cols))
-        xs, ys = (xq, yq) if group else (xq[sl], yq[sl])
+        xs, ys = (xq, yq) if group else (rows(xq, sl), yq[sl])
         p_mid, p_end = _runs(rt, state, tr, xs, ys, weight, lr, steps, mid, g0, group)
         scores[:, sl] = (base.unsqueeze(0) - stacked_losses(rt, state, p_end, tr)).T
         scores_mid[:, sl] = (base.unsqueeze(0) - stacked_losses(rt, state, p_mid, tr)).T
-        q = Examples("q", x=xs.cpu(), y=ys.cpu(), n=len(xs))
+        q = Examples("q", x=each(xs, lambda v: v.cpu()), y=ys.cpu(), n=len(ys))
         q_end = stacked_losses(rt, state, p_end, q)
         if group:
             drops[0] = (q_ctrl - q_end[0]).mean()
@@ -128,7 +126,7 @@ def _runs(
     rt: Runtime,
     state: ModelState,
     tr: Examples,
-    xq: torch.Tensor,
+    xq: Inputs,
     yq: torch.Tensor,
     weight: float,
     lr: float,
@@ -140,10 +138,10 @@ def _runs(
     """Stacked parameters at ``mid`` and ``steps`` steps of the anchored objective: one copy per
     query (or one for the whole set with ``group``), all stepped together on the full-batch
     training gradient."""
-    k = 1 if group else len(xq)
+    k = 1 if group else len(yq)
     p = {n: v.unsqueeze(0).expand(k, *v.shape).clone() for n, v in state.params.items()}
     wd = rt.config.weight_decay
-    q = Examples("q", x=xq, y=yq, n=len(xq))
+    q = Examples("q", x=xq, y=yq, n=len(yq))
     snap = p
     for t in range(steps):
         g = stacked_mean_grad(rt, state, p, tr)
@@ -165,7 +163,7 @@ def curvature(rt: Runtime, state: ModelState, tr: Examples) -> tuple[float, floa
 
     def compute() -> tuple[float, float]:
         xs, ys = tr.take(curvature_rows(tr, seed))
-        xs, ys = xs.to(rt.device), ys.to(rt.device)
+        xs, ys = move(xs, rt.device), ys.to(rt.device)
 
         def objective(p: Params) -> torch.Tensor:
             return rt.losses(rt.forward(state, p, xs), ys).mean()

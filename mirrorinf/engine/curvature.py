@@ -13,7 +13,7 @@ from typing import cast
 
 import torch
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, parts
 
 Params = dict[str, torch.Tensor]
 
@@ -127,11 +127,14 @@ def curvature_rows(tr: Examples, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if tr.x is None or tr.y is None:
         return torch.randperm(n, generator=gen)[:_CURVATURE_ROWS].sort().values
-    d = int(tr.x[0].numel())
+    xs = parts(tr.x)
+    d = sum(int(v[0].numel()) for v in xs)
     proj = torch.randn(d, generator=gen, dtype=torch.float64)
     keys = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, 65536):
-        xb = tr.x[start : start + 65536].flatten(1).to("cpu", torch.float64)
+        xb = torch.cat(
+            [v[start : start + 65536].flatten(1).to("cpu", torch.float64) for v in xs], 1
+        )
         yb = tr.y[start : start + 65536].reshape(len(xb), -1).to("cpu", torch.float64)
         keys[start : start + len(xb)] = xb @ proj + math.pi * yb.sum(dim=1)
     return torch.argsort(keys, stable=True)[:_CURVATURE_ROWS]

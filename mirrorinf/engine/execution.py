@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, parts
 from mirrorinf.errors import ResourceError
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Memo(Generic[K, V]):
 class Cache:
     """What an engine remembers between calls, each entry keyed by model state and data."""
 
-    resident: Memo[Key, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=Memo)
+    resident: Memo[Key, tuple[Inputs, torch.Tensor]] = field(default_factory=Memo)
     base_losses: Memo[Key, torch.Tensor] = field(default_factory=Memo)
     train_grad: Memo[Key, Params] = field(default_factory=Memo)
     curvature: Memo[Key, tuple[float, float]] = field(default_factory=Memo)
@@ -139,7 +139,12 @@ def data_key(ex: Examples) -> Key:
     if ex.key is not None:
         return ex.key
     if ex.x is not None and ex.y is not None:
-        return (_Same(ex.x), ex.x._version, tuple(ex.x.shape), _Same(ex.y), ex.y._version)
+        xs = parts(ex.x)
+        return (
+            *((_Same(v), v._version, tuple(v.shape)) for v in xs),
+            _Same(ex.y),
+            ex.y._version,
+        )
     return (_Same(ex.dataset), ex.n)
 
 

@@ -19,10 +19,11 @@ from torch import nn
 
 from mirrorinf.engine.anchored import AnchoredScorer
 from mirrorinf.engine.config import ForwardInfConfig
-from mirrorinf.engine.examples import DataLike, Examples, as_examples
+from mirrorinf.engine.examples import DataLike, Examples, as_examples, rows
 from mirrorinf.engine.execution import retry_on_oom
 from mirrorinf.engine.inputs import check_train, prepare_queries
-from mirrorinf.engine.losses import LossFn
+from mirrorinf.engine.losses import KINDS, LossFn
+from mirrorinf.engine.outputs import OutputSpec
 from mirrorinf.engine.runtime import Runtime
 from mirrorinf.engine.scorer import PlainScorer, Scorer
 from mirrorinf.engine.scores import ScoreReport, Scores, make_report, vanished_columns
@@ -51,7 +52,14 @@ class ForwardInf:
         config: ForwardInfConfig | dict[str, Any] | None = None,
         loss_fn: LossFn | None = None,
         device: str | torch.device = "auto",
+        *,
+        kind: str = "classification",
+        output: OutputSpec = None,
     ) -> None:
+        """``kind``: the task kind (classification | binary | regression | multilabel |
+        sequence), which picks the default per-example loss and the target checks; ``loss_fn``
+        replaces that loss (``f(outputs, targets) -> [n]``); ``output``: where the prediction is
+        in the model's output (attribute/key such as ``"logits"``, tuple index, or callable)."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(config, dict):
@@ -63,7 +71,11 @@ class ForwardInf:
         self.model = model
         self.config = config or ForwardInfConfig()
         method = _SCORERS[self.config.mode]  # the one place the engine reads config.mode
-        self._rt = Runtime(model, self.config, loss_fn, device, method.auto_dtype)
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; use one of {', '.join(KINDS)}")
+        self.kind = kind
+        self.output = output
+        self._rt = Runtime(model, self.config, loss_fn, device, method.auto_dtype, kind, output)
         self._scorer: Scorer = method(self._rt)
         self._loss_given = loss_fn
         self.last_report: ScoreReport | None = None
@@ -144,7 +156,9 @@ class ForwardInf:
             scores = self._scorer.pairwise(state, tr, xq, yq)
         if len(tr) > 1:
             bad = vanished_columns(scores.matrix).nonzero().flatten()
-            self._redo_in_float64(scores, bad, lambda hi: hi._pairwise(tr, (xq[bad], yq[bad])))
+            self._redo_in_float64(
+                scores, bad, lambda hi: hi._pairwise(tr, (rows(xq, bad), yq[bad]))
+            )
         return scores
 
     def _group(self, train: DataLike, queries: DataLike) -> Scores:
@@ -197,4 +211,6 @@ class ForwardInf:
         """An engine on the same model, loss and device with ``changes`` to the config (and
         this engine's current batch sizes)."""
         cfg = self.config.replace(**changes, **self._rt.plan.sizes())
-        return ForwardInf(self.model, cfg, self._loss_given, self.device)
+        return ForwardInf(
+            self.model, cfg, self._loss_given, self.device, kind=self.kind, output=self.output
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, rows
 from mirrorinf.engine.execution import progress
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scores import Scores, plain_scores
@@ -19,12 +19,12 @@ def generic_pairwise(
     rt: Runtime,
     state: ModelState,
     tr: Examples,
-    xq: torch.Tensor,
+    xq: Inputs,
     yq: torch.Tensor,
     base: torch.Tensor,
 ) -> Scores:
     """Plain pairwise scores [n_train, n_query] by the generic path."""
-    n, m = len(tr), len(xq)
+    n, m = len(tr), len(yq)
     scores = torch.empty(n, m, dtype=torch.float64)
     drops = torch.empty(m, dtype=torch.float64)
     lrs = torch.empty(m, dtype=torch.float64)
@@ -32,19 +32,21 @@ def generic_pairwise(
     q_base = rt.query_losses(state, state.params, xq, yq)
     for qs in progress(range(0, m, qb), m, qb, "pairwise queries"):
         sl = slice(qs, min(qs + qb, m))
-        stacked, lr, bufs = per_example_updates(rt, state, xq[sl], yq[sl])
+        stacked, lr, bufs = per_example_updates(rt, state, rows(xq, sl), yq[sl])
         lrs[sl] = lr.cpu()
         for j in range(sl.stop - sl.start):
             pj = {k: v[j] for k, v in stacked.items()}
             bj = bufs[j] if bufs else None
             q = qs + j
             scores[:, q] = base - rt.losses_over(state, pj, tr, bj)
-            drops[q] = q_base[q] - rt.query_losses(state, pj, xq[q : q + 1], yq[q : q + 1])[0]
+            drops[q] = (
+                q_base[q] - rt.query_losses(state, pj, rows(xq, slice(q, q + 1)), yq[q : q + 1])[0]
+            )
     return plain_scores(rt.config, scores, drops, lrs, "generic")
 
 
 def generic_self(
-    rt: Runtime, state: ModelState, xb: torch.Tensor, yb: torch.Tensor
+    rt: Runtime, state: ModelState, xb: Inputs, yb: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs:
     per-example updates and losses batched over the rows (vmap), a loop only where vmap

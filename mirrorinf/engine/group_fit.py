@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scores import Scores, plain_scores, rescale
@@ -23,9 +23,7 @@ _GROUP_FIT_LR = 0.01
 _GROUP_FIT_STEPS = 50
 
 
-def group_fit(
-    rt: Runtime, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
-) -> Scores:
+def group_fit(rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
     """Scores [n_train, 1] after one update on the mean loss of the whole query set."""
     base = rt.base_losses(state, tr)
     fit = rt.config.steps is None and rt.config.lr is None
@@ -49,7 +47,7 @@ def group_fit(
 def group_update(
     rt: Runtime,
     state: ModelState,
-    xq: torch.Tensor,
+    xq: Inputs,
     yq: torch.Tensor,
     lr: float | None,
     steps: int,
@@ -58,7 +56,7 @@ def group_update(
     """One parameter set after ``steps`` updates on the mean loss of the whole query set."""
     p = {k: v.clone() for k, v in state.params.items()}
     adam: dict[tuple[str, str], torch.Tensor] = {}
-    q = Examples("queries", x=xq, y=yq, n=len(xq))
+    q = Examples("queries", x=xq, y=yq, n=len(yq))
     for t in range(steps):
         g = mean_grad(rt, state, p, q)
         d = direction(g, adam, t, optimizer)

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, move, rows
 from mirrorinf.engine.execution import progress
 from mirrorinf.engine.generic import generic_pairwise, generic_self
 from mirrorinf.engine.rank1_hooks import Rank1Hooks, Unsupported, linear_modules
@@ -45,23 +45,25 @@ class Rank1Path:
         self,
         state: ModelState,
         tr: Examples,
-        xq: torch.Tensor,
+        xq: Inputs,
         yq: torch.Tensor,
         base: torch.Tensor,
     ) -> bool:
         """Use the path if possible; verify it once against the generic path (a few rows)."""
         if self.verified is not None:
             return self.verified
-        k, nb = min(2, len(xq)), min(16, len(tr))
+        k, nb = min(2, len(yq)), min(16, len(tr))
         xs, ys = tr.take(slice(0, nb))
         small = Examples("train", x=xs, y=ys, n=nb)
         try:
-            fast = self.pairwise(state, small, xq[:k], yq[:k], base[:nb]).matrix
+            fast = self.pairwise(state, small, rows(xq, slice(0, k)), yq[:k], base[:nb]).matrix
         except Unsupported as exc:
             log.info("low-rank fast path not applicable (%s); using the generic path", exc)
             self.verified = False
             return False
-        ref = generic_pairwise(self.rt, state, small, xq[:k], yq[:k], base[:nb]).matrix
+        ref = generic_pairwise(
+            self.rt, state, small, rows(xq, slice(0, k)), yq[:k], base[:nb]
+        ).matrix
         tol = 1e-3 * float(ref.abs().max()) + 1e-9
         self.verified = bool((fast - ref).abs().max() <= tol)
         if not self.verified:
@@ -74,7 +76,7 @@ class Rank1Path:
         if self.verified is not None:
             return self.verified
         xs, ys = tr.take(slice(0, min(16, len(tr))))
-        xs, ys = xs.to(self.rt.device), ys.to(self.rt.device)
+        xs, ys = move(xs, self.rt.device), ys.to(self.rt.device)
         try:
             fast, lr = self.self_chunk(state, xs, ys)
         except Unsupported as exc:
@@ -90,12 +92,12 @@ class Rank1Path:
         return self.verified
 
     def _updates(
-        self, state: ModelState, hooks: Rank1Hooks, x: torch.Tensor, y: torch.Tensor
+        self, state: ModelState, hooks: Rank1Hooks, x: Inputs, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Build each example's update factors; returns (lr, loss before)."""
         rt = self.rt
-        x, y = x.to(rt.device), y.to(rt.device)
-        hooks.reset(len(x))
+        x, y = move(x, rt.device), y.to(rt.device)
+        hooks.reset(len(y))
         lr = None
         base = None
         params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
@@ -115,13 +117,13 @@ class Rank1Path:
         self,
         state: ModelState,
         tr: Examples,
-        xq: torch.Tensor,
+        xq: Inputs,
         yq: torch.Tensor,
         base: torch.Tensor,
     ) -> Scores:
         """Plain pairwise scores [n_train, n_query] by the rank-1 rewrite."""
         rt = self.rt
-        n, m = len(tr), len(xq)
+        n, m = len(tr), len(yq)
         scores = torch.empty(n, m, dtype=torch.float64)
         drops = torch.empty(m, dtype=torch.float64)
         lrs = torch.empty(m, dtype=torch.float64)
@@ -130,21 +132,22 @@ class Rank1Path:
             for qs in progress(range(0, m, qb), m, qb, "pairwise queries"):
                 sl = slice(qs, min(qs + qb, m))
                 k = sl.stop - sl.start
-                lr, q_base = self._updates(state, rank1, xq[sl], yq[sl])
+                lr, q_base = self._updates(state, rank1, rows(xq, sl), yq[sl])
                 lrs[sl] = lr.cpu()
                 with torch.no_grad():
                     rank1.set_mode("diag")
-                    xqd, yqd = xq[sl].to(rt.device), yq[sl].to(rt.device)
+                    xqd, yqd = move(rows(xq, sl), rt.device), yq[sl].to(rt.device)
                     after_q = rt.losses(rt.forward(state, state.params, xqd), yqd)
                     drops[sl] = (q_base - after_q).cpu()
                     # k*rows rows per forward: as many as a plain forward of train_batch rows
                     for start, xb, yb in tr.batches(rt.plan.rows_per_copy(k), rt.device):
-                        b = len(xb)
+                        b = len(yb)
                         rank1.set_mode("expand", batch=b)
                         out = rt.forward(state, state.params, xb)
                         if out.shape[0] != k * b:
                             raise Unsupported("model output was not expanded over queries")
-                        after = rt.losses(out, yb.repeat(k)).reshape(k, b)
+                        yk = yb.repeat(k, *[1] * (yb.ndim - 1))  # [k*b, ...], query-major
+                        after = rt.losses(out, yk).reshape(k, b)
                         scores[start : start + b, sl] = (
                             base[start : start + b].to(after.device) - after
                         ).T.cpu()
@@ -152,7 +155,7 @@ class Rank1Path:
         return plain_scores(rt.config, scores, drops, lrs, "lowrank")
 
     def self_chunk(
-        self, state: ModelState, xb: torch.Tensor, yb: torch.Tensor
+        self, state: ModelState, xb: Inputs, yb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs."""
         with self.hooks.hooks() as rank1:

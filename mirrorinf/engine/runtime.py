@@ -11,10 +11,11 @@ from torch import nn
 from torch.func import functional_call
 
 from mirrorinf.engine.config import ForwardInfConfig
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, each, n_rows, parts
 from mirrorinf.engine.execution import BatchPlan, Cache, Params, data_key
 from mirrorinf.engine.graph_view import engine_view
-from mirrorinf.engine.losses import LossFn, cross_entropy, float64_losses
+from mirrorinf.engine.losses import LossFn, default_loss, float64_losses
+from mirrorinf.engine.outputs import OutputSpec, select_output
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,15 @@ class Runtime:
         loss_fn: LossFn | None,
         device: str | torch.device,
         auto_dtype: torch.dtype,
+        kind: str = "classification",
+        output: OutputSpec = None,
     ) -> None:
         # exported graphs as nn.Linear calls and batchable sizes (a copy; the caller's is kept)
         self.model = engine_view(model)
         self.config = config
-        self.loss_fn: LossFn = loss_fn or cross_entropy
+        self.kind = kind
+        self.output = output
+        self.loss_fn: LossFn = loss_fn or default_loss(kind)
         self.default_loss = loss_fn is None
         self.device = resolve_device(device)
         prec = config.precision
@@ -134,17 +139,16 @@ class Runtime:
         self,
         state: ModelState,
         params: Params,
-        x: torch.Tensor,
+        x: Inputs,
         buffers: Params | None = None,
         hot: bool = False,
     ) -> torch.Tensor:
         """The model under ``params`` on ``x``, in autocast if configured. ``hot``: the plain
         forward over the training set (never under vmap/grad), the one config.compile compiles."""
         tensors = {**state.fixed, **(buffers or {}), **params}
-        if x.is_floating_point():
-            x = x.to(self.dtype)
+        x = each(x, lambda v: v.to(self.dtype) if v.is_floating_point() else v)
         # compiled for full training batches only: one static shape, no dynamic-shape compile
-        full = hot and self.config.compile and len(x) == self.plan.train_batch
+        full = hot and self.config.compile and n_rows(x) == self.plan.train_batch
         call = self._call_compiled if full and self._compiled is not False else self._call
         if self._autocast is None:
             return call(tensors, x)
@@ -152,11 +156,15 @@ class Runtime:
             out = call(tensors, x)
         return out.to(self.dtype) if out.is_floating_point() else out
 
-    def _call(self, tensors: Params, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = functional_call(self.model, tensors, (x,))
-        return out
+    def _call(self, tensors: Params, x: Inputs) -> torch.Tensor:
+        """One functional forward; several named inputs go in as keyword arguments."""
+        if isinstance(x, dict):
+            raw = functional_call(self.model, tensors, (), x)
+        else:
+            raw = functional_call(self.model, tensors, (x,))
+        return select_output(raw, self.output)
 
-    def _call_compiled(self, tensors: Params, x: torch.Tensor) -> torch.Tensor:
+    def _call_compiled(self, tensors: Params, x: Inputs) -> torch.Tensor:
         if self._compiled is None:  # once per engine; parameters are inputs, not constants
             self._compiled = torch.compile(self._call, dynamic=False)
         try:
@@ -183,10 +191,11 @@ class Runtime:
         return torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.float64)
 
     def query_losses(
-        self, state: ModelState, params: Params, x: torch.Tensor, y: torch.Tensor
+        self, state: ModelState, params: Params, x: Inputs, y: torch.Tensor
     ) -> torch.Tensor:
         """Per-example losses of a small materialised set (queries)."""
-        return self.losses_over(state, params, Examples("q", x=x.cpu(), y=y.cpu(), n=len(x)))
+        xc = each(x, lambda v: v.cpu())
+        return self.losses_over(state, params, Examples("q", x=xc, y=y.cpu(), n=len(y)))
 
     def base_losses(self, state: ModelState, tr: Examples) -> torch.Tensor:
         """loss(z_i; theta) for every training point, cached per (model state, training set)."""
@@ -198,17 +207,18 @@ class Runtime:
     def resident(self, ex: Examples) -> Examples:
         """On a GPU, keep an in-memory training set on the device (once per data): every query
         chunk streams over it, and host-to-device copies would dominate. Larger sets stream."""
-        if self.device.type != "cuda" or ex.x is None or ex.y is None or ex.x.is_cuda:
+        if self.device.type != "cuda" or ex.x is None or ex.y is None or ex.y.is_cuda:
             return ex
         key = data_key(ex)
         cached = self.cache.resident.peek(key)
         if cached is not None:
             return Examples(ex.name, x=cached[0], y=cached[1], n=ex.n, key=key)
         free, _ = torch.cuda.mem_get_info(self.device)
-        if ex.x.nbytes + ex.y.nbytes > free // 4:
+        if sum(v.nbytes for v in parts(ex.x)) + ex.y.nbytes > free // 4:
             return ex
         self.cache.resident.clear()
-        xy = self.cache.resident.put(key, (ex.x.to(self.device), ex.y.to(self.device)))
+        on = each(ex.x, lambda v: v.to(self.device))
+        xy = self.cache.resident.put(key, (on, ex.y.to(self.device)))
         return Examples(ex.name, x=xy[0], y=xy[1], n=ex.n, key=key)
 
     def shrink(self, err: BaseException) -> None:

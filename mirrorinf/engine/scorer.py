@@ -10,7 +10,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs
 from mirrorinf.engine.execution import progress
 from mirrorinf.engine.generic import generic_pairwise, generic_self
 from mirrorinf.engine.group_fit import group_fit
@@ -29,13 +29,9 @@ class Scorer(Protocol):
     auto_dtype: ClassVar[torch.dtype]
     self_in_plain_twin: ClassVar[bool]
 
-    def pairwise(
-        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
-    ) -> Scores: ...
+    def pairwise(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores: ...
 
-    def group(
-        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
-    ) -> Scores: ...
+    def group(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores: ...
 
     def self_influence(self, state: ModelState, tr: Examples) -> Scores: ...
 
@@ -52,15 +48,13 @@ class PlainScorer:
         self.rt = rt
         self.fast = Rank1Path.for_model(rt)
 
-    def pairwise(
-        self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor
-    ) -> Scores:
+    def pairwise(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
         base = self.rt.base_losses(state, tr)
         if self.fast is not None and self.fast.usable(state, tr, xq, yq, base):
             return self.fast.pairwise(state, tr, xq, yq, base)
         return generic_pairwise(self.rt, state, tr, xq, yq, base)
 
-    def group(self, state: ModelState, tr: Examples, xq: torch.Tensor, yq: torch.Tensor) -> Scores:
+    def group(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
         return group_fit(self.rt, state, tr, xq, yq)
 
     def self_influence(self, state: ModelState, tr: Examples) -> Scores:
@@ -83,7 +77,7 @@ class PlainScorer:
                     fast = None
             if s is None or lr is None:
                 s, lr = generic_self(rt, state, xb, yb)
-            out[start : start + len(xb)] = s.cpu()
-            lrs[start : start + len(xb)] = lr.cpu()
+            out[start : start + len(yb)] = s.cpu()
+            lrs[start : start + len(yb)] = lr.cpu()
         path = "generic" if fast is None else "lowrank"
         return plain_scores(rt.config, out.unsqueeze(1), None, lrs, path, per_row=True)

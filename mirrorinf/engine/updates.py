@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mirrorinf.engine.examples import Examples
+from mirrorinf.engine.examples import Examples, Inputs, each, move, rows
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.runtime import AUTOCAST_MIN_STEP, ModelState, Runtime
 
@@ -70,12 +70,12 @@ def stack_norm(d: Params) -> torch.Tensor:
 
 
 def per_example_updates(
-    rt: Runtime, state: ModelState, x: torch.Tensor, y: torch.Tensor
+    rt: Runtime, state: ModelState, x: Inputs, y: torch.Tensor
 ) -> tuple[Params, torch.Tensor, list[Params] | None]:
     """Stacked parameters [m, ...] after ``steps`` updates, each on its own example; the lr of
     each, and each copy's BatchNorm buffers when bn_update lets them move. The first step's
     gradients are taken at the shared parameters (no m copies of theta to build or read)."""
-    m = len(x)
+    m = len(y)
     shared = {k: v.unsqueeze(0) for k, v in state.params.items()}
     stacked: Params | None = None  # None: every copy still equals theta
     bufs = None
@@ -98,11 +98,12 @@ def per_example_updates(
     return stacked, lr, bufs
 
 
-def _row_loss(rt: Runtime, state: ModelState) -> Callable[[Params, Tensor, Tensor], Tensor]:
+def _row_loss(rt: Runtime, state: ModelState) -> Callable[[Params, Inputs, Tensor], Tensor]:
     """The loss of one example under parameters ``p`` (a scalar), the function vmap batches."""
 
-    def f(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return rt.losses(rt.forward(state, p, xi.unsqueeze(0)), yi.unsqueeze(0))[0]
+    def f(p: Params, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+        one = each(xi, lambda v: v.unsqueeze(0))
+        return rt.losses(rt.forward(state, p, one), yi.unsqueeze(0))[0]
 
     return f
 
@@ -111,14 +112,14 @@ def per_example_grads(
     rt: Runtime,
     state: ModelState,
     stacked: Params,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     bufs: list[Params] | None,
     shared: bool = False,
 ) -> Params:
     """Gradient of each example's loss under its own copy of the parameters (``shared``: one
     unstacked set for every example)."""
-    x, y = x.to(rt.device), y.to(rt.device)
+    x, y = move(x, rt.device), y.to(rt.device)
     if bufs is None and state.vmap_ok:
         try:
             dims = (None if shared else 0, 0, 0)
@@ -129,13 +130,13 @@ def per_example_grads(
         except Exception as exc:  # model uses an op vmap cannot batch: loop instead
             vmap_failed(rt, state, "per-example gradients", exc)
     res = {
-        k: torch.empty(len(x), *v.shape[0 if shared else 1 :], dtype=v.dtype, device=v.device)
+        k: torch.empty(len(y), *v.shape[0 if shared else 1 :], dtype=v.dtype, device=v.device)
         for k, v in stacked.items()
     }
-    for j in range(len(x)):
+    for j in range(len(y)):
         p = {k: (v if shared else v[j]).detach().requires_grad_(True) for k, v in stacked.items()}
         with rt.bn_train(bufs is not None):
-            out_j = rt.forward(state, p, x[j : j + 1], bufs[j] if bufs else None)
+            out_j = rt.forward(state, p, rows(x, slice(j, j + 1)), bufs[j] if bufs else None)
             loss = rt.losses(out_j, y[j : j + 1]).sum()
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         for k, gk in zip(p, gs, strict=True):
@@ -147,7 +148,7 @@ def per_example_losses(
     rt: Runtime,
     state: ModelState,
     stacked: Params,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     bufs: list[Params] | None,
 ) -> torch.Tensor:
@@ -161,9 +162,9 @@ def per_example_losses(
             except Exception as exc:  # model uses an op vmap cannot batch: loop instead
                 vmap_failed(rt, state, "per-example losses", exc)
         parts = []
-        for j in range(len(x)):
+        for j in range(len(y)):
             pj = {k: v[j] for k, v in stacked.items()}
-            out_j = rt.forward(state, pj, x[j : j + 1], bufs[j] if bufs else None)
+            out_j = rt.forward(state, pj, rows(x, slice(j, j + 1)), bufs[j] if bufs else None)
             parts.append(rt.losses(out_j, y[j : j + 1]))
         return torch.cat(parts)
 
@@ -201,7 +202,7 @@ def stacked_mean_grad(rt: Runtime, state: ModelState, stacked: Params, data: Exa
         g = mean_grad(rt, state, {n: v[0] for n, v in stacked.items()}, data)
         return {n: v.unsqueeze(0) for n, v in g.items()}
 
-    def f(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def f(p: Params, xb: Inputs, yb: torch.Tensor) -> torch.Tensor:
         return rt.losses(rt.forward(state, p, xb), yb).sum()
 
     acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
@@ -214,11 +215,11 @@ def stacked_mean_grad(rt: Runtime, state: ModelState, stacked: Params, data: Exa
                 continue
             except Exception as exc:  # an op vmap cannot batch: loop over the copies
                 vmap_failed(rt, state, "mean gradients over parameter sets", exc)
-        sub = Examples("batch", x=xb, y=yb, n=len(xb))
+        sub = Examples("batch", x=xb, y=yb, n=len(yb))
         for j in range(k):
             gj = mean_grad(rt, state, {n: v[j] for n, v in stacked.items()}, sub)
             for n in acc:
-                acc[n][j] += gj[n] * len(xb)
+                acc[n][j] += gj[n] * len(yb)
     return {n: v / len(data) for n, v in acc.items()}
 
 
@@ -228,7 +229,7 @@ def stacked_losses(rt: Runtime, state: ModelState, stacked: Params, data: Exampl
     out = torch.empty(k, len(data), dtype=torch.float64)
     with torch.no_grad():
         for start, xb, yb in data.batches(rt.plan.rows_per_copy(k), rt.device):
-            sl = slice(start, start + len(xb))
+            sl = slice(start, start + len(yb))
             if state.vmap_ok:
                 try:
                     out[:, sl] = vmap(

@@ -70,8 +70,8 @@ GATE_TAG = "mirrorinf.gate"
 RUN_TAG = "mirrorinf.run_id"
 REPORT_TAG = "mirrorinf.report"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-# MLflow's dataset-input contexts (the UI's lineage column); the query set explains predictions
-DATASET_CONTEXTS = {"train": "training", "val": "validation", "query": "evaluation"}
+# MLflow's dataset-input contexts (the UI's lineage column); the query set is what is explained
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "query": "query"}
 SUPERSEDED_TAG = "mirrorinf.superseded_by"  # on a run whose verdict another run replaced
 TAG_LOCK_TIMEOUT_S = 300.0  # tagging holds the lock for well under a second
 

@@ -5,7 +5,8 @@ Runs the influence flow into a temporary SQLite MLflow store, starts ``mlflow ui
 by selenium through /usr/bin/chromedriver (never a browser download), waits for the artifact
 list and asserts the review artifacts are listed, opens report.md and takes a screenshot.
 Skipped only when Chromium, ChromeDriver or selenium is absent; ``.ci/run`` installs them.
-Set ``MIRRORINF_UI_SCREENSHOT=path.png`` to keep the screenshot (docs/review-run.png).
+Set ``MIRRORINF_UI_SCREENSHOT=path.png`` to keep the screenshot (docs/review-run.png), with
+``MIRRORINF_UI_PROJECT=/an/empty/neutral/folder`` so that no temporary path shows in it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def ui_run(
     """(InfluenceResult, project) of one flow run in a fresh store."""
     from mirrorinf.flows.influence import run_influence
 
-    project = tmp_path_factory.mktemp("ui-project")
+    # MIRRORINF_UI_PROJECT: a neutral, empty folder for the README screenshot (the UI shows
+    # artifact paths); a fresh temporary folder otherwise
+    neutral = os.environ.get("MIRRORINF_UI_PROJECT")
+    project = Path(neutral) if neutral else tmp_path_factory.mktemp("ui-project")
+    if neutral:
+        assert not project.exists() or not any(project.iterdir()), f"{project} is not empty"
+        project.mkdir(parents=True, exist_ok=True)
     params = params_from_dict(
         merge(base_params(project), demo=UI_DEMO, model={"name": MODEL},
               mlflow={"tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment": "ui"}),
@@ -172,6 +179,9 @@ def test_run_page_lists_review_artifacts(
     assert mv.tags["mirrorinf.report"] == f"#/experiments/{exp_id}/runs/{result.run_id}"
     assert result.run_id in (mv.description or "")
 
+    browser.get(f"{ui_server}/#/experiments/{exp_id}/runs/{result.run_id}/artifacts")
+    # MLflow 3's UI opens in its GenAI workflow; the influence run belongs with model training
+    _item(browser, "Model training", click=True)
     browser.get(f"{ui_server}/#/experiments/{exp_id}/runs/{result.run_id}/artifacts")
     for name in ("checks", "plots", "scores", "tables", "report.md", "summary.json"):
         _item(browser, name)

@@ -19,6 +19,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mirrorinf-prefect-home-"))
+# hermetic: every test names its MLflow store; a developer's exported server is never written to
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 # the cache's HMAC key: never the user's own (~/.config/mirrorinf); subprocesses inherit it
 os.environ.setdefault(
     "MIRRORINF_CACHE_KEY_FILE",

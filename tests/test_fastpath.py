@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from mlflow_helpers import fluent_tracking_uri
 from torch import nn
 from torch.func import functional_call
 
@@ -187,10 +188,8 @@ def pt2_models(
 
     root = tmp_path_factory.mktemp("pt2")
     uri = f"sqlite:///{root}/mlflow.db"
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
     out = {}
-    try:
+    with fluent_tracking_uri(uri):
         exp = mlflow.create_experiment("pt2", artifact_location=str(root / "artifacts"))
         for name, make in MODELS.items():
             model, x, y = make()
@@ -201,8 +200,6 @@ def pt2_models(
                 )  # fmt: skip
             loaded, _ = load_model_uri(f"models:/{name}/1", tracking_uri=uri)
             out[name] = (model, loaded, x, y)
-    finally:
-        mlflow.set_tracking_uri(old)
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow_helpers import fluent_tracking_uri
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -48,9 +49,7 @@ def register(
     import mlflow.pytorch
 
     (project / "mlruns").mkdir(exist_ok=True)
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri(project))
-    try:
+    with fluent_tracking_uri(uri(project)):
         exp = mlflow.get_experiment_by_name("train")
         exp_id = (
             exp.experiment_id
@@ -62,8 +61,6 @@ def register(
                 model.eval(), name="model", registered_model_name=name, input_example=example,
                 signature=signature, pip_requirements=["torch"],
             )  # fmt: skip
-    finally:
-        mlflow.set_tracking_uri(old)
     return int(info.registered_model_version)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow_helpers import fluent_tracking_uri
 from torch import nn
 
 from mirrorinf import ForwardInf, ForwardInfConfig
@@ -45,9 +46,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Net]]
     torch.manual_seed(0)
     net = Net().eval()
     example = np.zeros((2, 6), np.float32)
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with fluent_tracking_uri(uri):
         exp = mlflow.create_experiment("models", artifact_location=str(root / "artifacts"))
         with mlflow.start_run(experiment_id=exp):
             mlflow.pytorch.log_model(
@@ -59,8 +58,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Net]]
                 net, name="m", registered_model_name="pickled-net", serialization_format="pickle",
                 pip_requirements=["torch"],
             )  # fmt: skip
-    finally:
-        mlflow.set_tracking_uri(old)
     yield uri, net
 
 

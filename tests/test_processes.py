@@ -176,7 +176,10 @@ def test_kill_9_of_run_stops_its_prefect_api_and_frees_the_pipe(command: object)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
 def test_ui_stops_its_mlflow_server(command: object, tmp_path: Path, sig: int) -> None:
     port = free_port()
-    ui = command(["ui", "--port", str(port)])  # type: ignore[operator]
+    from mirrorinf.tasks.tracking import get_client
+
+    get_client(f"sqlite:///{tmp_path}/mlruns/mlflow.db")  # a project's store (ui refuses none)
+    ui = command(["ui", "--port", str(port)], {})  # type: ignore[operator]
 
     def up() -> bool:
         try:

@@ -167,7 +167,9 @@ def score_shard_task(
     # a private copy: the engine's functional calls swap a module's tensors for the duration of
     # a forward pass, so one module object must not be scored from several threads at once
     fi = _engine(copy.deepcopy(model), cfg, device)
-    rows, _ = score_rows(fi, (train.x[start:stop], train.y[start:stop]), queries.pair(), val.pair())
+    # the whole training set is the curvature set: anchored scores equal the unsharded run's
+    shard = (train.x[start:stop], train.y[start:stop])
+    rows, _ = score_rows(fi, shard, queries.pair(), val.pair(), curvature=train.pair())
     store.save(start, stop, rows)
     return True
 

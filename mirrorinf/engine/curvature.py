@@ -12,10 +12,11 @@ Defaults, and where each comes from:
   needs the exact inverse. Otherwise delta = _DAMPING_MULT * tr(H) / P, with tr(H) / P the
   mean eigenvalue (Hutchinson, _PROBES Gaussian probes). Scaling by the mean eigenvalue makes
   delta follow the model's curvature scale (it moves with the loss scale, the width, the
-  weight decay) instead of a constant. The multiplier is empirical: measured on digits MLPs
-  (small, wide), a digits CNN and a breast-cancer MLP (held-out LDS), 4 beat 8 and 16 except on
-  breast cancer, and the best lay at 4-20 (benchmarks/anchored_defaults.py re-measures it on
-  three data sets that are not digits).
+  weight decay) instead of a constant. The multiplier is empirical: on digits MLPs (small,
+  wide) and a digits CNN (held-out LDS), 4 beat 8 and 16; off digits
+  (benchmarks/anchored_defaults.py: breast cancer, wine, iris, synthetic MLPs) no value wins
+  everywhere (breast cancer and iris prefer 16, wine 4, synthetic is flat), and the mean LDS
+  over the four is 0.595 / 0.610 / 0.605 for 4 / 8 / 16, each above plain mode on every set.
 * filter. f(theta) = 1 / (|theta| + delta) on the Ritz values (the saddle-free inverse:
   negative curvature is treated by its magnitude, continuous at 0 so rounding cannot flip a
   near-zero eigenvalue between two answers; the prototype measured it equal to clipping
@@ -28,12 +29,16 @@ Defaults, and where each comes from:
   when the complement's curvature no longer matters next to the damping, rho <= delta / 4
   (then 1 / (rho + delta) is within 20% of the 1/delta every complement direction gets), or in
   the convex case when rho <= 1.25 * theta_min (the complement is as flat as the flattest
-  direction found, so 1 / rho is its inverse to within 25%). Cap: min(P, _MAX_BASIS,
-  STACK_BUDGET / P): the basis holds k * P float64 numbers, at most STACK_BUDGET (512 MB),
-  and _MAX_BASIS = 300 is where LDS stopped improving in the prototype (small MLP: 0.72 / 0.78 /
-  0.79 at k = 100 / 200 / 300).
+  direction found, so 1 / rho is its inverse to within 25%). Off digits, stopping at
+  rho <= delta / 8 or delta / 2 instead moved LDS by at most 0.005 at the default multiplier
+  (0.03 at 8 or 16; anchored_defaults.py). Cap: min(P, _MAX_BASIS, STACK_BUDGET / P): the
+  basis holds k * P float64 numbers, at most STACK_BUDGET (512 MB), and _MAX_BASIS = 300 is
+  where LDS stopped improving in the prototype (small MLP: 0.72 / 0.78 / 0.79 at k = 100 /
+  200 / 300).
 
-Cost: (k + 2 * _PROBES) Hessian-vector products on the curvature rows, plus O(k^2 P).
+Cost: (k + 2 * _PROBES) Hessian-vector products on the curvature rows, plus O(k^2 P); memory:
+the basis (k P float64) and the double-backward graph of the curvature rows, held while the
+basis grows.
 """
 
 from __future__ import annotations

@@ -313,9 +313,28 @@ def exact_loo_lbfgs(
 # ------------------------------------------------------------------ non-convex: MLP
 
 
-def make_mlp(seed: int = 0, hidden: int = 128, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def make_mlp(
+    seed: int = 0,
+    hidden: int = 128,
+    dtype: torch.dtype = torch.float32,
+    arch: str = "mlp",
+    d_in: int = 64,
+    n_out: int = 10,
+) -> nn.Sequential:
+    """The ``d_in``-``hidden``-``n_out`` ReLU MLP, or with ``arch="cnn"`` a small CNN on the 8x8
+    digits (conv 1->8 3x3, ReLU, conv 8->16 3x3, ReLU, flatten, linear 256->10)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)).to(dtype)
+    if arch == "cnn":
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(256, 10),
+        ).to(dtype)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out)).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -333,12 +352,16 @@ def train_mlp(
     init_seed: int = 0,
     recipe: MlpRecipe = MlpRecipe(),
     hidden: int = 128,
+    arch: str = "mlp",
+    n_out: int = 10,
 ) -> nn.Sequential:
     """Train the 64-``hidden``-10 ReLU MLP from the init given by ``init_seed`` with ``recipe``.
 
     Deterministic: the same data, seed and recipe give the same weights.
     """
-    model = make_mlp(init_seed, hidden=hidden, dtype=x.dtype)
+    model = make_mlp(
+        init_seed, hidden=hidden, dtype=x.dtype, arch=arch, d_in=x.shape[1], n_out=n_out
+    )
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.steps)
     for _ in range(recipe.steps):
@@ -368,6 +391,8 @@ def lds_subsets(
     init_seed: int = 0,
     recipe: MlpRecipe = MlpRecipe(),
     hidden: int = 128,
+    arch: str = "mlp",
+    n_out: int = 10,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Retrain the MLP on ``n_subsets`` random subsets of size ``round(frac * n)``.
 
@@ -383,7 +408,15 @@ def lds_subsets(
     for s in range(n_subsets):
         masks[s, rng.choice(n, size=round(frac * n), replace=False)] = True
         idx = torch.from_numpy(np.flatnonzero(masks[s]))
-        model = train_mlp(x[idx], y[idx], init_seed=init_seed, recipe=recipe, hidden=hidden)
+        model = train_mlp(
+            x[idx],
+            y[idx],
+            init_seed=init_seed,
+            recipe=recipe,
+            hidden=hidden,
+            arch=arch,
+            n_out=n_out,
+        )
         losses[s] = query_losses(model, xq, yq).numpy()
     return masks, losses, time.perf_counter() - t0
 

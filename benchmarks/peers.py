@@ -11,15 +11,14 @@ Same model, same training data, same queries, one run. Peers (each optional):
   weight decay, CG on this indefinite Hessian sent some queries' scores the wrong way),
 - Kronfluence EK-FAC (``kronfluence``).
 
-Two settings on scikit-learn's bundled digits (no downloads):
+Three settings on scikit-learn's bundled digits (no downloads):
 
 1. ``small``: the quality benchmark's 64-128-10 ReLU MLP (about 9.6k parameters), where
    per-example gradients are cheap;
 2. ``wide``: a 64-1024-10 ReLU MLP (about 77k parameters, ``--wide-hidden``), where per-example
-   gradients (one vector of every parameter per training example) are the expensive part.
-   Anchored mode is skipped there by default (it takes full-training-set gradient steps per
-   query: about 10 s per query on one core, 9 minutes for the default queries);
-   ``--wide-anchored`` runs it.
+   gradients (one vector of every parameter per training example) are the expensive part;
+3. ``cnn``: a small CNN (conv 1->8 3x3, ReLU, conv 8->16 3x3, ReLU, flatten, linear 256->10,
+   about 4k parameters), where the Hessian is far from a linear model's.
 
 Per method it prints:
 
@@ -58,7 +57,7 @@ than one. Measure with more threads on a dedicated machine.
 A missing peer gets a "not installed" row, a failing one its error; the script never stops.
 The machine is shared: times and RSS are what one run saw, not a controlled measurement.
 
-Run:  python benchmarks/peers.py [--quick] [--seed 0] [--only small|wide]
+Run:  python benchmarks/peers.py [--quick] [--seed 0] [--only small|wide|cnn]
       (about 5 minutes on a shared 2-core machine with defaults, about 2 with --quick)
 """
 
@@ -102,7 +101,11 @@ class Setting:
     hidden: int
     recipe: MlpRecipe
     n_subsets: int
-    anchored: bool = True
+    arch: str = "mlp"
+
+    def describe(self, n_params: int) -> str:
+        net = "CNN 1-8-16 conv + linear" if self.arch == "cnn" else f"MLP 64-{self.hidden}-10"
+        return f"{net} ({n_params:,} parameters)"
 
 
 @dataclass
@@ -350,7 +353,7 @@ def worker(method: str, workdir: Path, threads: int) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     blob = torch.load(workdir / "problem.pt", weights_only=False)
-    model = make_mlp(0, hidden=blob["hidden"])
+    model = make_mlp(0, hidden=blob["hidden"], arch=blob["arch"])
     model.load_state_dict(blob["state"])
     model.eval()
     p = Problem(
@@ -505,7 +508,12 @@ def run_setting(st: Setting, args: argparse.Namespace, methods: list[str]) -> li
     sp = digits_split(st.n_train, st.n_query, seed=args.seed, dtype=torch.float32)
     t0 = time.perf_counter()
     model = train_mlp(
-        sp.x_train, sp.y_train, init_seed=args.seed, recipe=st.recipe, hidden=st.hidden
+        sp.x_train,
+        sp.y_train,
+        init_seed=args.seed,
+        recipe=st.recipe,
+        hidden=st.hidden,
+        arch=st.arch,
     )
     t_train = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
@@ -521,13 +529,14 @@ def run_setting(st: Setting, args: argparse.Namespace, methods: list[str]) -> li
         init_seed=args.seed,
         recipe=st.recipe,
         hidden=st.hidden,
+        arch=st.arch,
     )
     # self-check queries: the training points the model fits worst (large gradients, so their
     # own copy should be a clear top proponent for every method)
     idx = query_losses(model, sp.x_train, sp.y_train).argsort(descending=True)[:SELF_CHECKS]
     idx = idx.numpy()
     print(
-        f"\n[{st.name}] MLP 64-{st.hidden}-10 ({n_params:,} parameters), {st.n_train} train / "
+        f"\n[{st.name}] {st.describe(n_params)}, {st.n_train} train / "
         f"{st.n_query} queries (+{SELF_CHECKS} training points as self-check queries), "
         f"{st.recipe}: trained in {t_train:.1f}s (grad norm {model.grad_norm:.1e}, query acc "
         f"{acc:.3f}); {st.n_subsets} retrains on 50% subsets in {t_sub:.1f}s",
@@ -540,6 +549,7 @@ def run_setting(st: Setting, args: argparse.Namespace, methods: list[str]) -> li
             {
                 "state": model.state_dict(),
                 "hidden": st.hidden,
+                "arch": st.arch,
                 "x_train": sp.x_train,
                 "y_train": sp.y_train,
                 "x_query": torch.cat([sp.x_query, sp.x_train[idx]]),
@@ -551,15 +561,6 @@ def run_setting(st: Setting, args: argparse.Namespace, methods: list[str]) -> li
             workdir / "problem.pt",
         )
         for key in methods:
-            if key == "anchored" and not st.anchored:
-                rows.append(
-                    Row(
-                        METHODS[key].label,
-                        error="skipped by default (about 10 s per query on one core at "
-                        "this width); --wide-anchored runs it",
-                    )
-                )
-                continue
             row = _run_method(key, workdir, args.timeout, st.n_query, masks, losses, idx)
             if key == "trak":
                 row.method = f"TRAK (1 model, proj {args.trak_dim})"
@@ -574,7 +575,7 @@ def run_setting(st: Setting, args: argparse.Namespace, methods: list[str]) -> li
             )
             rows.append(row)
     _print_table(
-        f"{st.name}: MLP 64-{st.hidden}-10, {n_params:,} parameters, {st.n_train} "
+        f"{st.name}: {st.describe(n_params)}, {st.n_train} "
         f"train, {st.n_query} queries, LDS over {st.n_subsets} half-subsets",
         rows,
     )
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (about 2 minutes)")
     ap.add_argument("--seed", type=int, default=0, help="data split, init and subset seed")
-    ap.add_argument("--only", choices=["small", "wide"], help="run one setting")
+    ap.add_argument("--only", choices=["small", "wide", "cnn"], help="run one setting")
     ap.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -595,7 +596,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-query", type=int, help="held-out queries (both settings)")
     ap.add_argument("--subsets", type=int, help="LDS retrains (both settings)")
     ap.add_argument("--wide-hidden", type=int, help="hidden width of the wide setting")
-    ap.add_argument("--wide-anchored", action="store_true", help="run anchored mode when wide")
     ap.add_argument(
         "--trak-dim",
         type=int,
@@ -642,14 +642,22 @@ def main(argv: list[str] | None = None) -> int:
         args.wide_hidden or (512 if q else 1024),
         MlpRecipe(weight_decay=1e-3, lr=1e-2, steps=200),
         args.subsets or (10 if q else 40),
-        anchored=args.wide_anchored,
+    )
+    cnn = Setting(
+        "cnn",
+        n_train,
+        n_query,
+        0,
+        MlpRecipe(weight_decay=1e-3, lr=1e-2, steps=500),
+        args.subsets or (15 if q else 50),
+        arch="cnn",
     )
     print(
         f"# mirrorinf vs peers (digits, seed={args.seed}, {'quick' if q else 'full'}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads)"
     )
     t0 = time.perf_counter()
-    for st in (small, wide):
+    for st in (small, wide, cnn):
         if args.only in (None, st.name):
             run_setting(st, args, methods)
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f}s")

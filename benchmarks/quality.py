@@ -17,7 +17,8 @@ Training objective convention (what ``ForwardInfConfig.weight_decay`` means)::
     J(theta) = mean_i CE(f_theta(x_i), y_i) + (weight_decay / 2) * ||theta||^2   (all parameters)
 
 Every model here is trained with exactly that objective (see ``_common.objective``), and the
-anchored rows pass the same ``weight_decay`` to the engine.
+anchored rows pass the same ``weight_decay`` to the engine. Anchored mode's group influence is
+the plain group fit (it measured best: mirrorinf/engine/anchored.py), so it has no row here.
 
 Sign convention: positive score = proponent (LOO: removing the point raises the query's loss).
 Engine and TracIn rows see the float32 copy of each model; the ground truth is float64 (convex).
@@ -317,14 +318,6 @@ def mislabel(seed: int) -> tuple[list[Row], list[Target]]:
             lambda fi: -fi.group(train, val),
             model,
             cfg,
-            metric,
-        ),
-        _engine_row(
-            f"group on clean val, -score (anchored, wd={MLP_RECIPE.weight_decay}; "
-            "extra, no target)",
-            lambda fi: -fi.group(train, val),
-            model,
-            ForwardInfConfig(mode="anchored", weight_decay=MLP_RECIPE.weight_decay),
             metric,
         ),
     ]

@@ -19,9 +19,13 @@ def score_rows(
     train: tuple[Inputs, torch.Tensor],
     queries: tuple[Inputs, torch.Tensor],
     val: tuple[Inputs, torch.Tensor],
+    curvature: tuple[Inputs, torch.Tensor] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Every per-training-row score of a set of rows (plus the per-query self-drop), and the
     engine's report of each verb.
+
+    ``curvature``: the whole training set when ``train`` is a shard of it, so that anchored
+    mode's curvature (and so every score) is the unsharded run's; None = ``train``.
 
     ``leak_pairwise`` is the plain-mode pairwise pass the leak rule needs when the engine runs
     in another mode (absent in plain mode, where ``pairwise`` serves).
@@ -34,7 +38,7 @@ def score_rows(
         rep.pop("query_self_drop", None)  # an array, kept with the scores
         reports[name] = rep
 
-    out = {"pairwise": fi.pairwise(train, queries).double().numpy()}
+    out = {"pairwise": fi.pairwise(train, queries, curvature=curvature).double().numpy()}
     assert fi.last_report is not None
     drop = fi.last_report.query_self_drop
     plain = fi.last_report.mode == "plain"
@@ -46,7 +50,7 @@ def score_rows(
         drop = twin.last_report.query_self_drop
     n_q = len(queries[1])
     out["query_self_drop"] = drop.double().numpy() if drop is not None else np.full(n_q, np.nan)
-    out["group_influence"] = fi.group(train, val).double().numpy()
+    out["group_influence"] = fi.group(train, val, curvature=curvature).double().numpy()
     report("group")
     out["self_influence"] = fi.self_influence(train).double().numpy()
     report("self")

@@ -190,8 +190,9 @@ def score_shard_task(
     # a private copy: the engine's functional calls swap a module's tensors for the duration of
     # a forward pass, so one module object must not be scored from several threads at once
     fi = _engine(copy.deepcopy(model), cfg, device, task)
+    # the whole training set is the curvature set: anchored scores equal the unsharded run's
     part = (rows_of(train.x, slice(start, stop)), train.y[start:stop])
-    rows, _ = score_rows(fi, part, queries.pair(), val.pair())
+    rows, _ = score_rows(fi, part, queries.pair(), val.pair(), curvature=train.pair())
     store.save(start, stop, rows)
     return True
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from benchmarks._common import digits_split, exact_loo, flip_labels, train_logreg
+from benchmarks._common import digits_split, flip_labels
 from mirrorinf import ForwardInf, ForwardInfConfig
-from mirrorinf.metrics import loo_correlation, mislabel_auroc
+from mirrorinf.metrics import mislabel_auroc
 
 
 def _train(
@@ -297,22 +297,6 @@ def test_transformer_encoder_classifier():
     assert model.training
 
 
-def test_anchored_tracks_exact_loo_on_logistic_regression():
-    """Held-out setting (seed and sizes differ from the benchmark)."""
-    wd = 1e-2
-    s = digits_split(200, 8, seed=11)
-    model = train_logreg(s.x_train, s.y_train, wd)
-    loo, _ = exact_loo(model, s.x_train, s.y_train, s.x_query, s.y_query, wd)
-    fi = ForwardInf(model, ForwardInfConfig(mode="anchored", weight_decay=wd))
-    scores = fi.pairwise((s.x_train, s.y_train), (s.x_query, s.y_query))
-    corr = loo_correlation(scores.double(), loo)
-    assert corr["spearman"] > 0.9, corr
-    plain = loo_correlation(
-        ForwardInf(model).pairwise((s.x_train, s.y_train), (s.x_query, s.y_query)).double(), loo
-    )
-    assert corr["spearman"] > plain["spearman"]
-
-
 def test_group_fit_on_clean_validation_finds_flipped_labels():
     """Default group = a real fit of the clean set; flipped training labels come out harmful.
 
@@ -343,7 +327,7 @@ def test_group_fit_on_clean_validation_finds_flipped_labels():
 def test_self_influence_is_plain_in_every_mode(mlp_setup):
     model, x, y = mlp_setup
     plain = ForwardInf(model).self_influence((x, y))
-    fi = ForwardInf(model, ForwardInfConfig(mode="anchored", steps=7, lr=0.5))
+    fi = ForwardInf(model, ForwardInfConfig(mode="anchored", steps=7))
     anchored = fi.self_influence((x, y))
     assert torch.allclose(plain, anchored) and fi.last_report.scale == "per_unit_lr"
 
@@ -506,26 +490,6 @@ def test_compile_gives_the_eager_scores(mlp_setup):
     got = fi.pairwise((x, y), (x[:3], y[:3]))
     assert fi._rt._compiled not in (None, False)  # it really compiled (a C++ compiler is present)
     torch.testing.assert_close(got, eager)
-
-
-def test_anchored_curvature_does_not_depend_on_row_order():
-    """Beyond 2048 rows the curvature is estimated on a subsample chosen by row content, so a
-    permuted training set gives the same lambda estimates and the same run length."""
-    torch.manual_seed(3)
-    x = torch.randn(2600, 6)
-    y = (x @ torch.randn(6, 3)).argmax(1)
-    model = _train(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), x, y, steps=100)
-    perm = torch.randperm(2600, generator=torch.Generator().manual_seed(1))
-    cfg = ForwardInfConfig(mode="anchored", weight_decay=1e-2)
-    a = ForwardInf(model, cfg)
-    b = ForwardInf(model, cfg)
-    from mirrorinf.engine import as_examples
-    from mirrorinf.engine.anchored import curvature
-
-    with a._rt.scoring() as ta, b._rt.scoring() as tb:
-        la = curvature(a._rt, ta, as_examples((x, y), "train"))
-        lb = curvature(b._rt, tb, as_examples((x[perm], y[perm]), "train"))
-    assert la == lb
 
 
 def test_engine_reads_mode_in_one_place():

@@ -6,7 +6,7 @@ Linear layers of random widths, activations and bias, which take the low-rank fa
 same with LayerNorm or BatchNorm1d, and a tiny conv net with or without BatchNorm2d, which take
 the generic path), random n_train (1..20), n_query (1..6), n_classes (2..5), feature scales
 (0.01..10), the caller's model in train, eval or mixed mode, and both modes (plain; anchored
-with tinier sizes and fewer examples, as it runs up to hundreds of full-batch gradient steps):
+with tinier sizes and fewer examples, as it builds a Lanczos basis of the training Hessian):
 
 * shapes and finiteness: ``pairwise`` is [n_train, n_query], ``group`` and ``self_influence``
   are [n_train], all finite float32, and ``last_report`` describes the call;
@@ -17,13 +17,14 @@ with tinier sizes and fewer examples, as it runs up to hundreds of full-batch gr
   the seeded sphere perturbation too), and so do repeated calls on one engine (cached state);
 * permutation equivariance: permuting the training rows permutes the rows of the result.
   Not bitwise: a row's forward pass rounds differently with its position in a batch, and
-  anchored mode sums the training gradient in row order. The tolerance is a noise floor from
-  the dtype's epsilon, the loss and activation magnitudes and the score's unit (1/lr, or
-  1/anchor weight); ``test_tolerance_has_teeth`` checks that a wrong row order still fails;
+  anchored mode sums its Hessian-vector products in row order. The tolerance is a noise floor
+  from the dtype's epsilon, the loss and activation magnitudes and the score's unit (1/lr, or
+  1/finite-difference step in anchored mode); ``test_tolerance_has_teeth`` checks that a
+  wrong row order still fails;
 * self-consistency: the diagonal of ``pairwise(train, train)`` equals ``self_influence`` (the
   same update of the same point) and, on a trained model, is > 0 wherever the point has a
-  gradient: to first order the drop is ||g||^2 in plain mode and g^T (I - (I - lr H)^T) H^-1 g
-  > 0 in anchored mode, for every eigenvalue with lr |lambda| < 2. A point without gradient
+  gradient: to first order the drop is ||g||^2 in plain mode and g^T (|H| + delta)^-1 g > 0
+  in anchored mode (the filter is positive on every eigenvalue). A point without gradient
   (dead ReLUs) scores exactly 0; one whose ||g||^2 is below float32's range rounds to 0 in the
   float32 result, so "> 0" is asserted where ||g|| > 1e-18;
 * when anchored mode refuses for want of positive curvature, an exact Hessian confirms it.
@@ -226,7 +227,7 @@ def config(mode: str, **kw: object) -> ForwardInfConfig:
 def noise_floor(fi: ForwardInf, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Absolute float noise of the last call's scores: rounding of the losses and logits at the
     engine's dtype, divided by the score's unit (the smallest automatic lr in plain mode, the
-    anchor weight 1/n_train in anchored mode, 1 for raw loss drops)."""
+    smallest finite-difference step in anchored mode, 1 for raw loss drops)."""
     rep = fi.last_report
     assert rep is not None
     eps = torch.finfo(fi.dtype).eps
@@ -238,9 +239,7 @@ def noise_floor(fi: ForwardInf, model: nn.Module, x: torch.Tensor, y: torch.Tens
             h = layer(h)
             mag = max(mag, float(h.abs().max()))
         loss = float(cross_entropy(h.double(), y).max())
-    if rep.scale == "per_unit_query_weight":
-        unit = 1.0 / rep.n_train
-    elif rep.scale == "per_unit_lr" and rep.lr_min > 0:
+    if rep.scale in ("per_unit_lr", "per_unit_query_weight") and rep.lr_min > 0:
         unit = rep.lr_min
     else:
         unit = 1.0
@@ -267,7 +266,8 @@ def anchored(
     call: Callable[[], torch.Tensor], model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor | None:
     """Run an anchored-mode call; None if the engine refused for want of positive curvature
-    (documented: the automatic lr is 1/lambda_max), after checking that the refusal is right."""
+    (documented: the automatic damping scales with it), after checking that the refusal is
+    right."""
     try:
         return call()
     except ValueError as exc:
@@ -565,11 +565,9 @@ def test_plain_permuting_training_rows_permutes_scores(
 def test_anchored_permuting_training_rows_permutes_scores(
     arch: Arch, n_train: int, n_query: int, scale: float, data_seed: int, perm_seed: int
 ) -> None:
-    """Anchored mode sums the training gradient in row order: equal up to float64 noise.
-
-    Automatic steps (not fixed): the run length comes from the Hessian's extreme eigenvalues,
-    which must not depend on the row order either (with n_train <= 2048 the curvature sample is
-    every row).
+    """Anchored mode sums its Hessian-vector products in row order: equal up to float64
+    noise. Automatic basis size (not fixed): the stopping rule must not depend on the row order
+    either (the curvature rows are taken in content order).
     """
     model = build_model(arch).eval()
     x, y = make_data(arch, n_train, scale, data_seed)
@@ -656,8 +654,8 @@ def test_plain_diagonal_is_self_influence_and_positive(
 def test_anchored_diagonal_is_positive(
     arch: Arch, n_train: int, scale: float, data_seed: int
 ) -> None:
-    """Anchored: the response to eps * loss(z_i) lowers loss(z_i) wherever it has a gradient
-    (g^T (I - (I - lr H)^T) H^-1 g > 0 for every eigenvalue with lr |lambda| < 2)."""
+    """Anchored: the mirror move for z_i lowers loss(z_i) wherever it has a gradient
+    (g^T (|H| + delta)^-1 g > 0: the filter is positive on every eigenvalue)."""
     model = build_model(arch)
     x, y = make_data(arch, n_train, scale, data_seed)
     train_model(model, x, y)
@@ -779,7 +777,7 @@ def test_tolerance_has_teeth() -> None:
 
 @pytest.mark.parametrize("verb", ["pairwise", "group"])
 def test_anchored_single_training_row(verb: str) -> None:
-    """Plain mode scores one training row; anchored mode should too (one anchored run)."""
+    """Plain mode scores one training row; anchored mode should too (a basis of one row)."""
     arch = Arch("linear", (), "identity", True, 2, 2, 0)
     model = build_model(arch).eval()
     train, queries = make_data(arch, 1, 1.0, 0), make_data(arch, 1, 1.0, 1)

@@ -72,6 +72,35 @@ def test_shards_concatenate_to_the_whole_set():
         )
 
 
+def test_anchored_shards_equal_the_whole_set_with_the_whole_curvature():
+    """Anchored mode: each shard passes the whole training set as its curvature set (as
+    score_shard_task does), so shard scores are the unsharded run's; with its own rows as the
+    curvature set a shard's scores differ (the failure this guards against)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 10), torch.randint(0, 3, (300,))
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    q, v = (x[:5] + 0.1, y[:5]), (x[250:], y[250:])
+    cfg = {"mode": "anchored", "weight_decay": 1e-2, "seed": 5}
+    whole, _ = score_rows(ForwardInf(model, cfg), (x, y), q, v)
+    ranges = shard_ranges(300, 70)
+    parts = [
+        score_rows(ForwardInf(model, cfg), (x[a:b], y[a:b]), q, v, curvature=(x, y))[0]
+        for a, b in ranges
+    ]
+    for name in ("pairwise", "group_influence", "self_influence"):
+        joined = np.concatenate([p[name] for p in parts])
+        np.testing.assert_allclose(
+            joined, whole[name], rtol=1e-6, atol=1e-9 * abs(whole[name]).max()
+        )
+    # the plain float32 leak twin: equal up to float32 rounding of finite differences
+    _close(np.concatenate([p["leak_pairwise"] for p in parts]), whole["leak_pairwise"])
+    for p in parts:
+        np.testing.assert_allclose(p["query_self_drop"], whole["query_self_drop"], rtol=1e-6)
+    a, b = ranges[0]
+    own, _ = score_rows(ForwardInf(model, cfg), (x[a:b], y[a:b]), q, v)
+    assert not np.allclose(own["pairwise"], whole["pairwise"][a:b], rtol=1e-3)
+
+
 def _close(a: np.ndarray, b: np.ndarray) -> None:
     """Equal up to float32 rounding of finite differences (1e-3 of the scale)."""
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())

@@ -64,28 +64,39 @@ class ForwardInfConfig:
 
     Fields:
         mode: "plain" = fit-on-query steps on loss(q) alone (TracIn-equivalent quality, forward
-            passes only); "anchored" = steps on the training objective + anchor_eps * loss(q),
-            scored against a control run without the query (closer to retraining on D ∪ {q};
-            much more faithful, costs full-training-set gradient steps per query).
-        steps: optimizer steps of the update. None = automatic: 1 for plain pairwise and
-            self-influence; for plain group influence 50 Adam steps of lr 0.01*rms(theta) (a real
-            fit of the set); in anchored mode from the Hessian's extreme eigenvalues (Lanczos):
-            positive definite -> until the slowest direction converges (20-500 steps);
-            indefinite -> 300 small steps, fewer if negative curvature would grow over 2x.
-        lr: step size. None = automatic: plain mode takes a normalised step of length
-            ``rel_step * ||theta||`` per query (any gradient norm rises above float precision)
-            and reports scores per unit learning rate; anchored mode uses 1 / lambda_max of the
-            training objective if its Hessian is positive definite, else 0.1 / lambda_max
-            (small steps that follow gradient flow). A number = that
-            lr, scores as raw loss drops.
-        rel_step: length of the automatic plain step relative to the parameter norm.
+            passes only); "anchored" = the mirror point of the training objective with the
+            query's weight added, -F(H) g_q with F a damped inverse of the training Hessian H
+            applied through one Lanczos basis built once per model and training set, each
+            training row's loss drop measured by forward passes (closer to retraining on
+            D + {q}; much more faithful; costs the basis once, ~100-300 Hessian-vector products
+            on up to 2048 rows, then per query a gradient and a forward pass over the training
+            set). See mirrorinf/engine/anchored.py and curvature.py for the derivations.
+        steps: plain mode: optimizer steps of the update. None = automatic: 1 for pairwise and
+            self-influence; for group influence 50 Adam steps of lr 0.01*rms(theta) (a real fit
+            of the set). Anchored mode: the size of the Lanczos basis (Hessian-vector
+            products), fixed; None = automatic: grown until the part of a gradient outside the
+            basis has curvature below a quarter of the damping (convex: within 25% of the
+            flattest direction found), at most min(P, 300, 2^26 / P) vectors.
+        lr: plain mode's step size. None = automatic: a normalised step of length
+            ``rel_step * ||theta||`` per query (any gradient norm rises above float precision),
+            scores per unit learning rate. A number = that lr, scores as raw loss drops.
+            Anchored mode takes no steps: lr must be null there (use ``damping``).
+        rel_step: length of the automatic plain step relative to the parameter norm; in
+            anchored mode, the length of the finite-difference move along the mirror direction.
         optimizer: "sgd" (first-order equal to TracIn at the final checkpoint) or "adam"
             (the released code's choice; sign-like first step).
         direction: "descent" fits the query; "ascent" unlearns it. Signs are flipped for ascent
             so that positive always means proponent.
         score: "signed" or "abs" (|delta|, as the released leakage code ranks).
-        weight_decay: the L2 coefficient the model was trained with (anchored mode's objective).
-        anchor_eps: weight of the query in anchored mode. None = 1 / n_train (one more point).
+        weight_decay: the L2 coefficient the model was trained with (anchored mode's objective:
+            mean training loss + weight_decay/2 ||theta - theta0||^2).
+        anchor_eps: anchored mode: weight w of the query. The mirror point is theta - w F(H) g_q
+            (first order in w) and scores are loss drops per unit of w. None (default) = the
+            first-order limit, measured with a move of rel_step * ||theta||.
+        damping: anchored mode: delta in F(H) = (|H| + delta)^-1. None (default) = automatic: 0
+            when the Hessian is positive definite (convex models: the L2 term damps), else
+            4 * tr(H) / P (4 x the mean eigenvalue: measured on four held-out models, see
+            mirrorinf/engine/curvature.py). Ignored in plain mode.
         bn_update: let BatchNorm running statistics move during the update (scoring is always in
             eval mode). Default False: the scores then depend on the weights alone.
         sphere: optional perturbation of already-fit queries (SphereConfig); None = off.
@@ -93,8 +104,8 @@ class ForwardInfConfig:
         train_batch: rows per forward pass (training examples x queries in a chunk).
             None = 8192 on a CPU, 131072 on a GPU (where launch overhead dominates).
         precision: dtype of the updates and forward passes. "auto" = float32 in plain mode and
-            float64 in anchored mode (its differences are weighted by anchor_eps ~ 1/n, so
-            float32 rounding would zero many of them). Loss differences are always float64.
+            float64 in anchored mode (its finite differences over a move of 1e-4 ||theta|| would
+            keep only ~3 digits in float32). Loss differences are always float64.
         fast_path: "auto" uses the exact low-rank rewrite of SGD updates of Linear layers when
             the model allows it (verified against the generic path on the first batch); "off"
             always uses the generic path.
@@ -106,7 +117,8 @@ class ForwardInfConfig:
         compile: torch.compile the batched forward of the generic path (the hot loop over the
             training set). Pays a compile (seconds to a minute) once per engine; helps on GPUs
             where small models are launch-bound, not on CPUs (measured slower there).
-        seed: seeds the sphere perturbation and the curvature estimate.
+        seed: seeds the sphere perturbation and the curvature estimate (anchored mode's Lanczos
+            start and probes).
     """
 
     mode: str = "plain"
@@ -118,6 +130,7 @@ class ForwardInfConfig:
     score: str = "signed"
     weight_decay: float = 0.0
     anchor_eps: float | None = None
+    damping: float | None = None
     bn_update: bool = False
     sphere: SphereConfig | None = None
     query_batch: int = 32
@@ -145,6 +158,21 @@ class ForwardInfConfig:
         _positive("lr", self.lr, allow_none=True)
         _positive("rel_step", self.rel_step)
         _positive("anchor_eps", self.anchor_eps, allow_none=True)
+        if self.damping is not None and (
+            isinstance(self.damping, bool)
+            or not isinstance(self.damping, (int, float))
+            or not self.damping >= 0
+        ):
+            raise ValueError(
+                f"ForwardInfConfig.damping must be a number >= 0 or null (automatic), "
+                f"got {self.damping!r}"
+            )
+        if self.mode == "anchored" and self.lr is not None:
+            raise ValueError(
+                f"ForwardInfConfig.lr={self.lr!r} has no meaning in anchored mode (it solves "
+                "with a Lanczos basis, it takes no steps); set lr: null, and damping (or steps: "
+                "the basis size) to change how it solves"
+            )
         _positive("query_batch", self.query_batch, integer=True)
         _positive("train_batch", self.train_batch, allow_none=True, integer=True)
         if not isinstance(self.compile, bool):

@@ -7,12 +7,15 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
 from mirrorinf.engine.examples import Examples, Inputs, parts
 from mirrorinf.errors import ResourceError
+
+if TYPE_CHECKING:
+    from mirrorinf.engine.curvature import KrylovBasis
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +113,10 @@ class Cache:
 
     resident: Memo[Key, tuple[Inputs, torch.Tensor]] = field(default_factory=Memo)
     base_losses: Memo[Key, torch.Tensor] = field(default_factory=Memo)
-    train_grad: Memo[Key, Params] = field(default_factory=Memo)
-    curvature: Memo[Key, tuple[float, float]] = field(default_factory=Memo)
+    curvature: Memo[Key, KrylovBasis] = field(default_factory=Memo)  # anchored mode's basis
 
     def clear(self) -> None:
-        for memo in (self.resident, self.base_losses, self.train_grad, self.curvature):
+        for memo in (self.resident, self.base_losses, self.curvature):
             memo.clear()
 
 

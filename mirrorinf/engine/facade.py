@@ -103,13 +103,29 @@ class ForwardInf:
         """Queries scored together (halved after an out-of-memory error)."""
         return self._rt.plan.query_batch
 
-    def pairwise(self, train: DataLike, queries: DataLike) -> torch.Tensor:
-        """Scores [n_train, n_query]: how much fitting each query lowers each training loss."""
-        return self._run("pairwise", lambda: self._pairwise(train, queries))
+    def pairwise(
+        self, train: DataLike, queries: DataLike, *, curvature: DataLike | None = None
+    ) -> torch.Tensor:
+        """Scores [n_train, n_query]: how much fitting each query lowers each training loss.
 
-    def group(self, train: DataLike, queries: DataLike) -> torch.Tensor:
-        """Scores [n_train] for one update on the whole query set (negative = harmful to it)."""
-        return self._run("group", lambda: self._group(train, queries))[:, 0]
+        ``curvature`` (anchored mode): the training set whose objective the mirror direction
+        comes from, when ``train`` is only some of its rows (a shard): scores then equal those
+        of the whole set's run. None = ``train``. Plain mode has no curvature and ignores it.
+        """
+        return self._run("pairwise", lambda: self._pairwise(train, queries, curvature))
+
+    def group(
+        self, train: DataLike, queries: DataLike, *, curvature: DataLike | None = None
+    ) -> torch.Tensor:
+        """Scores [n_train] for one update on the whole query set (negative = harmful to it);
+        ``curvature`` as in ``pairwise``. In anchored mode, the plain twin's group fit (what
+        measured best at finding harmful examples: mirrorinf/engine/anchored.py)."""
+        if self._scorer.group_in_plain_twin:
+            twin = self.plain_twin()
+            out = twin.group(train, queries, curvature=curvature)
+            self.last_report = twin.last_report
+            return out
+        return self._run("group", lambda: self._group(train, queries, curvature))[:, 0]
 
     def self_influence(self, train: DataLike) -> torch.Tensor:
         """Scores [n_train]: each training point's loss drop after fitting that point alone.
@@ -148,25 +164,41 @@ class ForwardInf:
         )
         return scores.matrix.float()
 
-    def _pairwise(self, train: DataLike, queries: DataLike) -> Scores:
+    def _pairwise(
+        self, train: DataLike, queries: DataLike, curvature: DataLike | None = None
+    ) -> Scores:
         tr, qs = self._rt.resident(as_examples(train, "train")), as_examples(queries, "queries")
+        curv = self._curvature(curvature)
         with self._rt.scoring() as state:
             check_train(self._rt, state, tr)
+            if curv is not None:
+                check_train(self._rt, state, curv)
             xq, yq = prepare_queries(self._rt, state, qs)
-            scores = self._scorer.pairwise(state, tr, xq, yq)
+            scores = self._scorer.pairwise(state, tr, xq, yq, curv)
         if len(tr) > 1:
             bad = vanished_columns(scores.matrix).nonzero().flatten()
             self._redo_in_float64(
-                scores, bad, lambda hi: hi._pairwise(tr, (rows(xq, bad), yq[bad]))
+                scores, bad, lambda hi: hi._pairwise(tr, (rows(xq, bad), yq[bad]), curv)
             )
         return scores
 
-    def _group(self, train: DataLike, queries: DataLike) -> Scores:
+    def _group(
+        self, train: DataLike, queries: DataLike, curvature: DataLike | None = None
+    ) -> Scores:
         tr, qs = self._rt.resident(as_examples(train, "train")), as_examples(queries, "queries")
+        curv = self._curvature(curvature)
         with self._rt.scoring() as state:
             check_train(self._rt, state, tr)
+            if curv is not None:
+                check_train(self._rt, state, curv)
             xq, yq = prepare_queries(self._rt, state, qs)
-            return self._scorer.group(state, tr, xq, yq)
+            return self._scorer.group(state, tr, xq, yq, curv)
+
+    def _curvature(self, curvature: DataLike | None) -> Examples | None:
+        """The validated curvature set (None: the scored training rows serve)."""
+        if curvature is None:
+            return None
+        return self._rt.resident(as_examples(curvature, "curvature"))
 
     def _self(self, train: DataLike | Examples) -> Scores:
         tr = self._rt.resident(as_examples(train, "train"))

@@ -23,15 +23,32 @@ from mirrorinf.engine.scores import Scores, plain_scores
 class Scorer(Protocol):
     """One scoring method. ``mode``: its name in reports; ``auto_dtype``: the dtype of
     precision="auto"; ``self_in_plain_twin``: self-influence is the plain twin's (the method
-    has no per-example self-influence of its own)."""
+    has no per-example self-influence of its own); ``group_in_plain_twin``: likewise for group
+    influence. ``curvature``: the set whose training
+    objective a method's curvature comes from (None = ``tr``); methods without one ignore it."""
 
     mode: ClassVar[str]
     auto_dtype: ClassVar[torch.dtype]
     self_in_plain_twin: ClassVar[bool]
+    group_in_plain_twin: ClassVar[bool]
 
-    def pairwise(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores: ...
+    def pairwise(
+        self,
+        state: ModelState,
+        tr: Examples,
+        xq: Inputs,
+        yq: torch.Tensor,
+        curvature: Examples | None = None,
+    ) -> Scores: ...
 
-    def group(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores: ...
+    def group(
+        self,
+        state: ModelState,
+        tr: Examples,
+        xq: Inputs,
+        yq: torch.Tensor,
+        curvature: Examples | None = None,
+    ) -> Scores: ...
 
     def self_influence(self, state: ModelState, tr: Examples) -> Scores: ...
 
@@ -43,18 +60,33 @@ class PlainScorer:
     mode: ClassVar[str] = "plain"
     auto_dtype: ClassVar[torch.dtype] = torch.float32
     self_in_plain_twin: ClassVar[bool] = False
+    group_in_plain_twin: ClassVar[bool] = False
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.fast = Rank1Path.for_model(rt)
 
-    def pairwise(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
+    def pairwise(
+        self,
+        state: ModelState,
+        tr: Examples,
+        xq: Inputs,
+        yq: torch.Tensor,
+        curvature: Examples | None = None,
+    ) -> Scores:
         base = self.rt.base_losses(state, tr)
         if self.fast is not None and self.fast.usable(state, tr, xq, yq, base):
             return self.fast.pairwise(state, tr, xq, yq, base)
         return generic_pairwise(self.rt, state, tr, xq, yq, base)
 
-    def group(self, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
+    def group(
+        self,
+        state: ModelState,
+        tr: Examples,
+        xq: Inputs,
+        yq: torch.Tensor,
+        curvature: Examples | None = None,
+    ) -> Scores:
         return group_fit(self.rt, state, tr, xq, yq)
 
     def self_influence(self, state: ModelState, tr: Examples) -> Scores:

@@ -301,7 +301,8 @@ def _pt2_pickle_payload(path: Path) -> str | None:
     """What in a pt2 archive would be unpickled on load (None: plain tensors and JSON only).
 
     torch.export.load unpickles weights or constants marked ``use_pickle``, custom and opaque
-    objects, and retries sample inputs with ``weights_only=False``; each is checked here first.
+    objects, and retries sample inputs with weights-only loading switched off; each is checked
+    here first.
     """
     import io
     import zipfile

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,12 +20,12 @@ from torch import nn
 
 from mirrorinf.engine.anchored import AnchoredScorer
 from mirrorinf.engine.config import ForwardInfConfig
-from mirrorinf.engine.examples import DataLike, Examples, as_examples, rows
+from mirrorinf.engine.examples import DataLike, Examples, Inputs, as_examples, rows
 from mirrorinf.engine.execution import retry_on_oom
 from mirrorinf.engine.inputs import check_train, prepare_queries
 from mirrorinf.engine.losses import KINDS, LossFn
 from mirrorinf.engine.outputs import OutputSpec
-from mirrorinf.engine.runtime import Runtime
+from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scorer import PlainScorer, Scorer
 from mirrorinf.engine.scores import ScoreReport, Scores, make_report, vanished_columns
 
@@ -164,9 +165,11 @@ class ForwardInf:
         )
         return scores.matrix.float()
 
-    def _pairwise(
-        self, train: DataLike, queries: DataLike, curvature: DataLike | None = None
-    ) -> Scores:
+    @contextmanager
+    def _prepared(
+        self, train: DataLike, queries: DataLike, curvature: DataLike | None
+    ) -> Iterator[tuple[ModelState, Examples, Inputs, torch.Tensor, Examples | None]]:
+        """One scoring call's inputs, checked against the model, in its scoring state."""
         tr, qs = self._rt.resident(as_examples(train, "train")), as_examples(queries, "queries")
         curv = self._curvature(curvature)
         with self._rt.scoring() as state:
@@ -174,6 +177,12 @@ class ForwardInf:
             if curv is not None:
                 check_train(self._rt, state, curv)
             xq, yq = prepare_queries(self._rt, state, qs)
+            yield state, tr, xq, yq, curv
+
+    def _pairwise(
+        self, train: DataLike, queries: DataLike, curvature: DataLike | None = None
+    ) -> Scores:
+        with self._prepared(train, queries, curvature) as (state, tr, xq, yq, curv):
             scores = self._scorer.pairwise(state, tr, xq, yq, curv)
         if len(tr) > 1:
             bad = vanished_columns(scores.matrix).nonzero().flatten()
@@ -185,13 +194,7 @@ class ForwardInf:
     def _group(
         self, train: DataLike, queries: DataLike, curvature: DataLike | None = None
     ) -> Scores:
-        tr, qs = self._rt.resident(as_examples(train, "train")), as_examples(queries, "queries")
-        curv = self._curvature(curvature)
-        with self._rt.scoring() as state:
-            check_train(self._rt, state, tr)
-            if curv is not None:
-                check_train(self._rt, state, curv)
-            xq, yq = prepare_queries(self._rt, state, qs)
+        with self._prepared(train, queries, curvature) as (state, tr, xq, yq, curv):
             return self._scorer.group(state, tr, xq, yq, curv)
 
     def _curvature(self, curvature: DataLike | None) -> Examples | None:

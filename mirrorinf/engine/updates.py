@@ -195,34 +195,6 @@ def mean_grad(rt: Runtime, state: ModelState, p: Params, data: Examples) -> Para
     return acc
 
 
-def stacked_mean_grad(rt: Runtime, state: ModelState, stacked: Params, data: Examples) -> Params:
-    """Gradient of the mean loss over ``data`` for each of k stacked parameter sets."""
-    k = next(iter(stacked.values())).shape[0]
-    if k == 1:
-        g = mean_grad(rt, state, {n: v[0] for n, v in stacked.items()}, data)
-        return {n: v.unsqueeze(0) for n, v in g.items()}
-
-    def f(p: Params, xb: Inputs, yb: torch.Tensor) -> torch.Tensor:
-        return rt.losses(rt.forward(state, p, xb), yb).sum()
-
-    acc = {n: torch.zeros_like(v) for n, v in stacked.items()}
-    for _, xb, yb in data.batches(rt.plan.rows_per_copy(k), rt.device):
-        if state.vmap_ok:
-            try:
-                gs = vmap(grad(f), in_dims=(0, None, None), randomness="same")(stacked, xb, yb)
-                for n in acc:
-                    acc[n] += gs[n]
-                continue
-            except Exception as exc:  # an op vmap cannot batch: loop over the copies
-                vmap_failed(rt, state, "mean gradients over parameter sets", exc)
-        sub = Examples("batch", x=xb, y=yb, n=len(yb))
-        for j in range(k):
-            gj = mean_grad(rt, state, {n: v[j] for n, v in stacked.items()}, sub)
-            for n in acc:
-                acc[n][j] += gj[n] * len(yb)
-    return {n: v / len(data) for n, v in acc.items()}
-
-
 def stacked_losses(rt: Runtime, state: ModelState, stacked: Params, data: Examples) -> torch.Tensor:
     """Per-example losses [k, n] of ``data`` under each of k stacked parameter sets."""
     k = next(iter(stacked.values())).shape[0]

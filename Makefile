@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: on these machines pip takes the CPU wheel on disk for this exact
 	# version; a looser request would pull a multi-GB CUDA build. Users with GPUs keep theirs.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,bench,dask]"
+	$(BIN)/python -m pip install -q -e ".[dev,bench,dask,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

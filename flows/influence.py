@@ -44,6 +44,7 @@ from mirrorinf.tasks.model import (
     check_fit,
     load_registered_model_task,
     predict_labels,
+    tokenizer_of,
     train_and_register_task,
 )
 from mirrorinf.tasks.score import (
@@ -359,7 +360,7 @@ def influence_flow(params: Params) -> InfluenceResult:
             log_review_task(
                 uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
                 predicted=predict_labels(model, sets["train"], task=params.task), verdict=verdict,
-                reasons=reasons, model=ref, kind=params.task.kind,
+                reasons=reasons, model=ref, kind=params.task.kind, tokenizer=tokenizer_of(model),
             )  # fmt: skip
     # the run is FINISHED with every artifact and its own verdict: only now the version's record
     with stages("publish"):

@@ -14,12 +14,16 @@ global state, so it is safe in worker threads). :func:`write_report` writes, und
 - ``checks/gx_result.md``: the gate checks as a table.
 
 Rows whose feature count is a square (64 -> 8x8) are drawn as images; other (tabular) rows as
-a one-row heat strip of their features, and the report lists their first feature values.
+a one-row heat strip of their features, and the report lists their first feature values. Token
+inputs (``train_text`` / ``query_text`` set: decoded by the model's tokenizer, else the ids) are
+shown as text, in the plots, the report and the flagged table; for a sequence model the
+predicted tokens (``pred_text``: for a causal LM the predicted next tokens) beside them.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,6 +79,9 @@ class ReviewInputs:
     n_queries_shown: int = 4
     n_gallery: int = 16
     scale: tuple[np.ndarray, np.ndarray] | None = None  # display scaling; set by write_report
+    train_text: np.ndarray | None = None  # token inputs as text, one string per row
+    query_text: np.ndarray | None = None
+    pred_text: np.ndarray | None = None  # sequence: the predicted tokens as text, per row
 
 
 def image_shape(n_features: int) -> tuple[int, int] | None:
@@ -126,6 +133,20 @@ def _draw(
     if len(row) <= 10:
         for j, v in enumerate(row):
             ax.text(j, 0, f"{v:.2g}", ha="center", va="center", fontsize=6)
+
+
+def _show(ax: Axes, inp: ReviewInputs, split: str, pos: int, shape: tuple[int, int] | None) -> None:
+    """One training (``split`` "train") or query example: its text when the inputs are
+    tokens, else as :func:`_draw` draws it."""
+    text = inp.train_text if split == "train" else inp.query_text
+    if text is None:
+        _draw(ax, (inp.train_x if split == "train" else inp.query_x)[pos], shape, inp.scale)
+        return
+    ax.set_xticks([])
+    ax.set_yticks([])
+    shown = str(text[pos])
+    ax.text(0.02, 0.5, "\n".join(textwrap.wrap(shown, 48)[:4]) or "(empty)", fontsize=6,
+            va="center", ha="left", transform=ax.transAxes)  # fmt: skip
 
 
 def _empty(path: Path, title: str, text: str) -> None:
@@ -286,10 +307,15 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path)
     cell, height = (1.45, 1.45) if shape is not None else (3.0, 0.6)
     fig, axes = _grid(len(rows), cols, cell, height)
     for ax, (pos, row) in zip(axes, rows.iterrows(), strict=False):
-        _draw(ax, inp.train_x[pos], shape, inp.scale)
-        wrong = inp.train_pred is not None and _differs(inp.train_pred[pos], row["label"])
+        _show(ax, inp, "train", pos, shape)
+        wrong = (
+            inp.train_pred is not None
+            and inp.kind != "sequence"
+            and _differs(inp.train_pred[pos], row["label"])
+        )
+        pred = _short(inp.train_pred, pos) if inp.pred_text is None else inp.pred_text[pos][:40]
         ax.set_title(
-            f"id {row['id']}\ngiven {_fmt(row['label'])} pred {_short(inp.train_pred, pos)}\n"
+            f"id {row['id']}\ngiven {_fmt(row['label'])} pred {pred}\n"
             f"self {row['self_influence']:.2g}",
             fontsize=7,
             color=_RED if wrong else "black",
@@ -310,8 +336,8 @@ def plot_leaks(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path, n: 
     fig = Figure(figsize=(width, len(leaks) * height + 0.4), layout="constrained")
     axes = fig.subplots(len(leaks), 2, squeeze=False)
     for (ax_q, ax_t), row in zip(axes, leaks.itertuples(index=False), strict=True):
-        _draw(ax_q, inp.query_x[q_pos[row.query_id]], shape, inp.scale)
-        _draw(ax_t, inp.train_x[t_pos[row.train_id]], shape, inp.scale)
+        _show(ax_q, inp, "query", q_pos[row.query_id], shape)
+        _show(ax_t, inp, "train", t_pos[row.train_id], shape)
         ax_q.set_title(f"query {row.query_id}", fontsize=8)
         ax_t.set_title(f"train {row.train_id}  cos {row.cosine:.4f}", fontsize=8)
     fig.suptitle(f"Suspected leaks ({len(inp.tables.leaks)}): query | training", fontsize=10)
@@ -350,13 +376,13 @@ def plot_query_influence(
     axes = fig.subplots(len(queries), cols, squeeze=False)
     for r, q in enumerate(queries):
         qi = q_pos[q]
-        _draw(axes[r, 0], inp.query_x[qi], shape, inp.scale)
+        _show(axes[r, 0], inp, "query", qi, shape)
         axes[r, 0].set_title(f"query {q}\nlabel {inp.query_labels[qi]}", fontsize=7)
         for c, kind in ((1, "proponent"), (1 + k, "opponent")):
             rows = table[(table["query_id"] == q) & (table["kind"] == kind)].head(k)
             for j, row in enumerate(rows.itertuples(index=False)):
                 ax = axes[r, c + j]
-                _draw(ax, inp.train_x[t_pos[row.train_id]], shape, inp.scale)
+                _show(ax, inp, "train", t_pos[row.train_id], shape)
                 label = inp.tables.train["label"].iloc[t_pos[row.train_id]]
                 color = _GREEN if kind == "proponent" else _RED
                 ax.set_title(
@@ -401,7 +427,8 @@ def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
         flagged = train["flag_mislabel"].to_numpy(dtype=bool)
         for rule in ("self-influence", "harmful and atypical"):
             out.append(f"  - flagged by the {rule} rule: {int((rules == rule).sum())}")
-    if inp.train_pred is not None and c.get("n_flagged_mislabel") and inp.kind not in _VALUED:
+    comparable = inp.kind not in _VALUED and inp.kind != "sequence"  # one label per example
+    if inp.train_pred is not None and c.get("n_flagged_mislabel") and comparable:
         differ = inp.train_pred[flagged].astype(str) != train["label"][flagged].astype(str)
         out.append(
             f"  - the model predicts a different label for {int(differ.sum())} of them "
@@ -416,9 +443,21 @@ def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
         f"- **Suspected leaks: {c.get('n_leaks')}** of {c.get('n_query')} queries: a training "
         "example's gradient is (nearly) identical to the query's (cosine >= the leak threshold)."
     )
+    q_pos = _positions(pd.Series(inp.query_ids))
+    t_pos = _positions(train["id"])
     for row in inp.tables.leaks.head(10).itertuples(index=False):
         out.append(f"  - query {row.query_id} <- train {row.train_id} (cosine {row.cosine:.4f})")
-    if shape is None and c.get("n_flagged_mislabel"):
+        if inp.query_text is not None and inp.train_text is not None:
+            out.append(f"    - query: `{inp.query_text[q_pos[row.query_id]]}`")
+            out.append(f"    - train: `{inp.train_text[t_pos[row.train_id]]}`")
+    if inp.train_text is not None and c.get("n_flagged_mislabel"):
+        rows, _ = _mislabel_rows(inp)
+        out.append(f"- Text of the top {suspect_noun(inp.kind)}s:")
+        for pos, row in rows.head(5).iterrows():
+            out.append(f"  - id {row['id']} label {_fmt(row['label'])}: `{inp.train_text[pos]}`")
+            if inp.pred_text is not None:
+                out.append(f"    - predicted next tokens: `{inp.pred_text[pos]}`")
+    elif shape is None and c.get("n_flagged_mislabel"):
         rows, _ = _mislabel_rows(inp)
         out.append(f"- First features of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
@@ -462,7 +501,10 @@ def review_tables(inp: ReviewInputs) -> dict[str, pd.DataFrame]:
     flagged = train[train["flag_mislabel"] | train["flag_harmful"]].copy()
     if inp.train_pred is not None:
         pred = target_labels(inp.train_pred)  # [n, L] predictions as one string per row
+        pred = pred if inp.pred_text is None else inp.pred_text
         flagged.insert(2, "predicted", pred[flagged.index.to_numpy()])
+    if inp.train_text is not None:
+        flagged.insert(2, "text", inp.train_text[flagged.index.to_numpy()])
     flagged.insert(len(flagged.columns), "flag_rule", flag_rules(flagged, inp.tables.counts))
     flagged = flagged.sort_values("self_influence", ascending=False)
     return {
@@ -476,6 +518,8 @@ def write_report(out_dir: str | Path, inp: ReviewInputs) -> list[str]:
     """Write the plots, ``report.md`` and ``checks/gx_result.md``; return their relative paths."""
     out = Path(out_dir)
     shape = image_shape(inp.train_x.shape[1]) if inp.train_x.ndim == 2 else None
+    if inp.train_text is not None:
+        shape = None  # tokens are text, not pixels
     if shape is not None and inp.scale is None:
         inp = replace(inp, scale=display_scale(inp.train_x))
     train, counts = inp.tables.train, inp.tables.counts

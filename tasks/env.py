@@ -15,7 +15,8 @@ __all__ = ["set_tool_env"]
 
 
 def set_tool_env(root: str | Path) -> None:
-    """Telemetry/analytics off; Prefect home (and DVC site cache) inside the project ``root``."""
+    """Telemetry/analytics off, the Hugging Face Hub offline; Prefect home (and DVC site cache)
+    inside the project ``root``."""
     base = Path(root).resolve()
     defaults = {
         "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -25,6 +26,11 @@ def set_tool_env(root: str | Path) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_HOME": str(base / ".prefect"),
+        # transformers / huggingface_hub: models load from the logged files only, no network
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     if (base / ".dvc").is_dir():  # never create .dvc/ in a folder that is not a DVC repo
         defaults["DVC_SITE_CACHE_DIR"] = str(base / ".dvc" / "tmp" / "site-cache")

@@ -10,6 +10,8 @@ Safe by default, no unpickling of arbitrary code:
 - ``mlflow.pytorch`` models in ``pickle`` format only with ``allow_pickle=True``
   (``model.allow_pickle`` in params, ``--allow-pickle`` on the CLI): unpickling runs whatever
   code the file names, so a tampered artifact store becomes code execution on this machine.
+- ``mlflow.transformers`` models (safetensors weights, a class transformers ships, never
+  remote code; the tokenizer kept for the review): :mod:`mirrorinf.tasks.hf_model`.
 
 The training run records the data it trained on (tags ``mirrorinf.data.<set>.*``: path, rev,
 commit, md5), so the influence flow can score on exactly that data. The demo model is reused,
@@ -39,6 +41,7 @@ from mirrorinf.errors import DataError, ModelError
 from mirrorinf.params import TaskParams
 from mirrorinf.tasks.data import Split, check_labels, retry_unless_input_error
 from mirrorinf.tasks.events import emit_model_registered
+from mirrorinf.tasks.hf_model import tokenizer_of
 from mirrorinf.tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "load_registered_model_task",
     "output_size",
     "predict_labels",
+    "tokenizer_of",
     "train_and_register",
     "train_and_register_task",
 ]
@@ -330,15 +334,27 @@ def _pt2_pickle_payload(path: Path) -> str | None:
     return None
 
 
-def _mlflow_pytorch(local: Path, what: str, allow_pickle: bool) -> torch.nn.Module:
-    """An MLflow pytorch model: pt2 through torch.export.load, pickle only when allowed."""
+def _mlflow_model(local: Path, what: str, allow_pickle: bool) -> torch.nn.Module:
+    """An MLflow model: the ``pytorch`` flavour (pt2; pickle only when allowed) or the
+    ``transformers`` flavour (safetensors, no remote code: :mod:`mirrorinf.tasks.hf_model`)."""
     import yaml
 
     try:
         meta = yaml.safe_load((local / "MLmodel").read_text())
-        flavor = meta["flavors"]["pytorch"]
+        flavors = meta["flavors"]
     except (KeyError, TypeError, yaml.YAMLError) as err:
-        raise ModelError(f"{what}: not an MLflow pytorch model (MLmodel: {err})") from None
+        raise ModelError(f"{what}: not a readable MLflow model (MLmodel: {err})") from None
+    if isinstance(flavors, dict) and "pytorch" not in flavors and "transformers" in flavors:
+        from mirrorinf.tasks.hf_model import load_transformers
+
+        return load_transformers(local, flavors["transformers"], what, allow_pickle)
+    if not isinstance(flavors, dict) or "pytorch" not in flavors:
+        found = ", ".join(flavors) if isinstance(flavors, dict) else "none"
+        raise ModelError(
+            f"{what}: MLflow flavour(s) {found}; mirrorinf reads mlflow.pytorch and "
+            "mlflow.transformers models"
+        )
+    flavor = flavors["pytorch"]
     data = local / str(flavor.get("model_data", "data"))
     exported = data / "model.pt2"
     if exported.is_file():
@@ -371,7 +387,7 @@ def _mlflow_pytorch(local: Path, what: str, allow_pickle: bool) -> torch.nn.Modu
 
 
 def _load_source(client: Any, uri: str, what: str, allow_pickle: bool = False) -> torch.nn.Module:
-    """Download a model's artifacts and rebuild it (mirrorinf format, else mlflow.pytorch)."""
+    """Download a model's artifacts and rebuild it (mirrorinf format, else an MLflow model)."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="mirrorinf-load-") as tmp:
@@ -386,7 +402,7 @@ def _load_source(client: Any, uri: str, what: str, allow_pickle: bool = False) -
         if (local / SPEC_FILE).is_file():
             return _load_dir(local, what)
         if (local / "MLmodel").is_file():
-            return _mlflow_pytorch(local, what, allow_pickle)
+            return _mlflow_model(local, what, allow_pickle)
         raise ModelError(f"{what}: artifacts have neither {SPEC_FILE} nor an MLmodel file")
 
 
@@ -445,7 +461,7 @@ def load_model_uri(
     local = Path(uri)
     if local.is_dir():
         if (local / "MLmodel").is_file():
-            return _mlflow_pytorch(local, uri, allow_pickle), None
+            return _mlflow_model(local, uri, allow_pickle), None
         return _load_dir(local, uri), None
     raise ModelError(f"model not found: {uri!r} (use models:/NAME/VERSION or a model directory)")
 
@@ -541,10 +557,11 @@ def predict_labels(
 ) -> np.ndarray | None:
     """The model's prediction for every example, in file order, per task kind:
     classification the argmax class; binary logit > 0; multilabel each label's logit > 0
-    ([n, L]); regression the predicted value(s); sequence None (per token, not shown)."""
+    ([n, L]); regression the predicted value(s); sequence the most likely token per position
+    ([n, T]: for a causal LM the predicted next tokens)."""
     task = task or TaskParams()
     if task.kind == "sequence":
-        return None
+        batch = min(batch, 16)  # [batch, T, vocabulary] logits
     was_training = model.training
     model.eval()
     try:

@@ -345,6 +345,25 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
+def _texts(train: Any, queries: Any, predicted: Any, kind: str, tokenizer: Any) -> dict:
+    """Token inputs as text for the review (ReviewInputs train_text / query_text / pred_text);
+    empty when the inputs are not token ids."""
+    from mirrorinf.tasks.hf_model import decode_rows, token_ids
+
+    tokens, q_tokens = token_ids(train.x), token_ids(queries.x)
+    if tokens is None or q_tokens is None:
+        return {}
+    out = {
+        "train_text": decode_rows(*tokens, tokenizer),
+        "query_text": decode_rows(*q_tokens, tokenizer),
+    }
+    pred = None if predicted is None else np.asarray(predicted)
+    if kind == "sequence" and pred is not None and pred.shape == tuple(train.y.shape):
+        scored = _numpy(train.y) != -100  # the positions with a label
+        out["pred_text"] = decode_rows(pred, scored, tokenizer)
+    return out
+
+
 def _finite_metrics(metrics: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Metric
 
@@ -406,13 +425,16 @@ def log_review(
     reasons: list[str],
     model: Any = None,
     kind: str = "classification",
+    tokenizer: Any = None,
 ) -> list[str]:
     """Log the review (``mirrorinf.report``): plots, report.md, GX markdown and UI tables.
 
     ``train`` / ``queries`` are the scored datasets (``tasks.data.Dataset``), ``predicted`` the
     model's labels of the training examples; ``model`` (a ``ModelRef``) names the version in the
-    report's title. The version's tags (``mirrorinf.report`` and the rest) are written by
-    ``mirrorinf.tasks.verdict`` once the run is FINISHED. Returns the artifact paths logged.
+    report's title; ``tokenizer`` (the model's, if it has one) decodes token inputs and
+    predicted tokens for the review (else token ids are shown). The version's tags
+    (``mirrorinf.report`` and the rest) are written by ``mirrorinf.tasks.verdict`` once the run
+    is FINISHED. Returns the artifact paths logged.
     """
     from mirrorinf.review import TABLES, ReviewInputs, review_tables, write_report
     from mirrorinf.summary import target_labels
@@ -430,6 +452,7 @@ def log_review(
         kind=kind,
         title="Influence review"
         + (f": {model.name} v{model.version}" if model is not None else ""),
+        **_texts(train, queries, predicted, kind, tokenizer),
     )
     client = get_client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="mirrorinf-review-") as tmp:

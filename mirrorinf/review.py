@@ -233,8 +233,10 @@ def plot_top_harmful(
     path: Path,
     pred: np.ndarray | None = None,
     n: int = 20,
+    text: np.ndarray | None = None,
 ) -> None:
-    """Ranked horizontal bars of the most negative group influence (flagged in red)."""
+    """Ranked horizontal bars of the most negative group influence (flagged in red); rows are
+    named by id, label and prediction, or by id and the start of their ``text`` (tokens)."""
     worst = train[train["group_influence"] < 0].nsmallest(n, "group_influence")
     if worst.empty:
         _empty(path, "Most harmful training examples", "no training example hurts validation")
@@ -243,6 +245,10 @@ def plot_top_harmful(
     ax = fig.subplots()
     names = []
     for pos, row in worst.iterrows():
+        if text is not None:
+            shown = str(text[pos])
+            names.append(f"id {row['id']}: {shown[:40]}{'...' if len(shown) > 40 else ''}")
+            continue
         extra = "" if pred is None else f", pred {pred[pos]}"
         names.append(f"id {row['id']} (label {row['label']}{extra})")
     colors = [_RED if f else _ORANGE for f in worst["flag_harmful"]]
@@ -313,10 +319,12 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path)
             and inp.kind != "sequence"
             and _differs(inp.train_pred[pos], row["label"])
         )
-        pred = _short(inp.train_pred, pos) if inp.pred_text is None else inp.pred_text[pos][:40]
+        if inp.pred_text is not None:  # a sequence: its labels are its own next tokens
+            given = f"next: {inp.pred_text[pos][:36]}"
+        else:
+            given = f"given {_fmt(row['label'])} pred {_short(inp.train_pred, pos)}"
         ax.set_title(
-            f"id {row['id']}\ngiven {_fmt(row['label'])} pred {pred}\n"
-            f"self {row['self_influence']:.2g}",
+            f"id {row['id']}\n{given}\nself {row['self_influence']:.2g}",
             fontsize=7,
             color=_RED if wrong else "black",
         )
@@ -454,7 +462,8 @@ def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
         rows, _ = _mislabel_rows(inp)
         out.append(f"- Text of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
-            out.append(f"  - id {row['id']} label {_fmt(row['label'])}: `{inp.train_text[pos]}`")
+            label = "" if inp.kind == "sequence" else f" label {_fmt(row['label'])}"
+            out.append(f"  - id {row['id']}{label}: `{inp.train_text[pos]}`")
             if inp.pred_text is not None:
                 out.append(f"    - predicted next tokens: `{inp.pred_text[pos]}`")
     elif shape is None and c.get("n_flagged_mislabel"):
@@ -526,7 +535,8 @@ def write_report(out_dir: str | Path, inp: ReviewInputs) -> list[str]:
     plots = out / "plots"
     plot_self_influence(train, counts, plots / "self_influence.png")
     plot_group_influence(train, counts, plots / "group_influence.png")
-    plot_top_harmful(train, counts, plots / "top_harmful.png", inp.train_pred)
+    text = inp.train_text if inp.kind == "sequence" else None  # a label per token: show text
+    plot_top_harmful(train, counts, plots / "top_harmful.png", inp.train_pred, text=text)
     plot_mislabels(inp, shape, plots / "mislabels.png")
     plot_leaks(inp, shape, plots / "leaks.png")
     plot_query_influence(inp, shape, plots / "query_influence.png")

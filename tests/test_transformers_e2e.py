@@ -5,15 +5,14 @@ pinned by version, scored by ``run_influence`` / ``mirrorinf run`` with a real S
 Text classification: a 2-layer BERT on "topic" sequences (the class is which topic's words a
 sequence holds), inputs ``x_input_ids`` + ``x_attention_mask`` (padded), 5% planted label flips
 and one query that is an exact copy of a training sequence (a leak). Sequence: a 2-layer GPT-2
-causal LM on counting sequences (labels shifted, -100 last), 5% rows replaced by random tokens.
-The loader's refusals (remote code, pickled weights, a Hub reference) are checked on the
-logged artifacts.
+causal LM on Markov-chain sequences (labels shifted, -100 last), 5% rows replaced by random tokens.
+The loader's refusals are unit-tested in tests/test_hf_model.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from sklearn.metrics import roc_auc_score
 from test_kinds_e2e import run, save_splits, train_table
 
 from mirrorinf.cli import main
-from mirrorinf.errors import ModelError
 from mirrorinf.flows.influence import InfluenceResult
 from mirrorinf.tasks.hf_model import TransformersModel, tokenizer_of
 from mirrorinf.tasks.model import load_model_uri
@@ -143,6 +141,7 @@ def text(prefect_harness: Path, project: Path) -> dict[str, Any]:
     q_ids, q_mask, q_y = ids[qu].copy(), mask[qu].copy(), y[qu].copy()
     q_ids[0], q_mask[0], q_y[0] = ids[tr][dup], mask[tr][dup], y_tr[dup]  # the planted leak
 
+    started = time.perf_counter()
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(SPECIAL) + len(words), hidden_size=32, num_hidden_layers=2,
@@ -157,15 +156,22 @@ def text(prefect_harness: Path, project: Path) -> dict[str, Any]:
     fit(model, x, lambda out: torch.nn.functional.cross_entropy(out.logits, target), 60)
     with torch.no_grad():
         accuracy = float((model(**x).logits.argmax(1) == target).float().mean())
+    trained = time.perf_counter()
     version = log_hf(project, "bert-topics", model, tokenizer, "text-classification")
+    logged = time.perf_counter()
     data = save_splits(project, "topics", {
         "train": {"x_input_ids": ids[tr], "x_attention_mask": mask[tr], "y": y_tr, "ids": tr},
         "val": {"x_input_ids": ids[va], "x_attention_mask": mask[va], "y": y[va], "ids": va},
         "query": {"x_input_ids": q_ids, "x_attention_mask": q_mask, "y": q_y, "ids": qu},
     })  # fmt: skip
     result = run(project, "bert-topics", version, data, task={"output": "logits"})
-    score = auroc(train_table(project, result), tr[planted])
-    print(f"text (BERT, 5% flipped labels): train accuracy {accuracy:.3f}, AUROC {score:.3f}")
+    table = train_table(project, result)
+    score = auroc(table, tr[planted])
+    flagged = table.loc[table["flag_mislabel"], "id"].isin(tr[planted])
+    print(f"flagged {len(flagged)}, of them planted {int(flagged.sum())} (of {len(planted)})")
+    print(f"text (BERT, 5% flipped labels): train accuracy {accuracy:.3f}, AUROC {score:.3f}; "
+          f"train {trained - started:.1f}s, log {logged - trained:.1f}s, flow stages "
+          f"{ {k: round(v, 1) for k, v in result.stage_seconds.items()} }")  # fmt: skip
     return {
         "result": result, "auroc": score, "planted": tr[planted], "dup": int(tr[dup]),
         "query0": int(qu[0]), "version": version, "data": data, "tokenizer": tokenizer,
@@ -175,9 +181,10 @@ def text(prefect_harness: Path, project: Path) -> dict[str, Any]:
 
 def test_text_classifier_flags_flips_and_the_duplicate(text: dict[str, Any]) -> None:
     result: InfluenceResult = text["result"]
-    assert text["auroc"] > 0.8, text["auroc"]
+    assert text["auroc"] > 0.9, text["auroc"]
     flagged = {row["id"] for row in result.summary["top_mislabels"]}
-    assert flagged & set(text["planted"].tolist())
+    # 5% of the set is planted: chance precision 0.05
+    assert flagged and len(flagged & set(text["planted"].tolist())) / len(flagged) >= 0.6
     leaks = {(row["query_id"], row["train_id"]) for row in result.summary["leaks"]}
     assert (text["query0"], text["dup"]) in leaks
     assert all(row["query_id"] == text["query0"] for row in result.summary["leaks"])
@@ -211,43 +218,16 @@ def test_text_cli_run(text: dict[str, Any], project: Path, capsys) -> None:
     assert "leak" in capsys.readouterr().out.lower()
 
 
-def _logged_dir(project: Path, version: int, name: str = "bert-topics") -> Path:
-    client = get_client(uri(project))
-    src = client.get_model_version_download_uri(name, str(version))
-    return Path(src.removeprefix("file://"))
-
-
-def test_refusals(text: dict[str, Any], project: Path, tmp_path: Path) -> None:
-    """Remote code, pickled weights and a Hub reference are refused with the way out."""
-    logged = tmp_path / "logged"
-    shutil.copytree(_logged_dir(project, text["version"]), logged)
-    config_path = logged / "model" / "config.json"
-    config = json.loads(config_path.read_text())
-
-    config_path.write_text(json.dumps({**config, "auto_map": {"AutoModel": "my.Model"}}))
-    with pytest.raises(ModelError, match="trust_remote_code"):
-        load_model_uri(str(logged), tracking_uri=uri(project))
-    config_path.write_text(json.dumps(config))
-
-    (logged / "model" / "model.safetensors").rename(logged / "model" / "pytorch_model.bin")
-    with pytest.raises(ModelError, match=r"pickled.*allow_pickle"):
-        load_model_uri(str(logged), tracking_uri=uri(project))
-
-    meta = yaml.safe_load((logged / "MLmodel").read_text())
-    del meta["flavors"]["transformers"]["model_binary"]
-    meta["flavors"]["transformers"]["source_model_name"] = "bert-base-uncased"
-    (logged / "MLmodel").write_text(yaml.safe_dump(meta))
-    with pytest.raises(ModelError, match="save_pretrained=True"):
-        load_model_uri(str(logged), tracking_uri=uri(project))
-
-
 # --------------------------------------------------------------------------- sequence (causal LM)
-def counting_data(n: int, vocab: int, seed: int = 0) -> np.ndarray:
-    """Sequences of 12 tokens counting up by a step of 1-3 from a random start (mod vocab)."""
+def chain_data(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """Sequences of 12 tokens from a Markov chain: each token is followed by one of two (v + 1
+    or v + 3, mod vocab), so the model can learn it and sequences rarely repeat."""
     rng = np.random.default_rng(seed)
-    start = rng.integers(0, vocab, size=(n, 1))
-    step = rng.integers(1, 4, size=(n, 1))
-    return ((start + step * np.arange(12)) % vocab + len(SPECIAL)).astype(np.int64)
+    x = np.zeros((n, 12), dtype=np.int64)
+    x[:, 0] = rng.integers(0, vocab, size=n)
+    for t in range(1, 12):
+        x[:, t] = (x[:, t - 1] + rng.choice([1, 3], size=n)) % vocab
+    return x + len(SPECIAL)
 
 
 def test_causal_lm_sequence_flags_random_rows(prefect_harness: Path, project: Path) -> None:
@@ -255,7 +235,7 @@ def test_causal_lm_sequence_flags_random_rows(prefect_harness: Path, project: Pa
 
     words = [f"n{j}" for j in range(16)]
     tokenizer = word_tokenizer(words)
-    x = counting_data(280, len(words))
+    x = chain_data(280, len(words))
     tr, va, qu = np.arange(0, 200), np.arange(200, 250), np.arange(250, 280)
     rng = np.random.default_rng(2)
     x_tr = x[tr].copy()
@@ -280,7 +260,10 @@ def test_causal_lm_sequence_flags_random_rows(prefect_harness: Path, project: Pa
             out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100
         )
 
-    fit(model, {"input_ids": ids}, lm_loss, 150)
+    # 80 steps: clean rows at the chain's entropy (loss ~0.65, ln 2 = 0.69), not memorised;
+    # trained on until it memorises the sequences (150, 300 steps) the random rows rank at
+    # chance or below (see the README)
+    fit(model, {"input_ids": ids}, lm_loss, 80)
     version = log_hf(project, "gpt2-count", model, tokenizer, "text-generation")
     data = save_splits(project, "count", {
         "train": {"x_input_ids": x_tr, "y": shifted(x_tr), "ids": tr},
@@ -290,9 +273,14 @@ def test_causal_lm_sequence_flags_random_rows(prefect_harness: Path, project: Pa
     result = run(
         project, "gpt2-count", version, data, task={"kind": "sequence", "output": "logits"}
     )
-    score = auroc(train_table(project, result), tr[planted])
+    table = train_table(project, result)
+    score = auroc(table, tr[planted])
+    flagged = table.loc[table["flag_mislabel"], "id"].isin(tr[planted])
+    print(f"flagged {len(flagged)}, of them planted {int(flagged.sum())} (of {len(planted)})")
     print(f"sequence (GPT-2, 5% random rows): self-influence AUROC {score:.3f}")
     assert score > 0.9, score
+    assert flagged.sum() >= 0.6 * len(flagged) > 0  # chance precision 0.05
+    for leak in result.summary["leaks"]:  # a leak only where a query repeats a training row
+        assert (x_tr[tr == leak["train_id"]] == x[qu == leak["query_id"]]).all()
     report = artifacts(project, result.run_id, "report.md").read_text()
-    assert "predicted next tokens" in report
-    assert "n0 n1 n2" in report or "n1 n2 n3" in report or " n" in report  # decoded words
+    assert "predicted next tokens: `n" in report  # decoded by the logged tokenizer

@@ -214,3 +214,25 @@ def test_without_task_output_the_error_names_it(saved) -> None:
     with pytest.raises(ModelError, match=r"set task\.output: logits"):
         output_size(loaded, batch())
     assert output_size(loaded, batch(), "logits") == 3
+
+
+def test_transformers_is_imported_only_when_met_and_its_absence_names_the_extra(saved) -> None:
+    """Importing the pipeline does not import transformers; without it installed (blocked in a
+    fresh interpreter), loading such a model names the extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import mirrorinf.flows.influence, mirrorinf.tasks.model as m\n"
+        "assert 'transformers' not in sys.modules, 'imported eagerly'\n"
+        "sys.modules['transformers'] = None  # as if not installed\n"
+        "from mirrorinf.errors import ModelError\n"
+        "try:\n"
+        f"    m.load_model_uri({str(saved[0])!r}, tracking_uri='sqlite:///unused.db')\n"
+        "except ModelError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pip install 'mirrorinf[hf]'" in out.stdout

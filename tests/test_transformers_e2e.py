@@ -12,6 +12,7 @@ The loader's refusals are unit-tested in tests/test_hf_model.py.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,37 @@ def test_text_cli_run(text: dict[str, Any], project: Path, capsys) -> None:
     }))  # fmt: skip
     assert main(["run", "--params", str(params)]) in (0, 1)
     assert "leak" in capsys.readouterr().out.lower()
+
+
+def test_a_model_needing_remote_code_exits_2_with_one_line(
+    text: dict[str, Any], project: Path, capsys
+) -> None:
+    """A registered transformers model whose config names custom code: exit 2, one line naming
+    auto_map, no MLflow run left RUNNING."""
+    client = get_client(uri(project))
+    src = client.get_model_version_download_uri("bert-topics", str(text["version"]))
+    custom = project / "custom-code-model"
+    shutil.copytree(src.removeprefix("file://"), custom)
+    config_path = custom / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "auto_map": {"AutoModel": "mine.Model"}}))
+    client.create_registered_model("bert-custom")
+    version = client.create_model_version("bert-custom", source=str(custom)).version
+    params = project / "params-custom.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": text["data"], "model": {"name": "bert-custom", "version": int(version)},
+        "mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment": "hf"},
+        "task": {"output": "logits"}, "threads": 1,
+    }))  # fmt: skip
+    capsys.readouterr()
+    assert main(["run", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "auto_map" in err and "trust_remote_code" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    running = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'"
+    )
+    assert running == []
 
 
 # --------------------------------------------------------------------------- sequence (causal LM)

@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: models are built here
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' loading bars
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mirrorinf-prefect-home-"))
 # hermetic: every test names its MLflow store; a developer's exported server is never written to
 os.environ.pop("MLFLOW_TRACKING_URI", None)

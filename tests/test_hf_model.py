@@ -236,3 +236,18 @@ def test_transformers_is_imported_only_when_met_and_its_absence_names_the_extra(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pip install 'mirrorinf[hf]'" in out.stdout
+
+
+def test_a_logged_pipeline_loads_the_same(saved, tmp_path: Path) -> None:
+    """mlflow.transformers also logs a transformers pipeline; it loads like a model + tokenizer."""
+    import mlflow.transformers
+    from transformers import pipeline
+
+    _, model, tokenizer = saved
+    path = tmp_path / "pipeline"
+    pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    mlflow.transformers.save_model(pipe, str(path), pip_requirements=["transformers"])
+    loaded = _load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch()).logits, model(**batch()).logits)
+    assert tokenizer_of(loaded) is not None

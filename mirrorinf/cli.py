@@ -9,6 +9,7 @@ inside the commands, so ``mirrorinf --help`` and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import logging
 import os
@@ -466,5 +467,25 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+def console_main() -> None:
+    """The ``mirrorinf`` command: :func:`main`, then a prompt exit.
+
+    Everything is written and every run ended when :func:`main` returns; the interpreter's own
+    teardown of torch, MLflow, Prefect and GX modules then took 3-9 s of C-level finalization
+    (measured) before the shell got its prompt back. So: flush, run the Python exit handlers
+    (Prefect's and MLflow's flushes among them), then leave without that teardown.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -158,6 +158,7 @@ def _summary(
         "score_health": {
             kind: {k: rep.get(k) for k in ("scale", "zero_fraction", "n_constant_queries", "path")}
             for kind, rep in scores.reports.items()
+            if kind != "shards"  # the shard plan, not an engine verb
         },
         "scale": pair.get("scale"),
         "truth": truth_metrics,

@@ -21,6 +21,8 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ from mirrorinf.engine import Inputs
 from mirrorinf.engine.examples import rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
+from mirrorinf.tasks.sources import detect_format
+from mirrorinf.tasks.sources.readers import open_rows
 
 __all__ = [
     "DataError",
@@ -67,6 +71,8 @@ class Provenance:
     repo: str | None = None
     rev: str | None = None  # requested git revision (None = workspace)
     commit: str | None = None  # resolved git commit (dvc only)
+    format: str | None = None  # npz, parquet, images, hf, factory
+    classes: tuple[str, ...] | None = None  # class names by label index (image folders)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +88,7 @@ class Split:
     y: torch.Tensor
     ids: np.ndarray
     provenance: Provenance
+    classes: tuple[str, ...] | None = None  # class names by label index, when the source has them
 
     def __len__(self) -> int:
         return len(self.y)
@@ -95,8 +102,9 @@ class Split:
         if n is None or n >= len(self):
             return self
         return Split(
-            self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance
-        )
+            self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance,
+            self.classes,
+        )  # fmt: skip
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -136,8 +144,9 @@ def _read_local(path: str | Path) -> bytes:
         raise DataError(f"cannot read data file {p}: {err}") from None
 
 
-def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]:
-    """Bytes of ``path`` in DVC repo ``repo`` at ``rev`` and the resolved git commit."""
+@contextmanager
+def _dvc_fs(path: str, repo: str, rev: str | None) -> Iterator[Any]:
+    """DVC's filesystem of ``repo`` at ``rev``; its errors as DataErrors naming the problem."""
     from dvc.api import DVCFileSystem
     from dvc.exceptions import NotDvcRepoError
     from dvc.scm import CloneError, RevError
@@ -146,13 +155,7 @@ def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]
     fs = None
     try:
         fs = DVCFileSystem(repo, rev=rev)
-        with fs.open(path, "rb") as f:
-            blob = f.read()
-        try:
-            commit = fs.repo.get_rev()
-        except Exception:  # no git (or an unusual repo): the md5 still pins the data
-            commit = None
-        return blob, commit
+        yield fs
     except RevError:
         raise DataError(f"unknown git revision {rev!r} in {where.split(' at ')[0]}") from None
     except (NotDvcRepoError, CloneError) as err:
@@ -165,6 +168,34 @@ def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]
         close = getattr(fs, "close", None)
         if callable(close):
             close()
+
+
+def _commit(fs: Any) -> str | None:
+    try:
+        return str(fs.repo.get_rev())
+    except Exception:  # no git (or an unusual repo): the md5 still pins the data
+        return None
+
+
+def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]:
+    """Bytes of ``path`` in DVC repo ``repo`` at ``rev`` and the resolved git commit."""
+    with _dvc_fs(path, repo, rev) as fs:
+        with fs.open(path, "rb") as f:
+            blob = f.read()
+        return blob, _commit(fs)
+
+
+@contextmanager
+def _dvc_folder(path: str, repo: str, rev: str | None) -> Iterator[tuple[Path, str | None]]:
+    """A folder of a DVC repo at ``rev``, copied to a temporary folder (removed afterwards),
+    and the resolved git commit."""
+    with _dvc_fs(path, repo, rev) as fs, tempfile.TemporaryDirectory(prefix="mirrorinf-") as tmp:
+        _ = fs.repo  # opens the revision now: an unknown rev is a RevError, not "not found"
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        local = Path(tmp) / (Path(path).name or "data")
+        fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+        yield local, _commit(fs)
 
 
 RawX = np.ndarray | dict[str, np.ndarray]
@@ -329,43 +360,96 @@ def load_dataset(
     label_column: str = "label",
     display_path: str | None = None,
     kind: str = "classification",
+    fmt: str = "auto",
+    image: dict[str, Any] | None = None,
+    columns: dict[str, Any] | None = None,
+    factory: str | None = None,
 ) -> Split:
-    """Load a dataset from a local file (``source="file"``) or a DVC repo at ``rev``.
+    """Load a dataset from a local file or folder (``source="file"``), a DVC repo at ``rev``,
+    or the user's Dataset factory.
 
     Args:
-        path: the file; for DVC, relative to the repository root.
-        name: what the set is ("train", "val", "query"), used in messages.
+        path: the file or folder; for DVC, relative to the repository root.
+        name: what the set is ("train", "val", "query"), used in messages; the factory's
+            argument.
         repo, rev: DVC repository and git revision (None = workspace).
-        label_column: label column of parquet files.
+        label_column: label column of parquet files (and of datasets folders, unless
+            ``columns`` names one).
         display_path: path as the user wrote it, for provenance (defaults to ``path``).
         kind: the task kind (params ``task.kind``), which says how targets are read.
+        fmt, image, columns, factory: params ``data.format``, ``data.image``, ``data.columns``
+            and ``data.factory`` (see :class:`mirrorinf.params.DataParams`).
 
     Raises:
         DataError: missing file, path or revision; unsupported format; corrupt file; bad
             contents (NaN/inf features, non-integer or negative labels, duplicate ids).
     """
     path = str(path)
-    fmt = _fmt(path)
     shown = display_path or path
-    commit = None
-    if source == "dvc":
-        repo_s = str(repo if repo is not None else ".")
-        blob, commit = _read_dvc(path, repo_s, rev)
-        where = f"{name} set {shown!r} (DVC {repo_s}@{rev or 'workspace'})"
-    elif source == "file":
-        repo_s, blob = None, _read_local(path)
-        where = f"{name} set {shown!r}"
-    else:
+    if factory:
+        shown = f"{factory}({name!r})"
+    if source not in ("file", "dvc"):
         raise DataError(f"unknown data source {source!r}; use 'file' or 'dvc'")
-    md5 = hashlib.md5(blob).hexdigest()
-    if fmt == "npz":
-        x, y, ids = _parse_npz(blob, where)
-    else:
-        x, y, ids = _parse_parquet(blob, where, label_column)
+    repo_s = str(repo if repo is not None else ".") if source == "dvc" else None
+    at = f" (DVC {repo_s}@{rev or 'workspace'})" if source == "dvc" and not factory else ""
+    where = f"{name} set {shown!r}{at}"
+    opts = {"image": image or {}, "columns": columns or {}, "label_column": label_column}
+    with _opened(path, source, repo_s, rev, fmt, factory, where) as (local, commit):
+        if factory:
+            fmt = "factory"
+        elif local is not None:
+            fmt = detect_format(local, fmt, where)
+        elif fmt == "auto":
+            fmt = _fmt(path)
+        if fmt in ("npz", "parquet"):
+            blob = _read_dvc(path, repo_s, rev)[0] if local is None else _read_local(local)
+            md5, classes = hashlib.md5(blob).hexdigest(), None
+            if fmt == "npz":
+                x, y, ids = _parse_npz(blob, where)
+            else:
+                x, y, ids = _parse_parquet(blob, where, label_column)
+        else:
+            reader = open_rows(fmt, local, name, where, factory, opts)
+            raw = reader.rows(0, len(reader))
+            x, y, ids, md5, classes = raw.x, raw.y, raw.ids, reader.md5, reader.classes
     xt, yt, ids = _validate(x, y, ids, where, kind)
-    prov = Provenance(source=source, path=shown, md5=md5, repo=repo_s, rev=rev, commit=commit)
+    prov = Provenance(
+        source="factory" if factory else source, path=shown, md5=md5, repo=repo_s, rev=rev,
+        commit=commit, format=fmt, classes=classes,
+    )  # fmt: skip
     logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
-    return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov)
+    return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov, classes=classes)
+
+
+@contextmanager
+def _opened(
+    path: str,
+    source: str,
+    repo: str | None,
+    rev: str | None,
+    fmt: str,
+    factory: str | None,
+    where: str,
+) -> Iterator[tuple[Path | None, str | None]]:
+    """(local path, git commit) to read: the path itself, a DVC folder copied to a temporary
+    folder, or (None, commit) for a single DVC file (read as bytes)."""
+    if factory or source == "file":
+        yield (None if factory else Path(path)), None
+        return
+    assert repo is not None
+    with _dvc_fs(path, repo, rev) as fs:
+        _ = fs.repo  # opens the revision now: an unknown rev is a RevError, not "not found"
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        is_dir = fs.isdir(path)
+        commit = _commit(fs)
+    if not is_dir:
+        if fmt not in ("auto", "npz", "parquet"):
+            raise DataError(f"{where}: data.format {fmt} needs a folder, {path!r} is a file")
+        yield None, commit
+        return
+    with _dvc_folder(path, repo, rev) as (local, commit):
+        yield local, commit
 
 
 def check_labels(data: Split, n_classes: int) -> None:

@@ -428,6 +428,8 @@ def log_review(
         verdict=verdict,
         reasons=list(reasons),
         kind=kind,
+        x_shape=tuple(train.x.shape[1:]) if hasattr(train.x, "shape") else None,
+        class_names=getattr(train, "classes", None),
         title="Influence review"
         + (f": {model.name} v{model.version}" if model is not None else ""),
     )

@@ -80,7 +80,8 @@ def test_image_provenance_changes_when_one_file_changes(tmp_path: Path) -> None:
     Image.fromarray(img, "RGB").save(tmp_path / "imgs" / "red" / "001.png")
     changed = load_dataset(tmp_path / "imgs").provenance.md5
     assert changed != before
-    (tmp_path / "imgs" / "red" / "001.png").rename(tmp_path / "imgs" / "red" / "009.png")
+    # the same bytes under a new name (same place in the order): the names count too
+    (tmp_path / "imgs" / "red" / "001.png").rename(tmp_path / "imgs" / "red" / "001b.png")
     assert load_dataset(tmp_path / "imgs").provenance.md5 not in (before, changed)
 
 
@@ -246,3 +247,21 @@ def test_factory_errors_and_params(factory_module: str, tmp_path: Path) -> None:
         params_from_dict({"data": {"source": "dvc", "factory": "m:f"}}, root=tmp_path)
     p = params_from_dict({"data": {"source": "file", "factory": "m:f"}}, root=tmp_path)
     assert p.data.reader()["factory"] == "m:f" and p.data.format == "auto"
+
+
+def test_cli_bad_image_folder_exits_2_with_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mirrorinf score`` on a folder of mixed image sizes: exit 2, the problem and the fix in
+    one line, nothing written (the data is read before the model)."""
+    from mirrorinf.cli import main
+
+    write_images(tmp_path / "imgs", per_class=1)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "red" / "big.png")
+    monkeypatch.chdir(tmp_path)
+    code = main(["score", "--model-uri", "models:/m/1", "--train", "imgs", "--queries", "imgs",
+                 "--out", "out", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "differ in size" in err and "data.image.size" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -1,13 +1,17 @@
-"""Datasets from a local file or a DVC repository at a revision (one tool: DVC).
+"""Datasets from a local file or folder, a DVC repository at a revision (one tool: DVC), or
+the user's Dataset factory.
 
-A dataset file is ``.npz`` with arrays ``x`` (or several named inputs ``x_<name>``, which the
-model receives as keyword arguments), ``y`` and optional ``ids``, or ``.parquet`` with numeric
-feature columns, a label column (named in params) and an optional ``id`` column. Float inputs
-are read as float32, integer inputs stay integer (int64: token ids, embeddings). Targets follow
-the task kind: integer labels (classification, binary, sequence) or float (regression,
-multilabel).
-Loading returns tensors plus :class:`Provenance` (source, path, repo, rev, resolved commit and
-the md5 of the exact bytes read), which keys caches and is logged with every result.
+Sources (params ``data.format``, ``auto`` by default; readers in :mod:`mirrorinf.tasks.sources`):
+an image folder ``root/<class>/*.png|jpg|jpeg``, a HuggingFace ``datasets`` folder written by
+``save_to_disk``, ``data.factory`` returning a torch Dataset, or a single file: ``.npz`` with
+arrays ``x`` (or several named inputs ``x_<name>``, which the model receives as keyword
+arguments), ``y`` and optional ``ids``, or ``.parquet`` with numeric feature columns, a label
+column (named in params) and an optional ``id`` column. Float inputs are read as float32,
+integer inputs stay integer (int64: token ids, embeddings). Targets follow the task kind:
+integer labels (classification, binary, sequence) or float (regression, multilabel).
+Loading returns tensors plus :class:`Provenance` (source, path, repo, rev, resolved commit,
+format, class names, and the md5 of the exact bytes read; for folders a digest over every
+file's path and md5), which keys caches and is logged with every result.
 Everything wrong with the input is a :class:`DataError` naming the file and the problem.
 """
 
@@ -15,14 +19,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
 import tempfile
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,15 @@ from mirrorinf.engine import Inputs
 from mirrorinf.engine.examples import rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
-from mirrorinf.tasks.sources import detect_format
+from mirrorinf.tasks.sources import RawX, detect_format
+from mirrorinf.tasks.sources.files import (
+    dvc_opened,
+    fmt_of,
+    parse_npz,
+    parse_parquet,
+    read_dvc,
+    read_local,
+)
 from mirrorinf.tasks.sources.readers import open_rows
 
 __all__ = [
@@ -57,8 +65,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FORMATS = {".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -114,140 +120,6 @@ def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:  # the state could not give its exception back: let it retry
         return True
     return not isinstance(exc, InputError)
-
-
-def _fmt(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise DataError(
-            f"{path}: unsupported dataset format {suffix or '(no extension)'!r}; "
-            "use .npz (x, y, optional ids) or .parquet"
-        )
-    return FORMATS[suffix]
-
-
-def _read_local(path: str | Path) -> bytes:
-    p = Path(path)
-    try:
-        p.stat()  # the real reason (a symlink loop, no permission), not always "not found"
-    except FileNotFoundError:
-        broken = " (a symlink to a missing file)" if p.is_symlink() else ""
-        raise DataError(f"data file not found: {p}{broken}") from None
-    except OSError as err:
-        loop = " (a symlink loop)" if err.errno == errno.ELOOP else ""
-        raise DataError(f"cannot read data file {p}: {err.strerror or err}{loop}") from None
-    if not p.is_file():
-        raise DataError(f"data path is not a file: {p}")
-    try:
-        return p.read_bytes()
-    except OSError as err:
-        raise DataError(f"cannot read data file {p}: {err}") from None
-
-
-@contextmanager
-def _dvc_fs(path: str, repo: str, rev: str | None) -> Iterator[Any]:
-    """DVC's filesystem of ``repo`` at ``rev``; its errors as DataErrors naming the problem."""
-    from dvc.api import DVCFileSystem
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.scm import CloneError, RevError
-
-    where = f"DVC repo {repo!r} at rev {rev or 'workspace'!r}"
-    fs = None
-    try:
-        fs = DVCFileSystem(repo, rev=rev)
-        yield fs
-    except RevError:
-        raise DataError(f"unknown git revision {rev!r} in {where.split(' at ')[0]}") from None
-    except (NotDvcRepoError, CloneError) as err:
-        raise DataError(f"{repo!r} is not a DVC/git repository that can be opened: {err}") from None
-    except FileNotFoundError:
-        raise DataError(f"{path!r} not found in {where}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path!r} is a directory in {where}, expected a file") from None
-    finally:
-        close = getattr(fs, "close", None)
-        if callable(close):
-            close()
-
-
-def _commit(fs: Any) -> str | None:
-    try:
-        return str(fs.repo.get_rev())
-    except Exception:  # no git (or an unusual repo): the md5 still pins the data
-        return None
-
-
-def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]:
-    """Bytes of ``path`` in DVC repo ``repo`` at ``rev`` and the resolved git commit."""
-    with _dvc_fs(path, repo, rev) as fs:
-        with fs.open(path, "rb") as f:
-            blob = f.read()
-        return blob, _commit(fs)
-
-
-@contextmanager
-def _dvc_folder(path: str, repo: str, rev: str | None) -> Iterator[tuple[Path, str | None]]:
-    """A folder of a DVC repo at ``rev``, copied to a temporary folder (removed afterwards),
-    and the resolved git commit."""
-    with _dvc_fs(path, repo, rev) as fs, tempfile.TemporaryDirectory(prefix="mirrorinf-") as tmp:
-        _ = fs.repo  # opens the revision now: an unknown rev is a RevError, not "not found"
-        if not fs.exists(path):
-            raise FileNotFoundError(path)
-        local = Path(tmp) / (Path(path).name or "data")
-        fs.get(path.rstrip("/") + "/", str(local), recursive=True)
-        yield local, _commit(fs)
-
-
-RawX = np.ndarray | dict[str, np.ndarray]
-
-
-def _parse_npz(blob: bytes, where: str) -> tuple[RawX, np.ndarray, np.ndarray | None]:
-    try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            names = set(npz.files)
-            named = sorted(n for n in names if n.startswith("x_") and len(n) > 2)
-            if "x" in names and named:
-                raise DataError(
-                    f"{where}: .npz has both x and named inputs ({', '.join(named)}); keep x "
-                    "for one input or x_<name> arrays for several"
-                )
-            missing = {"y"} - names if named else {"x", "y"} - names
-            if missing:
-                raise DataError(
-                    f"{where}: .npz is missing array(s) {', '.join(sorted(missing))} "
-                    f"(has: {', '.join(sorted(names)) or 'none'}; inputs are x, or x_<name> "
-                    "for several named ones)"
-                )
-            x: RawX = {n[2:]: npz[n] for n in named} if named else npz["x"]
-            return x, npz["y"], (npz["ids"] if "ids" in names else None)
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise DataError(f"{where}: corrupt or unreadable .npz file: {err}") from None
-
-
-def _parse_parquet(
-    blob: bytes, where: str, label_column: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(io.BytesIO(blob))
-    except Exception as err:  # pyarrow raises several unrelated types for bad files
-        raise DataError(f"{where}: corrupt or unreadable parquet file: {err}") from None
-    if label_column not in df.columns:
-        raise DataError(
-            f"{where}: label column {label_column!r} not found "
-            f"(columns: {', '.join(map(str, df.columns))}); set data.label_column"
-        )
-    ids = df["id"].to_numpy() if "id" in df.columns else None
-    features = df.drop(columns=[c for c in (label_column, "id") if c in df.columns])
-    bad = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
-    if bad:
-        raise DataError(f"{where}: non-numeric feature column(s): {', '.join(bad)}")
-    if features.shape[1] == 0:
-        raise DataError(f"{where}: no feature columns besides the label")
-    return features.to_numpy(dtype=np.float32), df[label_column].to_numpy(), ids
 
 
 def _input(x: np.ndarray, where: str, name: str) -> torch.Tensor:
@@ -394,20 +266,20 @@ def load_dataset(
     at = f" (DVC {repo_s}@{rev or 'workspace'})" if source == "dvc" and not factory else ""
     where = f"{name} set {shown!r}{at}"
     opts = {"image": image or {}, "columns": columns or {}, "label_column": label_column}
-    with _opened(path, source, repo_s, rev, fmt, factory, where) as (local, commit):
+    with dvc_opened(path, source, repo_s, rev, fmt, factory, where) as (local, commit):
         if factory:
             fmt = "factory"
         elif local is not None:
             fmt = detect_format(local, fmt, where)
         elif fmt == "auto":
-            fmt = _fmt(path)
+            fmt = fmt_of(path)
         if fmt in ("npz", "parquet"):
-            blob = _read_dvc(path, repo_s, rev)[0] if local is None else _read_local(local)
+            blob = read_dvc(path, repo_s, rev)[0] if local is None else read_local(local)
             md5, classes = hashlib.md5(blob).hexdigest(), None
             if fmt == "npz":
-                x, y, ids = _parse_npz(blob, where)
+                x, y, ids = parse_npz(blob, where)
             else:
-                x, y, ids = _parse_parquet(blob, where, label_column)
+                x, y, ids = parse_parquet(blob, where, label_column)
         else:
             reader = open_rows(fmt, local, name, where, factory, opts)
             raw = reader.rows(0, len(reader))
@@ -419,37 +291,6 @@ def load_dataset(
     )  # fmt: skip
     logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
     return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov, classes=classes)
-
-
-@contextmanager
-def _opened(
-    path: str,
-    source: str,
-    repo: str | None,
-    rev: str | None,
-    fmt: str,
-    factory: str | None,
-    where: str,
-) -> Iterator[tuple[Path | None, str | None]]:
-    """(local path, git commit) to read: the path itself, a DVC folder copied to a temporary
-    folder, or (None, commit) for a single DVC file (read as bytes)."""
-    if factory or source == "file":
-        yield (None if factory else Path(path)), None
-        return
-    assert repo is not None
-    with _dvc_fs(path, repo, rev) as fs:
-        _ = fs.repo  # opens the revision now: an unknown rev is a RevError, not "not found"
-        if not fs.exists(path):
-            raise FileNotFoundError(path)
-        is_dir = fs.isdir(path)
-        commit = _commit(fs)
-    if not is_dir:
-        if fmt not in ("auto", "npz", "parquet"):
-            raise DataError(f"{where}: data.format {fmt} needs a folder, {path!r} is a file")
-        yield None, commit
-        return
-    with _dvc_folder(path, repo, rev) as (local, commit):
-        yield local, commit
 
 
 def check_labels(data: Split, n_classes: int) -> None:
@@ -479,9 +320,9 @@ def read_json(
 ) -> dict[str, Any]:
     """A small JSON file (e.g. demo ground truth) from a local file or a DVC repo."""
     if source == "dvc":
-        blob, _ = _read_dvc(str(path), str(repo or "."), rev)
+        blob, _ = read_dvc(str(path), str(repo or "."), rev)
     else:
-        blob = _read_local(path)
+        blob = read_local(path)
     try:
         data = json.loads(blob)
     except (ValueError, UnicodeDecodeError) as err:

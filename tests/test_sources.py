@@ -265,3 +265,30 @@ def test_cli_bad_image_folder_exits_2_with_one_message(
     assert code == 2, err
     assert "differ in size" in err and "data.image.size" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_provenance_tags_cap_many_class_names(tmp_path: Path) -> None:
+    """1,000 class folders (ImageNet-like) must not make a tag MLflow refuses (8,000 chars)."""
+    from mirrorinf.tasks.tracking import provenance_tags
+
+    for i in range(1000):
+        (tmp_path / "imgs" / f"n{i:08d}").mkdir(parents=True)
+        Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(tmp_path / "imgs" / f"n{i:08d}" / "a.png")
+    split = load_dataset(tmp_path / "imgs", name="train")
+    assert len(split.classes) == 1000 and split.classes[7] == "n00000007"
+    tags = provenance_tags({"train": split.provenance})
+    assert tags["mirrorinf.data.train.format"] == "images"
+    assert len(tags["mirrorinf.data.train.classes"]) < 1100
+    assert tags["mirrorinf.data.train.classes"].endswith("(1000 classes)")
+
+
+def test_hf_folder_from_a_dvc_repo(tmp_path: Path) -> None:
+    repo = make_dvc_repo(tmp_path / "repo")
+    cols = save_hf(repo / "ds")
+    v1 = dvc_add_commit(repo, ["ds"], "v1", tag="v1")
+    opts = {"columns": {"inputs": ["input_ids"], "id": "name"}}
+    split = load_dataset("ds", name="train", source="dvc", repo=repo, rev="v1", **opts)
+    assert split.provenance.commit == v1 and split.provenance.format == "hf"
+    assert split.provenance.md5 == load_dataset(repo / "ds", **opts).provenance.md5
+    assert list(split.ids) == cols["name"]
+    assert np.array_equal(split.x.numpy(), np.asarray(cols["input_ids"]))

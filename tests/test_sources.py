@@ -192,6 +192,7 @@ class Squares(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
     def __getitem__(self, i):
+        CALLS.append(i)
         x = torch.full((2, 3), float(i) + (100 if self.split == "query" else 0))
         if self.form == "dict":
             return {"x": {"a": x, "b": torch.tensor([i, i + 1])}, "y": i % 3, "id": f"s{i}"}
@@ -222,6 +223,7 @@ def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_factory_tuples_dicts_and_ranges(factory_module: str) -> None:
     train = load_dataset("unused", name="train", factory=f"{factory_module}:make")
+    assert len(sys.modules[factory_module].CALLS) == 7  # each item read once (digest included)
     query = load_dataset("unused", name="query", factory=f"{factory_module}:make")
     assert train.x.shape == (7, 2, 3) and train.y.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert float(query.x[0, 0, 0]) == 100.0  # called with the split name

@@ -57,16 +57,19 @@ class FactorySource:
     def md5(self) -> str:
         """Digest of the function's name and source and of every row it gives (reads all)."""
         if self._md5 is None:
-            h = hashlib.md5(self.code.encode())
-            raw = self.rows(0, len(self))
-            parts = raw.x if isinstance(raw.x, dict) else {"": raw.x}
-            for key in sorted(parts):
-                h.update(key.encode() + np.ascontiguousarray(parts[key]).tobytes())
-            h.update(np.ascontiguousarray(raw.y).tobytes())
-            if raw.ids is not None:
-                h.update(np.asarray(raw.ids).astype(str).tobytes())
-            self._md5 = h.hexdigest()
+            self._md5 = self._digest(self.rows(0, len(self)))
         return self._md5
+
+    def _digest(self, raw: Raw) -> str:
+        """md5 of the function's name and source and of all rows ``raw``."""
+        h = hashlib.md5(self.code.encode())
+        parts = raw.x if isinstance(raw.x, dict) else {"": raw.x}
+        for key in sorted(parts):
+            h.update(key.encode() + np.ascontiguousarray(parts[key]).tobytes())
+        h.update(np.ascontiguousarray(raw.y).tobytes())
+        if raw.ids is not None:
+            h.update(np.asarray(raw.ids).astype(str).tobytes())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return self.n
@@ -116,4 +119,7 @@ class FactorySource:
             ids = np.asarray([i.item() if isinstance(i, torch.Tensor) else i for *_, i in items])
         else:  # positions, as for files without ids
             ids = np.arange(start, start + len(items), dtype=np.int64)
-        return Raw(x=x, y=y, ids=ids)
+        raw = Raw(x=x, y=y, ids=ids)
+        if start == 0 and len(items) == self.n and self._md5 is None:  # read whole: digest now
+            self._md5 = self._digest(raw)
+        return raw

@@ -10,6 +10,7 @@ row range can be read without decoding the others.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from mirrorinf.errors import DataError
-from mirrorinf.tasks.sources import IMAGE_SUFFIXES, ImageOptions, Raw, file_md5
+from mirrorinf.tasks.sources import IMAGE_SUFFIXES, ImageOptions, Raw
 
 __all__ = ["ImageFolder"]
 
@@ -70,16 +71,15 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _scan(self) -> tuple[str, dict[tuple[int, int], str]]:
         """Digest over (relative path, file md5) and the distinct sizes (from headers only)."""
-        import hashlib
-
         from PIL import Image, UnidentifiedImageError
 
         h = hashlib.md5()
         sizes: dict[tuple[int, int], str] = {}
         for f, rel in sorted(zip(self.files, self.ids, strict=True), key=lambda t: t[1]):
-            h.update(f"{rel}\0{file_md5(f)}\n".encode())
+            blob = f.read_bytes()  # read once: digest it, and the header gives the size
+            h.update(f"{rel}\0{hashlib.md5(blob).hexdigest()}\n".encode())
             try:
-                with Image.open(f) as img:
+                with Image.open(io.BytesIO(blob)) as img:
                     sizes.setdefault(img.size, rel)
             except (UnidentifiedImageError, OSError) as err:
                 raise DataError(f"{self.where}: cannot read image {rel}: {err}") from None

@@ -186,6 +186,8 @@ def test_hf_provenance_and_errors(tmp_path: Path) -> None:
 FACTORY = """
 import torch
 
+CALLS = []
+
 class Squares(torch.utils.data.Dataset):
     def __init__(self, split, n, form):
         self.split, self.n, self.form = split, n, form

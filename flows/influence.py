@@ -189,9 +189,9 @@ def _load_sets(params: Params, rev: str | None) -> dict[str, Split]:
             source=source,
             repo=repo,
             rev=rev,
-            label_column=d.label_column,
             display_path=path,
             kind=params.task.kind,
+            **d.reader(),
         )
     return {name: fut.result() for name, fut in futures.items()}
 

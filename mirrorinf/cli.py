@@ -306,8 +306,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     set_threads(params.threads)
     kind = params.task.kind
-    train = load_dataset(args.train, name="train", label_column=label_column, kind=kind)
-    queries = load_dataset(args.queries, name="query", label_column=label_column, kind=kind)
+    # the paths given here are read with params' data options (format, image, columns)
+    read = {**params.data.reader(), "label_column": label_column, "factory": None}
+    train = load_dataset(args.train, name="train", kind=kind, **read)
+    queries = load_dataset(args.queries, name="query", kind=kind, **read)
     allow_pickle = args.allow_pickle or params.model.allow_pickle
     model, ref = load_model_uri(args.model_uri, tracking_uri=uri, allow_pickle=allow_pickle)
     check_fit(model, [train, queries], params.task)

@@ -159,6 +159,7 @@ def _summary(
         "score_health": {
             kind: {k: rep.get(k) for k in ("scale", "zero_fraction", "n_constant_queries", "path")}
             for kind, rep in scores.reports.items()
+            if kind != "shards"  # the shard plan, not an engine verb
         },
         "scale": pair.get("scale"),
         "truth": truth_metrics,
@@ -189,9 +190,9 @@ def _load_sets(params: Params, rev: str | None) -> dict[str, Split]:
             source=source,
             repo=repo,
             rev=rev,
-            label_column=d.label_column,
             display_path=path,
             kind=params.task.kind,
+            **d.reader(),
         )
     return {name: fut.result() for name, fut in futures.items()}
 

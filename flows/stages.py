@@ -55,7 +55,7 @@ def _train(params: Params) -> None:
     if params.model.train_demo:
         d = params.data
         kind = "dvc" if d.source == "dvc" else "file"
-        kwargs = {"source": kind, "rev": d.rev, "label_column": d.label_column}
+        kwargs = {"source": kind, "rev": d.rev, **d.reader()}
         if kind == "dvc":
             kwargs["repo"] = str(params.resolve(d.repo))
 

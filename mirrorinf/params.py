@@ -127,6 +127,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ImageParams(_Section):
+    """How an image folder's files become tensors (data.format: images)."""
+
+    mode: Literal["RGB", "L"] = Field(
+        "RGB", description="Decode to RGB (3 channels) or L (grayscale, 1 channel)."
+    )
+    size: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[height, width] to resize every image to (bilinear). null: keep the "
+        "files' size, which must then be the same for all.",
+    )
+    mean: list[float] | None = Field(
+        None,
+        description="Per-channel mean subtracted after scaling pixels to [0, 1]. null: none "
+        "(pixels stay in [0, 1]: no normalisation beyond /255).",
+    )
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Per-channel std divided by after the mean. null: none."
+    )
+
+
+class ColumnParams(_Section):
+    """Columns of a HuggingFace datasets folder (data.format: hf)."""
+
+    inputs: list[str] = Field(
+        ["x"],
+        min_length=1,
+        description="Input column(s). One: the model's x; several: named inputs passed by name "
+        "(e.g. [input_ids, attention_mask]), like x_<name> arrays in an .npz.",
+    )
+    label: str | None = Field(None, description="Label column. null: data.label_column.")
+    id: str | None = Field(None, description="Id column shown in the review. null: row positions.")
+
+
 class DataParams(_Section):
     """Where the training, validation and query sets come from."""
 
@@ -144,12 +180,47 @@ class DataParams(_Section):
     train: str = Field("data/demo/train.npz", description="Training set (.npz or .parquet).")
     val: str = Field("data/demo/val.npz", description="Validation set (group influence).")
     query: str = Field("data/demo/query.npz", description="Query set (pairwise influence).")
-    label_column: str = Field("label", description="Label column of parquet files.")
+    label_column: str = Field(
+        "label", description="Label column of parquet files (and of datasets folders)."
+    )
+    format: Literal["auto", "npz", "parquet", "images", "hf"] = Field(
+        "auto",
+        description="auto: from the path (.npz; .parquet/.pq; a folder with dataset_info.json "
+        "or state.json = HuggingFace datasets save_to_disk folder; a folder of class subfolders "
+        "holding .png/.jpg/.jpeg = image folder), or one of npz, parquet, images, hf.",
+    )
+    image: ImageParams = Field(default_factory=ImageParams)
+    columns: ColumnParams = Field(default_factory=ColumnParams)
+    factory: str | None = Field(
+        None,
+        description='"package.module:function" returning a map-style torch Dataset for a split '
+        "name (called as f('train'), f('val'), f('query')); items (x, y), (x, y, id) or dicts "
+        "with keys x, y, id. Runs your own code; the paths are then not read. Needs "
+        "source: file.",
+    )
     ground_truth: str | None = Field(
         None,
         description="Optional JSON with planted flipped ids / leak pairs (the demo writes "
         "data/demo/ground_truth.json and uses it automatically).",
     )
+
+    @model_validator(mode="after")
+    def _factory_source(self) -> DataParams:
+        if self.factory is not None and self.source != "file":
+            raise ValueError(
+                f"data.factory reads the data itself; set data.source: file (not {self.source})"
+            )
+        return self
+
+    def reader(self) -> dict[str, Any]:
+        """How to read each split: the keyword arguments of ``tasks.data.load_dataset``."""
+        return {
+            "label_column": self.label_column,
+            "fmt": self.format,
+            "image": self.image.model_dump(),
+            "columns": self.columns.model_dump(),
+            "factory": self.factory,
+        }
 
 
 class DemoParams(_Section):

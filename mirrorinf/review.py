@@ -13,11 +13,15 @@ global state, so it is safe in worker threads). :func:`write_report` writes, und
 - ``report.md``: what was found, why the gate decided as it did, links to the tables;
 - ``checks/gx_result.md``: the gate checks as a table.
 
-Rows whose feature count is a square (64 -> 8x8) are drawn as images; other (tabular) rows as
-a one-row heat strip of their features, and the report lists their first feature values. Token
-inputs (``train_text`` / ``query_text`` set: decoded by the model's tokenizer, else the ids) are
-shown as text, in the plots, the report and the flagged table; for a sequence model the
-predicted tokens (``pred_text``: for a causal LM the predicted next tokens) beside them.
+Image inputs ``[n, C, H, W]`` with 1 or 3 channels (an image folder) are drawn as images (RGB
+in colour; each channel min-max scaled over the training set, which undoes the loader's
+mean/std normalisation, and clipped to [0, 1]); so are rows whose feature count is a square
+(64 -> 8x8, grayscale). Other (tabular) rows are a one-row heat strip of their features, and
+the report lists their first feature values. Labels show their class names when the source has
+them (image folders: the class folder names). Token inputs (``train_text`` / ``query_text``
+set: decoded by the model's tokenizer, else the ids) are shown as text, in the plots, the report
+and the flagged table; for a sequence model the predicted tokens (``pred_text``: for a causal LM
+the predicted next tokens) beside them.
 """
 
 from __future__ import annotations
@@ -79,15 +83,42 @@ class ReviewInputs:
     n_queries_shown: int = 4
     n_gallery: int = 16
     scale: tuple[np.ndarray, np.ndarray] | None = None  # display scaling; set by write_report
+    x_shape: tuple[int, ...] | None = None  # one example's input shape before flattening
+    class_names: Sequence[str] | None = None  # class name by label index (image folders)
     train_text: np.ndarray | None = None  # token inputs as text, one string per row
     query_text: np.ndarray | None = None
     pred_text: np.ndarray | None = None  # sequence: the predicted tokens as text, per row
 
 
-def image_shape(n_features: int) -> tuple[int, int] | None:
-    """(side, side) when the features form a square image of at least 4x4, else None."""
+def image_shape(n_features: int, x_shape: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """How to draw a row as an image: (C, H, W) for 1- or 3-channel image inputs of at least
+    4x4, (side, side) when the features form a square of at least 4x4, else None."""
+    if x_shape is not None and len(x_shape) == 3:
+        c, h, w = x_shape
+        return (c, h, w) if c in (1, 3) and min(h, w) >= 4 else None
     side = math.isqrt(n_features)
     return (side, side) if side * side == n_features and side >= 4 else None
+
+
+def channel_scale(x: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, span) over the training set, spread to every feature: images keep
+    their colours while a per-channel mean/std normalisation is undone."""
+    per = x.reshape(len(x), shape[0], -1)
+    finite = np.where(np.isfinite(per), per, np.nan)
+    low = np.nan_to_num(np.nanmin(finite, axis=(0, 2))) if len(x) else np.zeros(shape[0])
+    high = np.nan_to_num(np.nanmax(finite, axis=(0, 2))) if len(x) else np.ones(shape[0])
+    span = np.where(high - low > 1e-12, high - low, np.inf)
+    spread = np.repeat(np.arange(shape[0]), shape[1] * shape[2])
+    return low[spread], span[spread]
+
+
+def _label(inp: ReviewInputs, value: Any) -> str:
+    """A label for a title: with its class name when the source names classes."""
+    names = inp.class_names
+    text = _fmt(value)
+    if names is not None and text.isdigit() and int(text) < len(names):
+        return f"{text} {names[int(text)]}"
+    return text
 
 
 def _fmt(value: Any) -> str:
@@ -117,7 +148,7 @@ def display_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _draw(
     ax: Axes,
     row: np.ndarray,
-    shape: tuple[int, int] | None,
+    shape: tuple[int, ...] | None,
     scale: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """One example: an image when ``shape`` is set, else a heat strip of its features."""
@@ -126,6 +157,13 @@ def _draw(
     if shape is not None:
         img = row if scale is None else np.clip((row - scale[0]) / scale[1], 0, 1)
         lim = {"vmin": 0.0, "vmax": 1.0} if scale is not None else {}
+        if len(shape) == 3:  # channels first: RGB in colour, one channel in gray
+            pic = img.reshape(shape).transpose(1, 2, 0)
+            cmap = "gray" if shape[0] == 1 else None
+            ax.imshow(
+                pic[..., 0] if shape[0] == 1 else pic, cmap=cmap, interpolation="nearest", **lim
+            )
+            return
         ax.imshow(img.reshape(shape), cmap="gray_r", interpolation="nearest", **lim)
         return
     lim = float(np.nanmax(np.abs(row))) or 1.0
@@ -135,7 +173,7 @@ def _draw(
             ax.text(j, 0, f"{v:.2g}", ha="center", va="center", fontsize=6)
 
 
-def _show(ax: Axes, inp: ReviewInputs, split: str, pos: int, shape: tuple[int, int] | None) -> None:
+def _show(ax: Axes, inp: ReviewInputs, split: str, pos: int, shape: tuple[int, ...] | None) -> None:
     """One training (``split`` "train") or query example: its text when the inputs are
     tokens, else as :func:`_draw` draws it."""
     text = inp.train_text if split == "train" else inp.query_text
@@ -306,7 +344,7 @@ def _differs(pred: Any, label: Any) -> bool:
     return str(pred) != str(label)
 
 
-def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path) -> None:
+def plot_mislabels(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path) -> None:
     """Gallery: image (or feature strip), given label, predicted label, self-influence."""
     rows, title = _mislabel_rows(inp)
     cols = 8 if shape is not None else 2
@@ -322,7 +360,9 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path)
         if inp.pred_text is not None:  # a sequence: its labels are its own next tokens
             given = f"next: {inp.pred_text[pos][:36]}"
         else:
-            given = f"given {_fmt(row['label'])} pred {_short(inp.train_pred, pos)}"
+            given = (
+                f"given {_label(inp, row['label'])} pred {_label(inp, _short(inp.train_pred, pos))}"
+            )
         ax.set_title(
             f"id {row['id']}\n{given}\nself {row['self_influence']:.2g}",
             fontsize=7,
@@ -332,7 +372,7 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path)
     _save(fig, path)
 
 
-def plot_leaks(inp: ReviewInputs, shape: tuple[int, int] | None, path: Path, n: int = 8) -> None:
+def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: int = 8) -> None:
     """Each suspected leak: the query next to its most aligned training example."""
     leaks = inp.tables.leaks.sort_values("cosine", ascending=False).head(n)
     if leaks.empty:
@@ -368,7 +408,7 @@ def _shown_queries(inp: ReviewInputs) -> list[Any]:
 
 
 def plot_query_influence(
-    inp: ReviewInputs, shape: tuple[int, int] | None, path: Path, k: int = 4
+    inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, k: int = 4
 ) -> None:
     """Per shown query: the query, its top-k proponents (green) and top-k opponents (red)."""
     queries = _shown_queries(inp)
@@ -385,7 +425,7 @@ def plot_query_influence(
     for r, q in enumerate(queries):
         qi = q_pos[q]
         _show(axes[r, 0], inp, "query", qi, shape)
-        axes[r, 0].set_title(f"query {q}\nlabel {inp.query_labels[qi]}", fontsize=7)
+        axes[r, 0].set_title(f"query {q}\nlabel {_label(inp, inp.query_labels[qi])}", fontsize=7)
         for c, kind in ((1, "proponent"), (1 + k, "opponent")):
             rows = table[(table["query_id"] == q) & (table["kind"] == kind)].head(k)
             for j, row in enumerate(rows.itertuples(index=False)):
@@ -394,7 +434,9 @@ def plot_query_influence(
                 label = inp.tables.train["label"].iloc[t_pos[row.train_id]]
                 color = _GREEN if kind == "proponent" else _RED
                 ax.set_title(
-                    f"{row.train_id} (y={label})\n{row.score:.2g}", fontsize=7, color=color
+                    f"{row.train_id} (y={_label(inp, label)})\n{row.score:.2g}",
+                    fontsize=7,
+                    color=color,
                 )
             for j in range(len(rows), k):
                 axes[r, c + j].axis("off")
@@ -419,7 +461,7 @@ def _feature_text(row: np.ndarray) -> str:
     return shown + (", ..." if len(row) > _SHOWN_FEATURES else "")
 
 
-def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
+def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
     c = inp.tables.counts
     train = inp.tables.train
     out = [
@@ -477,7 +519,7 @@ def _findings(inp: ReviewInputs, shape: tuple[int, int] | None) -> list[str]:
     return out
 
 
-def report_markdown(inp: ReviewInputs, shape: tuple[int, int] | None) -> str:
+def report_markdown(inp: ReviewInputs, shape: tuple[int, ...] | None) -> str:
     """``report.md``: verdict, findings in words, the gate checks, links to plots and tables."""
     verdict = inp.verdict.upper()
     lines = [f"# {inp.title}", "", f"## Gate: **{verdict}**", ""]
@@ -512,6 +554,9 @@ def review_tables(inp: ReviewInputs) -> dict[str, pd.DataFrame]:
         pred = target_labels(inp.train_pred)  # [n, L] predictions as one string per row
         pred = pred if inp.pred_text is None else inp.pred_text
         flagged.insert(2, "predicted", pred[flagged.index.to_numpy()])
+    if inp.class_names is not None and "label" in flagged.columns:
+        at = flagged.columns.get_loc("label") + 1
+        flagged.insert(at, "class", [_label(inp, v).partition(" ")[2] for v in flagged["label"]])
     if inp.train_text is not None:
         flagged.insert(2, "text", inp.train_text[flagged.index.to_numpy()])
     flagged.insert(len(flagged.columns), "flag_rule", flag_rules(flagged, inp.tables.counts))
@@ -526,11 +571,15 @@ def review_tables(inp: ReviewInputs) -> dict[str, pd.DataFrame]:
 def write_report(out_dir: str | Path, inp: ReviewInputs) -> list[str]:
     """Write the plots, ``report.md`` and ``checks/gx_result.md``; return their relative paths."""
     out = Path(out_dir)
-    shape = image_shape(inp.train_x.shape[1]) if inp.train_x.ndim == 2 else None
+    shape = image_shape(inp.train_x.shape[1], inp.x_shape) if inp.train_x.ndim == 2 else None
     if inp.train_text is not None:
         shape = None  # tokens are text, not pixels
     if shape is not None and inp.scale is None:
-        inp = replace(inp, scale=display_scale(inp.train_x))
+        if len(shape) == 3:
+            scale = channel_scale(inp.train_x, (shape[0], shape[1], shape[2]))
+        else:
+            scale = display_scale(inp.train_x)
+        inp = replace(inp, scale=scale)
     train, counts = inp.tables.train, inp.tables.counts
     plots = out / "plots"
     plot_self_influence(train, counts, plots / "self_influence.png")

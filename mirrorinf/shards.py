@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from mirrorinf.engine.scores import health
 from mirrorinf.integrity import SignedRecords, remove_stale_tmp
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 ARRAYS = ("pairwise", "self_influence", "group_influence", "leak_pairwise", "query_self_drop")
+# engine verb -> its score array; upcast counts queries (the same in every shard) or rows (self)
+_VERBS = {"pairwise": "pairwise", "group": "group_influence", "self": "self_influence"}
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -77,9 +81,17 @@ class ShardStore:
         """The shard is on disk and verifies (else it is discarded, to be scored again)."""
         return self.records.read(self._name(start, stop)) is not None
 
-    def save(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write a shard's arrays, then its signed marker (the marker says: complete)."""
-        self.records.write(self._name(start, stop), arrays, {"start": start, "stop": stop})
+    def save(
+        self,
+        start: int,
+        stop: int,
+        arrays: dict[str, np.ndarray],
+        reports: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Write a shard's arrays, then its signed marker (the marker says: complete) holding
+        the engine's reports of the shard (JSON)."""
+        meta = {"start": start, "stop": stop, "reports": reports or {}}
+        self.records.write(self._name(start, stop), arrays, meta)
         with open(self.root / "computations.log", "a") as fh:  # audit: one line per scoring
             fh.write(f"{start}:{stop}\n")
 
@@ -92,6 +104,13 @@ class ShardStore:
 
     def assemble(self, ranges: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Concatenate every (verified) shard's row arrays in order (all must be done)."""
+        return self.assemble_with_reports(ranges)[0]
+
+    def assemble_with_reports(
+        self, ranges: list[tuple[int, int]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+        """The shards' arrays concatenated in order, and the whole run's engine reports
+        (:func:`merge_reports`); all shards must be done."""
         got = {r: self.records.read(self._name(*r)) for r in ranges}
         missing = [r for r, rec in got.items() if rec is None]
         if missing:
@@ -103,9 +122,40 @@ class ShardStore:
             if name != "query_self_drop"
         }
         out["query_self_drop"] = parts[0]["query_self_drop"]
-        return out
+        metas = [rec[1].get("reports", {}) for rec in got.values() if rec is not None]
+        return out, merge_reports(metas, out)
 
     def computations(self) -> Iterator[str]:
         path = self.root / "computations.log"
         if path.exists():
             yield from path.read_text().split()
+
+
+def merge_reports(
+    parts: list[dict[str, dict[str, Any]]], rows: dict[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    """The reports an unsharded run would give, from its shards' reports and assembled rows.
+
+    Per verb: settings and curvature facts (mode, scale, steps, path, Ritz values, stability:
+    the same in every shard, the curvature being the whole set's) from the first shard; the
+    step range over all shards; rows and seconds summed; upcast rows summed (self) or the most
+    upcast queries of a shard (pairwise, group); score health recomputed on the whole arrays.
+    A verb some shard did not report (a store written by an older mirrorinf) is left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for verb, name in _VERBS.items():
+        reps = [p[verb] for p in parts if verb in p]
+        if not reps or len(reps) != len(parts) or name not in rows:
+            continue
+        merged = dict(reps[0])
+        merged["n_train"] = sum(int(r["n_train"]) for r in reps)
+        merged["seconds"] = sum(float(r["seconds"]) for r in reps)
+        merged["lr_min"] = min(float(r["lr_min"]) for r in reps)
+        merged["lr_max"] = max(float(r["lr_max"]) for r in reps)
+        upcast = [int(r.get("upcast", 0)) for r in reps]
+        merged["upcast"] = sum(upcast) if verb == "self" else max(upcast)
+        matrix = torch.from_numpy(np.asarray(rows[name], dtype=np.float64))
+        zero, const = health(verb, matrix.reshape(len(matrix), -1))
+        merged["zero_fraction"], merged["n_constant_queries"] = zero, const
+        out[verb] = merged
+    return out

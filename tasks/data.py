@@ -1,13 +1,17 @@
-"""Datasets from a local file or a DVC repository at a revision (one tool: DVC).
+"""Datasets from a local file or folder, a DVC repository at a revision (one tool: DVC), or
+the user's Dataset factory.
 
-A dataset file is ``.npz`` with arrays ``x`` (or several named inputs ``x_<name>``, which the
-model receives as keyword arguments), ``y`` and optional ``ids``, or ``.parquet`` with numeric
-feature columns, a label column (named in params) and an optional ``id`` column. Float inputs
-are read as float32, integer inputs stay integer (int64: token ids, embeddings). Targets follow
-the task kind: integer labels (classification, binary, sequence) or float (regression,
-multilabel).
-Loading returns tensors plus :class:`Provenance` (source, path, repo, rev, resolved commit and
-the md5 of the exact bytes read), which keys caches and is logged with every result.
+Sources (params ``data.format``, ``auto`` by default; readers in :mod:`mirrorinf.tasks.sources`):
+an image folder ``root/<class>/*.png|jpg|jpeg``, a HuggingFace ``datasets`` folder written by
+``save_to_disk``, ``data.factory`` returning a torch Dataset, or a single file: ``.npz`` with
+arrays ``x`` (or several named inputs ``x_<name>``, which the model receives as keyword
+arguments), ``y`` and optional ``ids``, or ``.parquet`` with numeric feature columns, a label
+column (named in params) and an optional ``id`` column. Float inputs are read as float32,
+integer inputs stay integer (int64: token ids, embeddings). Targets follow the task kind:
+integer labels (classification, binary, sequence) or float (regression, multilabel).
+Loading returns tensors plus :class:`Provenance` (source, path, repo, rev, resolved commit,
+format, class names, and the md5 of the exact bytes read; for folders a digest over every
+file's path and md5), which keys caches and is logged with every result.
 Everything wrong with the input is a :class:`DataError` naming the file and the problem.
 """
 
@@ -15,12 +19,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,16 @@ from mirrorinf.engine import Inputs
 from mirrorinf.engine.examples import rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
+from mirrorinf.tasks.sources import RawX, detect_format
+from mirrorinf.tasks.sources.files import (
+    dvc_opened,
+    fmt_of,
+    parse_npz,
+    parse_parquet,
+    read_dvc,
+    read_local,
+)
+from mirrorinf.tasks.sources.readers import open_rows
 
 __all__ = [
     "DataError",
@@ -54,8 +66,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}
-
 
 @dataclass(frozen=True)
 class Provenance:
@@ -67,6 +77,8 @@ class Provenance:
     repo: str | None = None
     rev: str | None = None  # requested git revision (None = workspace)
     commit: str | None = None  # resolved git commit (dvc only)
+    format: str | None = None  # npz, parquet, images, hf, factory
+    classes: tuple[str, ...] | None = None  # class names by label index (image folders)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +94,7 @@ class Split:
     y: torch.Tensor
     ids: np.ndarray
     provenance: Provenance
+    classes: tuple[str, ...] | None = None  # class names by label index, when the source has them
 
     def __len__(self) -> int:
         return len(self.y)
@@ -95,8 +108,9 @@ class Split:
         if n is None or n >= len(self):
             return self
         return Split(
-            self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance
-        )
+            self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance,
+            self.classes,
+        )  # fmt: skip
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -106,117 +120,6 @@ def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:  # the state could not give its exception back: let it retry
         return True
     return not isinstance(exc, InputError)
-
-
-def _fmt(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise DataError(
-            f"{path}: unsupported dataset format {suffix or '(no extension)'!r}; "
-            "use .npz (x, y, optional ids) or .parquet"
-        )
-    return FORMATS[suffix]
-
-
-def _read_local(path: str | Path) -> bytes:
-    p = Path(path)
-    try:
-        p.stat()  # the real reason (a symlink loop, no permission), not always "not found"
-    except FileNotFoundError:
-        broken = " (a symlink to a missing file)" if p.is_symlink() else ""
-        raise DataError(f"data file not found: {p}{broken}") from None
-    except OSError as err:
-        loop = " (a symlink loop)" if err.errno == errno.ELOOP else ""
-        raise DataError(f"cannot read data file {p}: {err.strerror or err}{loop}") from None
-    if not p.is_file():
-        raise DataError(f"data path is not a file: {p}")
-    try:
-        return p.read_bytes()
-    except OSError as err:
-        raise DataError(f"cannot read data file {p}: {err}") from None
-
-
-def _read_dvc(path: str, repo: str, rev: str | None) -> tuple[bytes, str | None]:
-    """Bytes of ``path`` in DVC repo ``repo`` at ``rev`` and the resolved git commit."""
-    from dvc.api import DVCFileSystem
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.scm import CloneError, RevError
-
-    where = f"DVC repo {repo!r} at rev {rev or 'workspace'!r}"
-    fs = None
-    try:
-        fs = DVCFileSystem(repo, rev=rev)
-        with fs.open(path, "rb") as f:
-            blob = f.read()
-        try:
-            commit = fs.repo.get_rev()
-        except Exception:  # no git (or an unusual repo): the md5 still pins the data
-            commit = None
-        return blob, commit
-    except RevError:
-        raise DataError(f"unknown git revision {rev!r} in {where.split(' at ')[0]}") from None
-    except (NotDvcRepoError, CloneError) as err:
-        raise DataError(f"{repo!r} is not a DVC/git repository that can be opened: {err}") from None
-    except FileNotFoundError:
-        raise DataError(f"{path!r} not found in {where}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path!r} is a directory in {where}, expected a file") from None
-    finally:
-        close = getattr(fs, "close", None)
-        if callable(close):
-            close()
-
-
-RawX = np.ndarray | dict[str, np.ndarray]
-
-
-def _parse_npz(blob: bytes, where: str) -> tuple[RawX, np.ndarray, np.ndarray | None]:
-    try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            names = set(npz.files)
-            named = sorted(n for n in names if n.startswith("x_") and len(n) > 2)
-            if "x" in names and named:
-                raise DataError(
-                    f"{where}: .npz has both x and named inputs ({', '.join(named)}); keep x "
-                    "for one input or x_<name> arrays for several"
-                )
-            missing = {"y"} - names if named else {"x", "y"} - names
-            if missing:
-                raise DataError(
-                    f"{where}: .npz is missing array(s) {', '.join(sorted(missing))} "
-                    f"(has: {', '.join(sorted(names)) or 'none'}; inputs are x, or x_<name> "
-                    "for several named ones)"
-                )
-            x: RawX = {n[2:]: npz[n] for n in named} if named else npz["x"]
-            return x, npz["y"], (npz["ids"] if "ids" in names else None)
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise DataError(f"{where}: corrupt or unreadable .npz file: {err}") from None
-
-
-def _parse_parquet(
-    blob: bytes, where: str, label_column: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(io.BytesIO(blob))
-    except Exception as err:  # pyarrow raises several unrelated types for bad files
-        raise DataError(f"{where}: corrupt or unreadable parquet file: {err}") from None
-    if label_column not in df.columns:
-        raise DataError(
-            f"{where}: label column {label_column!r} not found "
-            f"(columns: {', '.join(map(str, df.columns))}); set data.label_column"
-        )
-    ids = df["id"].to_numpy() if "id" in df.columns else None
-    features = df.drop(columns=[c for c in (label_column, "id") if c in df.columns])
-    bad = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
-    if bad:
-        raise DataError(f"{where}: non-numeric feature column(s): {', '.join(bad)}")
-    if features.shape[1] == 0:
-        raise DataError(f"{where}: no feature columns besides the label")
-    return features.to_numpy(dtype=np.float32), df[label_column].to_numpy(), ids
 
 
 def _input(x: np.ndarray, where: str, name: str) -> torch.Tensor:
@@ -329,43 +232,65 @@ def load_dataset(
     label_column: str = "label",
     display_path: str | None = None,
     kind: str = "classification",
+    fmt: str = "auto",
+    image: dict[str, Any] | None = None,
+    columns: dict[str, Any] | None = None,
+    factory: str | None = None,
 ) -> Split:
-    """Load a dataset from a local file (``source="file"``) or a DVC repo at ``rev``.
+    """Load a dataset from a local file or folder (``source="file"``), a DVC repo at ``rev``,
+    or the user's Dataset factory.
 
     Args:
-        path: the file; for DVC, relative to the repository root.
-        name: what the set is ("train", "val", "query"), used in messages.
+        path: the file or folder; for DVC, relative to the repository root.
+        name: what the set is ("train", "val", "query"), used in messages; the factory's
+            argument.
         repo, rev: DVC repository and git revision (None = workspace).
-        label_column: label column of parquet files.
+        label_column: label column of parquet files (and of datasets folders, unless
+            ``columns`` names one).
         display_path: path as the user wrote it, for provenance (defaults to ``path``).
         kind: the task kind (params ``task.kind``), which says how targets are read.
+        fmt, image, columns, factory: params ``data.format``, ``data.image``, ``data.columns``
+            and ``data.factory`` (see :class:`mirrorinf.params.DataParams`).
 
     Raises:
         DataError: missing file, path or revision; unsupported format; corrupt file; bad
             contents (NaN/inf features, non-integer or negative labels, duplicate ids).
     """
     path = str(path)
-    fmt = _fmt(path)
     shown = display_path or path
-    commit = None
-    if source == "dvc":
-        repo_s = str(repo if repo is not None else ".")
-        blob, commit = _read_dvc(path, repo_s, rev)
-        where = f"{name} set {shown!r} (DVC {repo_s}@{rev or 'workspace'})"
-    elif source == "file":
-        repo_s, blob = None, _read_local(path)
-        where = f"{name} set {shown!r}"
-    else:
+    if factory:
+        shown = f"{factory}({name!r})"
+    if source not in ("file", "dvc"):
         raise DataError(f"unknown data source {source!r}; use 'file' or 'dvc'")
-    md5 = hashlib.md5(blob).hexdigest()
-    if fmt == "npz":
-        x, y, ids = _parse_npz(blob, where)
-    else:
-        x, y, ids = _parse_parquet(blob, where, label_column)
+    repo_s = str(repo if repo is not None else ".") if source == "dvc" else None
+    at = f" (DVC {repo_s}@{rev or 'workspace'})" if source == "dvc" and not factory else ""
+    where = f"{name} set {shown!r}{at}"
+    opts = {"image": image or {}, "columns": columns or {}, "label_column": label_column}
+    with dvc_opened(path, source, repo_s, rev, fmt, factory, where) as (local, commit):
+        if factory:
+            fmt = "factory"
+        elif local is not None:
+            fmt = detect_format(local, fmt, where)
+        elif fmt == "auto":
+            fmt = fmt_of(path)
+        if fmt in ("npz", "parquet"):
+            blob = read_dvc(path, repo_s, rev)[0] if local is None else read_local(local)
+            md5, classes = hashlib.md5(blob).hexdigest(), None
+            if fmt == "npz":
+                x, y, ids = parse_npz(blob, where)
+            else:
+                x, y, ids = parse_parquet(blob, where, label_column)
+        else:
+            reader = open_rows(fmt, local, name, where, factory, opts)
+            raw = reader.rows(0, len(reader))
+            x, y, ids, md5, classes = raw.x, raw.y, raw.ids, reader.md5, reader.classes
     xt, yt, ids = _validate(x, y, ids, where, kind)
-    prov = Provenance(source=source, path=shown, md5=md5, repo=repo_s, rev=rev, commit=commit)
+    prov = Provenance(
+        source="factory" if factory else source, path=shown, md5=md5, repo=repo_s, rev=rev,
+        commit=commit, format=fmt, classes=classes,
+    )  # fmt: skip
     logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
-    return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov)
+    return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov, classes=classes)
 
 
 def check_labels(data: Split, n_classes: int) -> None:
@@ -395,9 +320,9 @@ def read_json(
 ) -> dict[str, Any]:
     """A small JSON file (e.g. demo ground truth) from a local file or a DVC repo."""
     if source == "dvc":
-        blob, _ = _read_dvc(str(path), str(repo or "."), rev)
+        blob, _ = read_dvc(str(path), str(repo or "."), rev)
     else:
-        blob = _read_local(path)
+        blob = read_local(path)
     try:
         data = json.loads(blob)
     except (ValueError, UnicodeDecodeError) as err:

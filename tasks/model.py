@@ -179,7 +179,8 @@ def train_and_register(
 
     Reuses the newest version with the same training key instead of training again. The
     training run records the data provenance (path, rev, md5) and training metrics; it is
-    marked FAILED if anything goes wrong.
+    marked FAILED if anything goes wrong, and by the next training or influence run if this
+    process is killed (owner tags, as on influence runs).
     """
     client = get_client(tracking_uri)
     key = train_key(train, train_params)
@@ -188,11 +189,20 @@ def train_and_register(
         logger.info("reusing %s v%s (same data and training params)", name, existing.version)
         return _ref(client, existing, reused=True)
 
+    from mirrorinf.tasks.verdict import owner_tags, reap_dead_runs  # verdict imports tracking
+
     exp_id = ensure_experiment(client, experiment, artifact_location)
+    # a training run killed mid-way stays RUNNING in MLflow: the next one marks it FAILED
+    reap_dead_runs(client, exp_id, by=f"a training run of {name}")
     datasets = {"train": train.provenance}
     if val is not None:
         datasets["val"] = val.provenance
-    tags = {"mirrorinf.kind": "train", TRAIN_KEY_TAG: key, **provenance_tags(datasets)}
+    tags = {
+        "mirrorinf.kind": "train",
+        TRAIN_KEY_TAG: key,
+        **provenance_tags(datasets),
+        **owner_tags(),
+    }
     with mlflow_run(client, exp_id, run_name=f"train-{name}", tags=tags) as run_id:
         from mlflow.entities import Metric, Param
 

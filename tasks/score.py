@@ -192,8 +192,8 @@ def score_shard_task(
     fi = _engine(copy.deepcopy(model), cfg, device, task)
     # the whole training set is the curvature set: anchored scores equal the unsharded run's
     part = (rows_of(train.x, slice(start, stop)), train.y[start:stop])
-    rows, _ = score_rows(fi, part, queries.pair(), val.pair(), curvature=train.pair())
-    store.save(start, stop, rows)
+    rows, reports = score_rows(fi, part, queries.pair(), val.pair(), curvature=train.pair())
+    store.save(start, stop, rows, json.loads(json.dumps(reports, default=str)))
     return True
 
 
@@ -211,8 +211,8 @@ def assemble_task(
 ) -> ScoreBundle:
     """All shards in training-row order, plus calibration scores, as one bundle."""
     t0 = time.perf_counter()
-    rows = ShardStore(store_root, identity).assemble(ranges)
-    reports = {"shards": {"count": len(ranges), "store": store_root}}
+    rows, reports = ShardStore(store_root, identity).assemble_with_reports(ranges)
+    reports["shards"] = {"count": len(ranges), "store": store_root}
     return _bundle(
         rows,
         reports,

@@ -255,6 +255,9 @@ def provenance_tags(datasets: dict[str, Any]) -> dict[str, str]:
     for name, prov in datasets.items():
         items = prov.to_dict() if hasattr(prov, "to_dict") else dict(prov)
         for key, value in items.items():
+            if key == "classes" and value is not None:  # many classes: keep under tag limits
+                text = ",".join(map(str, value))
+                value = text if len(text) <= 1000 else f"{text[:1000]}... ({len(value)} classes)"
             if value is not None:
                 tags[f"mirrorinf.data.{name}.{key}"] = str(value)
     return tags
@@ -450,6 +453,8 @@ def log_review(
         verdict=verdict,
         reasons=list(reasons),
         kind=kind,
+        x_shape=tuple(train.x.shape[1:]) if hasattr(train.x, "shape") else None,
+        class_names=getattr(train, "classes", None),
         title="Influence review"
         + (f": {model.name} v{model.version}" if model is not None else ""),
         **_texts(train, queries, predicted, kind, tokenizer),

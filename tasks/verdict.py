@@ -169,7 +169,7 @@ def reap_dead_runs(client: Any, experiment_id: str, by: str = "") -> list[str]:
         _retry_locked(client.set_tag, run.info.run_id, "mirrorinf.error", why)
         _retry_locked(client.set_tag, run.info.run_id, REAPED_TAG, by or "mirrorinf")
         _retry_locked(client.set_terminated, run.info.run_id, status="FAILED")
-        logger.warning("marked influence run %s FAILED: %s", run.info.run_id, why)
+        logger.warning("marked run %s FAILED: %s", run.info.run_id, why)
         reaped.append(run.info.run_id)
     return reaped
 

@@ -114,3 +114,25 @@ def test_review_tables_carry_predictions() -> None:
 def test_image_shape() -> None:
     assert image_shape(64) == (8, 8) and image_shape(784) == (28, 28)
     assert image_shape(5) is None and image_shape(9) is None  # 3x3 is too small to read
+
+
+def test_rgb_images_drawn_in_colour_with_class_names(tmp_path: Path) -> None:
+    """[n, 3, H, W] inputs (an image folder, normalised with a mean/std) are drawn as colour
+    images, the normalisation undone; the flagged table names each label's class."""
+    base = _inputs(3 * 8 * 8)
+    n = len(base.train_x)
+    green = np.zeros((n, 3, 8, 8))
+    green[:, 1] = np.random.default_rng(0).uniform(0.8, 1.0, size=(n, 8, 8))
+    normalised = (green - 0.5) / 0.2  # what data.image.mean / std give the model
+    flat = normalised.reshape(n, -1)
+    inp = ReviewInputs(
+        **{**base.__dict__, "train_x": flat, "query_x": flat[:6]},
+    )
+    inp.x_shape, inp.class_names = (3, 8, 8), ["cat", "dog", "eel"]
+    write_report(tmp_path, inp)
+    img = mpimg.imread(tmp_path / "plots" / "mislabels.png")[..., :3]
+    pure_green = (img[..., 1] > 0.6) & (img[..., 0] < 0.3) & (img[..., 2] < 0.3)
+    assert pure_green.mean() > 0.05, f"only {pure_green.mean():.3%} green pixels"
+    flagged = review_tables(inp)["flagged_train"]
+    names = dict(zip(flagged["label"].astype(int), flagged["class"], strict=False))
+    assert names and all(["cat", "dog", "eel"][k] == v for k, v in names.items())

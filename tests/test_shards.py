@@ -107,10 +107,15 @@ def _close(a: np.ndarray, b: np.ndarray) -> None:
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99999
 
 
+def _logged(run_id: str, project: Path, name: str) -> Path:
+    """The artifact ``name`` (e.g. scores/pairwise.npy) logged by run ``run_id``."""
+    hits = list((project / "mlruns").rglob(f"{run_id}/**/{name}"))
+    assert hits, f"no {name} logged for run {run_id}"
+    return hits[0]
+
+
 def _scores(result_run_id: str, project: Path) -> np.ndarray:
-    hits = list((project / "mlruns").rglob(f"{result_run_id}/**/scores/pairwise.npy"))
-    assert hits, f"no score matrix logged for run {result_run_id}"
-    return np.load(hits[0])
+    return np.load(_logged(result_run_id, project, "scores/pairwise.npy"))
 
 
 @pytest.mark.slow
@@ -182,3 +187,36 @@ def test_dask_two_workers_equal_threads(prefect_harness, tmp_path):
     )
     _close(_scores(dask.run_id, project), _scores(threads.run_id, project))
     assert dask.verdict == threads.verdict
+
+
+@pytest.mark.slow
+def test_sharded_anchored_flow_equals_unsharded(prefect_harness, tmp_path):
+    """Anchored mode through the whole flow: a sharded run logs the unsharded run's scores
+    (pairwise, group, self), the same engine reports (scale, eps range, basis, health),
+    summary and verdict."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    small = {**SMALL_DEMO, "n_train": 200, "n_val": 60, "n_query": 8}
+    common = {"demo": small, "influence": {"mode": "anchored"}, "cache": False}
+    whole = run_influence(make(project, **common))
+    sharded = run_influence(make(project, **common, sharding={"size": 70, "dir": "sh"}))
+    for name in ("pairwise", "group_influence", "self_influence", "query_self_drop"):
+        a = np.load(_logged(sharded.run_id, project, f"scores/{name}.npy"))
+        b = np.load(_logged(whole.run_id, project, f"scores/{name}.npy"))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=name)
+    reports = [
+        json.loads(_logged(r.run_id, project, "scores/reports.json").read_text())
+        for r in (sharded, whole)
+    ]
+    varying = {"seconds", "n_train"}
+    for verb in ("pairwise", "group", "self"):
+        got, want = ({k: v for k, v in rep[verb].items() if k not in varying} for rep in reports)
+        assert got.keys() == want.keys(), verb
+        for key, value in want.items():
+            number = isinstance(value, float) and not isinstance(value, bool)
+            assert got[key] == (pytest.approx(value, rel=1e-6) if number else value), (verb, key)
+    assert reports[1]["pairwise"]["scale"] == "per_unit_query_weight"
+    assert sharded.summary["scale"] == whole.summary["scale"]
+    assert sharded.summary["score_health"] == whole.summary["score_health"]
+    assert sharded.summary["counts"] == whole.summary["counts"]
+    assert sharded.verdict == whole.verdict

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -418,3 +419,48 @@ def test_kill_9_at_every_stage(prefect_harness: Path, tmp_path: Path) -> None:
     # the sweep killed runs mid-run and runs that finished but had not recorded their verdict
     assert any(status == "RUNNING" for _, _, status, _, _ in landed), landed
     assert any(s == "FINISHED" and not rec for _, _, s, _, rec in landed), landed
+
+
+def test_training_run_killed_mid_train_is_marked_failed_by_the_next(tmp_path: Path) -> None:
+    """A demo training run killed with SIGKILL stays RUNNING in MLflow until the next training
+    run on this host marks it FAILED (owner tags, as on influence runs)."""
+    from mirrorinf.tasks.data import load_dataset, prepare_demo
+    from mirrorinf.tasks.model import train_and_register
+
+    paths = [tmp_path / f"{s}.npz" for s in ("train", "val", "query")]
+    prepare_demo(dict(KILL_DEMO), *paths)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    child = textwrap.dedent(f"""
+        from mirrorinf.tasks.data import load_dataset
+        from mirrorinf.tasks.model import train_and_register
+        train_and_register(
+            load_dataset({str(paths[0])!r}, name="train"), None, name="slow-demo",
+            train_params={{"epochs": 10_000_000, "seed": 1}}, tracking_uri={uri!r},
+            experiment="train", artifact_location={str(tmp_path / "artifacts")!r},
+        )
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path)
+    client = get_client(uri)
+    running: list[Any] = []
+    deadline = time.time() + 120
+    while not running and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+        exp = client.get_experiment_by_name("train")
+        if exp is not None:
+            running = client.search_runs(
+                [exp.experiment_id], filter_string="attributes.status = 'RUNNING'"
+            )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(running) == 1, "the child never started its training run"
+    killed = running[0].info.run_id
+    assert client.get_run(killed).info.status == "RUNNING"  # nothing else can end it
+
+    train_and_register(
+        load_dataset(paths[0], name="train"), None, name="slow-demo",
+        train_params={"epochs": 3, "seed": 2}, tracking_uri=uri, experiment="train",
+        artifact_location=str(tmp_path / "artifacts"),
+    )  # fmt: skip
+    after = client.get_run(killed)
+    assert after.info.status == "FAILED"
+    assert "training run of slow-demo" in after.data.tags[REAPED_TAG]

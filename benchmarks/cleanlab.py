@@ -1,0 +1,380 @@
+"""The gate's mislabel flags against cleanlab, and the group fit's constants, off digits.
+
+Four data sets that ship offline (no downloads) and are not digits, each split into a training
+set with 10% of its labels flipped to a random other class (``_common.flip_labels``, the same
+flips for every method) and a clean validation set:
+
+- ``cancer``: scikit-learn's breast cancer (30 features, 2 classes), MLP 30-64-2;
+- ``synthetic``: ``make_classification`` (20 features, 4 classes), MLP 20-64-4;
+- ``shapes``: procedurally drawn 3x16x16 images (disc, square, horizontal or vertical stripes in
+  a random colour, size and place, plus noise), a small CNN (2 conv + pool, linear head);
+- ``tokens``: synthetic token sequences (length 12, vocabulary 60, 3 topics, each drawing its
+  tokens from its own overlapping distribution), a small embedding model (embedding 16, mean
+  pool, linear head).
+
+Every model is trained by the same recipe (full-batch Adam, lr 1e-2 cosine-decayed, 300 steps,
+weight decay 1e-3 on all parameters; ``_common.objective``): the user's one model.
+
+Methods, all on the same flips:
+- ``cleanlab``: its documented recipe, ``cleanlab.filter.find_label_issues(labels, pred_probs)``
+  with out-of-sample predicted probabilities from 5-fold cross-validation (5 retrains of the
+  same model class with the same recipe); ranking by ``cleanlab.rank.get_label_quality_scores``
+  (self-confidence, low = issue). Its time includes the 5 retrains.
+- ``gate``: what the flow flags (``tasks.score``: engine defaults, plain mode): self-influence
+  and group influence on the validation set of the one trained model, calibration scores of the
+  validation set (``calibration_scores``) and ``summarise``'s ``flag_mislabel``; ranking by
+  self-influence. Its time is the scoring, calibration and flagging, *not* the training (the
+  user trained the model anyway).
+- ``group``: the same run's group influence ranked by harm (``-group``); flags = ``flag_harmful``.
+- ``loss``: the trained model's per-example training loss (no flags: a ranking only).
+
+Columns: ``flags`` = how many the method flags itself, ``P/R`` its precision and recall;
+``P/R @cl`` = precision and recall of its top-k at cleanlab's budget (k = cleanlab's flags);
+``P @flips`` = precision (= recall) of its top-k at k = number of planted flips; ``AUROC`` of its
+ranking against the planted flips; ``time``. Means over seeds (``--seeds``).
+
+``--grid``: also the group fit's constants (``mirrorinf.engine.group_fit``: Adam steps and the
+lr multiplier of rms(theta)) over steps {25, 50, 100} x lr {0.003, 0.01, 0.03}: AUROC of the
+harm ranking ``-group`` per data set, with the self-influence and loss AUROC for reference.
+
+Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+# run as a script, this file's folder comes first on sys.path and would shadow the cleanlab package
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import mirrorinf.engine.group_fit as group_fit  # noqa: E402
+from benchmarks._common import flip_labels, objective  # noqa: E402
+from mirrorinf import ForwardInf  # noqa: E402
+from mirrorinf.calibration import calibration_scores  # noqa: E402
+from mirrorinf.summary import summarise  # noqa: E402
+
+FLIP = 0.10
+K_FOLDS = 5
+STEPS, LR, WD = 300, 1e-2, 1e-3
+GRID_STEPS = (25, 50, 100)
+GRID_LR = (0.003, 0.01, 0.03)
+
+
+@dataclass
+class Case:
+    """A data set: clean training labels, a clean validation set, a model factory."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    xv: torch.Tensor
+    yv: torch.Tensor
+    n_classes: int
+    make: Callable[[], nn.Module]
+
+
+def _standard(x: np.ndarray, n_train: int) -> torch.Tensor:
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    return torch.tensor((x - mu) / sd, dtype=torch.float32)
+
+
+def _mlp(d_in: int, n_out: int) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, n_out))
+
+
+def _tabular(x: np.ndarray, y: np.ndarray, n_train: int, n_val: int, seed: int) -> Case:
+    perm = np.random.default_rng(seed).permutation(len(y))[: n_train + n_val]
+    x, y = x[perm], y[perm]
+    xs, yt = _standard(x, n_train), torch.tensor(y, dtype=torch.long)
+    c = int(y.max()) + 1
+    return Case(xs[:n_train], yt[:n_train], xs[n_train:], yt[n_train:], c, _mlp(x.shape[1], c))
+
+
+def cancer(seed: int) -> Case:
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    return _tabular(x, y, 400, 169, seed)
+
+
+def synthetic(seed: int) -> Case:
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        1000, 20, n_informative=10, n_classes=4, class_sep=1.5, random_state=seed
+    )
+    return _tabular(x, y, 700, 300, seed)
+
+
+def _draw_shapes(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n noisy 3x16x16 images of 4 classes: disc, square, horizontal, vertical stripes."""
+    y = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[0:16, 0:16]
+    out = np.empty((n, 3, 16, 16), dtype=np.float32)
+    for i, c in enumerate(y):
+        cy, cx, r = rng.uniform(5, 11), rng.uniform(5, 11), rng.uniform(3, 5)
+        period, phase = rng.integers(3, 6), rng.integers(0, 6)
+        if c == 0:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        elif c == 1:
+            mask = (abs(yy - cy) <= r * 0.8) & (abs(xx - cx) <= r * 0.8)
+        elif c == 2:
+            mask = (yy + phase) % period == 0
+        else:
+            mask = (xx + phase) % period == 0
+        colour, back = rng.uniform(0.3, 1.0, 3), rng.uniform(0.0, 0.4, 3)
+        img = np.where(mask[None], colour[:, None, None], back[:, None, None])
+        out[i] = img + rng.normal(0, 0.25, (3, 16, 16))
+    return out, y
+
+
+class _Cnn(nn.Module):
+    """Two conv + ReLU + max-pool blocks and a linear head (3x16x16 -> 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(16 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def shapes(seed: int) -> Case:
+    x, y = _draw_shapes(800, np.random.default_rng(1000 + seed))
+    xt, yt = torch.from_numpy(x), torch.tensor(y, dtype=torch.long)
+    return Case(xt[:600], yt[:600], xt[600:], yt[600:], 4, _Cnn)
+
+
+class _Bag(nn.Module):
+    """Token embedding, mean over positions, linear head."""
+
+    def __init__(self, vocab: int = 60, d: int = 16, n_out: int = 3) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, n_out)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids).mean(dim=1))
+
+
+def tokens(seed: int) -> Case:
+    """Each topic draws its 12 tokens from its own distribution over a shared vocabulary of 60
+    (softmax of 0.5 x a standard normal vector per topic): topics overlap, as words do."""
+    rng = np.random.default_rng(2000 + seed)
+    n, length, vocab = 800, 12, 60
+    logits = 0.5 * rng.standard_normal((3, vocab))
+    dist = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, 3, n)
+    ids = np.stack([rng.choice(vocab, length, p=dist[c]) for c in y])
+    xt, yt = torch.from_numpy(ids), torch.tensor(y, dtype=torch.long)
+    return Case(xt[:600], yt[:600], xt[600:], yt[600:], 3, _Bag)
+
+
+SETS: dict[str, Callable[[int], Case]] = {
+    "cancer": cancer,
+    "synthetic": synthetic,
+    "shapes": shapes,
+    "tokens": tokens,
+}
+
+
+def train(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
+    """The one recipe for every model: full-batch Adam, cosine lr, weight decay on all params."""
+    torch.manual_seed(seed)
+    model = make()
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        objective(model, x, y, WD).backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def run_cleanlab(case: Case, y: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Cleanlab's recipe: K-fold out-of-sample pred_probs -> find_label_issues; (flags, issue
+    score (high = issue), seconds including the K retrains)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    t0 = time.perf_counter()
+    labels = y.numpy()
+    probs = np.zeros((len(labels), case.n_classes))
+    folds = StratifiedKFold(K_FOLDS, shuffle=True, random_state=seed)
+    for fit_idx, held in folds.split(np.zeros(len(labels)), labels):
+        fit_t, held_t = torch.from_numpy(fit_idx), torch.from_numpy(held)
+        model = train(case.make, case.x[fit_t], y[fit_t], seed)
+        with torch.no_grad():
+            probs[held] = F.softmax(model(case.x[held_t]).double(), dim=1).numpy()
+    flags = find_label_issues(labels, probs)
+    score = -get_label_quality_scores(labels, probs)
+    return flags, score, time.perf_counter() - t0
+
+
+def run_gate(model: nn.Module, case: Case, y: torch.Tensor) -> dict[str, np.ndarray | float]:
+    """The flow's flags with engine defaults (tasks.score + summarise), timed without training."""
+    t0 = time.perf_counter()
+    fi = ForwardInf(model)
+    self_inf = fi.self_influence((case.x, y)).double().numpy()
+    group = fi.group((case.x, y), (case.xv, case.yv)).double().numpy()
+    calib = calibration_scores(fi, (case.xv, case.yv))
+    t = summarise(
+        np.zeros((len(y), 0)),
+        self_inf,
+        group,
+        query_self_drop=np.zeros(0),
+        calib_self_inf=calib.self_influence,
+        calib_group_inf=calib.group_influence,
+    )
+    seconds = time.perf_counter() - t0
+    return {
+        "self": self_inf,
+        "group": group,
+        "mislabel": t.train["flag_mislabel"].to_numpy(dtype=bool),
+        "harmful": t.train["flag_harmful"].to_numpy(dtype=bool),
+        "seconds": seconds,
+    }
+
+
+def _at(score: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
+    """Precision and recall of the top-k of ``score``."""
+    if k == 0:
+        return float("nan"), 0.0
+    hits = truth[np.argsort(-score, kind="stable")[:k]].sum()
+    return hits / k, hits / truth.sum()
+
+
+def _row(flags: np.ndarray | None, score: np.ndarray, truth: np.ndarray, k_cl: int, sec: float):
+    """One method's numbers: flags, P, R, P@cl, R@cl, P@flips, AUROC, seconds."""
+    if flags is None:
+        n, p, r = float("nan"), float("nan"), float("nan")
+    else:
+        n = float(flags.sum())
+        p = float((flags & truth).sum() / max(1, flags.sum()))
+        r = float((flags & truth).sum() / truth.sum())
+    p_cl, r_cl = _at(score, truth, k_cl)
+    p_fl, _ = _at(score, truth, int(truth.sum()))
+    return np.array([n, p, r, p_cl, r_cl, p_fl, roc_auc_score(truth, score), sec])
+
+
+def one(name: str, seed: int, grid: bool) -> tuple[dict[str, np.ndarray], dict]:
+    case = SETS[name](seed)
+    y, flipped = flip_labels(case.y, FLIP, seed=100 + seed, n_classes=case.n_classes)
+    truth = flipped.numpy()
+    t0 = time.perf_counter()
+    model = train(case.make, case.x, y, seed)
+    train_s = time.perf_counter() - t0
+    cl_flags, cl_score, cl_s = run_cleanlab(case, y, seed)
+    k_cl = int(cl_flags.sum())
+    g = run_gate(model, case, y)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(case.x), y, reduction="none").double().numpy()
+    rows = {
+        "cleanlab": _row(cl_flags, cl_score, truth, k_cl, cl_s),
+        "gate (self-influence)": _row(g["mislabel"], g["self"], truth, k_cl, g["seconds"]),
+        "group influence (harm)": _row(g["harmful"], -g["group"], truth, k_cl, float("nan")),
+        "training loss": _row(None, loss, truth, k_cl, float("nan")),
+    }
+    extra: dict = {"train_s": train_s}
+    if grid:
+        fi = ForwardInf(model)
+        saved = group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR
+        cells = {}
+        try:
+            for steps in GRID_STEPS:
+                for lr in GRID_LR:
+                    group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = steps, lr
+                    gi = fi.group((case.x, y), (case.xv, case.yv)).double().numpy()
+                    cells[(steps, lr)] = roc_auc_score(truth, -gi)
+        finally:
+            group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = saved
+        extra["grid"] = cells
+        extra["self_auroc"] = roc_auc_score(truth, g["self"])
+        extra["loss_auroc"] = roc_auc_score(truth, loss)
+    return rows, extra
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "" if np.isnan(v) else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--grid", action="store_true", help="also the group fit's constants")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    print(
+        f"# {int(FLIP * 100)}% flipped training labels, {args.seeds} seeds, 1 torch thread; "
+        "cleanlab time includes its 5 retrains, the gate's excludes the one training"
+    )
+    print(
+        "| data set | method | flags | P | R | P @cl | R @cl | P @flips | AUROC | time |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    grids: dict[str, list[dict]] = {}
+    for name in args.sets:
+        runs = [one(name, s, args.grid) for s in range(args.seeds)]
+        train_s = np.mean([e["train_s"] for _, e in runs])
+        for method in runs[0][0]:
+            m = np.nanmean([r[method] for r, _ in runs], axis=0)
+            n, p, r, p_cl, r_cl, p_fl, auc, sec = m
+            print(
+                f"| {name} | {method} | {_fmt(n, '.1f')} | {_fmt(p, '.2f')} | {_fmt(r, '.2f')} "
+                f"| {p_cl:.2f} | {r_cl:.2f} | {p_fl:.2f} | {auc:.3f} | {_fmt(sec, '.2f')}"
+                f"{'' if np.isnan(sec) else ' s'} |",
+                flush=True,
+            )
+        print(f"| {name} | (one training, for scale) | | | | | | | | {train_s:.2f} s |")
+        grids[name] = [e for _, e in runs]
+    if args.grid:
+        print(
+            "\n# group fit constants: AUROC of -group against the flips (mean over seeds); "
+            "self-influence and training loss for reference\n"
+            "| data set | self | loss | "
+            + " | ".join(f"{s} x {lr:g}" for s in GRID_STEPS for lr in GRID_LR)
+            + " |\n|---|---:|---:|"
+            + "---:|" * (len(GRID_STEPS) * len(GRID_LR))
+        )
+        for name, extras in grids.items():
+            cells = [
+                np.mean([e["grid"][(s, lr)] for e in extras]) for s in GRID_STEPS for lr in GRID_LR
+            ]
+            s_auc = np.mean([e["self_auroc"] for e in extras])
+            l_auc = np.mean([e["loss_auroc"] for e in extras])
+            print(
+                f"| {name} | {s_auc:.3f} | {l_auc:.3f} | "
+                + " | ".join(f"{c:.3f}" for c in cells)
+                + " |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

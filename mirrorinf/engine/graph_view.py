@@ -51,7 +51,7 @@ def _dim_size(t: torch.Tensor, dim: int) -> int:
 def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     """The rewritten copy of one graph module, or None if nothing in it needs rewriting."""
     graph = copy.deepcopy(gm.graph)
-    linears: dict[str, nn.Linear] = {}
+    linears: dict[str, nn.Module] = {}
     sizes = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -63,8 +63,11 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         site = _linear_site(gm, graph, node)
         if site is None:
             continue
-        owner, x, erase = site
-        lin = _shared_linear(gm.get_submodule(owner))
+        owner, x, erase, field = site
+        if owner in linears:  # one projection per module (a second stays an aten call)
+            continue
+        mod = gm.get_submodule(owner)
+        lin = _shared_linear(mod) if field == "weight" else ParamLinear(mod, field)
         with graph.inserting_before(node):
             call = graph.call_module(owner, (x,))
         call.meta = dict(node.meta)
@@ -74,6 +77,9 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         linears[owner] = lin
     if not linears and not sizes:
         return None
+    for owner, mod in linears.items():  # a projection's module keeps its children: their views
+        for name in mod._modules:
+            mod._modules[name] = linears.get(f"{owner}.{name}", mod._modules[name])
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -88,7 +94,7 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         if key not in fresh or key in ("meta", "training"):
             view.__dict__[key] = value
     log.info(
-        "exported graph: %d linear call(s) as nn.Linear, %d size read(s) made batchable",
+        "exported graph: %d linear call(s) as modules, %d size read(s) made batchable",
         len(linears),
         sizes,
     )
@@ -97,9 +103,11 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
 
 def _linear_site(
     gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
-) -> tuple[str, fx.Node, list[fx.Node]] | None:
-    """(owner module, input node, nodes to erase) of a linear call on one module's own weight
-    (and bias) that nothing else reads; None for anything else."""
+) -> tuple[str, fx.Node, list[fx.Node], str] | None:
+    """(owner module, input node, nodes to erase, weight attribute) of a linear call on one
+    module's own weight (and bias) that nothing else reads; None for anything else. The weight
+    is ``weight`` of a Linear-like owner or ``<name>_weight`` (with ``<name>_bias``) of a larger
+    module, such as nn.MultiheadAttention's ``in_proj_weight``."""
     args: list[Any] = [*node.args, *node.kwargs.values()]
     extra: list[fx.Node] = []
     if node.target in _LINEAR and len(args) in (2, 3):
@@ -114,19 +122,34 @@ def _linear_site(
     if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
         return None
     owner, _, field = str(w.target).rpartition(".")
-    if not owner or field != "weight" or (b is not None and b.target != f"{owner}.bias"):
+    if not owner or not (field == "weight" or field.endswith("_weight")):
+        return None
+    bias_field = field[: -len("weight")] + "bias"
+    if b is not None and b.target != f"{owner}.{bias_field}":
         return None
     mod = gm.get_submodule(owner)
-    weight = mod._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 2 or mod._modules or mod._buffers:
+    weight = mod._parameters.get(field)
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
         return None
-    if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
-        return None
+    if field == "weight":  # the owner becomes an nn.Linear: it must hold nothing else
+        if mod._modules or mod._buffers:
+            return None
+        if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
+            return None
+    elif b is None and mod._parameters.get(bias_field) is not None:
+        return None  # a projection's bias exists but is not used here: leave it as it is
     nodes = [w] if b is None else [w, b]
-    reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(owner + ".")]
-    if len(reads) != len(nodes):  # the owner's tensors are read elsewhere too (tied weights)
-        return None
-    return owner, x, [*extra, *nodes]
+    mine = {str(n.target) for n in nodes}
+    own = {f"{owner}.{field}", f"{owner}.{bias_field}"} if field != "weight" else None
+    reads = [
+        n
+        for n in graph.nodes
+        if n.op == "get_attr"
+        and (str(n.target) in own if own else str(n.target).startswith(owner + "."))
+    ]
+    if len(reads) != len(nodes) or not mine <= {str(n.target) for n in reads}:
+        return None  # the owner's tensors are read elsewhere too (tied weights)
+    return owner, x, [*extra, *nodes], field
 
 
 def _is_transpose(n: fx.Node) -> bool:
@@ -155,6 +178,26 @@ def _shared_linear(owner: nn.Module) -> nn.Linear:
         lin.bias = bias
     lin.training = owner.training
     return lin
+
+
+class ParamLinear(nn.Module):
+    """A module of an exported graph (e.g. nn.MultiheadAttention's) whose one linear call on its
+    own ``<name>_weight`` / ``<name>_bias`` becomes this module's forward, so that hooks see it;
+    it holds the owner's Parameters, buffers and children under their own names."""
+
+    def __init__(self, owner: nn.Module, weight: str) -> None:
+        super().__init__()
+        self.weight_attr = weight
+        self.bias_attr = weight[: -len("weight")] + "bias"
+        self._parameters.update(owner._parameters)
+        self._buffers.update(owner._buffers)
+        self._non_persistent_buffers_set.update(owner._non_persistent_buffers_set)
+        self._modules.update(owner._modules)
+        self.training = owner.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, self.bias_attr) if self.bias_attr in self._parameters else None
+        return nn.functional.linear(x, getattr(self, self.weight_attr), bias)
 
 
 def _attr(gm: nn.Module, target: str) -> Any:

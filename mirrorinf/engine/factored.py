@@ -1,5 +1,6 @@
-"""Self-influence with linear layers as low-rank factors and every other parameter per example
-under vmap: the fast path for CNNs, transformers and graphs loaded from pt2.
+"""Self-influence with linear layers as low-rank factors, conv2d weight gradients by unfold,
+every other parameter per example under vmap: the fast path for CNNs, transformers and graphs
+loaded from pt2.
 
 One SGD step on one example changes a linear layer by ``coef * sum_t delta_t a_t^T`` (``a``
 its inputs, ``delta`` the loss gradient at its outputs, summed over tokens and calls), so the
@@ -7,8 +8,10 @@ updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forwar
 example's tensors, whatever the model's layout (sequence-first attention, batch folded into
 tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
 added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
-the per-example gradients of the remaining parameters (convolutions, norms, embeddings). No
-per-example copy of a linear weight is built, differentiated, normed or read. Exact, not an
+the per-example gradients of the remaining parameters (norms, embeddings). A conv2d layer gets
+a probe too: its per-example weight gradient is then one unfold (im2col) and batched matmul,
+not vmap's per-example convolution backward, and its updated weights run as per-example copies.
+No per-example copy of a linear weight is built, differentiated, normed or read. Exact, not an
 approximation; verified once per engine against the generic path before it is trusted.
 """
 
@@ -37,15 +40,18 @@ Factors = dict[str, dict[str, Tensor]]  # site -> {"a": [r, in], "d": [r, out], 
 
 @dataclass(frozen=True)
 class Site:
-    """A module computing ``linear(x, weight, bias)`` with trainable parameters of its own."""
+    """A module computing ``linear(x, weight, bias)`` (or ``conv2d``) with trainable parameters
+    of its own."""
 
     module: nn.Module
-    weight: str | None  # full parameter names; None: not trainable (fixed)
-    bias: str | None
+    weight: str  # full parameter names
+    bias: str | None  # None: no bias, or a fixed one
+    conv: bool = False
 
 
 def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
-    """Modules whose forward is a plain linear call on their own (untied) parameters."""
+    """Modules whose forward is a plain linear (or ungrouped, zero-padded conv2d) call on their
+    own (untied) parameters."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -54,7 +60,7 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
     for name, mod in model.named_modules():
         if isinstance(mod, ParamLinear):
             w_attr, b_attr = mod.weight_attr, mod.bias_attr
-        elif isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
+        elif _plain_linear(mod) or _plain_conv(mod):
             w_attr, b_attr = "weight", "bias"
         else:
             continue
@@ -64,8 +70,24 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
             continue
         if b in own and counts[id(own[b])] != 1:
             continue
-        sites[name] = Site(mod, w, b if b in own and b in trainable else None)
+        bias = b if b in own and b in trainable else None
+        sites[name] = Site(mod, w, bias, conv=isinstance(mod, nn.Conv2d))
     return sites
+
+
+def _plain_linear(mod: nn.Module) -> bool:
+    """An nn.Linear (or subclass) that runs nn.Linear's own forward."""
+    return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
+
+
+def _plain_conv(mod: nn.Module) -> bool:
+    """An nn.Conv2d whose per-example weight gradient is one unfold and matmul away."""
+    return (
+        type(mod) is nn.Conv2d
+        and mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and not isinstance(mod.padding, str)
+    )
 
 
 @dataclass
@@ -75,7 +97,8 @@ class _Pass:
     factors: Factors = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, Tensor] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each call's output
+    sizes: dict[str, int] = field(default_factory=dict)  # floats of its factors, one example
 
 
 class FactoredPath:
@@ -88,6 +111,7 @@ class FactoredPath:
         self.names = {s.module: n for n, s in sites.items()}
         self.active = set(sites)  # sites the model really calls (found by the shapes pass)
         self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.sizes: dict[str, int] = {}
         self.verified: bool | None = None
         self._pass = _Pass()
 
@@ -146,7 +170,11 @@ class FactoredPath:
         if f is not None and "db" in f:
             new = new + f["db"]
         if st.mode == "shapes":
-            st.shapes[key] = (*out.shape[:-1], x.shape[-1], out.shape[-1])
+            st.shapes[key] = tuple(out.shape)
+            if isinstance(mod, nn.Conv2d):  # its per-example weights (moved) and bias
+                st.sizes[key] = out.shape[1] + (mod.weight.numel() if key.endswith("#0") else 0)
+            else:
+                st.sizes[key] = out.numel() // out.shape[-1] * (x.shape[-1] + out.shape[-1])
         elif st.mode == "probe":
             st.inputs[key] = x
             new = new + st.probes[key]
@@ -161,16 +189,15 @@ class FactoredPath:
         if self.shapes is None:
             with torch.no_grad(), self._hooks("shapes", {}, {}) as st:
                 self.rt.forward(state, state.params, each(x, lambda v: v[:1]))
-            self.shapes = st.shapes
+            self.shapes, self.sizes = st.shapes, st.sizes
             self.active = {k.rpartition("#")[0] for k in st.shapes}
         return self.shapes
 
     def numel(self, state: ModelState, x: Inputs) -> int:
         """Floats held per example: stacked dense parameters and linear factors."""
-        shapes = self._find_shapes(state, x)
+        self._find_shapes(state, x)
         dense = sum(v.numel() for k, v in state.params.items() if k not in self._factored())
-        rows = sum(_rows(s) * (s[-2] + s[-1]) for s in shapes.values())
-        return dense + 2 * self.rt.steps * rows
+        return dense + 2 * self.rt.steps * sum(self.sizes.values())
 
     def _factored(self) -> set[str]:
         out = set()
@@ -188,14 +215,13 @@ class FactoredPath:
         fac_names = self._factored()
         fixed = {k: v for k, v in state.params.items() if k in fac_names}
         dense: Params = {k: v for k, v in state.params.items() if k not in fac_names}
-        probes = {k: torch.zeros(s[:-2] + s[-1:], dtype=rt.dtype, device=rt.device)
-                  for k, s in shapes.items()}  # fmt: skip
+        probes = {k: torch.zeros(s, dtype=rt.dtype, device=rt.device) for k, s in shapes.items()}
         factors: Factors = {}
+        moved: Params = {}  # conv parameters, per example once they moved (not differentiated)
         lr = base = None
         for t in range(rt.steps):
-            (g_dense, g_out), (loss, ins) = self._grads(state, fixed, dense, probes, factors, t)(
-                xb, yb
-            )
+            grad_fn = self._grads(state, fixed, dense, moved, probes, factors, t)
+            (g_dense, g_out), (loss, ins) = grad_fn(xb, yb)
             if base is None:
                 base = loss
             grads = self._site_grads(ins, g_out)
@@ -206,41 +232,62 @@ class FactoredPath:
                 k: torch.addcmul(v if t else v.unsqueeze(0), _per_row(coef, g_dense[k]), g_dense[k])
                 for k, v in dense.items()
             }
+            moved = self._move_convs(fixed, moved, grads, coef)
             factors = self._add_step(factors, grads, coef)
         assert lr is not None and base is not None
-        after = self._after(state, fixed, dense, factors)(xb, yb)
+        after = self._after(state, fixed, dense, moved, factors)(xb, yb)
         return base - after, lr
+
+    def _move_convs(
+        self, fixed: Params, moved: Params, grads: dict[str, tuple[Tensor, Tensor]], coef: Tensor
+    ) -> Params:
+        """Each example's conv parameters after this step: a grouped conv per example reads
+        them once in the next forward (cheaper than a correction conv on top of the shared
+        one)."""
+        out = dict(moved)
+        for n, (dw, db) in grads.items():
+            s = self.sites[n]
+            if not s.conv:
+                continue
+            for name, g in ((s.weight, dw), (s.bias, db)):
+                if name is not None:
+                    prev = moved.get(name, fixed[name].unsqueeze(0))
+                    out[name] = torch.addcmul(prev, _per_row(coef, g), g)
+        return out
 
     def _grads(
         self,
         state: ModelState,
         fixed: Params,
         dense: Params,
+        moved: Params,
         probes: Params,
         factors: Factors,
         t: int,
     ) -> Callable[[Inputs, Tensor], tuple[tuple[Params, Params], tuple[Tensor, Params]]]:
         """vmapped (dense grads, output grads), (loss, site inputs) of each example."""
 
-        def f(dp: Params, pr: Params, fa: Factors, xi: Inputs, yi: Tensor) -> tuple[Tensor, Params]:
+        def f(
+            dp: Params, pr: Params, mv: Params, fa: Factors, xi: Inputs, yi: Tensor
+        ) -> tuple[Tensor, Params]:
             with self._hooks("probe", pr, fa) as st:
-                loss = self._forward_loss(state, {**fixed, **dp}, xi, yi)
+                loss = self._forward_loss(state, {**fixed, **mv, **dp}, xi, yi)
                 return loss, dict(st.inputs)
 
         g = grad_and_value(f, argnums=(0, 1), has_aux=True)
-        dims = (0 if t else None, None, 0, 0, 0)
+        dims = (0 if t else None, None, 0, 0, 0, 0)
 
         def run(x: Inputs, y: Tensor) -> tuple[tuple[Params, Params], tuple[Tensor, Params]]:
             with batchable():
                 out: tuple[tuple[Params, Params], tuple[Tensor, Params]] = vmap(
                     g, in_dims=dims, randomness="same"
-                )(dense, probes, factors, x, y)
+                )(dense, probes, moved, factors, x, y)
             return out
 
         return run
 
     def _after(
-        self, state: ModelState, fixed: Params, dense: Params, factors: Factors
+        self, state: ModelState, fixed: Params, dense: Params, moved: Params, factors: Factors
     ) -> Callable[[Inputs, Tensor], Tensor]:
         """vmapped loss of each example under its own updated parameters."""
 
@@ -250,22 +297,34 @@ class FactoredPath:
 
         def run(x: Inputs, y: Tensor) -> Tensor:
             with torch.no_grad(), batchable():
-                out: Tensor = vmap(h, randomness="same")(dense, factors, x, y)
+                out: Tensor = vmap(h, randomness="same")({**dense, **moved}, factors, x, y)
             return out
 
         return run
 
     def _site_grads(self, ins: Params, g_out: Params) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per site: (inputs [m, r, in], output gradients [m, r, out]) over all its calls."""
+        """Per linear site: (inputs [m, r, in], output gradients [m, r, out]) over all its
+        calls; per conv site: (weight gradient [m, *weight], output gradients summed [m, out])."""
         parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         for key, a in ins.items():
             name = key.rpartition("#")[0]
             d = g_out[key]
             m = a.shape[0]
             la, ld = parts.setdefault(name, ([], []))
-            la.append(a.reshape(m, -1, a.shape[-1]))
-            ld.append(d.reshape(m, -1, d.shape[-1]))
-        return {n: (torch.cat(la, 1), torch.cat(ld, 1)) for n, (la, ld) in parts.items()}
+            mod = self.sites[name].module
+            if isinstance(mod, nn.Conv2d):
+                la.append(_conv_weight_grad(mod, a, d))
+                ld.append(d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).sum(dim=(1, 3)))
+            else:
+                la.append(a.reshape(m, -1, a.shape[-1]))
+                ld.append(d.reshape(m, -1, d.shape[-1]))
+        out = {}
+        for n, (la, ld) in parts.items():
+            if self.sites[n].conv:
+                out[n] = (torch.stack(la).sum(0), torch.stack(ld).sum(0))
+            else:
+                out[n] = (torch.cat(la, 1), torch.cat(ld, 1))
+        return out
 
     def _norm(self, g_dense: Params, grads: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
         """Each example's full gradient norm, float64: dense parts and factor Gram products."""
@@ -274,6 +333,11 @@ class FactoredPath:
         total = total.to(self.rt.device)
         for n, (a, d) in grads.items():
             s = self.sites[n]
+            if s.conv:  # (weight gradient, bias gradient)
+                total = total + torch.linalg.vector_norm(a.flatten(1), dim=1).double().pow(2)
+                if s.bias is not None:
+                    total = total + d.double().pow(2).sum(dim=1)
+                continue
             if s.weight is not None:
                 ga = torch.bmm(a, a.transpose(1, 2)).double()
                 gd = torch.bmm(d, d.transpose(1, 2)).double()
@@ -289,6 +353,8 @@ class FactoredPath:
         out: Factors = {n: dict(f) for n, f in factors.items()}
         for n, (a, d) in grads.items():
             s = self.sites[n]
+            if s.conv:  # moved with the per-example parameters instead (_move_convs)
+                continue
             f = out.setdefault(n, {})
             dc = d * coef.to(d.dtype).reshape(-1, 1, 1)
             if s.weight is not None:
@@ -305,12 +371,17 @@ def _per_row(coef: Tensor, like: Tensor) -> Tensor:
     return coef.reshape(-1, *[1] * (like.ndim - 1))
 
 
-def _rows(shape: tuple[int, ...]) -> int:
-    """Rows (tokens) of one site call's output for one example."""
-    r = 1
-    for v in shape[:-2]:
-        r *= v
-    return r
+def _conv_weight_grad(mod: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+    """Each example's weight gradient of one conv2d call: output gradients times the unfolded
+    inputs (im2col), as one batched matmul. ``x`` [m, ..., C, H, W], ``d`` [m, ..., out, H', W']."""
+    m, padding = x.shape[0], mod.padding
+    assert not isinstance(padding, str)  # _plain_conv
+    cols = nn.functional.unfold(
+        x.reshape(-1, *x.shape[-3:]), mod.kernel_size, mod.dilation, padding, mod.stride
+    )  # [m*k, C*kh*kw, L]
+    cols = cols.reshape(m, -1, *cols.shape[1:]).transpose(1, 2).flatten(2)  # [m, C*kh*kw, k*L]
+    g = d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).transpose(1, 2).flatten(2)
+    return torch.bmm(g, cols.transpose(1, 2)).reshape(m, *mod.weight.shape)
 
 
 __all__ = ["FactoredPath", "Site", "linear_sites"]

@@ -60,14 +60,19 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
             node.target = _dim_size
             sizes += 1
             continue
-        site = _linear_site(gm, graph, node)
+        conv = _conv_site(gm, graph, node)
+        site = _linear_site(gm, graph, node) if conv is None else (*conv[:3], "weight")
         if site is None:
             continue
         owner, x, erase, field = site
         if owner in linears:  # one projection per module (a second stays an aten call)
             continue
         mod = gm.get_submodule(owner)
-        lin = _shared_linear(mod) if field == "weight" else ParamLinear(mod, field)
+        lin: nn.Module
+        if conv is not None:
+            lin = _shared_conv(mod, conv[3])
+        else:
+            lin = _shared_linear(mod) if field == "weight" else ParamLinear(mod, field)
         with graph.inserting_before(node):
             call = graph.call_module(owner, (x,))
         call.meta = dict(node.meta)
@@ -94,7 +99,7 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         if key not in fresh or key in ("meta", "training"):
             view.__dict__[key] = value
     log.info(
-        "exported graph: %d linear call(s) as modules, %d size read(s) made batchable",
+        "exported graph: %d linear/conv call(s) as modules, %d size read(s) made batchable",
         len(linears),
         sizes,
     )
@@ -150,6 +155,56 @@ def _linear_site(
     if len(reads) != len(nodes) or not mine <= {str(n.target) for n in reads}:
         return None  # the owner's tensors are read elsewhere too (tied weights)
     return owner, x, [*extra, *nodes], field
+
+
+def _conv_site(
+    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
+    """(owner, input node, nodes to erase, Conv2d arguments) of an ``aten.conv2d`` call on one
+    module's own 4-D weight (and bias) that nothing else reads; None for anything else."""
+    if node.target is not aten.conv2d.default or node.kwargs:
+        return None
+    names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
+    a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    a.update(zip(names, node.args, strict=False))
+    x, w, b = a["x"], a["w"], a["b"]
+    if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
+        return None
+    if isinstance(a["padding"], str):
+        return None
+    owner, _, field = str(w.target).rpartition(".")
+    if not owner or field != "weight" or (b is not None and b.target != f"{owner}.bias"):
+        return None
+    mod = gm.get_submodule(owner)
+    weight = mod._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 4 or mod._modules or mod._buffers:
+        return None
+    if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
+        return None
+    nodes = [w] if b is None else [w, b]
+    reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(owner + ".")]
+    if len(reads) != len(nodes):
+        return None
+    args = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+    return owner, x, nodes, args
+
+
+def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv2d:
+    """An nn.Conv2d holding ``owner``'s weight and bias (the same Parameter objects)."""
+    weight = owner._parameters["weight"]
+    assert weight is not None
+    bias = owner._parameters.get("bias")
+    out_ch, in_per_group, kh, kw = weight.shape
+    groups = int(args["groups"])
+    conv = nn.Conv2d(
+        in_per_group * groups, out_ch, (kh, kw), stride=args["stride"], padding=args["padding"],
+        dilation=args["dilation"], groups=groups, bias=bias is not None, device="meta",
+    )  # fmt: skip
+    conv.weight = weight
+    if bias is not None:
+        conv.bias = bias
+    conv.training = owner.training
+    return conv
 
 
 def _is_transpose(n: fx.Node) -> bool:

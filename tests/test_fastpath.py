@@ -351,3 +351,15 @@ def test_factored_self_influence_convs_with_stride_padding_dilation_and_reuse() 
         got, ForwardInf(model, ForwardInfConfig(fast_path="off")).self_influence((x, y)),
         rtol=1e-4, atol=1e-7,
     )  # fmt: skip
+
+
+def test_factored_self_influence_follows_a_new_sequence_length() -> None:
+    """The probes' shapes are found again when the rows' shape changes between calls."""
+    model, _, _ = _transformer()
+    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    ref = ForwardInf(model, F64)
+    for tokens in (5, 7, 5):
+        x, y = torch.randn(12, tokens, 4), torch.randint(0, 3, (12,))
+        got = fi.self_influence((x, y))
+        assert fi.last_report is not None and fi.last_report.path == "factored"
+        torch.testing.assert_close(got, ref.self_influence((x, y)), rtol=1e-6, atol=1e-12)

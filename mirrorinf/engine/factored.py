@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from mirrorinf.engine.examples import Examples, Inputs, each, move
+from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
 from mirrorinf.engine.graph_view import ParamLinear
@@ -112,6 +112,7 @@ class FactoredPath:
         self.active = set(sites)  # sites the model really calls (found by the shapes pass)
         self.shapes: dict[str, tuple[int, ...]] | None = None
         self.sizes: dict[str, int] = {}
+        self._shapes_of: tuple[object, ...] | None = None  # the row shape they were found for
         self.verified: bool | None = None
         self._pass = _Pass()
 
@@ -177,7 +178,7 @@ class FactoredPath:
                 st.sizes[key] = out.numel() // out.shape[-1] * (x.shape[-1] + out.shape[-1])
         elif st.mode == "probe":
             st.inputs[key] = x
-            new = new + st.probes[key]
+            new = new + st.probes[key].to(out.dtype)  # autocast: the layer's own dtype
         return new
 
     def _forward_loss(self, state: ModelState, p: Params, xi: Inputs, yi: Tensor) -> Tensor:
@@ -185,8 +186,11 @@ class FactoredPath:
         return self.rt.losses(self.rt.forward(state, p, one), yi.unsqueeze(0))[0]
 
     def _find_shapes(self, state: ModelState, x: Inputs) -> dict[str, tuple[int, ...]]:
-        """Each site call's output shape for one example (sites never called become dense)."""
-        if self.shapes is None:
+        """Each site call's output shape for one example (sites never called become dense),
+        found again when the rows' shape changes (another sequence length, image size)."""
+        row_shape = tuple((v.shape[1:], v.dtype) for v in parts(x))
+        if self.shapes is None or row_shape != self._shapes_of:
+            self._shapes_of = row_shape
             with torch.no_grad(), self._hooks("shapes", {}, {}) as st:
                 self.rt.forward(state, state.params, each(x, lambda v: v[:1]))
             self.shapes, self.sizes = st.shapes, st.sizes

@@ -30,6 +30,7 @@ from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
 from mirrorinf.engine.graph_view import ParamLinear
+from mirrorinf.engine.rank1_hooks import small_bmm
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.updates import batchable, stack_norm, step_lr
 
@@ -343,8 +344,8 @@ class FactoredPath:
                     total = total + d.double().pow(2).sum(dim=1)
                 continue
             if s.weight is not None:
-                ga = torch.bmm(a, a.transpose(1, 2)).double()
-                gd = torch.bmm(d, d.transpose(1, 2)).double()
+                ga = small_bmm(a, a.transpose(1, 2)).double()
+                gd = small_bmm(d, d.transpose(1, 2)).double()
                 total = total + (ga * gd).sum(dim=(1, 2))
             if s.bias is not None:
                 total = total + d.sum(dim=1).double().pow(2).sum(dim=1)

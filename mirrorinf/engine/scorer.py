@@ -96,12 +96,14 @@ class PlainScorer:
         out = torch.empty(len(tr), dtype=torch.float64)
         lrs = torch.empty(len(tr), dtype=torch.float64)
         path, chunk_fn = self._self_path(state, tr)
+        cpu = rt.device.type == "cpu"
         if path == "lowrank":
-            chunk = rt.plan.self_chunk(state.numel, stacked=False)
+            chunk = rt.plan.self_chunk(state.numel, stacked=False, cpu=cpu)
         elif path == "factored" and self.factored is not None:
-            chunk = rt.plan.self_chunk(self.factored.numel(state, tr.take(slice(0, 1))[0]), True)
+            numel = self.factored.numel(state, tr.take(slice(0, 1))[0])
+            chunk = rt.plan.self_chunk(numel, stacked=True, cpu=cpu)
         else:
-            chunk = rt.plan.self_chunk(state.numel, stacked=True)
+            chunk = rt.plan.self_chunk(state.numel, stacked=True, cpu=cpu)
         for start, xb, yb in progress(
             tr.batches(chunk, rt.device), len(tr), chunk, "self-influence"
         ):

@@ -363,3 +363,21 @@ def test_factored_self_influence_follows_a_new_sequence_length() -> None:
         got = fi.self_influence((x, y))
         assert fi.last_report is not None and fi.last_report.path == "factored"
         torch.testing.assert_close(got, ref.self_influence((x, y)), rtol=1e-6, atol=1e-12)
+
+
+def test_pt2_inference_batch_norm_runs_as_scale_and_shift(pt2_models) -> None:  # type: ignore[no-untyped-def]
+    """The engine's view of a pt2 graph computes eval-mode BatchNorm as a per-channel affine map
+    (vmap batches its parameter gradients cheaply): the same outputs to rounding."""
+    from mirrorinf.engine.graph_view import engine_view
+
+    model, loaded, x, _ = pt2_models["cnn_batchnorm"]
+    view = engine_view(loaded)
+    targets = {
+        n.target
+        for m in view.modules()
+        if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes
+    }
+    assert torch.ops.aten.batch_norm.default not in targets
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model(x), rtol=1e-5, atol=1e-6)

@@ -258,3 +258,126 @@ def test_decomposed_graph_addmm_takes_the_rank1_path() -> None:
     assert fi.last_report is not None and fi.last_report.path == "lowrank"
     torch.testing.assert_close(got, ForwardInf(model).self_influence((x, y)), rtol=1e-6, atol=0)
     _assert_unchanged(graph, before)
+
+
+# ---------------------------------------------------------------- the factored self-influence path
+
+
+class _StridedCnn(nn.Module):
+    """Convs with stride, padding, dilation, a non-square kernel and no bias, one conv called
+    twice (its gradient sums both calls), BatchNorm and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, (2, 3), padding=(1, 2), dilation=2)  # keeps 5x4
+        self.head = nn.Linear(3 * 5 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.tanh(self.c2(torch.relu(self.c2(h))))
+        return self.head(h.flatten(1))
+
+
+def _strided_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    model = _StridedCnn()
+    model.train()
+    model(torch.randn(16, 2, 9, 8))
+    return model.eval(), torch.randn(20, 2, 9, 8), torch.randint(0, 3, (20,))
+
+
+def _factored_vs_generic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForwardInfConfig):
+    """(factored, generic) raw float64 drops per unit lr of the same rows, and the path."""
+    from mirrorinf.engine.factored import FactoredPath
+    from mirrorinf.engine.generic import generic_self
+    from mirrorinf.engine.runtime import Runtime
+
+    rt = Runtime(model, cfg, None, "cpu", torch.float64)
+    path = FactoredPath.for_model(rt)
+    assert path is not None
+    with rt.scoring() as state:
+        got, lr = path.self_chunk(state, x, y)
+        want, want_lr = generic_self(rt, state, x, y)
+    torch.testing.assert_close(lr, want_lr, rtol=1e-12, atol=0)
+    return got / lr, want / want_lr, path
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer"])
+def test_factored_self_influence_equals_generic_on_pt2_models(
+    pt2_models, name: str, steps: int
+) -> None:  # type: ignore[no-untyped-def]
+    """Linear (incl. MultiheadAttention's in_proj_weight) and conv layers as factors, BatchNorm
+    and LayerNorm under vmap: the generic path's float64 scores, on the graph loaded from pt2."""
+    model, loaded, x, y = pt2_models[name]
+    cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
+    before = _fingerprint(loaded)
+    for m in (loaded, model):
+        got, want, path = _factored_vs_generic(m, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # on the loaded graph every linear/conv weight is a factor: only norm parameters stay dense
+    _, _, path = _factored_vs_generic(loaded, x, y, cfg)
+    dense = {k for k in path.rt.trainable if k not in path._factored()}
+    assert dense and all(".1." in k or "norm" in k for k in dense), dense
+    if name == "transformer":
+        assert any(k.endswith("self_attn.in_proj_weight") for k in path._factored())
+    # and the engine takes the path (it agrees with its own check), with the generic scores
+    fi = ForwardInf(loaded, cfg)
+    got_fi = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    ref = ForwardInf(loaded, cfg.replace(fast_path="off")).self_influence((x, y))
+    torch.testing.assert_close(got_fi, ref, rtol=1e-6, atol=1e-12)
+    _assert_unchanged(loaded, before)
+
+
+def test_factored_self_influence_convs_with_stride_padding_dilation_and_reuse() -> None:
+    model, x, y = _strided_cnn()
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())
+    for m in (model, graph):
+        for steps in (1, 2):
+            cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
+            got, want, path = _factored_vs_generic(m, x, y, cfg)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            # the exported graph reads c2's weight twice: it stays an aten call (dense, vmap)
+            want_sites = {"c1", "c2", "head"} if m is model else {"c1", "head"}
+            assert {n.rpartition(".")[2] for n in path.active} == want_sites
+    fi = ForwardInf(graph)  # float32, automatic step: the engine's default
+    got = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    torch.testing.assert_close(
+        got, ForwardInf(model, ForwardInfConfig(fast_path="off")).self_influence((x, y)),
+        rtol=1e-4, atol=1e-7,
+    )  # fmt: skip
+
+
+def test_factored_self_influence_follows_a_new_sequence_length() -> None:
+    """The probes' shapes are found again when the rows' shape changes between calls."""
+    model, _, _ = _transformer()
+    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    ref = ForwardInf(model, F64)
+    for tokens in (5, 7, 5):
+        x, y = torch.randn(12, tokens, 4), torch.randint(0, 3, (12,))
+        got = fi.self_influence((x, y))
+        assert fi.last_report is not None and fi.last_report.path == "factored"
+        torch.testing.assert_close(got, ref.self_influence((x, y)), rtol=1e-6, atol=1e-12)
+
+
+def test_pt2_inference_batch_norm_runs_as_scale_and_shift(pt2_models) -> None:  # type: ignore[no-untyped-def]
+    """The engine's view of a pt2 graph computes eval-mode BatchNorm as a per-channel affine map
+    (vmap batches its parameter gradients cheaply): the same outputs to rounding."""
+    from mirrorinf.engine.graph_view import engine_view
+
+    model, loaded, x, _ = pt2_models["cnn_batchnorm"]
+    view = engine_view(loaded)
+    targets = {
+        n.target
+        for m in view.modules()
+        if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes
+    }
+    assert torch.ops.aten.batch_norm.default not in targets
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model(x), rtol=1e-5, atol=1e-6)

@@ -107,8 +107,9 @@ class ForwardInfConfig:
             float64 in anchored mode (its finite differences over a move of 1e-4 ||theta|| would
             keep only ~3 digits in float32). Loss differences are always float64.
         fast_path: "auto" uses the exact low-rank rewrite of SGD updates of Linear layers when
-            the model allows it (verified against the generic path on the first batch); "off"
-            always uses the generic path.
+            the model allows it, and for self-influence of other models linear/conv layers as
+            per-example factors (each verified against the generic path on the first batch);
+            "off" always uses the generic path.
         autocast: run forward passes in "bf16" or "fp16" autocast (GPU speed); "off" (default)
             keeps ``precision``. Loss differences stay float64, and the automatic plain step is
             at least 1e-2 (bf16) / 2e-3 (fp16) of ||theta||, because a smaller step is below the

@@ -26,6 +26,10 @@ Params = dict[str, torch.Tensor]
 Key = tuple[object, ...]
 
 STACK_BUDGET = 2**26  # floats held by stacked per-example parameter sets at once (256 MB fp32)
+# rows per self-influence chunk on a CPU: its activations, gradients and factors then stay near
+# the caches (measured, 1 thread: MLP 2.1x/1.6x one forward+backward at 1,024 rows vs 3.0-3.2x
+# at 8,192; CNN 1.9x vs 3.0-3.2x; transformer 1.2-1.75x vs 1.4-2.0x)
+SELF_CPU_ROWS = 1024
 
 
 @dataclass
@@ -43,10 +47,11 @@ class BatchPlan:
         """Queries updated together: at most STACK_BUDGET stacked parameters."""
         return max(1, min(self.query_batch, STACK_BUDGET // max(1, numel)))
 
-    def self_chunk(self, numel: int, stacked: bool) -> int:
-        """Training rows per self-influence chunk (``stacked``: one parameter copy per row)."""
+    def self_chunk(self, numel: int, stacked: bool, cpu: bool = False) -> int:
+        """Training rows per self-influence chunk (``stacked``: one parameter copy per row;
+        ``cpu``: at most SELF_CPU_ROWS)."""
         cap = STACK_BUDGET // max(1, numel) if stacked else self.train_batch
-        return max(1, min(self.train_batch, cap))
+        return max(1, min(self.train_batch, cap, SELF_CPU_ROWS if cpu else cap))
 
     def sizes(self) -> dict[str, int]:
         """Current sizes (after any halving), for engines derived from this one."""

@@ -6,9 +6,11 @@ Works for any ``nn.Module`` (vmap where possible, a loop where not); the fast pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from mirrorinf.engine.examples import Examples, Inputs, rows
+from mirrorinf.engine.examples import Examples, Inputs, move, rows
 from mirrorinf.engine.execution import progress
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scores import Scores, plain_scores
@@ -32,7 +34,7 @@ def generic_pairwise(
     q_base = rt.query_losses(state, state.params, xq, yq)
     for qs in progress(range(0, m, qb), m, qb, "pairwise queries"):
         sl = slice(qs, min(qs + qb, m))
-        stacked, lr, bufs = per_example_updates(rt, state, rows(xq, sl), yq[sl])
+        stacked, lr, bufs, _ = per_example_updates(rt, state, rows(xq, sl), yq[sl])
         lrs[sl] = lr.cpu()
         for j in range(sl.stop - sl.start):
             pj = {k: v[j] for k, v in stacked.items()}
@@ -51,8 +53,24 @@ def generic_self(
     """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs:
     per-example updates and losses batched over the rows (vmap), a loop only where vmap
     cannot batch the model or BatchNorm statistics move per copy."""
-    with torch.no_grad(), batchable():  # the kernels of the batched losses below
-        base = rt.losses(rt.forward(state, state.params, xb), yb)
-    stacked, lr, bufs = per_example_updates(rt, state, xb, yb)
+    stacked, lr, bufs, base = per_example_updates(rt, state, xb, yb)
+    if base is None:  # bn_update: the update ran in train mode; the loss is eval mode's
+        with torch.no_grad(), batchable():  # the kernels of the batched losses below
+            base = rt.losses(rt.forward(state, state.params, xb), yb)
     after = per_example_losses(rt, state, stacked, xb, yb, bufs)
     return base - after, lr
+
+
+SelfChunk = Callable[[ModelState, Inputs, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def agrees_with_generic_self(rt: Runtime, state: ModelState, tr: Examples, fast: SelfChunk) -> bool:
+    """Whether a fast self-influence path gives the generic path's scores (per unit lr) on the
+    first rows of ``tr``; its exceptions propagate (the caller knows which mean "cannot")."""
+    xs, ys = tr.take(slice(0, min(16, len(tr))))
+    xs, ys = move(xs, rt.device), ys.to(rt.device)
+    got, lr = fast(state, xs, ys)
+    ref, ref_lr = generic_self(rt, state, xs, ys)
+    got, want = got / lr.clamp_min(1e-300), ref / ref_lr.clamp_min(1e-300)
+    tol = 1e-3 * float(want.abs().max()) + 1e-9
+    return bool((got - want).abs().max() <= tol)

@@ -4,8 +4,11 @@ A graph loaded from pt2 calls aten ops on its parameters: ``aten.linear`` (or ``
 transposed weight after decomposition) instead of ``nn.Linear`` modules, so the exact rank-1
 path never saw a Linear layer; and ``aten.sym_size``, which vmap cannot batch, so the batched
 generic path fell back to a loop. :func:`engine_view` returns a copy whose graph calls
-``nn.Linear`` submodules holding the *same* Parameter objects (same names, same order) and
-reads sizes in Python. Numerically the same model; the caller's model is never changed.
+``nn.Linear`` / ``nn.Conv2d`` submodules (or, for a projection owned by a larger module such as
+nn.MultiheadAttention's ``in_proj_weight``, a :class:`ParamLinear`) holding the *same* Parameter
+objects (same names, same order), reads sizes in Python and computes inference-mode batch norm
+as a per-channel scale and shift. The same model (to rounding); the caller's model is never
+changed.
 """
 
 from __future__ import annotations
@@ -48,10 +51,43 @@ def _dim_size(t: torch.Tensor, dim: int) -> int:
     return t.size(dim)
 
 
+def _eval_batch_norm_call(node: fx.Node) -> bool:
+    """An inference-mode ``aten.batch_norm`` with weight, bias and running statistics."""
+    args = list(node.args)
+    return (
+        node.target is aten.batch_norm.default
+        and not node.kwargs
+        and len(args) == 9
+        and args[5] is False
+        and all(isinstance(a, fx.Node) for a in args[:5])
+    )
+
+
+def _eval_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    training: bool,
+    momentum: float,
+    eps: float,
+    cudnn: bool,
+) -> torch.Tensor:
+    """``aten.batch_norm`` in inference mode as one per-channel scale and shift: the same
+    function (to rounding), whose per-example parameter gradients vmap batches as plain
+    elementwise products (its batch_norm backward rule cost a quarter of a CNN's
+    self-influence)."""
+    scale = weight * torch.rsqrt(var + eps)
+    shift = bias - mean * scale
+    view = (-1,) + (1,) * (x.ndim - 2)
+    return x * scale.reshape(view) + shift.reshape(view)
+
+
 def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     """The rewritten copy of one graph module, or None if nothing in it needs rewriting."""
     graph = copy.deepcopy(gm.graph)
-    linears: dict[str, nn.Linear] = {}
+    linears: dict[str, nn.Module] = {}
     sizes = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -60,11 +96,23 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
             node.target = _dim_size
             sizes += 1
             continue
-        site = _linear_site(gm, graph, node)
+        if _eval_batch_norm_call(node):
+            node.target = _eval_batch_norm
+            sizes += 1
+            continue
+        conv = _conv_site(gm, graph, node)
+        site = _linear_site(gm, graph, node) if conv is None else (*conv[:3], "weight")
         if site is None:
             continue
-        owner, x, erase = site
-        lin = _shared_linear(gm.get_submodule(owner))
+        owner, x, erase, field = site
+        if owner in linears:  # one projection per module (a second stays an aten call)
+            continue
+        mod = gm.get_submodule(owner)
+        lin: nn.Module
+        if conv is not None:
+            lin = _shared_conv(mod, conv[3])
+        else:
+            lin = _shared_linear(mod) if field == "weight" else ParamLinear(mod, field)
         with graph.inserting_before(node):
             call = graph.call_module(owner, (x,))
         call.meta = dict(node.meta)
@@ -74,6 +122,9 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         linears[owner] = lin
     if not linears and not sizes:
         return None
+    for owner, mod in linears.items():  # a projection's module keeps its children: their views
+        for name in mod._modules:
+            mod._modules[name] = linears.get(f"{owner}.{name}", mod._modules[name])
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -88,7 +139,8 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         if key not in fresh or key in ("meta", "training"):
             view.__dict__[key] = value
     log.info(
-        "exported graph: %d linear call(s) as nn.Linear, %d size read(s) made batchable",
+        "exported graph: %d linear/conv call(s) as modules, %d size read(s) and batch norm(s) "
+        "made batchable",
         len(linears),
         sizes,
     )
@@ -97,9 +149,11 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
 
 def _linear_site(
     gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
-) -> tuple[str, fx.Node, list[fx.Node]] | None:
-    """(owner module, input node, nodes to erase) of a linear call on one module's own weight
-    (and bias) that nothing else reads; None for anything else."""
+) -> tuple[str, fx.Node, list[fx.Node], str] | None:
+    """(owner module, input node, nodes to erase, weight attribute) of a linear call on one
+    module's own weight (and bias) that nothing else reads; None for anything else. The weight
+    is ``weight`` of a Linear-like owner or ``<name>_weight`` (with ``<name>_bias``) of a larger
+    module, such as nn.MultiheadAttention's ``in_proj_weight``."""
     args: list[Any] = [*node.args, *node.kwargs.values()]
     extra: list[fx.Node] = []
     if node.target in _LINEAR and len(args) in (2, 3):
@@ -114,19 +168,84 @@ def _linear_site(
     if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
         return None
     owner, _, field = str(w.target).rpartition(".")
+    if not owner or not (field == "weight" or field.endswith("_weight")):
+        return None
+    bias_field = field[: -len("weight")] + "bias"
+    if b is not None and b.target != f"{owner}.{bias_field}":
+        return None
+    mod = gm.get_submodule(owner)
+    weight = mod._parameters.get(field)
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
+        return None
+    if field == "weight":  # the owner becomes an nn.Linear: it must hold nothing else
+        if mod._modules or mod._buffers:
+            return None
+        if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
+            return None
+    elif b is None and mod._parameters.get(bias_field) is not None:
+        return None  # a projection's bias exists but is not used here: leave it as it is
+    nodes = [w] if b is None else [w, b]
+    mine = {str(n.target) for n in nodes}
+    own = {f"{owner}.{field}", f"{owner}.{bias_field}"} if field != "weight" else None
+    reads = [
+        n
+        for n in graph.nodes
+        if n.op == "get_attr"
+        and (str(n.target) in own if own else str(n.target).startswith(owner + "."))
+    ]
+    if len(reads) != len(nodes) or not mine <= {str(n.target) for n in reads}:
+        return None  # the owner's tensors are read elsewhere too (tied weights)
+    return owner, x, [*extra, *nodes], field
+
+
+def _conv_site(
+    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
+    """(owner, input node, nodes to erase, Conv2d arguments) of an ``aten.conv2d`` call on one
+    module's own 4-D weight (and bias) that nothing else reads; None for anything else."""
+    if node.target is not aten.conv2d.default or node.kwargs:
+        return None
+    names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
+    a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    a.update(zip(names, node.args, strict=False))
+    x, w, b = a["x"], a["w"], a["b"]
+    if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
+        return None
+    if isinstance(a["padding"], str):
+        return None
+    owner, _, field = str(w.target).rpartition(".")
     if not owner or field != "weight" or (b is not None and b.target != f"{owner}.bias"):
         return None
     mod = gm.get_submodule(owner)
     weight = mod._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 2 or mod._modules or mod._buffers:
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 4 or mod._modules or mod._buffers:
         return None
     if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
         return None
     nodes = [w] if b is None else [w, b]
     reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(owner + ".")]
-    if len(reads) != len(nodes):  # the owner's tensors are read elsewhere too (tied weights)
+    if len(reads) != len(nodes):
         return None
-    return owner, x, [*extra, *nodes]
+    args = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+    return owner, x, nodes, args
+
+
+def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv2d:
+    """An nn.Conv2d holding ``owner``'s weight and bias (the same Parameter objects)."""
+    weight = owner._parameters["weight"]
+    assert weight is not None
+    bias = owner._parameters.get("bias")
+    out_ch, in_per_group, kh, kw = weight.shape
+    groups = int(args["groups"])
+    conv = nn.Conv2d(
+        in_per_group * groups, out_ch, (kh, kw), stride=args["stride"], padding=args["padding"],
+        dilation=args["dilation"], groups=groups, bias=bias is not None, device="meta",
+    )  # fmt: skip
+    conv.weight = weight
+    if bias is not None:
+        conv.bias = bias
+    conv.training = owner.training
+    return conv
 
 
 def _is_transpose(n: fx.Node) -> bool:
@@ -155,6 +274,26 @@ def _shared_linear(owner: nn.Module) -> nn.Linear:
         lin.bias = bias
     lin.training = owner.training
     return lin
+
+
+class ParamLinear(nn.Module):
+    """A module of an exported graph (e.g. nn.MultiheadAttention's) whose one linear call on its
+    own ``<name>_weight`` / ``<name>_bias`` becomes this module's forward, so that hooks see it;
+    it holds the owner's Parameters, buffers and children under their own names."""
+
+    def __init__(self, owner: nn.Module, weight: str) -> None:
+        super().__init__()
+        self.weight_attr = weight
+        self.bias_attr = weight[: -len("weight")] + "bias"
+        self._parameters.update(owner._parameters)
+        self._buffers.update(owner._buffers)
+        self._non_persistent_buffers_set.update(owner._non_persistent_buffers_set)
+        self._modules.update(owner._modules)
+        self.training = owner.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, self.bias_attr) if self.bias_attr in self._parameters else None
+        return nn.functional.linear(x, getattr(self, self.weight_attr), bias)
 
 
 def _attr(gm: nn.Module, target: str) -> Any:

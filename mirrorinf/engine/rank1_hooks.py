@@ -102,7 +102,7 @@ class Rank1Hooks:
             new = out
             if f.a is not None and f.d is not None:
                 xf = x.reshape(m, -1, x.shape[-1])
-                corr = torch.bmm(torch.bmm(xf, f.a.transpose(1, 2)), f.d)
+                corr = small_bmm(small_bmm(xf, f.a.transpose(1, 2)), f.d)
                 new = new + corr.reshape(out.shape)
             if f.db is not None:
                 new = new + f.db.reshape(m, *([1] * (out.ndim - 2)), -1)
@@ -178,8 +178,8 @@ class Rank1Hooks:
         total = torch.zeros(self.state.m, dtype=torch.float64, device=_device(grads))
         for n, (a, d) in grads.items():
             if self.has_w[n]:
-                ga = torch.bmm(a, a.transpose(1, 2)).double()
-                gd = torch.bmm(d, d.transpose(1, 2)).double()
+                ga = small_bmm(a, a.transpose(1, 2)).double()
+                gd = small_bmm(d, d.transpose(1, 2)).double()
                 total += (ga * gd).sum(dim=(1, 2))
             if self.has_b[n]:
                 total += d.sum(dim=1).double().pow(2).sum(dim=1)
@@ -198,6 +198,14 @@ class Rank1Hooks:
             if self.has_b[n]:
                 s = dc.sum(dim=1)
                 f.db = s if f.db is None else f.db + s
+
+
+def small_bmm(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(p, q)`` for [m, t, r] @ [m, r, n]; by broadcasting when t * r is tiny (one
+    token, one step): m separate 1x1 matrix products cost far more than one multiply."""
+    if p.shape[1] * p.shape[2] > 4:
+        return torch.bmm(p, q)
+    return (p.unsqueeze(-1) * q.unsqueeze(1)).sum(dim=2)
 
 
 def _device(grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.device:

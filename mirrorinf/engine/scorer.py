@@ -12,7 +12,8 @@ import torch
 
 from mirrorinf.engine.examples import Examples, Inputs
 from mirrorinf.engine.execution import progress
-from mirrorinf.engine.generic import generic_pairwise, generic_self
+from mirrorinf.engine.factored import FactoredPath
+from mirrorinf.engine.generic import SelfChunk, generic_pairwise, generic_self
 from mirrorinf.engine.group_fit import group_fit
 from mirrorinf.engine.rank1 import Rank1Path
 from mirrorinf.engine.rank1_hooks import Unsupported
@@ -65,6 +66,7 @@ class PlainScorer:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.fast = Rank1Path.for_model(rt)
+        self.factored = FactoredPath.for_model(rt)
 
     def pairwise(
         self,
@@ -93,23 +95,45 @@ class PlainScorer:
         rt = self.rt
         out = torch.empty(len(tr), dtype=torch.float64)
         lrs = torch.empty(len(tr), dtype=torch.float64)
-        fast = self.fast if self.fast is not None and self.fast.verified is not False else None
-        if fast is not None and not fast.usable_self(state, tr):
-            fast = None
-        chunk = rt.plan.self_chunk(state.numel, stacked=fast is None)
+        path, chunk_fn = self._self_path(state, tr)
+        cpu = rt.device.type == "cpu"
+        if path == "lowrank":
+            chunk = rt.plan.self_chunk(state.numel, stacked=False, cpu=cpu)
+        elif path == "factored" and self.factored is not None:
+            numel = self.factored.numel(state, tr.take(slice(0, 1))[0])
+            chunk = rt.plan.self_chunk(numel, stacked=True, cpu=cpu)
+        else:
+            chunk = rt.plan.self_chunk(state.numel, stacked=True, cpu=cpu)
         for start, xb, yb in progress(
             tr.batches(chunk, rt.device), len(tr), chunk, "self-influence"
         ):
             s = lr = None
-            if fast is not None:
+            if self.fast is not None and path == "lowrank":
                 try:
-                    s, lr = fast.self_chunk(state, xb, yb)
+                    s, lr = chunk_fn(state, xb, yb)
                 except Unsupported:
-                    fast.verified = False
-                    fast = None
+                    self.fast.verified = False
+                    path, chunk_fn = "generic", self._generic_self
+            else:
+                s, lr = chunk_fn(state, xb, yb)
             if s is None or lr is None:
                 s, lr = generic_self(rt, state, xb, yb)
             out[start : start + len(yb)] = s.cpu()
             lrs[start : start + len(yb)] = lr.cpu()
-        path = "generic" if fast is None else "lowrank"
         return plain_scores(rt.config, out.unsqueeze(1), None, lrs, path, per_row=True)
+
+    def _self_path(self, state: ModelState, tr: Examples) -> tuple[str, SelfChunk]:
+        """The self-influence path for this model: the rank-1 rewrite (all-Linear models), else
+        linear layers as factors with the rest under vmap, else the generic path; each fast path
+        is verified once against the generic one."""
+        fast, fac = self.fast, self.factored
+        if fast is not None and fast.verified is not False and fast.usable_self(state, tr):
+            return "lowrank", fast.self_chunk
+        if fac is not None and fac.usable_self(state, tr):
+            return "factored", fac.self_chunk
+        return "generic", self._generic_self
+
+    def _generic_self(
+        self, state: ModelState, xb: Inputs, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return generic_self(self.rt, state, xb, yb)

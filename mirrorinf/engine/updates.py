@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mirrorinf.engine.examples import Examples, Inputs, each, move, rows
@@ -65,16 +65,21 @@ def step_lr(rt: Runtime, state: ModelState, dnorm: torch.Tensor) -> torch.Tensor
 
 
 def stack_norm(d: Params) -> torch.Tensor:
-    """Norm of each copy of a stacked parameter set, in float64."""
-    return torch.sqrt(sum(v.double().flatten(1).pow(2).sum(dim=1) for v in d.values()))  # type: ignore[arg-type]
+    """Norm of each copy of a stacked parameter set, as float64: each tensor's norm in its own
+    dtype (no float64 copy of m parameter sets: that copy cost more than the gradients), the
+    sum of their squares in float64."""
+    sq = [torch.linalg.vector_norm(v.flatten(1), dim=1).double().pow(2) for v in d.values()]
+    return torch.sqrt(torch.stack(sq).sum(dim=0))
 
 
 def per_example_updates(
     rt: Runtime, state: ModelState, x: Inputs, y: torch.Tensor
-) -> tuple[Params, torch.Tensor, list[Params] | None]:
+) -> tuple[Params, torch.Tensor, list[Params] | None, torch.Tensor | None]:
     """Stacked parameters [m, ...] after ``steps`` updates, each on its own example; the lr of
-    each, and each copy's BatchNorm buffers when bn_update lets them move. The first step's
-    gradients are taken at the shared parameters (no m copies of theta to build or read)."""
+    each, each copy's BatchNorm buffers when bn_update lets them move, and each example's loss
+    at theta (taken with the first gradient; None with bn_update, whose update runs BatchNorm
+    in train mode). The first step's gradients are taken at the shared parameters (no m copies
+    of theta to build or read)."""
     m = len(y)
     shared = {k: v.unsqueeze(0) for k, v in state.params.items()}
     stacked: Params | None = None  # None: every copy still equals theta
@@ -82,10 +87,10 @@ def per_example_updates(
     if rt.config.bn_update:
         bufs = [{k: v.clone() for k, v in state.buffers.items()} for _ in range(m)]
     adam: AdamState = {}
-    lr = None
+    lr = base = None
     for t in range(rt.steps):
         if stacked is None:
-            g = per_example_grads(rt, state, state.params, x, y, bufs, shared=True)
+            g, base = per_example_grads_and_losses(rt, state, state.params, x, y, bufs, True)
         else:
             g = per_example_grads(rt, state, stacked, x, y, bufs)
         d = direction(g, adam, t, rt.config.optimizer)
@@ -93,9 +98,12 @@ def per_example_updates(
             lr = step_lr(rt, state, stack_norm(d))
         coef = (-rt.sign * lr).to(rt.dtype)
         prev = shared if stacked is None else stacked
-        stacked = {k: prev[k] + coef.reshape(-1, *[1] * (prev[k].ndim - 1)) * d[k] for k in prev}
+        stacked = {
+            k: torch.addcmul(prev[k], coef.reshape(-1, *[1] * (prev[k].ndim - 1)), d[k])
+            for k in prev
+        }
     assert lr is not None and stacked is not None
-    return stacked, lr, bufs
+    return stacked, lr, bufs, None if bufs else base
 
 
 def _row_loss(rt: Runtime, state: ModelState) -> Callable[[Params, Inputs, Tensor], Tensor]:
@@ -119,13 +127,27 @@ def per_example_grads(
 ) -> Params:
     """Gradient of each example's loss under its own copy of the parameters (``shared``: one
     unstacked set for every example)."""
+    return per_example_grads_and_losses(rt, state, stacked, x, y, bufs, shared)[0]
+
+
+def per_example_grads_and_losses(
+    rt: Runtime,
+    state: ModelState,
+    stacked: Params,
+    x: Inputs,
+    y: torch.Tensor,
+    bufs: list[Params] | None,
+    shared: bool = False,
+) -> tuple[Params, torch.Tensor]:
+    """Per-example gradients (as :func:`per_example_grads`) and the losses they were taken
+    at [m], from the same forward pass (``torch.func.grad_and_value``)."""
     x, y = move(x, rt.device), y.to(rt.device)
     if bufs is None and state.vmap_ok:
         try:
             dims = (None if shared else 0, 0, 0)
-            f = grad(_row_loss(rt, state))
+            f = grad_and_value(_row_loss(rt, state))
             with batchable():
-                out: Params = vmap(f, in_dims=dims, randomness="same")(stacked, x, y)
+                out: tuple[Params, Tensor] = vmap(f, in_dims=dims, randomness="same")(stacked, x, y)
             return out
         except Exception as exc:  # model uses an op vmap cannot batch: loop instead
             vmap_failed(rt, state, "per-example gradients", exc)
@@ -133,15 +155,17 @@ def per_example_grads(
         k: torch.empty(len(y), *v.shape[0 if shared else 1 :], dtype=v.dtype, device=v.device)
         for k, v in stacked.items()
     }
+    losses = torch.empty(len(y), dtype=torch.float64, device=rt.device)
     for j in range(len(y)):
         p = {k: (v if shared else v[j]).detach().requires_grad_(True) for k, v in stacked.items()}
         with rt.bn_train(bufs is not None):
             out_j = rt.forward(state, p, rows(x, slice(j, j + 1)), bufs[j] if bufs else None)
             loss = rt.losses(out_j, y[j : j + 1]).sum()
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        losses[j] = loss.detach()
         for k, gk in zip(p, gs, strict=True):
             res[k][j] = 0 if gk is None else gk
-    return res
+    return res, losses
 
 
 def per_example_losses(

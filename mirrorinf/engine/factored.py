@@ -1,0 +1,392 @@
+"""Self-influence with linear layers as low-rank factors, conv2d weight gradients by unfold,
+every other parameter per example under vmap: the fast path for CNNs, transformers and graphs
+loaded from pt2.
+
+One SGD step on one example changes a linear layer by ``coef * sum_t delta_t a_t^T`` (``a``
+its inputs, ``delta`` the loss gradient at its outputs, summed over tokens and calls), so the
+updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forward hook sees one
+example's tensors, whatever the model's layout (sequence-first attention, batch folded into
+tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
+added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
+the per-example gradients of the remaining parameters (norms, embeddings). A conv2d layer gets
+a probe too: its per-example weight gradient is then one unfold (im2col) and batched matmul,
+not vmap's per-example convolution backward, and its updated weights run as per-example copies.
+No per-example copy of a linear weight is built, differentiated, normed or read. Exact, not an
+approximation; verified once per engine against the generic path before it is trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+
+from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
+from mirrorinf.engine.execution import Params
+from mirrorinf.engine.generic import agrees_with_generic_self
+from mirrorinf.engine.graph_view import ParamLinear
+from mirrorinf.engine.rank1_hooks import small_bmm
+from mirrorinf.engine.runtime import ModelState, Runtime
+from mirrorinf.engine.updates import batchable, stack_norm, step_lr
+
+log = logging.getLogger(__name__)
+
+Factors = dict[str, dict[str, Tensor]]  # site -> {"a": [r, in], "d": [r, out], "db": [out]}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A module computing ``linear(x, weight, bias)`` (or ``conv2d``) with trainable parameters
+    of its own."""
+
+    module: nn.Module
+    weight: str  # full parameter names
+    bias: str | None  # None: no bias, or a fixed one
+    conv: bool = False
+
+
+def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
+    """Modules whose forward is a plain linear (or ungrouped, zero-padded conv2d) call on their
+    own (untied) parameters."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    own = dict(model.named_parameters())
+    sites = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ParamLinear):
+            w_attr, b_attr = mod.weight_attr, mod.bias_attr
+        elif _plain_linear(mod) or _plain_conv(mod):
+            w_attr, b_attr = "weight", "bias"
+        else:
+            continue
+        prefix = f"{name}." if name else ""
+        w, b = prefix + w_attr, prefix + b_attr
+        if w not in own or w not in trainable or counts[id(own[w])] != 1:
+            continue
+        if b in own and counts[id(own[b])] != 1:
+            continue
+        bias = b if b in own and b in trainable else None
+        sites[name] = Site(mod, w, bias, conv=isinstance(mod, nn.Conv2d))
+    return sites
+
+
+def _plain_linear(mod: nn.Module) -> bool:
+    """An nn.Linear (or subclass) that runs nn.Linear's own forward."""
+    return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
+
+
+def _plain_conv(mod: nn.Module) -> bool:
+    """An nn.Conv2d whose per-example weight gradient is one unfold and matmul away."""
+    return (
+        type(mod) is nn.Conv2d
+        and mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and not isinstance(mod.padding, str)
+    )
+
+
+@dataclass
+class _Pass:
+    mode: str = "off"  # off | shapes | probe | apply
+    probes: dict[str, Tensor] = field(default_factory=dict)
+    factors: Factors = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each call's output
+    sizes: dict[str, int] = field(default_factory=dict)  # floats of its factors, one example
+
+
+class FactoredPath:
+    """Per-example SGD updates of linear layers as factors, the rest under vmap (see module
+    docstring); ``verified``: None until checked against the generic path, then a verdict."""
+
+    def __init__(self, rt: Runtime, sites: dict[str, Site]) -> None:
+        self.rt = rt
+        self.sites = sites
+        self.names = {s.module: n for n, s in sites.items()}
+        self.active = set(sites)  # sites the model really calls (found by the shapes pass)
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.sizes: dict[str, int] = {}
+        self._shapes_of: tuple[object, ...] | None = None  # the row shape they were found for
+        self.verified: bool | None = None
+        self._pass = _Pass()
+
+    @classmethod
+    def for_model(cls, rt: Runtime) -> FactoredPath | None:
+        """The path if the config allows it (SGD, frozen BatchNorm statistics) and the model has
+        at least one linear layer with trainable parameters; else None."""
+        cfg = rt.config
+        if cfg.fast_path != "auto" or cfg.optimizer != "sgd" or cfg.bn_update:
+            return None
+        sites = linear_sites(rt.model, rt.trainable)
+        return cls(rt, sites) if sites else None
+
+    def usable_self(self, state: ModelState, tr: Examples) -> bool:
+        """Use the path if vmap can batch the model and it agrees with the generic path on the
+        first rows (checked once per engine)."""
+        if self.verified is None:
+            try:
+                self.verified = agrees_with_generic_self(self.rt, state, tr, self.self_chunk)
+            except Exception as exc:  # an op vmap cannot batch, a hook it cannot follow
+                log.info("factored self-influence not applicable (%s); using the generic path",
+                         str(exc).split("\n")[0][:200])  # fmt: skip
+                self.verified = False
+            else:
+                if not self.verified:
+                    log.info("factored self-influence disagreed with the generic path; "
+                             "using the generic path")  # fmt: skip
+        return self.verified
+
+    # ---------------------------------------------------------------- hooks
+    @contextmanager
+    def _hooks(self, mode: str, probes: Params, factors: Factors) -> Iterator[_Pass]:
+        self._pass = _Pass(mode, probes, factors)
+        handles = [s.module.register_forward_hook(self._hook) for s in self.sites.values()]
+        try:
+            yield self._pass
+        finally:
+            for h in handles:
+                h.remove()
+            self._pass = _Pass()
+
+    def _hook(self, mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+        st = self._pass
+        name = self.names[mod]
+        if name not in self.active:
+            return None
+        x = inputs[0]
+        call = st.calls.get(name, 0)
+        st.calls[name] = call + 1
+        key = f"{name}#{call}"
+        f = st.factors.get(name)
+        new = out
+        if f is not None and "a" in f:
+            xf = x.reshape(-1, x.shape[-1])
+            new = new + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
+        if f is not None and "db" in f:
+            new = new + f["db"]
+        if st.mode == "shapes":
+            st.shapes[key] = tuple(out.shape)
+            if isinstance(mod, nn.Conv2d):  # its per-example weights (moved) and bias
+                st.sizes[key] = out.shape[1] + (mod.weight.numel() if key.endswith("#0") else 0)
+            else:
+                st.sizes[key] = out.numel() // out.shape[-1] * (x.shape[-1] + out.shape[-1])
+        elif st.mode == "probe":
+            st.inputs[key] = x
+            new = new + st.probes[key].to(out.dtype)  # autocast: the layer's own dtype
+        return new
+
+    def _forward_loss(self, state: ModelState, p: Params, xi: Inputs, yi: Tensor) -> Tensor:
+        one = each(xi, lambda v: v.unsqueeze(0))
+        return self.rt.losses(self.rt.forward(state, p, one), yi.unsqueeze(0))[0]
+
+    def _find_shapes(self, state: ModelState, x: Inputs) -> dict[str, tuple[int, ...]]:
+        """Each site call's output shape for one example (sites never called become dense),
+        found again when the rows' shape changes (another sequence length, image size)."""
+        row_shape = tuple((v.shape[1:], v.dtype) for v in parts(x))
+        if self.shapes is None or row_shape != self._shapes_of:
+            self._shapes_of = row_shape
+            with torch.no_grad(), self._hooks("shapes", {}, {}) as st:
+                self.rt.forward(state, state.params, each(x, lambda v: v[:1]))
+            self.shapes, self.sizes = st.shapes, st.sizes
+            self.active = {k.rpartition("#")[0] for k in st.shapes}
+        return self.shapes
+
+    def numel(self, state: ModelState, x: Inputs) -> int:
+        """Floats held per example: stacked dense parameters and linear factors."""
+        self._find_shapes(state, x)
+        dense = sum(v.numel() for k, v in state.params.items() if k not in self._factored())
+        return dense + 2 * self.rt.steps * sum(self.sizes.values())
+
+    def _factored(self) -> set[str]:
+        out = set()
+        for n in self.active:
+            s = self.sites[n]
+            out |= {p for p in (s.weight, s.bias) if p is not None}
+        return out
+
+    # ---------------------------------------------------------------- self-influence
+    def self_chunk(self, state: ModelState, xb: Inputs, yb: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw loss drops of a chunk of training rows after fitting each alone, and their lrs."""
+        rt = self.rt
+        xb, yb = move(xb, rt.device), yb.to(rt.device)
+        shapes = self._find_shapes(state, xb)
+        fac_names = self._factored()
+        fixed = {k: v for k, v in state.params.items() if k in fac_names}
+        dense: Params = {k: v for k, v in state.params.items() if k not in fac_names}
+        probes = {k: torch.zeros(s, dtype=rt.dtype, device=rt.device) for k, s in shapes.items()}
+        factors: Factors = {}
+        moved: Params = {}  # conv parameters, per example once they moved (not differentiated)
+        lr = base = None
+        for t in range(rt.steps):
+            grad_fn = self._grads(state, fixed, dense, moved, probes, factors, t)
+            (g_dense, g_out), (loss, ins) = grad_fn(xb, yb)
+            if base is None:
+                base = loss
+            grads = self._site_grads(ins, g_out)
+            if lr is None:
+                lr = step_lr(rt, state, self._norm(g_dense, grads))
+            coef = (-rt.sign * lr).to(rt.dtype)
+            dense = {  # theta (shared, first step) or each example's copy, plus its step
+                k: torch.addcmul(v if t else v.unsqueeze(0), _per_row(coef, g_dense[k]), g_dense[k])
+                for k, v in dense.items()
+            }
+            moved = self._move_convs(fixed, moved, grads, coef)
+            factors = self._add_step(factors, grads, coef)
+        assert lr is not None and base is not None
+        after = self._after(state, fixed, dense, moved, factors)(xb, yb)
+        return base - after, lr
+
+    def _move_convs(
+        self, fixed: Params, moved: Params, grads: dict[str, tuple[Tensor, Tensor]], coef: Tensor
+    ) -> Params:
+        """Each example's conv parameters after this step: a grouped conv per example reads
+        them once in the next forward (cheaper than a correction conv on top of the shared
+        one)."""
+        out = dict(moved)
+        for n, (dw, db) in grads.items():
+            s = self.sites[n]
+            if not s.conv:
+                continue
+            for name, g in ((s.weight, dw), (s.bias, db)):
+                if name is not None:
+                    prev = moved.get(name, fixed[name].unsqueeze(0))
+                    out[name] = torch.addcmul(prev, _per_row(coef, g), g)
+        return out
+
+    def _grads(
+        self,
+        state: ModelState,
+        fixed: Params,
+        dense: Params,
+        moved: Params,
+        probes: Params,
+        factors: Factors,
+        t: int,
+    ) -> Callable[[Inputs, Tensor], tuple[tuple[Params, Params], tuple[Tensor, Params]]]:
+        """vmapped (dense grads, output grads), (loss, site inputs) of each example."""
+
+        def f(
+            dp: Params, pr: Params, mv: Params, fa: Factors, xi: Inputs, yi: Tensor
+        ) -> tuple[Tensor, Params]:
+            with self._hooks("probe", pr, fa) as st:
+                loss = self._forward_loss(state, {**fixed, **mv, **dp}, xi, yi)
+                return loss, dict(st.inputs)
+
+        g = grad_and_value(f, argnums=(0, 1), has_aux=True)
+        dims = (0 if t else None, None, 0, 0, 0, 0)
+
+        def run(x: Inputs, y: Tensor) -> tuple[tuple[Params, Params], tuple[Tensor, Params]]:
+            with batchable():
+                out: tuple[tuple[Params, Params], tuple[Tensor, Params]] = vmap(
+                    g, in_dims=dims, randomness="same"
+                )(dense, probes, moved, factors, x, y)
+            return out
+
+        return run
+
+    def _after(
+        self, state: ModelState, fixed: Params, dense: Params, moved: Params, factors: Factors
+    ) -> Callable[[Inputs, Tensor], Tensor]:
+        """vmapped loss of each example under its own updated parameters."""
+
+        def h(dp: Params, fa: Factors, xi: Inputs, yi: Tensor) -> Tensor:
+            with self._hooks("apply", {}, fa):
+                return self._forward_loss(state, {**fixed, **dp}, xi, yi)
+
+        def run(x: Inputs, y: Tensor) -> Tensor:
+            with torch.no_grad(), batchable():
+                out: Tensor = vmap(h, randomness="same")({**dense, **moved}, factors, x, y)
+            return out
+
+        return run
+
+    def _site_grads(self, ins: Params, g_out: Params) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per linear site: (inputs [m, r, in], output gradients [m, r, out]) over all its
+        calls; per conv site: (weight gradient [m, *weight], output gradients summed [m, out])."""
+        parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        for key, a in ins.items():
+            name = key.rpartition("#")[0]
+            d = g_out[key]
+            m = a.shape[0]
+            la, ld = parts.setdefault(name, ([], []))
+            mod = self.sites[name].module
+            if isinstance(mod, nn.Conv2d):
+                la.append(_conv_weight_grad(mod, a, d))
+                ld.append(d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).sum(dim=(1, 3)))
+            else:
+                la.append(a.reshape(m, -1, a.shape[-1]))
+                ld.append(d.reshape(m, -1, d.shape[-1]))
+        out = {}
+        for n, (la, ld) in parts.items():
+            if self.sites[n].conv:
+                out[n] = (torch.stack(la).sum(0), torch.stack(ld).sum(0))
+            else:
+                out[n] = (torch.cat(la, 1), torch.cat(ld, 1))
+        return out
+
+    def _norm(self, g_dense: Params, grads: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """Each example's full gradient norm, float64: dense parts and factor Gram products."""
+        m = next(iter(grads.values()))[0].shape[0]
+        total = stack_norm(g_dense).pow(2) if g_dense else torch.zeros(m, dtype=torch.float64)
+        total = total.to(self.rt.device)
+        for n, (a, d) in grads.items():
+            s = self.sites[n]
+            if s.conv:  # (weight gradient, bias gradient)
+                total = total + torch.linalg.vector_norm(a.flatten(1), dim=1).double().pow(2)
+                if s.bias is not None:
+                    total = total + d.double().pow(2).sum(dim=1)
+                continue
+            if s.weight is not None:
+                ga = small_bmm(a, a.transpose(1, 2)).double()
+                gd = small_bmm(d, d.transpose(1, 2)).double()
+                total = total + (ga * gd).sum(dim=(1, 2))
+            if s.bias is not None:
+                total = total + d.sum(dim=1).double().pow(2).sum(dim=1)
+        return total.sqrt()
+
+    def _add_step(
+        self, factors: Factors, grads: dict[str, tuple[Tensor, Tensor]], coef: Tensor
+    ) -> Factors:
+        """Append one SGD step ``theta += coef_j * grad_j`` to each example's factors."""
+        out: Factors = {n: dict(f) for n, f in factors.items()}
+        for n, (a, d) in grads.items():
+            s = self.sites[n]
+            if s.conv:  # moved with the per-example parameters instead (_move_convs)
+                continue
+            f = out.setdefault(n, {})
+            dc = d * coef.to(d.dtype).reshape(-1, 1, 1)
+            if s.weight is not None:
+                f["a"] = a if "a" not in f else torch.cat([f["a"], a], dim=1)
+                f["d"] = dc if "d" not in f else torch.cat([f["d"], dc], dim=1)
+            if s.bias is not None:
+                db = dc.sum(dim=1)
+                f["db"] = db if "db" not in f else f["db"] + db
+        return out
+
+
+def _per_row(coef: Tensor, like: Tensor) -> Tensor:
+    """``coef`` [m] shaped to broadcast over a stacked tensor [m, ...]."""
+    return coef.reshape(-1, *[1] * (like.ndim - 1))
+
+
+def _conv_weight_grad(mod: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+    """Each example's weight gradient of one conv2d call: output gradients times the unfolded
+    inputs (im2col), as one batched matmul. ``x`` [m, ..., C, H, W], ``d`` [m, ..., out, H', W']."""
+    m, padding = x.shape[0], mod.padding
+    assert not isinstance(padding, str)  # _plain_conv
+    cols = nn.functional.unfold(
+        x.reshape(-1, *x.shape[-3:]), mod.kernel_size, mod.dilation, padding, mod.stride
+    )  # [m*k, C*kh*kw, L]
+    cols = cols.reshape(m, -1, *cols.shape[1:]).transpose(1, 2).flatten(2)  # [m, C*kh*kw, k*L]
+    g = d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).transpose(1, 2).flatten(2)
+    return torch.bmm(g, cols.transpose(1, 2)).reshape(m, *mod.weight.shape)
+
+
+__all__ = ["FactoredPath", "Site", "linear_sites"]

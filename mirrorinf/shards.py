@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from mirrorinf.integrity import SignedRecords, remove_stale_tmp
+from mirrorinf.integrity import RowBlocks, SignedRecords, remove_stale_tmp
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 ARRAYS = ("pairwise", "self_influence", "group_influence", "leak_pairwise", "query_self_drop")
+MATRICES = ("pairwise", "leak_pairwise")  # [rows, n_query]: memory-mapped, never concatenated
+ASSEMBLED = "scores"  # the record of all shards in training-row order
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -91,19 +93,31 @@ class ShardStore:
         return got[0]
 
     def assemble(self, ranges: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """Concatenate every (verified) shard's row arrays in order (all must be done)."""
-        got = {r: self.records.read(self._name(*r)) for r in ranges}
+        """Every (verified) shard's row arrays in training-row order (all must be done).
+
+        The score matrices are copied shard by shard into one signed record of this store
+        (``scores``: a float .npy per matrix, written under a temporary name and renamed when
+        complete) and returned as verified read-only memory maps: never whole in memory. The
+        per-row arrays are concatenated in memory."""
+        got = {r: self.records.read(self._name(*r), mmap=MATRICES) for r in ranges}
         missing = [r for r, rec in got.items() if rec is None]
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) not scored yet, first {missing[0]}")
         parts = [rec[0] for rec in got.values() if rec is not None]
-        out = {
-            name: np.concatenate([p[name] for p in parts], axis=0)
-            for name in parts[0]
-            if name != "query_self_drop"
-        }
-        out["query_self_drop"] = parts[0]["query_self_drop"]
-        return out
+        rows = {name: np.concatenate([p[name] for p in parts], axis=0)
+                for name in parts[0] if name not in (*MATRICES, "query_self_drop")}  # fmt: skip
+        rows["query_self_drop"] = parts[0]["query_self_drop"]
+        blocks = {}
+        for name in MATRICES:
+            if name in parts[0]:
+                first = parts[0][name]
+                shape = (sum(len(p[name]) for p in parts), *first.shape[1:])
+                blocks[name] = RowBlocks(shape, first.dtype, [p[name] for p in parts])
+        self.records.write(ASSEMBLED, rows, {"ranges": [list(r) for r in ranges]}, blocks)
+        done = self.records.read(ASSEMBLED, mmap=MATRICES)
+        if done is None:
+            raise RuntimeError(f"the assembled scores in {self.root} failed verification")
+        return done[0]
 
     def computations(self) -> Iterator[str]:
         path = self.root / "computations.log"

@@ -110,8 +110,8 @@ class _Stages:
     logging, review = plots + report + UI tables, publish; they add up to the flow's body) and,
     dotted, parts of them: ``score.pairwise`` / ``.group`` / ``.self`` / ``.calibration`` (the
     engine; curvature is inside pairwise), ``score.store`` (writing and verifying the score
-    matrix), ``check.summary`` (tables and flags) and ``check.gx`` (the Great Expectations
-    suite). Logged as run metrics ``stage_seconds.<name>``."""
+    matrix), ``check.summary`` (tables and flags), ``check.gx_import`` and ``check.gx`` (the
+    Great Expectations import and suite). Logged as run metrics ``stage_seconds.<name>``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -345,6 +345,7 @@ def influence_flow(params: Params) -> InfluenceResult:
         with stages("check"):
             tables, check = check_task(scores, sets["train"], queries, params.gate.thresholds())
         stages.add({"check.summary": check.timings.get("summary_s", 0.0),
+                    "check.gx_import": check.timings.get("import_s", 0.0),
                     "check.gx": check.timings.get("validate_s", 0.0)})  # fmt: skip
         verdict = "passed" if check.success else "failed"
         truth_metrics = {}

@@ -39,6 +39,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far: less sensitive than wall time to
+    other work on a shared machine (threads of this process add up)."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def _current_rss_mb() -> float:
     """Current RSS of this process, MiB."""
     with open("/proc/self/statm") as fh:
@@ -134,9 +141,9 @@ def child_flow(n: int, n_query: int, threads: int) -> dict[str, Any]:
         }  # fmt: skip
         with prefect_test_harness(server_startup_timeout=120):
             rss_before = _current_rss_mb()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_s()
             result = run_influence(params_from_dict(params, root=project))
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
             client = get_client(f"sqlite:///{project}/mlruns/mlflow.db")
             run = client.get_run(result.run_id)
             art = Path(run.info.artifact_uri.removeprefix("file://"))
@@ -144,6 +151,7 @@ def child_flow(n: int, n_query: int, threads: int) -> dict[str, Any]:
         return {
             "n": n,
             "wall_s": wall,
+            "cpu_s": cpu,
             "stages": result.stage_seconds,
             "rss_before_mb": rss_before,
             "peak_rss_mb": _rss_mb(),
@@ -173,13 +181,14 @@ def child_bare(n: int, n_query: int, threads: int) -> dict[str, Any]:
         t = {k: (torch.from_numpy(v["x"]), torch.from_numpy(v["y"])) for k, v in splits.items()}
         rss_before = _current_rss_mb()
         fi = ForwardInf(model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         _, reports = score_rows(fi, t["train"], t["query"], t["val"])
-        bare = time.perf_counter() - t0
+        bare, bare_cpu = time.perf_counter() - t0, _cpu_s() - c0
         pairwise_s = float(reports["pairwise"]["seconds"])
         return {
             "n": n,
             "bare_s": bare,
+            "bare_cpu_s": bare_cpu,
             "pairwise_s": pairwise_s,
             "bare_rss_before_mb": rss_before,
             "bare_peak_rss_mb": _rss_mb(),
@@ -231,16 +240,18 @@ def main() -> None:
     for n in sizes:
         row = {**_spawn("flow", n, args), **_spawn("bare", n, args)}
         row["ratio"] = row["wall_s"] / row["bare_s"]
+        row["cpu_ratio"] = row["cpu_s"] / row["bare_cpu_s"]
         rows.append(row)
         print(f"N={n}: {json.dumps(row)}", file=sys.stderr, flush=True)
     print(f"\n{args.queries} queries, {N_FEATURES} features, MLP 64-256-256-10 (pt2), "
           f"{args.threads} threads\n")  # fmt: skip
-    print("| N | flow s | engine s (pairwise s) | flow / engine | peak RSS MB (above start) "
-          "| engine peak RSS MB | logged MB |")  # fmt: skip
+    print("| N | flow s (CPU s) | engine s (CPU s; pairwise s) | flow / engine, wall (CPU) "
+          "| peak RSS MB (above start) | engine peak RSS MB | logged MB |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['wall_s']:.1f} | {r['bare_s']:.1f} ({r['pairwise_s']:.1f}) | "
-              f"{r['ratio']:.2f} | {r['peak_rss_mb']:.0f} "
+        print(f"| {r['n']:,} | {r['wall_s']:.1f} ({r['cpu_s']:.0f}) | {r['bare_s']:.1f} "
+              f"({r['bare_cpu_s']:.0f}; {r['pairwise_s']:.1f}) | {r['ratio']:.2f} "
+              f"({r['cpu_ratio']:.2f}) | {r['peak_rss_mb']:.0f} "
               f"({r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | {r['bare_peak_rss_mb']:.0f} | "
               f"{r['logged_mb']:.1f} |")  # fmt: skip
     names = [s for s in STAGES if any(s in r["stages"] for r in rows)]
@@ -253,8 +264,9 @@ def main() -> None:
               + " |")  # fmt: skip
     ns = [r["n"] for r in rows]
     print("\nGrowth exponents (slope of log y on log N; 1 = linear, 0 = flat):")
-    for label, key in (("flow time", "wall_s"), ("engine time", "bare_s"),
-                       ("peak RSS", "peak_rss_mb"), ("logged bytes", "logged_mb")):  # fmt: skip
+    for label, key in (("flow time", "wall_s"), ("flow CPU", "cpu_s"), ("engine time", "bare_s"),
+                       ("engine CPU", "bare_cpu_s"), ("peak RSS", "peak_rss_mb"),
+                       ("logged bytes", "logged_mb")):  # fmt: skip
         print(f"  {label}: {_slope(ns, [r[key] for r in rows]):.2f}")
     above = [r["peak_rss_mb"] - r["rss_before_mb"] for r in rows]
     print(f"  RSS above start: {_slope(ns, above):.2f}")

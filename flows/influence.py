@@ -107,11 +107,12 @@ class InfluenceResult:
 
 class _Stages:
     """Wall time per named stage: the flow's own (prepare, model, data, train, score, check,
-    logging, review = plots + report + UI tables, publish; they add up to the flow's body) and,
-    dotted, parts of them: ``score.pairwise`` / ``.group`` / ``.self`` / ``.calibration`` (the
-    engine; curvature is inside pairwise), ``score.store`` (writing and verifying the score
-    matrix), ``check.summary`` (tables and flags), ``check.gx_import`` and ``check.gx`` (the
-    Great Expectations import and suite). Logged as run metrics ``stage_seconds.<name>``."""
+    logging, review = predictions + plots + report + UI tables, publish: they add up to the
+    flow body) and, dotted, parts of them: ``score.pairwise`` / ``.group`` / ``.self`` /
+    ``.calibration`` (the engine; curvature is inside pairwise), ``score.store`` (writing and
+    verifying the score matrix), ``check.summary`` (tables and flags), ``check.gx_import`` and
+    ``check.gx`` (the Great Expectations import and suite). Logged as run metrics
+    ``stage_seconds.<name>``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

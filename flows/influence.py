@@ -62,6 +62,7 @@ from mirrorinf.tasks.tracking import (
     influence_run,
     log_influence_task,
     log_review_task,
+    log_stage_seconds,
     store_lock,
 )
 from mirrorinf.tasks.verdict import tag_model_version_task
@@ -106,7 +107,13 @@ class InfluenceResult:
 
 
 class _Stages:
-    """Wall time per named stage."""
+    """Wall time per named stage: the flow's own (prepare, model, data, train, score, check,
+    logging, review = predictions + plots + report + UI tables, publish: they add up to the
+    flow body) and, dotted, parts of them: ``score.pairwise`` / ``.group`` / ``.self`` /
+    ``.calibration`` (the engine; curvature is inside pairwise), ``score.store`` (writing and
+    verifying the score matrix), ``check.summary`` (tables and flags), ``check.gx_import`` and
+    ``check.gx`` (the Great Expectations import and suite). Logged as run metrics
+    ``stage_seconds.<name>``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -118,6 +125,11 @@ class _Stages:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    def add(self, seconds: dict[str, float]) -> None:
+        """Record stages timed elsewhere (inside a task)."""
+        for name, value in seconds.items():
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + float(value), 3)
 
 
 def _reasons(check: Any) -> list[str]:
@@ -332,8 +344,12 @@ def influence_flow(params: Params) -> InfluenceResult:
                     identity, model, sets["train"], sets["val"], queries, cfg,
                     params.device, cache_dir=cache_dir, task=params.task,
                 )  # fmt: skip
+        stages.add({f"score.{k}": v for k, v in scores.stage_seconds.items()})
         with stages("check"):
             tables, check = check_task(scores, sets["train"], queries, params.gate.thresholds())
+        stages.add({"check.summary": check.timings.get("summary_s", 0.0),
+                    "check.gx_import": check.timings.get("import_s", 0.0),
+                    "check.gx": check.timings.get("validate_s", 0.0)})  # fmt: skip
         verdict = "passed" if check.success else "failed"
         truth_metrics = {}
         if truth:
@@ -347,7 +363,7 @@ def influence_flow(params: Params) -> InfluenceResult:
             )
         summary = _summary(tables, scores, truth_metrics, params.task.kind)
         reasons = _reasons(check)
-        with stages("log"):
+        with stages("logging"):
             log_influence_task(
                 uri,
                 run_id,
@@ -358,11 +374,13 @@ def influence_flow(params: Params) -> InfluenceResult:
                 summary={"verdict": verdict, "reasons": reasons, **summary},
                 verdict=verdict,
             )
+        with stages("review"):
             log_review_task(
                 uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
                 predicted=predict_labels(model, sets["train"], task=params.task), verdict=verdict,
                 reasons=reasons, model=ref, kind=params.task.kind, tokenizer=tokenizer_of(model),
             )  # fmt: skip
+        log_stage_seconds(uri, run_id, stages.seconds)
     # the run is FINISHED with every artifact and its own verdict: only now the version's record
     with stages("publish"):
         tag_model_version_task(

@@ -14,6 +14,13 @@ import torch
 from mirrorinf.engine import ForwardInf, Inputs
 
 
+def as_score_array(scores: torch.Tensor) -> np.ndarray:
+    """A pairwise score tensor as numpy in the engine's own float dtype (float32 by default):
+    the [n_train, n_query] matrix is the largest thing the flow holds, and a float64 copy of it
+    would double that with no gain (every summary widens one row block at a time)."""
+    return scores.detach().cpu().numpy()
+
+
 def score_rows(
     fi: ForwardInf,
     train: tuple[Inputs, torch.Tensor],
@@ -27,8 +34,10 @@ def score_rows(
     ``curvature``: the whole training set when ``train`` is a shard of it, so that anchored
     mode's curvature (and so every score) is the unsharded run's; None = ``train``.
 
-    ``leak_pairwise`` is the plain-mode pairwise pass the leak rule needs when the engine runs
-    in another mode (absent in plain mode, where ``pairwise`` serves).
+    ``pairwise`` and ``leak_pairwise`` keep the engine's dtype (:func:`as_score_array`); the
+    per-row arrays are float64. ``leak_pairwise`` is the plain-mode pairwise pass the leak rule
+    needs when the engine runs in another mode (absent in plain mode, where ``pairwise``
+    serves).
     """
     reports: dict[str, dict[str, Any]] = {}
 
@@ -38,14 +47,14 @@ def score_rows(
         rep.pop("query_self_drop", None)  # an array, kept with the scores
         reports[name] = rep
 
-    out = {"pairwise": fi.pairwise(train, queries, curvature=curvature).double().numpy()}
+    out = {"pairwise": as_score_array(fi.pairwise(train, queries, curvature=curvature))}
     assert fi.last_report is not None
     drop = fi.last_report.query_self_drop
     plain = fi.last_report.mode == "plain"
     report("pairwise")
     if not plain:
         twin = fi.plain_twin()
-        out["leak_pairwise"] = twin.pairwise(train, queries).double().numpy()
+        out["leak_pairwise"] = as_score_array(twin.pairwise(train, queries))
         assert twin.last_report is not None
         drop = twin.last_report.query_self_drop
     n_q = len(queries[1])

@@ -238,7 +238,7 @@ def _print_summary(result: Any, wall: float, verbose: bool) -> None:
     print(f"MLflow run: {result.run_id}{'  (scores from cache)' if result.cache_hit else ''}")
     print("see: mirrorinf ui  (the run's report.md, plots/ and tables/ show what was found)")
     if verbose:
-        body = sum(result.stage_seconds.values())
+        body = sum(v for k, v in result.stage_seconds.items() if "." not in k)  # parts dotted
         stages = "  ".join(f"{k} {v:.2f}s" for k, v in result.stage_seconds.items())
         print(f"stages: {stages}")
         print(f"total {wall:.1f}s (flow stages {body:.1f}s; imports + Prefect start/stop the rest)")

@@ -29,10 +29,12 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,16 @@ import numpy as np
 from mirrorinf.errors import InputError
 from mirrorinf.io import atomic_write
 
-__all__ = ["RecordError", "SignedRecords", "cache_key", "cache_key_path", "remove_stale_tmp"]
+__all__ = [
+    "RecordError",
+    "RowBlocks",
+    "SignedRecords",
+    "cache_key",
+    "cache_key_path",
+    "remove_stale_tmp",
+    "verified_memmap",
+    "write_npy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -153,21 +164,27 @@ class SignedRecords:
             "arrays": arrays,
         }
 
-    def write(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Each array (atomically), then the signed JSON that references them (last)."""
+    def write(
+        self,
+        name: str,
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        blocks: dict[str, RowBlocks] | None = None,
+    ) -> None:
+        """Each array (atomically, streamed and hashed in row blocks: no in-memory copy), then
+        the signed JSON that references them (last). ``blocks``: arrays produced block by block
+        (e.g. shards assembled into one score matrix) instead of held whole."""
         target = self._json(name)
         entries = {}
-        for array, value in sorted(arrays.items()):
+        sources = {a: RowBlocks.of(v) for a, v in arrays.items()} | dict(blocks or {})
+        for array, source in sorted(sources.items()):
             if not _ARRAY.match(array):
                 raise ValueError(f"invalid array name {array!r}")
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
-            blob = buf.getvalue()
-            atomic_write(self.array_path(name, array), lambda fh, blob=blob: fh.write(blob))
+            sha = write_npy(self.array_path(name, array), source)
             entries[array] = {
-                "sha256": hashlib.sha256(blob).hexdigest(),
-                "shape": list(value.shape),
-                "dtype": np.asarray(value).dtype.str,
+                "sha256": sha,
+                "shape": list(source.shape),
+                "dtype": source.dtype.str,
             }
         body = self._body(name, entries, json.loads(json.dumps(meta)))
         record = {**body, "hmac": self._mac(body)}
@@ -178,20 +195,25 @@ class SignedRecords:
         """A record file is there (not yet verified)."""
         return self._json(name).exists()
 
-    def read(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    def read(
+        self, name: str, mmap: tuple[str, ...] = ()
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, meta) of a verified record; None when absent or invalid (then discarded,
-        with a warning naming the file and the reason)."""
+        with a warning naming the file and the reason). Arrays named in ``mmap`` come back as
+        read-only memory maps (:func:`verified_memmap`), the others in memory."""
         path = self._json(name)
         if not path.exists():
             return None
         try:
-            return self._verified(name, path)
+            return self._verified(name, path, mmap)
         except RecordError as err:
             log.warning("discarding %s: %s; it will be recomputed", err.path, err.reason)
             self.discard(name)
             return None
 
-    def _verified(self, name: str, path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _verified(
+        self, name: str, path: Path, mmap: tuple[str, ...] = ()
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         try:
             record = json.loads(path.read_bytes())
         except (OSError, ValueError) as err:
@@ -210,13 +232,20 @@ class SignedRecords:
             specs = {a: (s["sha256"], list(s["shape"]), s["dtype"]) for a, s in items}
         except (KeyError, TypeError, AttributeError) as err:
             raise RecordError(f"malformed array list ({err})", path) from None
-        arrays = {array: self._array(name, array, *spec) for array, spec in specs.items()}
+        arrays = {
+            array: self._array(name, array, *spec, mapped=array in mmap)
+            for array, spec in specs.items()
+        }
         return arrays, body["meta"]
 
-    def _array(self, name: str, array: str, sha: str, shape: list[int], dtype: str) -> np.ndarray:
+    def _array(
+        self, name: str, array: str, sha: str, shape: list[int], dtype: str, mapped: bool = False
+    ) -> np.ndarray:
         if not _ARRAY.match(array):
             raise RecordError(f"invalid array name {array!r}", self._json(name))
         path = self.array_path(name, array)
+        if mapped:
+            return verified_memmap(path, sha, shape, dtype)
         try:
             blob = path.read_bytes()
         except OSError as err:
@@ -238,3 +267,108 @@ class SignedRecords:
         for path in self.root.glob(f"{name}.*.npy"):
             if _ARRAY.match(path.name[len(name) + 1 : -len(".npy")]):
                 path.unlink(missing_ok=True)
+
+
+BLOCK_BYTES = 16 * 2**20  # bytes per block when streaming an array to or from disk
+
+
+class RowBlocks:
+    """An array of known shape and dtype given as consecutive row blocks (C order), so that it
+    can be written to disk without ever being whole in memory."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, blocks: Iterable[np.ndarray]) -> None:
+        self.shape, self.dtype, self.blocks = tuple(shape), np.dtype(dtype), blocks
+
+    @classmethod
+    def of(cls, value: Any) -> RowBlocks:
+        """An in-memory (or memory-mapped) array in blocks of about :data:`BLOCK_BYTES`."""
+        arr = np.asarray(value)
+        if arr.ndim == 0:
+            return cls(arr.shape, arr.dtype, [arr])
+        row = max(1, arr[:1].nbytes)
+        step = max(1, BLOCK_BYTES // row)
+        return cls(arr.shape, arr.dtype, (arr[i : i + step] for i in range(0, len(arr), step)))
+
+
+class _Hashing:
+    """A binary file handle that hashes what is written through it."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.n += len(view)
+        return self.fh.write(view)
+
+
+def write_npy(path: Path, source: RowBlocks) -> str:
+    """Write ``source`` as a plain .npy at ``path`` atomically (temp name, renamed when
+    complete), one block at a time; returns the file's sha256. A block of the wrong dtype or a
+    row count that does not add up raises ValueError (and nothing is left behind)."""
+    if source.dtype.hasobject:
+        raise ValueError("object arrays cannot be stored (no pickles)")
+    header = {"descr": np.lib.format.dtype_to_descr(source.dtype), "fortran_order": False,
+              "shape": source.shape}  # fmt: skip
+    out: dict[str, str] = {}
+
+    def write(fh: Any) -> None:
+        sink = _Hashing(fh)
+        head = io.BytesIO()
+        try:  # the 1.0 header unless it cannot hold the shape, as np.save does
+            np.lib.format.write_array_header_1_0(head, header)
+        except ValueError:
+            head = io.BytesIO()
+            np.lib.format.write_array_header_2_0(head, header)
+        sink.write(head.getvalue())
+        rows = 0
+        for block in source.blocks:
+            block = np.ascontiguousarray(block)
+            if block.dtype != source.dtype or block.shape[1:] != source.shape[1:]:
+                raise ValueError(f"block {block.dtype} {block.shape} does not fit {header}")
+            rows += len(block) if block.ndim else 1
+            sink.write(block.data if block.nbytes else b"")
+        if rows != (source.shape[0] if source.shape else 1):
+            raise ValueError(f"{rows} rows written for shape {source.shape}")
+        out["sha"] = sink.sha.hexdigest()
+
+    atomic_write(path, write)
+    return out["sha"]
+
+
+def verified_memmap(path: Path, sha: str, shape: list[int], dtype: str) -> np.ndarray:
+    """A read-only memory map of an .npy whose sha256 is ``sha``, hashed in blocks first.
+
+    Verified and mapped through one open file: a file swapped in by a rename after the check is
+    never the one mapped (an in-place write to the same file by someone who can write the
+    folder, between check and use, is outside what this defends; see the module docstring).
+    The whole file is read once to hash it; the caller's pass then reads it again (normally from
+    the page cache)."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (the map keeps it; closed with the map)
+    except OSError as err:
+        raise RecordError(f"cannot read ({err.strerror})", path) from None
+    with fh:
+        digest = hashlib.sha256()
+        while chunk := fh.read(BLOCK_BYTES):
+            digest.update(chunk)
+        if digest.hexdigest() != sha:
+            raise RecordError("sha256 mismatch (modified, truncated or replaced)", path)
+        fh.seek(0)
+        try:
+            version = np.lib.format.read_magic(fh)
+            got_shape, fortran, got_dtype = (
+                np.lib.format.read_array_header_1_0(fh)
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0(fh)
+            )
+        except (ValueError, OSError, EOFError) as err:
+            raise RecordError(f"not a plain .npy array ({err})", path) from None
+        if list(got_shape) != shape or got_dtype.str != dtype or fortran or got_dtype.hasobject:
+            got, want = f"{list(got_shape)} {got_dtype.str}", f"{shape} {dtype}"
+            raise RecordError(f"shape/dtype {got} differs from the recorded {want}", path)
+        if math.prod(got_shape) == 0:
+            return np.zeros(got_shape, dtype=got_dtype)
+        return np.memmap(fh, dtype=got_dtype, mode="r", shape=tuple(got_shape),
+                         offset=fh.tell())  # fmt: skip

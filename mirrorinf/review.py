@@ -546,25 +546,40 @@ def report_markdown(inp: ReviewInputs, shape: tuple[int, ...] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def review_tables(inp: ReviewInputs) -> dict[str, pd.DataFrame]:
-    """The tables logged for the UI, keyed like :data:`TABLES`."""
+UI_TABLE_ROWS = 1000  # rows per table logged for the MLflow UI (full tables: parquet)
+
+
+def review_tables(inp: ReviewInputs, max_rows: int = UI_TABLE_ROWS) -> dict[str, pd.DataFrame]:
+    """The tables logged for the UI, keyed like :data:`TABLES`, each capped at ``max_rows``
+    and ranked so the cap keeps what matters: flagged rows by self-influence (highest first),
+    leaks by cosine, top-k rows of whole queries in query order. The full tables are the
+    parquet files under ``tables/``."""
     train = inp.tables.train
-    flagged = train[train["flag_mislabel"] | train["flag_harmful"]].copy()
+    flagged = train[train["flag_mislabel"] | train["flag_harmful"]]
+    flagged = flagged.sort_values("self_influence", ascending=False, kind="stable")
+    flagged = flagged.head(max_rows).copy()
     if inp.train_pred is not None:
-        pred = target_labels(inp.train_pred)  # [n, L] predictions as one string per row
-        pred = pred if inp.pred_text is None else inp.pred_text
-        flagged.insert(2, "predicted", pred[flagged.index.to_numpy()])
+        rows = flagged.index.to_numpy()
+        if inp.pred_text is not None:
+            pred = np.asarray(inp.pred_text)[rows]
+        else:  # [n, L] predictions as one string per shown row
+            pred = target_labels(np.asarray(inp.train_pred)[rows])
+        flagged.insert(2, "predicted", pred)
     if inp.class_names is not None and "label" in flagged.columns:
         at = flagged.columns.get_loc("label") + 1
         flagged.insert(at, "class", [_label(inp, v).partition(" ")[2] for v in flagged["label"]])
     if inp.train_text is not None:
-        flagged.insert(2, "text", inp.train_text[flagged.index.to_numpy()])
+        flagged.insert(2, "text", np.asarray(inp.train_text)[flagged.index.to_numpy()])
     flagged.insert(len(flagged.columns), "flag_rule", flag_rules(flagged, inp.tables.counts))
-    flagged = flagged.sort_values("self_influence", ascending=False)
+    queries = inp.tables.queries
+    per_query = int(queries["query_id"].value_counts().max()) if len(queries) else 1
+    leaks = inp.tables.leaks
+    if "cosine" in leaks:
+        leaks = leaks.sort_values("cosine", ascending=False, kind="stable")
     return {
-        "top_k_per_query": inp.tables.queries,
+        "top_k_per_query": queries.head(max(per_query, max_rows // per_query * per_query)),
         "flagged_train": flagged.reset_index(drop=True),
-        "leaks": inp.tables.leaks,
+        "leaks": leaks.head(max_rows).reset_index(drop=True),
     }
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mirrorinf.engine.scores import health
-from mirrorinf.integrity import SignedRecords, remove_stale_tmp
+from mirrorinf.engine.scores import health_of_blocks
+from mirrorinf.integrity import RowBlocks, SignedRecords, remove_stale_tmp
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -30,6 +29,8 @@ log = logging.getLogger(__name__)
 ARRAYS = ("pairwise", "self_influence", "group_influence", "leak_pairwise", "query_self_drop")
 # engine verb -> its score array; upcast counts queries (the same in every shard) or rows (self)
 _VERBS = {"pairwise": "pairwise", "group": "group_influence", "self": "self_influence"}
+MATRICES = ("pairwise", "leak_pairwise")  # [rows, n_query]: memory-mapped, never concatenated
+ASSEMBLED = "scores"  # the record of all shards in training-row order
 
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -103,27 +104,39 @@ class ShardStore:
         return got[0]
 
     def assemble(self, ranges: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """Concatenate every (verified) shard's row arrays in order (all must be done)."""
+        """Every (verified) shard's row arrays in training-row order (all must be done)."""
         return self.assemble_with_reports(ranges)[0]
 
     def assemble_with_reports(
         self, ranges: list[tuple[int, int]]
     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-        """The shards' arrays concatenated in order, and the whole run's engine reports
-        (:func:`merge_reports`); all shards must be done."""
-        got = {r: self.records.read(self._name(*r)) for r in ranges}
+        """The shards' arrays in training-row order, and the whole run's engine reports
+        (:func:`merge_reports`); all shards must be done.
+
+        The score matrices are copied shard by shard into one signed record of this store
+        (``scores``: a float .npy per matrix, written under a temporary name and renamed when
+        complete) and returned as verified read-only memory maps: never whole in memory. The
+        per-row arrays are concatenated in memory."""
+        got = {r: self.records.read(self._name(*r), mmap=MATRICES) for r in ranges}
         missing = [r for r, rec in got.items() if rec is None]
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) not scored yet, first {missing[0]}")
         parts = [rec[0] for rec in got.values() if rec is not None]
-        out = {
-            name: np.concatenate([p[name] for p in parts], axis=0)
-            for name in parts[0]
-            if name != "query_self_drop"
-        }
-        out["query_self_drop"] = parts[0]["query_self_drop"]
+        rows = {name: np.concatenate([p[name] for p in parts], axis=0)
+                for name in parts[0] if name not in (*MATRICES, "query_self_drop")}  # fmt: skip
+        rows["query_self_drop"] = parts[0]["query_self_drop"]
+        blocks = {}
+        for name in MATRICES:
+            if name in parts[0]:
+                first = parts[0][name]
+                shape = (sum(len(p[name]) for p in parts), *first.shape[1:])
+                blocks[name] = RowBlocks(shape, first.dtype, [p[name] for p in parts])
+        self.records.write(ASSEMBLED, rows, {"ranges": [list(r) for r in ranges]}, blocks)
+        done = self.records.read(ASSEMBLED, mmap=MATRICES)
+        if done is None:
+            raise RuntimeError(f"the assembled scores in {self.root} failed verification")
         metas = [rec[1].get("reports", {}) for rec in got.values() if rec is not None]
-        return out, merge_reports(metas, out)
+        return done[0], merge_reports(metas, done[0])
 
     def computations(self) -> Iterator[str]:
         path = self.root / "computations.log"
@@ -154,8 +167,8 @@ def merge_reports(
         merged["lr_max"] = max(float(r["lr_max"]) for r in reps)
         upcast = [int(r.get("upcast", 0)) for r in reps]
         merged["upcast"] = sum(upcast) if verb == "self" else max(upcast)
-        matrix = torch.from_numpy(np.asarray(rows[name], dtype=np.float64))
-        zero, const = health(verb, matrix.reshape(len(matrix), -1))
+        # in row blocks: the pairwise matrix is a memory map, never widened whole
+        zero, const = health_of_blocks(verb, rows[name])
         merged["zero_fraction"], merged["n_constant_queries"] = zero, const
         out[verb] = merged
     return out

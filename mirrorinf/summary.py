@@ -349,6 +349,113 @@ def _top_k(pairwise: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, 
     return idx, np.take_along_axis(pairwise, idx, axis=0)
 
 
+SUMMARY_BLOCK_BYTES = 64 * 2**20  # memory budget of one row block of the streaming pass
+_BLOCK_TEMPORARIES = 10  # float64-sized [rows, n_query] temporaries a block needs at once
+
+
+def summary_block_rows(n_query: int, budget: int = SUMMARY_BLOCK_BYTES) -> int:
+    """Training rows per block so that a block's temporaries (about ten float64 copies of
+    [rows, n_query]: keys, selections, cosines) stay within ``budget`` bytes (64 MiB: about
+    8,000 rows at 100 queries); at least 1."""
+    return max(1, budget // (8 * _BLOCK_TEMPORARIES * max(n_query, 1)))
+
+
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    """A [n_train, n_query] score matrix as numpy *without copying it* when it is already a
+    float array (float32 stays float32, a memory map stays mapped); else float64."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    if not (isinstance(x, np.ndarray) and x.dtype.kind == "f"):
+        return _as_float(x, name, 2)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be [n_train, n_query], got shape {x.shape}")
+    return x
+
+
+@dataclass
+class _Scan:
+    """What one streaming pass over the score matrix finds: the k highest (proponents) and
+    lowest (opponents) scores of each query with their rows, each query's most aligned row for
+    the leak rule (its cosine and plain-mode score), and the count of non-finite scores."""
+
+    pro_idx: np.ndarray
+    pro_val: np.ndarray
+    opp_idx: np.ndarray
+    opp_val: np.ndarray
+    has: np.ndarray
+    best_idx: np.ndarray
+    best_cos: np.ndarray
+    best_score: np.ndarray
+    n_nonfinite: int
+
+
+def _merge_top(
+    run: tuple[np.ndarray, np.ndarray] | None,
+    block: tuple[np.ndarray, np.ndarray],
+    k: int,
+    largest: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (row, score) per query of the running best and a later block's best: ordered
+    by score (non-finite last), ties by training row, exactly as a sort of all rows would be."""
+    if run is None:
+        return block
+    idx = np.concatenate([run[0], block[0]])
+    val = np.concatenate([run[1], block[1]])
+    key = np.where(np.isfinite(val), -val if largest else val, np.inf)
+    order = np.lexsort((idx, key), axis=0)[:k]
+    return np.take_along_axis(idx, order, axis=0), np.take_along_axis(val, order, axis=0)
+
+
+def _scan(
+    scores: np.ndarray,
+    leak_scores: np.ndarray,
+    s_inf: np.ndarray,
+    drop: np.ndarray,
+    k: int,
+    block_rows: int | None,
+) -> _Scan:
+    """One pass over ``scores`` (and ``leak_scores``) in row blocks, each widened to float64
+    on its own: top-k per query, the leak rule's best cosine per query, non-finite count.
+    Equal to the whole-matrix computation bit for bit (the same element-wise float64
+    operations; selections and maxima do not depend on the order of the rows seen)."""
+    n_train, n_query = scores.shape
+    step = block_rows or summary_block_rows(n_query)
+    cols = np.arange(n_query)
+    pro = opp = None
+    has = np.zeros(n_query, dtype=bool)
+    best_idx = np.zeros(n_query, dtype=np.int64)
+    best_cos = np.full(n_query, -np.inf)
+    best_score = np.full(n_query, np.nan)
+    nonfinite = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pos_drop = np.where(drop > 0, drop, np.nan)
+        for start in range(0, n_train, step):
+            stop = min(start + step, n_train)
+            block = np.asarray(scores[start:stop], dtype=np.float64)
+            nonfinite += int((~np.isfinite(block)).sum())
+            kb = min(k, stop - start)
+            for largest in (True, False):
+                idx, val = _top_k(block, kb, largest=largest)
+                merged = _merge_top(pro if largest else opp, (idx + start, val), k, largest)
+                pro, opp = (merged, opp) if largest else (pro, merged)
+            leak = block if leak_scores is scores else np.asarray(
+                leak_scores[start:stop], dtype=np.float64
+            )  # fmt: skip
+            s_blk = np.where(s_inf[start:stop] > 0, s_inf[start:stop], np.nan)
+            cos = leak / np.sqrt(s_blk[:, None] * pos_drop)  # NaN where undefined
+            finite = np.isfinite(cos)
+            has |= finite.any(axis=0)
+            masked = np.where(finite, cos, -np.inf)
+            at = masked.argmax(axis=0) if n_query else np.zeros(0, dtype=np.int64)
+            top = masked[at, cols]
+            better = top > best_cos  # strict: the first row of the maximum wins, as argmax
+            best_idx[better] = at[better] + start
+            best_cos[better] = top[better]
+            best_score[better] = leak[at[better], cols[better]]
+    assert pro is not None and opp is not None
+    return _Scan(*pro, *opp, has, best_idx, best_cos, best_score, nonfinite)
+
+
 def summarise(
     pairwise: Any,
     self_inf: Any,
@@ -364,6 +471,7 @@ def summarise(
     leak_pairwise: Any = None,
     train_x: Any = None,
     query_x: Any = None,
+    block_rows: int | None = None,
 ) -> InfluenceTables:
     """Build the training, query and leak tables from the engine's score arrays.
 
@@ -397,13 +505,16 @@ def summarise(
             when ``pairwise`` comes from another mode (anchored). None = ``pairwise``.
         train_x, query_x: the inputs (any shape with a leading example axis). When given, a
             leak must also be a near-copy in input space (``leak_input_distance``).
+        block_rows: training rows per block of the one streaming pass over ``pairwise`` (and
+            ``leak_pairwise``); None = :func:`summary_block_rows` (a memory budget). Any value
+            gives the same tables.
 
     Raises:
         ValueError: an input has the wrong shape or sizes disagree, naming the input.
     """
     th = thresholds if thresholds is not None else GateThresholds()
-    scores = _as_float(pairwise, "pairwise", 2)
-    leak_scores = scores if leak_pairwise is None else _as_float(leak_pairwise, "leak_pairwise", 2)
+    scores = _as_matrix(pairwise, "pairwise")
+    leak_scores = scores if leak_pairwise is None else _as_matrix(leak_pairwise, "leak_pairwise")
     if leak_scores.shape != scores.shape:
         raise ValueError(
             f"leak_pairwise has shape {leak_scores.shape} but pairwise has {scores.shape}"
@@ -494,8 +605,8 @@ def summarise(
     )
 
     k = min(th.top_k, n_train)
-    pro_idx, pro_val = _top_k(scores, k, largest=True)  # [k, n_query]
-    opp_idx, opp_val = _top_k(scores, k, largest=False)
+    scan = _scan(scores, leak_scores, s_inf, drop, k, block_rows)
+    pro_idx, pro_val, opp_idx, opp_val = scan.pro_idx, scan.pro_val, scan.opp_idx, scan.opp_val
     idx = np.concatenate([pro_idx, opp_idx]).T.ravel()  # query-major: k proponents, k opponents
     queries = pd.DataFrame(
         {
@@ -507,19 +618,8 @@ def summarise(
         }
     )
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = np.sqrt(
-            np.where(s_inf > 0, s_inf, np.nan)[:, None] * np.where(drop > 0, drop, np.nan)
-        )
-        cos = leak_scores / norm  # [n_train, n_query], NaN where undefined
-    has = np.isfinite(cos).any(axis=0) if n_query else np.zeros(0, dtype=bool)
-    best_idx = np.zeros(n_query, dtype=np.int64)
-    if has.any():
-        best_idx[has] = np.nanargmax(
-            np.where(np.isfinite(cos[:, has]), cos[:, has], -np.inf), axis=0
-        )
-    cols = np.arange(n_query)
-    best_cos = np.where(has, cos[best_idx, cols] if n_query else np.zeros(0), np.nan)
+    has, best_idx = scan.has, scan.best_idx
+    best_cos = np.where(has, scan.best_cos, np.nan)
     is_leak = np.isfinite(best_cos) & (best_cos >= th.leak_cosine)
     distance = np.full(n_query, np.nan)
     if train_x is not None and query_x is not None and n_query:
@@ -529,7 +629,7 @@ def summarise(
         {
             "query_id": q_ids[is_leak],
             "train_id": t_ids[best_idx[is_leak]],
-            "score": leak_scores[best_idx, cols][is_leak] if n_query else np.zeros(0),
+            "score": scan.best_score[is_leak],
             "cosine": best_cos[is_leak],
             "input_distance": distance[is_leak],
         }
@@ -546,7 +646,7 @@ def summarise(
         "n_leaks": n_leak,
         "n_nonfinite_self": int((~np.isfinite(s_inf)).sum()),
         "n_nonfinite_group": int((~np.isfinite(g_inf)).sum()),
-        "n_nonfinite_pairwise": int((~np.isfinite(scores)).sum()),
+        "n_nonfinite_pairwise": scan.n_nonfinite,
         "n_query_nonpositive_self_drop": int((~(drop > 0)).sum()),
         "mislabel_calibrated": int(n_cal_self > 0),
         "n_calib_self": int(n_cal_self),

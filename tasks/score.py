@@ -33,7 +33,7 @@ from mirrorinf.engine.examples import rows as rows_of
 from mirrorinf.errors import InputError
 from mirrorinf.integrity import SignedRecords, remove_stale_tmp
 from mirrorinf.params import TaskParams
-from mirrorinf.shards import ShardStore
+from mirrorinf.shards import MATRICES, ShardStore
 from mirrorinf.tasks.data import Split
 from mirrorinf.usercode import load_callable, source_digest
 
@@ -69,6 +69,10 @@ class ScoreBundle:
     against itself, on the pairwise scale. The ``calib_*`` arrays are the same scores on the
     (clean, held-out) validation set, which calibrate the flag thresholds in ``summarise``:
     its self-influence, and each validation example's group influence on the other folds.
+    ``pairwise`` / ``leak_pairwise`` keep the engine's dtype (float32 by default) and, once
+    cached or assembled from shards, are verified read-only memory maps of the store's .npy.
+    ``stage_seconds``: wall time of this computation's steps (pairwise, group, self,
+    calibration from the engine; store = writing and verifying the cache or shard record).
     """
 
     pairwise: np.ndarray
@@ -80,6 +84,7 @@ class ScoreBundle:
     calib_group_influence: np.ndarray | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _engine(
@@ -135,7 +140,11 @@ def _bundle(
     n_query: int,
 ) -> ScoreBundle:
     """Per-row scores + the calibration scores of the validation set -> one bundle."""
+    t_calib = time.perf_counter()
     calib = calibration_scores(fi, val.pair(), seed=cfg.seed)
+    stages = {k: float(reports[k]["seconds"]) for k in ("pairwise", "group", "self")
+              if "seconds" in reports.get(k, {})}  # fmt: skip
+    stages["calibration"] = time.perf_counter() - t_calib
     seconds = time.perf_counter() - t0
     logger.info("scored %d train x %d queries (+ group, self) in %.2f s", n_train, n_query, seconds)
     return ScoreBundle(
@@ -148,6 +157,7 @@ def _bundle(
         calib_group_influence=calib.group_influence,
         reports=json.loads(json.dumps(reports, default=str)),
         seconds=seconds,
+        stage_seconds=stages,
     )
 
 
@@ -212,8 +222,9 @@ def assemble_task(
     """All shards in training-row order, plus calibration scores, as one bundle."""
     t0 = time.perf_counter()
     rows, reports = ShardStore(store_root, identity).assemble_with_reports(ranges)
+    t_store = time.perf_counter() - t0
     reports["shards"] = {"count": len(ranges), "store": store_root}
-    return _bundle(
+    bundle = _bundle(
         rows,
         reports,
         _engine(model, cfg, device, task),
@@ -223,6 +234,8 @@ def assemble_task(
         len(rows["pairwise"]),
         n_query,
     )
+    bundle.stage_seconds["store"] = t_store
+    return bundle
 
 
 def set_threads(n: int | None) -> None:
@@ -310,11 +323,19 @@ def score_task(
     :func:`compute_scores`, then cached. ``cache_key`` or ``cache_dir`` None: no cache."""
     if cache_key is None or cache_dir is None:
         return compute_scores(model, train, val, queries, cfg, device, task), False
+    t0 = time.perf_counter()
     cached = load_cached_scores(cache_dir, cache_key)
     if cached is not None:
+        cached.stage_seconds = {"store": time.perf_counter() - t0}
         return cached, True
     bundle = compute_scores(model, train, val, queries, cfg, device, task)
+    t0 = time.perf_counter()
     save_cached_scores(cache_dir, cache_key, bundle)
+    # from here on the matrix is the verified file, memory-mapped, not the engine's copy
+    stored = load_cached_scores(cache_dir, cache_key)
+    if stored is not None:
+        stored.stage_seconds = {**bundle.stage_seconds, "store": time.perf_counter() - t0}
+        bundle = stored
     return bundle, False
 
 
@@ -325,9 +346,10 @@ def score_cache_dir(root: str | Path) -> Path:
 
 def load_cached_scores(cache_dir: str | Path, key: str) -> ScoreBundle | None:
     """The cached bundle of ``key`` if its record verifies (see mirrorinf.integrity), else None
-    (an invalid entry is logged and discarded). Nothing is unpickled."""
+    (an invalid entry is logged and discarded). Nothing is unpickled; the score matrices are
+    hashed in blocks, then returned as read-only memory maps of the verified files."""
     records = SignedRecords(cache_dir, "scores")
-    got = records.read(key)
+    got = records.read(key, mmap=MATRICES)
     if got is None:
         return None
     arrays, meta = got

@@ -31,8 +31,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -380,6 +382,39 @@ def _finite_metrics(metrics: dict[str, Any]) -> list[Any]:
     return out
 
 
+def place_array(value: Any, path: Path) -> None:
+    """Put an array at ``path`` as .npy without holding a copy: a memory map of a whole .npy
+    file is hard-linked (same file system) or copied as a file; anything else is saved."""
+    source = getattr(value, "filename", None)
+    if (
+        isinstance(value, np.memmap)
+        and source
+        and (value.offset, value.shape) == _npy_layout(source)
+    ):
+        try:
+            os.link(source, path)
+        except OSError:
+            shutil.copyfile(source, path)
+        return
+    np.save(path, value)
+
+
+def _npy_layout(path: str) -> tuple[int, tuple[int, ...]]:
+    """(where the data starts, shape) of an .npy file: a map of all of it has both."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)  # fmt: skip
+        shape = reader(fh)[0]
+        return fh.tell(), tuple(shape)
+
+
+def log_stage_seconds(tracking_uri: str, run_id: str, seconds: dict[str, float]) -> None:
+    """Log the flow's wall time per stage as run metrics ``stage_seconds.<stage>``."""
+    metrics = _finite_metrics({f"stage_seconds.{k}": v for k, v in seconds.items()})
+    get_client(tracking_uri).log_batch(run_id, metrics=metrics)
+
+
 def log_influence(
     tracking_uri: str,
     run_id: str,
@@ -391,7 +426,12 @@ def log_influence(
     summary: dict[str, Any],
     verdict: str,
 ) -> None:
-    """Log metrics, the score arrays (.npy), tables (.parquet), GX result (.json) and summary."""
+    """Log metrics, the score arrays (.npy), tables (.parquet), GX result (.json) and summary.
+
+    The score matrices are logged as files (``scores/pairwise.npy``, float32 [n_train, n_query],
+    rows in training-file order; ``scores/leak_pairwise.npy`` in a non-plain mode), hard-linked
+    or copied from the store's verified file, never loaded; the per-query top-k proponents and
+    opponents are ``tables/queries.parquet`` (``gate.top_k`` each, default min(10, n_train))."""
     client = get_client(tracking_uri)
     batch = _finite_metrics(metrics)
     for i in range(0, len(batch), 500):
@@ -399,7 +439,9 @@ def log_influence(
     with tempfile.TemporaryDirectory(prefix="mirrorinf-log-") as tmp:
         d = Path(tmp)
         (d / "scores").mkdir()
-        np.save(d / "scores" / "pairwise.npy", scores.pairwise)
+        place_array(scores.pairwise, d / "scores" / "pairwise.npy")
+        if scores.leak_pairwise is not None:
+            place_array(scores.leak_pairwise, d / "scores" / "leak_pairwise.npy")
         np.save(d / "scores" / "self_influence.npy", scores.self_influence)
         np.save(d / "scores" / "group_influence.npy", scores.group_influence)
         np.save(d / "scores" / "query_self_drop.npy", scores.query_self_drop)

@@ -271,6 +271,20 @@ def test_honest_cache_entry_is_reused(untouched: tuple[Params, InfluenceResult, 
     again = run_influence(params)
     assert again.cache_hit and _outcome(again) == _outcome(first)
     assert not any(project.rglob("*.tmp"))
+    # the logged matrix is the engine's float32, identical from the cache
+    logged = _logged(again, project, "pairwise")
+    assert logged.dtype == np.float32
+    np.testing.assert_array_equal(logged, _logged(first, project, "pairwise"))
+    # stage timings are run metrics: the flow's stages and, computed, the engine's parts
+    from mirrorinf.tasks.tracking import get_client
+
+    client = get_client(params.tracking_uri())
+    for result, parts in ((first, ("pairwise", "group", "self", "calibration", "store")),
+                          (again, ("store",))):  # fmt: skip
+        metrics = client.get_run(result.run_id).data.metrics
+        for stage in ("score", "check", "logging", "review", *(f"score.{p}" for p in parts)):
+            assert metrics[f"stage_seconds.{stage}"] >= 0, (stage, sorted(metrics))
+        assert "stage_seconds.score.pairwise" not in metrics or result is first
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mirrorinf.engine.config import ForwardInfConfig
@@ -109,14 +110,34 @@ def vanished_columns(matrix: torch.Tensor) -> torch.Tensor:
 
 def health(kind: str, matrix: torch.Tensor) -> tuple[float, int]:
     """(fraction of exact zeros, number of constant columns); NaN/inf is a FloatingPointError."""
-    if not bool(torch.isfinite(matrix).all()):
-        raise FloatingPointError(
-            f"{kind} scores contain NaN/inf: the update diverged; use a smaller lr or fewer steps"
-        )
-    zero = float((matrix == 0).double().mean())
-    const = 0
-    if len(matrix) > 1:
-        const = int((matrix.max(dim=0).values == matrix.min(dim=0).values).sum())
+    return health_of_blocks(kind, matrix)
+
+
+def health_of_blocks(kind: str, matrix: Any, block_rows: int = 8192) -> tuple[float, int]:
+    """:func:`health` of a [rows, columns] array (tensor, array or memory map) read in row
+    blocks of ``block_rows``: a score matrix on disk is never loaded or widened whole."""
+    n = len(matrix)
+    if n == 0:
+        return float("nan"), 0
+    zeros, cells = 0, 0
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    for start in range(0, n, block_rows):
+        part = matrix[start : start + block_rows]  # a copy of a read-only map's block
+        block = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
+        block = block.reshape(len(block), -1)
+        if not bool(torch.isfinite(block).all()):
+            raise FloatingPointError(
+                f"{kind} scores contain NaN/inf: the update diverged; use a smaller lr or "
+                "fewer steps"
+            )
+        zeros += int((block == 0).sum())
+        cells += block.numel()
+        b_lo, b_hi = block.min(dim=0).values, block.max(dim=0).values
+        lo = b_lo if lo is None else torch.minimum(lo, b_lo)
+        hi = b_hi if hi is None else torch.maximum(hi, b_hi)
+    zero = zeros / cells if cells else float("nan")
+    const = int((lo == hi).sum()) if n > 1 and lo is not None and hi is not None else 0
     if zero > 0.01 or const > 0:
         log.warning(
             "%s scores: %.1f%% exactly zero, %d query column(s) constant; "

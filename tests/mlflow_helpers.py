@@ -1,10 +1,12 @@
-"""MLflow's fluent API pointed at a test's store for one block, leaving nothing behind."""
+"""MLflow's fluent API pointed at a test's store for one block, leaving nothing behind; a
+user's training run in it."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -20,3 +22,21 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(before)  # None unsets the variable as well
+
+
+@contextmanager
+def training_run(project: Path, uri: str) -> Iterator[None]:
+    """An MLflow run in the project's "train" experiment (created, artifacts under
+    ``mlruns/artifacts``, on first use), opened as a user's training script opens one."""
+    import mlflow
+
+    (project / "mlruns").mkdir(exist_ok=True)
+    with fluent_tracking_uri(uri):
+        exp = mlflow.get_experiment_by_name("train")
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else mlflow.create_experiment("train", str(project / "mlruns" / "artifacts"))
+        )
+        with mlflow.start_run(experiment_id=exp_id):
+            yield

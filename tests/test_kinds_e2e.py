@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow_helpers import fluent_tracking_uri
+from mlflow_helpers import training_run
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -45,22 +45,13 @@ def register(
     project: Path, name: str, model: nn.Module, example: Any, signature: Any = None
 ) -> int:
     """Log ``model`` as MLflow pt2 (the user's way) and register it; returns the version."""
-    import mlflow
     import mlflow.pytorch
 
-    (project / "mlruns").mkdir(exist_ok=True)
-    with fluent_tracking_uri(uri(project)):
-        exp = mlflow.get_experiment_by_name("train")
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else mlflow.create_experiment("train", str(project / "mlruns" / "artifacts"))
-        )
-        with mlflow.start_run(experiment_id=exp_id):
-            info = mlflow.pytorch.log_model(
-                model.eval(), name="model", registered_model_name=name, input_example=example,
-                signature=signature, pip_requirements=["torch"],
-            )  # fmt: skip
+    with training_run(project, uri(project)):
+        info = mlflow.pytorch.log_model(
+            model.eval(), name="model", registered_model_name=name, input_example=example,
+            signature=signature, pip_requirements=["torch"],
+        )  # fmt: skip
     return int(info.registered_model_version)
 
 

@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from mlflow_helpers import fluent_tracking_uri
+from mlflow_helpers import training_run
 from sklearn.metrics import roc_auc_score
-from test_kinds_e2e import run, save_splits, train_table
+from test_kinds_e2e import run, save_splits, train_table, uri
 
 from mirrorinf.cli import main
 from mirrorinf.flows.influence import InfluenceResult
@@ -45,10 +45,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf")
 
 
-def uri(project: Path) -> str:
-    return f"sqlite:///{project}/mlruns/mlflow.db"
-
-
 def word_tokenizer(words: list[str]) -> Any:
     """A word-level tokenizer over ``SPECIAL + words`` (tokenizers, wrapped for transformers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -65,22 +61,13 @@ def word_tokenizer(words: list[str]) -> Any:
 
 def log_hf(project: Path, name: str, model: Any, tokenizer: Any, task: str) -> int:
     """Log with mlflow.transformers (the user's way) and register; returns the version."""
-    import mlflow
     import mlflow.transformers
 
-    (project / "mlruns").mkdir(exist_ok=True)
-    with fluent_tracking_uri(uri(project)):
-        exp = mlflow.get_experiment_by_name("train")
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else mlflow.create_experiment("train", str(project / "mlruns" / "artifacts"))
-        )
-        with mlflow.start_run(experiment_id=exp_id):
-            info = mlflow.transformers.log_model(
-                transformers_model={"model": model.eval(), "tokenizer": tokenizer}, name="model",
-                task=task, registered_model_name=name, pip_requirements=["transformers"],
-            )  # fmt: skip
+    with training_run(project, uri(project)):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model.eval(), "tokenizer": tokenizer}, name="model",
+            task=task, registered_model_name=name, pip_requirements=["transformers"],
+        )  # fmt: skip
     return int(info.registered_model_version)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mirrorinf.engine.scores import health_of_blocks
+from mirrorinf.engine.scores import health
 from mirrorinf.integrity import RowBlocks, SignedRecords, remove_stale_tmp
 from mirrorinf.io import atomic_write
 
@@ -168,7 +168,7 @@ def merge_reports(
         upcast = [int(r.get("upcast", 0)) for r in reps]
         merged["upcast"] = sum(upcast) if verb == "self" else max(upcast)
         # in row blocks: the pairwise matrix is a memory map, never widened whole
-        zero, const = health_of_blocks(verb, rows[name])
+        zero, const = health(verb, rows[name])
         merged["zero_fraction"], merged["n_constant_queries"] = zero, const
         out[verb] = merged
     return out

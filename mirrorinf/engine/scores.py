@@ -108,14 +108,10 @@ def vanished_columns(matrix: torch.Tensor) -> torch.Tensor:
     return zero | (matrix.max(dim=0).values == matrix.min(dim=0).values)
 
 
-def health(kind: str, matrix: torch.Tensor) -> tuple[float, int]:
-    """(fraction of exact zeros, number of constant columns); NaN/inf is a FloatingPointError."""
-    return health_of_blocks(kind, matrix)
-
-
-def health_of_blocks(kind: str, matrix: Any, block_rows: int = 8192) -> tuple[float, int]:
-    """:func:`health` of a [rows, columns] array (tensor, array or memory map) read in row
-    blocks of ``block_rows``: a score matrix on disk is never loaded or widened whole."""
+def health(kind: str, matrix: Any, block_rows: int = 8192) -> tuple[float, int]:
+    """(fraction of exact zeros, number of constant columns) of a [rows, columns] tensor, array
+    or memory map, read in row blocks so a matrix on disk is never loaded or widened whole;
+    NaN/inf is a FloatingPointError."""
     n = len(matrix)
     if n == 0:
         return float("nan"), 0

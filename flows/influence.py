@@ -491,8 +491,27 @@ def _task_runner(params: Params) -> Iterator[Any]:
                 os.environ.pop("PREFECT_API_URL", None)
 
 
+def _prune_history(keep: int | None) -> None:
+    """Keep the newest ``keep`` influence flow runs in a temporary API's store (``.prefect/``):
+    it would otherwise grow with every run. Never a configured server's; never fails a run."""
+    from mirrorinf.tasks.server import api_is_temporary, prune_flow_runs
+
+    if keep is None or not api_is_temporary():
+        return
+    try:
+        deleted = prune_flow_runs(influence_flow.name, keep)
+    except Exception as err:  # housekeeping: the verdict is already written
+        logger.warning("could not prune old Prefect flow runs: %s", err)
+        return
+    if deleted:
+        logger.info("deleted %d old influence flow runs from the Prefect store", deleted)
+
+
 def run_influence(params: Params) -> InfluenceResult:
-    """Run :func:`influence_flow` with the task runner named in params."""
+    """Run :func:`influence_flow` with the task runner named in params, then prune old runs."""
     ensure_writable(params.output_dirs())  # before any run starts: a clear error, nothing left
     with _task_runner(params) as runner:
-        return influence_flow.with_options(task_runner=runner)(params)
+        try:
+            return influence_flow.with_options(task_runner=runner)(params)
+        finally:
+            _prune_history(params.prefect.keep_runs)

@@ -23,7 +23,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -163,12 +163,15 @@ def drain_prefect_workers() -> None:
 
 
 @contextmanager
-def prefect_api(timeout: int | None = None) -> Iterator[str]:
+def prefect_api(
+    timeout: int | None = None, *, while_starting: AbstractContextManager[Any] | None = None
+) -> Iterator[str]:
     """The Prefect API URL for this block: the configured one (PREFECT_API_URL, a profile, a test
     harness), else a temporary server that lives as long as the block and dies with the process.
 
-    Call it from the thread that runs the block (Linux signals the server when that thread
-    ends).
+    ``while_starting`` is entered around the temporary server's start-up only (seconds spent
+    waiting on another process: work to overlap with them). Call it from the thread that runs
+    the block (Linux signals the server when that thread ends).
     """
     configured = PREFECT_API_URL.value()
     if configured:
@@ -177,7 +180,8 @@ def prefect_api(timeout: int | None = None) -> Iterator[str]:
     server = PrefectAPI()
     with ExitStack() as stack:
         stack.callback(server.stop)
-        server.start(timeout=timeout)
+        with while_starting or nullcontext():
+            server.start(timeout=timeout)
         stack.callback(_restore_env, os.environ.get("PREFECT_API_URL"))
         os.environ["PREFECT_API_URL"] = server.api_url  # subprocesses (Dask workers) too
         stack.enter_context(prefect.settings.temporary_settings({PREFECT_API_URL: server.api_url}))

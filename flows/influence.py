@@ -270,6 +270,14 @@ def _model_and_data(
     return model, ref, sets, truth
 
 
+def _image_norm(params: Params, train: Split) -> tuple[Any, Any] | None:
+    """The (mean, std) an image folder was normalised with (data.image), for the review."""
+    image = params.data.image
+    if train.provenance.format != "images" or (image.mean is None and image.std is None):
+        return None
+    return image.mean, image.std
+
+
 def _setup_lock(params: Params, uri: str) -> AbstractContextManager[Any]:
     """One run at a time writes the demo data and trains/registers the demo model (per model
     name and store), so two fresh runs do not register two versions of the same training."""
@@ -379,6 +387,7 @@ def influence_flow(params: Params) -> InfluenceResult:
                 uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
                 predicted=predict_labels(model, sets["train"], task=params.task), verdict=verdict,
                 reasons=reasons, model=ref, kind=params.task.kind, tokenizer=tokenizer_of(model),
+                image_norm=_image_norm(params, sets["train"]),
             )  # fmt: skip
         log_stage_seconds(uri, run_id, stages.seconds)
     # the run is FINISHED with every artifact and its own verdict: only now the version's record

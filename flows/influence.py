@@ -270,6 +270,14 @@ def _model_and_data(
     return model, ref, sets, truth
 
 
+def _image_norm(params: Params, train: Split) -> tuple[Any, Any] | None:
+    """The (mean, std) an image folder was normalised with (data.image), for the review."""
+    image = params.data.image
+    if train.provenance.format != "images" or (image.mean is None and image.std is None):
+        return None
+    return image.mean, image.std
+
+
 def _setup_lock(params: Params, uri: str) -> AbstractContextManager[Any]:
     """One run at a time writes the demo data and trains/registers the demo model (per model
     name and store), so two fresh runs do not register two versions of the same training."""
@@ -379,6 +387,7 @@ def influence_flow(params: Params) -> InfluenceResult:
                 uri, run_id, tables=tables, check=check, train=sets["train"], queries=queries,
                 predicted=predict_labels(model, sets["train"], task=params.task), verdict=verdict,
                 reasons=reasons, model=ref, kind=params.task.kind, tokenizer=tokenizer_of(model),
+                image_norm=_image_norm(params, sets["train"]),
             )  # fmt: skip
         log_stage_seconds(uri, run_id, stages.seconds)
     # the run is FINISHED with every artifact and its own verdict: only now the version's record
@@ -491,8 +500,27 @@ def _task_runner(params: Params) -> Iterator[Any]:
                 os.environ.pop("PREFECT_API_URL", None)
 
 
+def _prune_history(keep: int | None) -> None:
+    """Keep the newest ``keep`` influence flow runs in a temporary API's store (``.prefect/``):
+    it would otherwise grow with every run. Never a configured server's; never fails a run."""
+    from mirrorinf.tasks.server import api_is_temporary, prune_flow_runs
+
+    if keep is None or not api_is_temporary():
+        return
+    try:
+        deleted = prune_flow_runs(influence_flow.name, keep)
+    except Exception as err:  # housekeeping: the verdict is already written
+        logger.warning("could not prune old Prefect flow runs: %s", err)
+        return
+    if deleted:
+        logger.info("deleted %d old influence flow runs from the Prefect store", deleted)
+
+
 def run_influence(params: Params) -> InfluenceResult:
-    """Run :func:`influence_flow` with the task runner named in params."""
+    """Run :func:`influence_flow` with the task runner named in params, then prune old runs."""
     ensure_writable(params.output_dirs())  # before any run starts: a clear error, nothing left
     with _task_runner(params) as runner:
-        return influence_flow.with_options(task_runner=runner)(params)
+        try:
+            return influence_flow.with_options(task_runner=runner)(params)
+        finally:
+            _prune_history(params.prefect.keep_runs)

@@ -153,9 +153,11 @@ def _trigger(
         )
         logger.info("submitted %s v%s to %s: flow run %s", model_name, version, deployment, run.id)
         return run.id
+    from mirrorinf.tasks.checks import preload_gx
     from mirrorinf.tasks.server import prefect_api
 
-    with prefect_api():  # a temporary API, if none is configured, dies with this process
+    # a temporary API, if none is configured, dies with this process; GX imports meanwhile
+    with prefect_api(while_starting=preload_gx()):
         return run_influence(pinned)
 
 

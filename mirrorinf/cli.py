@@ -276,10 +276,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     params = load_params(params_path)
     from mirrorinf.flows.influence import run_influence
+    from mirrorinf.tasks.checks import preload_gx
     from mirrorinf.tasks.server import prefect_api
 
     _quiet_prefect(args.verbose, args.debug)
-    with prefect_api():  # a temporary API, if none is configured, dies with this command
+    # a temporary API, if none is configured, dies with this command; GX imports meanwhile
+    with prefect_api(while_starting=preload_gx()):
         result = run_influence(params)
     _print_summary(result, time.perf_counter() - t0, args.verbose)
     return 1 if (args.fail_on_gate and not result.passed) else 0

@@ -381,6 +381,18 @@ class DaskParams(_Section):
     address: str | None = Field(None, description="Address of an existing cluster instead.")
 
 
+class PrefectParams(_Section):
+    """The history kept by the temporary Prefect API (``.prefect/``, used when PREFECT_API_URL
+    is unset; a configured server keeps its own history)."""
+
+    keep_runs: int | None = Field(
+        20,
+        ge=1,
+        description="Influence flow runs kept in .prefect/; after each run the older ones "
+        "(their task runs, states and logs) are deleted. null = keep all.",
+    )
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -402,6 +414,7 @@ class Params(_Section):
         "local cluster of dask.workers processes, or the cluster at dask.address).",
     )
     dask: DaskParams = Field(default_factory=DaskParams)
+    prefect: PrefectParams = Field(default_factory=PrefectParams)
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",

@@ -14,8 +14,9 @@ global state, so it is safe in worker threads). :func:`write_report` writes, und
 - ``checks/gx_result.md``: the gate checks as a table.
 
 Image inputs ``[n, C, H, W]`` with 1 or 3 channels (an image folder) are drawn as images (RGB
-in colour; each channel min-max scaled over the training set, which undoes the loader's
-mean/std normalisation, and clipped to [0, 1]); so are rows whose feature count is a square
+in colour; the loader's ``data.image`` mean/std normalisation undone exactly when it is given,
+``ReviewInputs.image_norm``, else each channel min-max scaled over the training set; clipped to
+[0, 1]); so are rows whose feature count is a square
 (64 -> 8x8, grayscale). Other (tabular) rows are a one-row heat strip of their features, and
 the report lists their first feature values. Labels show their class names when the source has
 them (image folders: the class folder names). Token inputs (``train_text`` / ``query_text``
@@ -41,7 +42,15 @@ from matplotlib.ticker import NullLocator
 
 from mirrorinf.summary import InfluenceTables, flag_rules, suspect_noun, target_labels
 
-__all__ = ["PLOTS", "ReviewInputs", "checks_markdown", "image_shape", "write_report"]
+__all__ = [
+    "PLOTS",
+    "ReviewInputs",
+    "checks_markdown",
+    "image_scale",
+    "image_shape",
+    "normalisation_scale",
+    "write_report",
+]
 
 PLOTS = (
     "self_influence.png",
@@ -88,6 +97,9 @@ class ReviewInputs:
     train_text: np.ndarray | None = None  # token inputs as text, one string per row
     query_text: np.ndarray | None = None
     pred_text: np.ndarray | None = None  # sequence: the predicted tokens as text, per row
+    # image inputs: the (mean, std) per channel they were normalised with (data.image), undone
+    # for display; None: each channel min-max scaled
+    image_norm: tuple[Sequence[float] | None, Sequence[float] | None] | None = None
 
 
 def image_shape(n_features: int, x_shape: Sequence[int] | None = None) -> tuple[int, ...] | None:
@@ -112,6 +124,30 @@ def channel_scale(x: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarra
     return low[spread], span[spread]
 
 
+def normalisation_scale(
+    mean: Sequence[float] | None, std: Sequence[float] | None, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(low, span) per feature that undo ``(x - mean) / std`` per channel: pixels back in
+    [0, 1] as decoded (a missing mean is 0, a missing std 1)."""
+    c = shape[0]
+    m = np.zeros(c) if mean is None else np.asarray(mean, dtype=float)
+    s = np.ones(c) if std is None else np.asarray(std, dtype=float)
+    spread = np.repeat(np.arange(c), shape[1] * shape[2])
+    return (-m / s)[spread], (1.0 / s)[spread]
+
+
+def image_scale(inp: ReviewInputs, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """How rows are scaled for display: the configured normalisation undone (colour images
+    with ``image_norm``), else min-max per channel (images) or per feature (square rows)."""
+    if len(shape) == 3:
+        c, h, w = shape
+        norm = inp.image_norm
+        if norm is not None and all(v is None or len(v) == c for v in norm):
+            return normalisation_scale(norm[0], norm[1], (c, h, w))
+        return channel_scale(inp.train_x, (c, h, w))
+    return display_scale(inp.train_x)
+
+
 def _label(inp: ReviewInputs, value: Any) -> str:
     """A label for a title: with its class name when the source names classes."""
     names = inp.class_names
@@ -127,9 +163,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas laid out by constrained layout (so saving draws it once:
+    no second, "tight" bounding-box pass)."""
+    return Figure(figsize=(width, height), layout="constrained")
+
+
 def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    fig.savefig(path, dpi=_DPI)
 
 
 def display_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +230,7 @@ def _show(ax: Axes, inp: ReviewInputs, split: str, pos: int, shape: tuple[int, .
 
 
 def _empty(path: Path, title: str, text: str) -> None:
-    fig = Figure(figsize=(5, 1.6))
+    fig = _figure(5, 1.6)
     ax = fig.subplots()
     ax.axis("off")
     ax.set_title(title)
@@ -201,7 +243,7 @@ def plot_self_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path)
     s = train["self_influence"].to_numpy(dtype=float)
     flag = train["flag_mislabel"].to_numpy(dtype=bool)
     pos = np.isfinite(s) & (s > 0)
-    fig = Figure(figsize=(7, 3.6))
+    fig = _figure(7, 3.6)
     ax = fig.subplots()
     if pos.any():
         lo, hi = s[pos].min(), s[pos].max()
@@ -235,7 +277,7 @@ def plot_group_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path
     g = train["group_influence"].to_numpy(dtype=float)
     flag = train["flag_harmful"].to_numpy(dtype=bool)
     ok = np.isfinite(g)
-    fig = Figure(figsize=(7, 3.6))
+    fig = _figure(7, 3.6)
     ax = fig.subplots()
     if ok.any():
         mags = np.abs(g[ok & (g != 0)])
@@ -279,7 +321,7 @@ def plot_top_harmful(
     if worst.empty:
         _empty(path, "Most harmful training examples", "no training example hurts validation")
         return
-    fig = Figure(figsize=(7, 1.0 + 0.28 * len(worst)))
+    fig = _figure(7, 1.0 + 0.28 * len(worst))
     ax = fig.subplots()
     names = []
     for pos, row in worst.iterrows():
@@ -304,7 +346,7 @@ def plot_top_harmful(
 
 def _grid(n: int, cols: int, cell: float, height: float) -> tuple[Figure, np.ndarray]:
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(cols * cell, rows * (height + 0.35) + 0.4), layout="constrained")
+    fig = _figure(cols * cell, rows * (height + 0.35) + 0.4)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes[n:]:
         ax.axis("off")
@@ -381,7 +423,7 @@ def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: 
     t_pos = _positions(inp.tables.train["id"])
     q_pos = _positions(pd.Series(inp.query_ids))
     width, height = (3.2, 1.75) if shape else (7.0, 0.9)
-    fig = Figure(figsize=(width, len(leaks) * height + 0.4), layout="constrained")
+    fig = _figure(width, len(leaks) * height + 0.4)
     axes = fig.subplots(len(leaks), 2, squeeze=False)
     for (ax_q, ax_t), row in zip(axes, leaks.itertuples(index=False), strict=True):
         _show(ax_q, inp, "query", q_pos[row.query_id], shape)
@@ -420,7 +462,7 @@ def plot_query_influence(
     q_pos = _positions(pd.Series(inp.query_ids))
     cols = 1 + 2 * k
     cell, height = (1.35, 1.35) if shape else (2.2, 0.6)
-    fig = Figure(figsize=(cols * cell, len(queries) * (height + 0.4) + 0.4), layout="constrained")
+    fig = _figure(cols * cell, len(queries) * (height + 0.4) + 0.4)
     axes = fig.subplots(len(queries), cols, squeeze=False)
     for r, q in enumerate(queries):
         qi = q_pos[q]
@@ -590,11 +632,7 @@ def write_report(out_dir: str | Path, inp: ReviewInputs) -> list[str]:
     if inp.train_text is not None:
         shape = None  # tokens are text, not pixels
     if shape is not None and inp.scale is None:
-        if len(shape) == 3:
-            scale = channel_scale(inp.train_x, (shape[0], shape[1], shape[2]))
-        else:
-            scale = display_scale(inp.train_x)
-        inp = replace(inp, scale=scale)
+        inp = replace(inp, scale=image_scale(inp, shape))
     train, counts = inp.tables.train, inp.tables.counts
     plots = out / "plots"
     plot_self_influence(train, counts, plots / "self_influence.png")

@@ -20,7 +20,8 @@ from params.yaml (``mirrorinf.summary.GateThresholds``):
 
 The gate passes when every expectation passes. Great Expectations runs in an ephemeral context
 (nothing written to disk) with progress bars and analytics off; it is imported lazily because
-the import alone takes seconds.
+the import alone takes seconds. The entry points import it in a background thread while they
+wait for the temporary Prefect API to start (another process): :func:`preload_gx`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ import json
 import logging
 import math
 import os
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
     from mirrorinf.tasks.data import Split
     from mirrorinf.tasks.score import ScoreBundle
 
-__all__ = ["CheckResult", "check_task", "summarise_and_check", "validate_tables"]
+__all__ = ["CheckResult", "check_task", "preload_gx", "summarise_and_check", "validate_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +106,36 @@ def _import_gx() -> Any:
     """Import great_expectations with analytics off (the env var is read by GX itself)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
+    from great_expectations.data_context.types import base  # noqa: F401 - the check's config
 
     return gx
+
+
+@contextmanager
+def preload_gx() -> Iterator[None]:
+    """Import Great Expectations in a thread while the block runs, then wait for it: its seconds
+    of import overlap a block that waits on another process (the Prefect API's start-up). The
+    block must import nothing itself (two threads importing the same packages contend for the
+    GIL and can deadlock on import locks); the import is over when the block ends."""
+    if "great_expectations" in sys.modules:
+        yield
+        return
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _import_gx()
+        except BaseException as err:  # the check imports it again and reports the error
+            failed.append(err)
+
+    thread = threading.Thread(target=run, name="gx-import", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failed:
+        logger.debug("background import of great_expectations failed: %s", failed[0])
 
 
 def _suites(gx: Any, th: GateThresholds) -> tuple[list[Any], list[Any]]:

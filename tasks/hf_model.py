@@ -48,6 +48,14 @@ class TransformersModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in another process (a Dask worker of the sharded path): register the
+        attention the model was set to there too (transformers' registry is per process)."""
+        super().__setstate__(state)
+        config = getattr(self.model, "config", None)
+        if getattr(config, "_attn_implementation", None) == VMAP_ATTENTION:
+            _register_vmap_attention()
+
 
 def tokenizer_of(model: Any) -> Any:
     """The tokenizer logged with a transformers model (None for any other model)."""
@@ -151,18 +159,23 @@ def _no_skip_mask(*args: Any, **kwargs: Any) -> Any:
     return sdpa_mask(*args, **kwargs)
 
 
+def _register_vmap_attention() -> None:
+    """Register :data:`VMAP_ATTENTION` (SDPA with :func:`_no_skip_mask`) in this process."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(VMAP_ATTENTION, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(VMAP_ATTENTION, _no_skip_mask)
+
+
 def _vmap_friendly_attention(model: Any) -> None:
     """SDPA attention with an explicit mask (same numbers as sdpa / eager), so the engine's
     vmap batches per-example gradients; left as it was when this transformers cannot."""
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        AttentionInterface.register(VMAP_ATTENTION, ALL_ATTENTION_FUNCTIONS["sdpa"])
-        AttentionMaskInterface.register(VMAP_ATTENTION, _no_skip_mask)
+        _register_vmap_attention()
         model.set_attn_implementation(VMAP_ATTENTION)
     except Exception as err:  # older transformers, or a model without SDPA support
         logger.info("attention left as %s (%s)", model.config._attn_implementation, err)

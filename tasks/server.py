@@ -7,16 +7,24 @@ class: port choice, health wait, retry on a taken port) under :mod:`mirrorinf.pr
 its output in ``PREFECT_HOME/api-server.log``, and uses it the way Prefect's own test harness
 does: the API URL in the settings (and the environment, for Dask workers), the server registered
 as Prefect's default so nothing starts a second one, logs and events drained before it stops.
+
+Its store is ``PREFECT_HOME`` (the project's ``.prefect/``), and nothing grows there without
+bound: the server persists no events (nothing reads them: no UI, no automations), the entry
+points keep only the newest flow runs (:func:`prune_flow_runs`, ``prefect.keep_runs`` in
+params.yaml), and the SQLite write-ahead log is checkpointed and truncated when it stops.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, nullcontext
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,9 +36,20 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, get_current_settings
 
 from mirrorinf import procs
 
-__all__ = ["PrefectAPI", "drain_prefect_workers", "prefect_api"]
+__all__ = [
+    "PrefectAPI",
+    "api_is_temporary",
+    "drain_prefect_workers",
+    "prefect_api",
+    "prune_flow_runs",
+]
+
+logger = logging.getLogger(__name__)
 
 LOG_NAME = "api-server.log"
+DB_NAME = "prefect.db"  # Prefect's default SQLite store in PREFECT_HOME
+STALE_AFTER = timedelta(days=1)  # a run not finished after this long: its process was killed
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 class PrefectAPI(SubprocessASGIServer):
@@ -58,6 +77,8 @@ class PrefectAPI(SubprocessASGIServer):
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
+            # events fill the store run after run and nothing reads them from this server
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
             **get_current_settings().to_environment_variables(exclude_unset=True),
         }
         return procs.spawn(cmd, log=self.log_path, env=env)
@@ -69,6 +90,60 @@ class PrefectAPI(SubprocessASGIServer):
             procs.stop(self.server_process)
             self.server_process = None
         super().stop()
+        truncate_wal(Path(PREFECT_HOME.value()) / DB_NAME)
+
+
+def truncate_wal(db: Path) -> None:
+    """Fold SQLite's write-ahead log into the database and truncate it (a stopped server leaves
+    it at its largest); busy (another command's server has it open) = left for the next stop."""
+    if not db.is_file():
+        return
+    try:
+        with closing(sqlite3.connect(db, timeout=1)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as err:
+        logger.debug("%s: WAL not truncated: %s", db, err)
+
+
+def api_is_temporary() -> bool:
+    """Whether the Prefect API in use is a temporary server of this process (mirrorinf's own,
+    Prefect's or a test harness's) rather than a configured one, whose history is its owner's
+    (Prefect's ``db_vacuum`` service)."""
+    url = PREFECT_API_URL.value()
+    if not url:
+        return True  # Prefect starts a temporary server in this process
+    servers = list(SubprocessASGIServer._instances.values())
+    return any(server.api_url == url for server in servers)
+
+
+def prune_flow_runs(flow_name: str, keep: int) -> int:
+    """Delete all runs of ``flow_name`` but the newest ``keep`` (their task runs and states go
+    with them, their logs right after, server-side); returns how many. A run not in a final
+    state is kept (it may be running in another process) unless it is stale."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    stale = datetime.now(timezone.utc) - STALE_AFTER
+    deleted, offset = 0, keep
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                offset=offset,
+                limit=100,
+            )
+            if not runs:
+                return deleted
+            for run in runs:
+                final = run.state_type is not None and run.state_type.value in FINAL_STATES
+                updated = run.updated or run.created
+                if final or (updated is not None and updated < stale):
+                    client.delete_flow_run(run.id)
+                    deleted += 1
+                else:
+                    offset += 1
 
 
 def drain_prefect_workers() -> None:
@@ -88,12 +163,15 @@ def drain_prefect_workers() -> None:
 
 
 @contextmanager
-def prefect_api(timeout: int | None = None) -> Iterator[str]:
+def prefect_api(
+    timeout: int | None = None, *, while_starting: AbstractContextManager[Any] | None = None
+) -> Iterator[str]:
     """The Prefect API URL for this block: the configured one (PREFECT_API_URL, a profile, a test
     harness), else a temporary server that lives as long as the block and dies with the process.
 
-    Call it from the thread that runs the block (Linux signals the server when that thread
-    ends).
+    ``while_starting`` is entered around the temporary server's start-up only (seconds spent
+    waiting on another process: work to overlap with them). Call it from the thread that runs
+    the block (Linux signals the server when that thread ends).
     """
     configured = PREFECT_API_URL.value()
     if configured:
@@ -102,7 +180,8 @@ def prefect_api(timeout: int | None = None) -> Iterator[str]:
     server = PrefectAPI()
     with ExitStack() as stack:
         stack.callback(server.stop)
-        server.start(timeout=timeout)
+        with while_starting or nullcontext():
+            server.start(timeout=timeout)
         stack.callback(_restore_env, os.environ.get("PREFECT_API_URL"))
         os.environ["PREFECT_API_URL"] = server.api_url  # subprocesses (Dask workers) too
         stack.enter_context(prefect.settings.temporary_settings({PREFECT_API_URL: server.api_url}))

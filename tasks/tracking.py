@@ -471,13 +471,15 @@ def log_review(
     model: Any = None,
     kind: str = "classification",
     tokenizer: Any = None,
+    image_norm: tuple[Any, Any] | None = None,
 ) -> list[str]:
     """Log the review (``mirrorinf.report``): plots, report.md, GX markdown and UI tables.
 
     ``train`` / ``queries`` are the scored datasets (``tasks.data.Dataset``), ``predicted`` the
     model's labels of the training examples; ``model`` (a ``ModelRef``) names the version in the
     report's title; ``tokenizer`` (the model's, if it has one) decodes token inputs and
-    predicted tokens for the review (else token ids are shown). The version's tags
+    predicted tokens for the review (else token ids are shown); ``image_norm`` the (mean, std)
+    image inputs were normalised with (``data.image``), undone for display. The version's tags
     (``mirrorinf.report`` and the rest) are written by ``mirrorinf.tasks.verdict`` once the run
     is FINISHED. Returns the artifact paths logged.
     """
@@ -497,6 +499,7 @@ def log_review(
         kind=kind,
         x_shape=tuple(train.x.shape[1:]) if hasattr(train.x, "shape") else None,
         class_names=getattr(train, "classes", None),
+        image_norm=image_norm,
         title="Influence review"
         + (f": {model.name} v{model.version}" if model is not None else ""),
         **_texts(train, queries, predicted, kind, tokenizer),

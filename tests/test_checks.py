@@ -180,3 +180,33 @@ def test_calibrated_gate_passes_clean_and_fails_planted_noise() -> None:
     noisy = validate_tables(_calibrated(0.1))
     assert noisy.failed == ["mislabel_fraction"]
     assert _by_check(noisy)["mislabel_fraction"]["observed"] >= 0.1
+
+
+PRELOAD = """
+import sys, time
+from mirrorinf.tasks.checks import preload_gx
+from mirrorinf.tasks.server import prefect_api
+t0 = time.perf_counter()
+with preload_gx():
+    time.sleep(0.01)  # the block: waiting on another process
+assert "great_expectations" in sys.modules, "not imported when the block ended"
+entered = []
+class Probe:
+    def __enter__(self): entered.append(1)
+    def __exit__(self, *exc): return False
+with prefect_api(while_starting=Probe()):  # configured API (PREFECT_API_URL): no start-up
+    pass
+assert entered == [], "entered without a server to start"
+"""
+
+
+def test_preload_imports_gx_within_the_block_and_only_around_a_start() -> None:
+    """GX is imported by the end of the preload block (a thread beside it); prefect_api enters
+    ``while_starting`` only when it starts a temporary server."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # configured, never called
+    proc = subprocess.run([sys.executable, "-c", PRELOAD], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

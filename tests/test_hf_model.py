@@ -86,6 +86,33 @@ def test_per_example_gradients_batch_under_vmap(saved) -> None:
             torch.testing.assert_close(batched[name][i], g, atol=1e-6, rtol=1e-5)
 
 
+UNPICKLE = """
+import pickle, sys, torch
+model = pickle.loads(open(sys.argv[1], "rb").read())
+batch = torch.load(sys.argv[2])
+torch.save(model(**batch).logits.detach(), sys.argv[3])
+"""
+
+
+def test_loaded_model_runs_in_another_process(saved, tmp_path: Path) -> None:
+    """The sharded path on Dask pickles the model to worker processes: unpickled in a fresh
+    process (where mirrorinf registered no attention), it gives the same logits."""
+    import pickle
+    import subprocess
+    import sys
+
+    path, _, _ = saved
+    loaded, _ = load_model_uri(str(path), tracking_uri="sqlite:///unused.db")
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(loaded))
+    torch.save(batch(), tmp_path / "batch.pt")
+    args = [str(tmp_path / f) for f in ("model.pkl", "batch.pt", "logits.pt")]
+    proc = subprocess.run([sys.executable, "-c", UNPICKLE, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        want = loaded(**batch()).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want)
+
+
 def _copy(saved, tmp_path: Path) -> Path:
     logged = tmp_path / "logged"
     shutil.copytree(saved[0], logged)

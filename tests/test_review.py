@@ -8,7 +8,14 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from mirrorinf.review import PLOTS, ReviewInputs, image_shape, review_tables, write_report
+from mirrorinf.review import (
+    PLOTS,
+    ReviewInputs,
+    image_scale,
+    image_shape,
+    review_tables,
+    write_report,
+)
 from mirrorinf.summary import summarise
 
 CHECKS = [
@@ -136,3 +143,25 @@ def test_rgb_images_drawn_in_colour_with_class_names(tmp_path: Path) -> None:
     flagged = review_tables(inp)["flagged_train"]
     names = dict(zip(flagged["label"].astype(int), flagged["class"], strict=False))
     assert names and all(["cat", "dog", "eel"][k] == v for k, v in names.items())
+
+
+def test_configured_normalisation_is_undone_for_display() -> None:
+    """With data.image mean/std given, the review shows the decoded pixels exactly; per-channel
+    min-max (the fallback) would stretch dull images to full contrast."""
+    base = _inputs(3 * 8 * 8)
+    n = len(base.train_x)
+    pixels = np.random.default_rng(1).uniform(0.3, 0.5, size=(n, 3, 8, 8))  # dull colours
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    flat = ((pixels - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]).reshape(n, -1)
+    inp = ReviewInputs(**{**base.__dict__, "train_x": flat, "query_x": flat[:6]})
+    shown = {}
+    for norm in ((mean, std), None):
+        inp.image_norm = norm
+        low, span = image_scale(inp, (3, 8, 8))
+        shown[norm is None] = (flat - low) / span
+    np.testing.assert_allclose(shown[False], pixels.reshape(n, -1), atol=1e-12)
+    assert shown[True].min() == pytest.approx(0.0) and shown[True].max() == pytest.approx(1.0)
+    inp.image_norm = (None, std)  # std only: the mean is 0
+    low, span = image_scale(inp, (3, 8, 8))
+    np.testing.assert_allclose(low, 0.0)
+    np.testing.assert_allclose(span, np.repeat(1 / np.array(std), 64))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from e2e_helpers import Bag, auroc, fit, mlp, register, run, train_table, uri
 from PIL import Image
-from test_kinds_e2e import auroc, fit, mlp, register, run, train_table, uri
 from torch import nn
 
 from mirrorinf.cli import main
@@ -170,7 +170,6 @@ def test_hf_datasets_folder_token_ids_through_run_influence(
     """A ``save_to_disk`` folder with an int token column, a label and an id column: ids stay
     integer, the rows are named by the id column, the planted flips rank high."""
     import datasets
-    from test_kinds_e2e import Bag
 
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 50, size=(300, 6))

@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from e2e_helpers import run, save_splits, train_table, uri
 from mlflow_helpers import training_run
 from sklearn.metrics import roc_auc_score
-from test_kinds_e2e import run, save_splits, train_table, uri
 
 from mirrorinf.cli import main
 from mirrorinf.flows.influence import InfluenceResult
@@ -193,6 +193,25 @@ def test_text_model_loads_with_its_tokenizer(text: dict[str, Any], project: Path
     assert isinstance(model, TransformersModel) and ref is not None
     assert tokenizer_of(model).decode([4, 5]) == text["tokenizer"].decode([4, 5])
     assert not model.training
+
+
+def test_text_model_on_dask_shards_scores_as_in_process(
+    text: dict[str, Any], project: Path
+) -> None:
+    """The sharded path on Dask worker processes (the model, its tokenizer with it, is pickled
+    to them) scores what the in-process run scored, with the same verdict."""
+    pytest.importorskip("prefect_dask")
+    result = run(
+        project, "bert-topics", text["version"], text["data"], task={"output": "logits"},
+        runner="dask", dask={"workers": 1}, cache=False,
+        sharding={"size": 150, "dir": "outputs/shards-bert"},
+    )  # fmt: skip
+    got, want = (
+        np.load(artifacts(project, r.run_id, "scores/pairwise.npy"))
+        for r in (result, text["result"])
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    assert result.verdict == text["result"].verdict
 
 
 def test_text_cli_run(text: dict[str, Any], project: Path, capsys) -> None:

@@ -34,7 +34,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.engine import Inputs
-from mirrorinf.engine.examples import rows
+from mirrorinf.engine.examples import each, rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
 from mirrorinf.tasks.sources import Raw, RawX, RowSource, detect_format, file_md5
@@ -118,7 +118,7 @@ class Split:
         if self._x is None:
             assert self.reader is not None
             logger.info("%s: reading all %d rows of the inputs at once", self.name, len(self))
-            self._x = self.reader.read(0, len(self))[0]
+            self._x = self.reader.read(0, len(self), aligned=False)[0]
         return self._x
 
     def __len__(self) -> int:
@@ -194,11 +194,14 @@ class SplitReader:
     def _y(self, a: int, b: int) -> torch.Tensor:
         return self.y[a:b]
 
-    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
-        """Rows ``start:stop`` (relative to this reader) as validated tensors."""
+    def read(self, start: int, stop: int, aligned: bool = True) -> tuple[Inputs, torch.Tensor]:
+        """Rows ``start:stop`` (relative to this reader) as validated tensors; ``aligned``:
+        copied to 64-byte aligned memory when the file's layout leaves them unaligned (the
+        CPU kernels' rounding depends on alignment, so scores equal an in-memory tensor's)."""
         a, b = self.start + start, self.start + min(stop, len(self))
         b = max(a, b)
-        return _inputs(self.source.rows(a, b).x, self.where), self._y(a, b)
+        x = _inputs(self.source.rows(a, b).x, self.where)
+        return (each(x, _aligned) if aligned else x), self._y(a, b)
 
     def batches(self, size: int, start: int, stop: int) -> Any:
         """(x, y) of rows ``start:stop`` in batches of ``size``, in order (the source's own
@@ -206,10 +209,15 @@ class SplitReader:
         a, b = self.start + start, self.start + min(stop, len(self))
         for at, raw in _raw_batches(self.source, size, a, b):
             n = len(raw.y)
-            yield _inputs(raw.x, self.where), self._y(at, at + n)
+            yield each(_inputs(raw.x, self.where), _aligned), self._y(at, at + n)
             release = getattr(self.source, "release", None)
             if callable(release):
                 release()
+
+
+def _aligned(v: torch.Tensor) -> torch.Tensor:
+    """``v``, or a copy of it in torch's (64-byte aligned) memory when it is not aligned."""
+    return v.clone() if v.data_ptr() % 64 else v
 
 
 def _raw_batches(source: RowSource, size: int, start: int, stop: int) -> Any:

@@ -138,6 +138,9 @@ def test_engine_reads_a_row_reader_batch_by_batch():
         fi.self_influence(reader).numpy(), ForwardInf(_mlp(5), cfg).self_influence((x, y)).numpy()
     )
     assert reader.reads and max(b - a for a, b in reader.reads) <= 16
+    # how a GPU run makes a streamed set resident: copied batch by batch, equal rows
+    xs, ys = as_examples(reader, "train").copied_to("cpu", 16)
+    assert torch.equal(xs, x) and torch.equal(ys, y)
 
 
 def test_large_uncompressed_npz_is_memory_mapped_not_read(tmp_path: Path):

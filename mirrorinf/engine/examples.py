@@ -152,6 +152,12 @@ class Examples:
         ys = torch.stack([torch.as_tensor(it[1]) for it in items])
         return xs, ys
 
+    def copied_to(self, device: torch.device | str, batch: int) -> tuple[Inputs, torch.Tensor]:
+        """Every row on ``device``, copied batch by batch (a streamed set is never whole on
+        the host on its way to a GPU)."""
+        got = list(self.batches(batch, device))
+        return cat_inputs([xb for _, xb, _ in got]), torch.cat([yb for _, _, yb in got])
+
     def materialise(self) -> tuple[Inputs, torch.Tensor]:
         return self.take(slice(0, self.n))
 
@@ -201,11 +207,12 @@ def gather(reader: RowReader, index: torch.Tensor | slice, n: int) -> tuple[Inpu
         lo = hi
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
-    x_cat = _cat(got_x)
+    x_cat = cat_inputs(got_x)
     return rows(x_cat, inverse), torch.cat(got_y)[inverse]
 
 
-def _cat(xs: list[Inputs]) -> Inputs:
+def cat_inputs(xs: list[Inputs]) -> Inputs:
+    """Inputs of several row blocks, concatenated along the rows."""
     if isinstance(xs[0], dict):
         return {k: torch.cat([x[k] for x in xs]) for k in xs[0]}  # type: ignore[index]
     return torch.cat(xs)  # type: ignore[arg-type]

@@ -226,3 +226,29 @@ def test_image_batches_in_worker_processes_are_in_order(tmp_path: Path, monkeypa
     assert [len(b[1]) for b in pooled] == [7, 7, 7, 7, 2]
     for (xa, ya), (xb, yb) in zip(inline, pooled, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_review_feature_ranges_are_computed_in_blocks(tmp_path: Path):
+    """The review's per-feature and per-channel display ranges (over every training row) read
+    the features in row blocks, so a memory-mapped input is not copied whole; they equal the
+    whole-array formula, non-finite values ignored."""
+    from mirrorinf import review
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((70_000, 12)).astype(np.float32)
+    x[5, 3], x[9, 0], x[:, 7] = np.nan, np.inf, np.nan
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    mapped = np.load(path, mmap_mode="r")
+    finite = np.where(np.isfinite(x), x, np.nan)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        want_low = np.nan_to_num(np.nanmin(finite, axis=0))
+        want_high = np.nan_to_num(np.nanmax(finite, axis=0))
+    low, span = review.display_scale(mapped)
+    np.testing.assert_array_equal(low, want_low)
+    np.testing.assert_array_equal(
+        span, np.where(want_high - want_low > 1e-12, want_high - want_low, np.inf)
+    )
+    low_c, _ = review.channel_scale(mapped, (3, 2, 2))
+    per = finite.reshape(len(x), 3, -1)
+    np.testing.assert_array_equal(low_c, np.repeat(np.nanmin(per, axis=(0, 2)), 4))

@@ -34,7 +34,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.engine import Inputs
-from mirrorinf.engine.examples import each, rows
+from mirrorinf.engine.examples import each, gather, rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
 from mirrorinf.tasks.sources import Raw, RawX, RowSource, detect_format, file_md5
@@ -153,6 +153,17 @@ class Split:
             return self.reader.read(start, stop)[0]
         return rows(self.x, slice(start, stop))
 
+    def row_access(self) -> Any:
+        """The inputs as numpy, indexable by rows (a dict for named inputs): the arrays when
+        in memory, else views that read only the rows indexed (the summary's near-copy test
+        reads one matched row per query)."""
+        if self.reader is None or self._x is not None:
+            return each(self.x, lambda v: v.numpy()) if isinstance(self.x, dict) else self.x.numpy()
+        x1, _ = self.reader.read(0, 1)
+        if isinstance(x1, dict):
+            return {k: RowsView(self.reader, k) for k in x1}
+        return RowsView(self.reader, None)
+
     def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self):
@@ -166,6 +177,23 @@ class Split:
             self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance,
             self.classes,
         )  # fmt: skip
+
+
+class RowsView:
+    """One input of a lazy split, indexable by rows (``view[idx]`` reads only rows ``idx``)."""
+
+    def __init__(self, reader: SplitReader, key: str | None) -> None:
+        self.reader, self.key = reader, key
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        x, _ = gather(self.reader, idx, len(self.reader))
+        part = x[self.key] if isinstance(x, dict) and self.key is not None else x
+        assert isinstance(part, torch.Tensor)
+        return part.numpy()
 
 
 class SplitReader:

@@ -252,3 +252,20 @@ def test_review_feature_ranges_are_computed_in_blocks(tmp_path: Path):
     low_c, _ = review.channel_scale(mapped, (3, 2, 2))
     per = finite.reshape(len(x), 3, -1)
     np.testing.assert_array_equal(low_c, np.repeat(np.nanmin(per, axis=(0, 2)), 4))
+
+
+def test_summary_near_copy_distance_reads_only_the_matched_rows(tmp_path: Path):
+    """The summary's near-copy test indexes one training row per query: a lazy split gives a
+    view that reads only those rows, with the distances of the whole array."""
+    from mirrorinf.summary import input_distance
+
+    split = load_dataset(_images(tmp_path / "imgs", 8), name="train")
+    view = split.row_access()
+    best = np.array([5, 0, 23, 5])
+    x = split.reader.read(0, len(split))[0].numpy()  # type: ignore[union-attr]
+    np.testing.assert_array_equal(view[best], x[best])
+    queries = x[[5, 1, 2, 3]] + 0.01
+    np.testing.assert_array_equal(
+        input_distance(view, queries, best), input_distance(x, queries, best)
+    )
+    assert split._x is None  # nothing was read whole

@@ -269,3 +269,21 @@ def test_summary_near_copy_distance_reads_only_the_matched_rows(tmp_path: Path):
         input_distance(view, queries, best), input_distance(x, queries, best)
     )
     assert split._x is None  # nothing was read whole
+
+
+def test_a_lazy_split_pickles_as_its_file_not_its_rows(tmp_path: Path):
+    """A shard on a Dask worker gets the split pickled: the mapped .npz and the parquet file
+    travel as paths and are reopened there (checked against the opened file's stamp)."""
+    import pickle
+
+    for split in (
+        load_dataset(_npz(tmp_path / "t.npz", 5000, d=32), name="train"),
+        load_dataset(_parquet(tmp_path / "t.parquet", 60), name="train"),
+    ):
+        _ = split.x  # read whole here: not pickled
+        blob = pickle.dumps(split)
+        assert len(blob) < max(20_000, len(split) * 32 * 4 // 4)  # not the inputs
+        back = pickle.loads(blob)
+        assert back._x is None
+        a, b = back.reader.read(3, 40), split.reader.read(3, 40)  # type: ignore[union-attr]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

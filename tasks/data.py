@@ -472,7 +472,7 @@ def load_dataset(
             lazy = (
                 NpzRows(local, where) if fmt == "npz" else ParquetRows(local, where, label_column)
             )
-            md5 = file_md5(local)
+            lazy.md5 = file_md5(local)
             lazy.check()  # the digest is of the bytes the rows are read from
         elif fmt in ("npz", "parquet"):
             blob = read_dvc(path, repo_s, rev)[0] if local is None else read_local(local)
@@ -492,7 +492,7 @@ def load_dataset(
     split_reader = None
     if lazy is not None:
         yt, ids, split_reader = _lazy_split(lazy, name, where, kind)
-        md5, xt = lazy.md5 if not isinstance(lazy, (NpzRows, ParquetRows)) else md5, None
+        md5, xt = lazy.md5, None
     else:
         xt, yt, ids = _validate(x, y, ids, where, kind)
     prov = Provenance(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -184,9 +185,12 @@ def test_a_file_changed_after_it_was_digested_fails(tmp_path: Path):
     path = _npz(tmp_path / "t.npz", 40)
     split = load_dataset(path, name="train")
     blob = bytearray(path.read_bytes())
-    blob[200] ^= 0xFF  # a byte of x's data
-    path.write_bytes(bytes(blob))
-    os.utime(path, ns=(1, 1))
+    blob[200] ^= 0xFF  # a byte of x's data, edited in place with its mtime set back
+    mtime = path.stat().st_mtime_ns
+    time.sleep(0.05)  # past the file system's timestamp tick
+    with open(path, "r+b") as fh:
+        fh.write(bytes(blob))
+    os.utime(path, ns=(mtime, mtime))
     with pytest.raises(DataError, match="changed while it was being read"):
         split.reader.read(0, 10)  # type: ignore[union-attr]
     assert load_dataset(path).provenance.md5 != split.provenance.md5

@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip member's local file header (30 bytes)
 
 
-def file_stamp(path: Path) -> tuple[int, int, int]:
-    """(size, mtime in ns, inode): what changes when a file is rewritten or edited in place."""
+def file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """(size, mtime, ctime in ns, inode): what changes when a file is rewritten or edited in
+    place (ctime too, which no one can set back: an edit that restores the mtime shows)."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class _Stamped:
@@ -41,7 +42,8 @@ class _Stamped:
 
     path: Path
     where: str
-    stamp: tuple[int, int, int]
+    stamp: tuple[int, int, int, int]
+    md5: str = ""  # of the whole file, set by the loader (in 1 MiB blocks)
 
     def check(self) -> None:
         """DataError when the file is not the one opened (edited, replaced or removed)."""
@@ -51,8 +53,8 @@ class _Stamped:
             raise DataError(f"{self.where}: cannot read data file {self.path}: {err}") from None
         if now != self.stamp:
             raise DataError(
-                f"{self.where}: {self.path} changed while it was being read (size or mtime "
-                "differ from when it was opened and digested); run again on a stable file"
+                f"{self.where}: {self.path} changed while it was being read (size, mtime or "
+                "ctime differ from when it was opened and digested); run again on a stable file"
             )
 
 
@@ -200,11 +202,11 @@ class NpzRows(_Stamped):
         return Raw(x=x, y=a["y"][start:stop], ids=ids)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "where": self.where, "stamp": self.stamp}
+        return {k: getattr(self, k) for k in ("path", "where", "stamp", "md5")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Reopened from the file (a worker process maps it itself; nothing is pickled)."""
-        self.path, self.where, self.stamp = state["path"], state["where"], state["stamp"]
+        self.__dict__.update(state)
         self.check()
         self.arrays = self._open()
         self.named = sorted(n[2:] for n in self.arrays if n.startswith("x_") and len(n) > 2)
@@ -282,7 +284,7 @@ class ParquetRows(_Stamped):
         return Raw(x=x, y=col(self.label), ids=col("id") if self.has_id else None)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("path", "where", "label", "stamp")}
+        return {k: getattr(self, k) for k in ("path", "where", "label", "stamp", "md5")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Reopened from the file in a worker process."""

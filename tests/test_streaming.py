@@ -9,6 +9,7 @@ import os
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -291,3 +292,31 @@ def test_a_lazy_split_pickles_as_its_file_not_its_rows(tmp_path: Path):
         assert back._x is None
         a, b = back.reader.read(3, 40), split.reader.read(3, 40)  # type: ignore[union-attr]
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_shard_reads_only_its_rows(tmp_path: Path, monkeypatch):
+    """A shard of a lazy split (as score_shard_task scores it, the whole split as curvature set)
+    reads its own rows; outside them only the first rows the engine checks the model on."""
+    from mirrorinf.tasks.sources.arrays import NpzRows
+
+    train = load_dataset(_npz(tmp_path / "t.npz", 200), name="train")
+    reads: list[tuple[int, int]] = []
+    original = NpzRows.rows
+
+    def recording(self: NpzRows, start: int, stop: int) -> Any:
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(NpzRows, "rows", recording)
+    x, y = train.reader.read(0, 4)  # type: ignore[union-attr]
+    reads.clear()
+    score_rows(
+        ForwardInf(_mlp(6), {"train_batch": 32}),
+        train.examples(120, 200),
+        (x + 0.05, y),
+        (x, y),
+        curvature=train.examples(),
+    )
+    outside = [(a, b) for a, b in reads if a < 120 or b > 200]
+    assert reads and all(b <= 32 for a, b in outside), outside
+    assert sum(b - a for a, b in reads if a >= 120) >= 80

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mirrorinf.engine import ForwardInf, Inputs
+from mirrorinf.engine import DataLike, ForwardInf, Inputs
 
 
 def as_score_array(scores: torch.Tensor) -> np.ndarray:
@@ -23,10 +23,10 @@ def as_score_array(scores: torch.Tensor) -> np.ndarray:
 
 def score_rows(
     fi: ForwardInf,
-    train: tuple[Inputs, torch.Tensor],
+    train: DataLike,
     queries: tuple[Inputs, torch.Tensor],
-    val: tuple[Inputs, torch.Tensor],
-    curvature: tuple[Inputs, torch.Tensor] | None = None,
+    val: DataLike,
+    curvature: DataLike | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Every per-training-row score of a set of rows (plus the per-query self-drop), and the
     engine's report of each verb.

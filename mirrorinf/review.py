@@ -115,10 +115,7 @@ def image_shape(n_features: int, x_shape: Sequence[int] | None = None) -> tuple[
 def channel_scale(x: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, span) over the training set, spread to every feature: images keep
     their colours while a per-channel mean/std normalisation is undone."""
-    per = x.reshape(len(x), shape[0], -1)
-    finite = np.where(np.isfinite(per), per, np.nan)
-    low = np.nan_to_num(np.nanmin(finite, axis=(0, 2))) if len(x) else np.zeros(shape[0])
-    high = np.nan_to_num(np.nanmax(finite, axis=(0, 2))) if len(x) else np.ones(shape[0])
+    low, high = _finite_range(x.reshape(len(x), shape[0], -1), (0, 2), shape[0])
     span = np.where(high - low > 1e-12, high - low, np.inf)
     spread = np.repeat(np.arange(shape[0]), shape[1] * shape[2])
     return low[spread], span[spread]
@@ -180,11 +177,26 @@ def display_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Features are often standardised per pixel, which makes raw images unreadable; min-max per
     feature undoes any per-feature affine scaling (exactly, when each pixel reaches its range).
     """
-    finite = np.where(np.isfinite(x), x, np.nan)
-    low = np.nan_to_num(np.nanmin(finite, axis=0)) if len(x) else np.zeros(x.shape[1])
-    high = np.nan_to_num(np.nanmax(finite, axis=0)) if len(x) else np.ones(x.shape[1])
+    low, high = _finite_range(x, (0,), x.shape[1])
     span = high - low
     return low, np.where(span > 1e-12, span, np.inf)
+
+
+def _finite_range(x: np.ndarray, axes: tuple[int, ...], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of the finite values of ``x`` over ``axes`` (row axis first), in row blocks
+    of ~16 MB: the training features (possibly memory-mapped) are never copied whole. A
+    feature with no finite value gets 0 (and 1 when the set is empty)."""
+    if not len(x):
+        return np.zeros(k), np.ones(k)
+    step = max(1, (16 << 20) // max(1, x[:1].nbytes * 2))
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    low, high = np.full(k, np.inf, dtype), np.full(k, -np.inf, dtype)
+    for start in range(0, len(x), step):
+        block = np.asarray(x[start : start + step], dtype=dtype)
+        finite = np.isfinite(block)
+        low = np.minimum(low, np.where(finite, block, np.inf).min(axis=axes))
+        high = np.maximum(high, np.where(finite, block, -np.inf).max(axis=axes))
+    return np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
 
 
 def _draw(

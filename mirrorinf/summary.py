@@ -269,7 +269,8 @@ def _part_distance(tx: np.ndarray, qx: np.ndarray) -> np.ndarray:
 
 def input_distance(train_x: Any, query_x: Any, best_idx: np.ndarray) -> np.ndarray:
     """Near-copy distance of each query to training row ``best_idx`` (module docstring); the
-    inputs are arrays/tensors, or dicts of them (several named inputs: the largest part)."""
+    inputs are arrays/tensors, or dicts of them (several named inputs: the largest part).
+    Only the matched training rows are indexed (a lazy view reads just those)."""
 
     def arr(v: Any) -> np.ndarray:
         return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
@@ -279,9 +280,9 @@ def input_distance(train_x: Any, query_x: Any, best_idx: np.ndarray) -> np.ndarr
     if isinstance(train_x, dict):
         if set(train_x) != set(query_x):
             raise ValueError(f"train_x has inputs {sorted(train_x)}, query_x {sorted(query_x)}")
-        parts = [_part_distance(arr(train_x[k])[best_idx], arr(query_x[k])) for k in train_x]
+        parts = [_part_distance(arr(train_x[k][best_idx]), arr(query_x[k])) for k in train_x]
         return np.max(np.stack(parts), axis=0)
-    return _part_distance(arr(train_x)[best_idx], arr(query_x))
+    return _part_distance(arr(train_x[best_idx]), arr(query_x))
 
 
 def robust_z(values: Any) -> np.ndarray:

@@ -310,7 +310,7 @@ def summarise_and_check(
         query_ids=queries.ids,
         query_self_drop=scores.query_self_drop,
         leak_pairwise=scores.leak_pairwise,
-        train_x=_arrays(train.x),
+        train_x=train.row_access(),
         query_x=_arrays(queries.x),
         thresholds=thresholds,
         calib_self_inf=scores.calib_self_influence,

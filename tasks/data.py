@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -33,10 +34,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.engine import Inputs
-from mirrorinf.engine.examples import rows
+from mirrorinf.engine.examples import each, gather, rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
-from mirrorinf.tasks.sources import RawX, detect_format
+from mirrorinf.tasks.sources import Raw, RawX, RowSource, detect_format, file_md5
+from mirrorinf.tasks.sources.arrays import NpzRows, ParquetRows
 from mirrorinf.tasks.sources.files import (
     dvc_opened,
     fmt_of,
@@ -84,33 +86,212 @@ class Provenance:
         return asdict(self)
 
 
-@dataclass
 class Split:
     """One loaded split (train, val or query): inputs (a tensor, or named tensors), targets,
-    ids and provenance."""
+    ids and provenance.
 
-    name: str
-    x: Inputs
-    y: torch.Tensor
-    ids: np.ndarray
-    provenance: Provenance
-    classes: tuple[str, ...] | None = None  # class names by label index, when the source has them
+    A split read from a local file, folder or factory is lazy: ``reader`` gives any row range
+    (validated) and the engine reads it batch by batch (:meth:`examples`); targets and ids are
+    held in memory (validated in one streaming pass at load). ``x`` is the whole input, read on
+    first use (for consumers that need every row at once; an uncompressed .npz of float32 or
+    int64 arrays maps it from the file without copying).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        x: Inputs | None,
+        y: torch.Tensor,
+        ids: np.ndarray,
+        provenance: Provenance,
+        classes: tuple[str, ...] | None = None,
+        reader: SplitReader | None = None,
+    ) -> None:
+        if x is None and reader is None:
+            raise ValueError("a Split needs its inputs x or a reader")
+        self.name, self._x, self.y, self.ids = name, x, y, ids
+        self.provenance, self.classes, self.reader = provenance, classes, reader
+
+    @property
+    def x(self) -> Inputs:
+        """The whole input (read from the source on first use when the split is lazy)."""
+        if self._x is None:
+            assert self.reader is not None
+            logger.info("%s: reading all %d rows of the inputs at once", self.name, len(self))
+            self._x = self.reader.read(0, len(self), aligned=False)[0]
+        return self._x
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a worker process without the inputs it can read itself."""
+        state = dict(self.__dict__)
+        if self.reader is not None:
+            state["_x"] = None
+        return state
 
     def pair(self) -> tuple[Inputs, torch.Tensor]:
         """(x, y) as the engine takes it."""
         return self.x, self.y
 
+    def examples(self, start: int = 0, stop: int | None = None) -> Any:
+        """Rows ``start:stop`` for the engine: the lazy reader (read batch by batch) or the
+        (x, y) tensors."""
+        stop = len(self) if stop is None else stop
+        if self.reader is not None:
+            return (
+                self.reader if (start, stop) == (0, len(self)) else self.reader.window(start, stop)
+            )
+        if (start, stop) == (0, len(self)):
+            return self.pair()
+        return rows(self.x, slice(start, stop)), self.y[start:stop]
+
+    def read(self, start: int, stop: int) -> Inputs:
+        """The inputs of rows ``start:stop`` (only those rows are read)."""
+        if self.reader is not None and self._x is None:
+            return self.reader.read(start, stop)[0]
+        return rows(self.x, slice(start, stop))
+
+    def row_access(self) -> Any:
+        """The inputs as numpy, indexable by rows (a dict for named inputs): the arrays when
+        in memory, else views that read only the rows indexed (the summary's near-copy test
+        reads one matched row per query)."""
+        if self.reader is None or self._x is not None:
+            return each(self.x, lambda v: v.numpy()) if isinstance(self.x, dict) else self.x.numpy()
+        x1, _ = self.reader.read(0, 1)
+        if isinstance(x1, dict):
+            return {k: RowsView(self.reader, k) for k in x1}
+        return RowsView(self.reader, None)
+
     def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self):
             return self
+        if self.reader is not None and self._x is None:
+            return Split(
+                self.name, None, self.y[:n], self.ids[:n], self.provenance, self.classes,
+                self.reader.window(0, n),
+            )  # fmt: skip
         return Split(
             self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance,
             self.classes,
         )  # fmt: skip
+
+
+class RowsView:
+    """One input of a lazy split, indexable by rows (``view[idx]`` reads only rows ``idx``)."""
+
+    def __init__(self, reader: SplitReader, key: str | None) -> None:
+        self.reader, self.key = reader, key
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        x, _ = gather(self.reader, idx, len(self.reader))
+        part = x[self.key] if isinstance(x, dict) and self.key is not None else x
+        assert isinstance(part, torch.Tensor)
+        return part.numpy()
+
+
+class SplitReader:
+    """Rows of a lazy split by range, for the engine (:class:`mirrorinf.engine.RowReader`):
+    inputs read from the source and validated per read; targets validated once at load."""
+
+    def __init__(
+        self,
+        source: RowSource,
+        where: str,
+        y: torch.Tensor,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        self.source, self.where, self.y = source, where, y
+        self.start, self.stop = start, len(y) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def window(self, start: int, stop: int) -> SplitReader:
+        """Rows ``start:stop`` of this reader as a reader (a shard reads only its rows)."""
+        a, b = self.start + start, self.start + min(stop, len(self))
+        return SplitReader(self.source, self.where, self.y, a, b)
+
+    def _y(self, a: int, b: int) -> torch.Tensor:
+        return self.y[a:b]
+
+    def read(self, start: int, stop: int, aligned: bool = True) -> tuple[Inputs, torch.Tensor]:
+        """Rows ``start:stop`` (relative to this reader) as validated tensors; ``aligned``:
+        copied to 64-byte aligned memory when the file's layout leaves them unaligned (the
+        CPU kernels' rounding depends on alignment, so scores equal an in-memory tensor's)."""
+        a, b = self.start + start, self.start + min(stop, len(self))
+        b = max(a, b)
+        x = _inputs(self.source.rows(a, b).x, self.where)
+        return (each(x, _aligned) if aligned else x), self._y(a, b)
+
+    def batches(self, size: int, start: int, stop: int) -> Any:
+        """(x, y) of rows ``start:stop`` in batches of ``size``, in order (the source's own
+        loader when it has one, e.g. images decoded in worker processes)."""
+        a, b = self.start + start, self.start + min(stop, len(self))
+        for at, raw in _raw_batches(self.source, size, a, b):
+            n = len(raw.y)
+            yield each(_inputs(raw.x, self.where), _aligned), self._y(at, at + n)
+            release = getattr(self.source, "release", None)
+            if callable(release):
+                release()
+
+
+def _aligned(v: torch.Tensor) -> torch.Tensor:
+    """``v``, or a copy of it in torch's (64-byte aligned) memory when it is not aligned."""
+    return v.clone() if v.data_ptr() % 64 else v
+
+
+def _raw_batches(source: RowSource, size: int, start: int, stop: int) -> Any:
+    """(start, Raw) of rows ``start:stop`` of ``source`` in batches of ``size``, in order."""
+    own = getattr(source, "batches", None)
+    if callable(own):
+        at = start
+        for raw in own(size, start, stop):
+            yield at, raw
+            at += len(raw.y)
+        return
+    for at in range(start, stop, size):
+        yield at, source.rows(at, min(at + size, stop))
+
+
+_BLOCK_BYTES = 64 << 20  # rows per block of the validation pass: about this many input bytes
+
+
+def _row_bytes(raw: Raw) -> int:
+    xs = raw.x.values() if isinstance(raw.x, dict) else [raw.x]
+    return max(1, sum(int(np.asarray(v[:1]).nbytes) for v in xs if np.ndim(v)))
+
+
+def _lazy_split(
+    source: RowSource, name: str, where: str, kind: str
+) -> tuple[torch.Tensor, np.ndarray, SplitReader]:
+    """Validate every row of ``source`` in one streaming pass (inputs per block, never all at
+    once) and return the targets, ids and a reader of the split's rows."""
+    n = len(source)
+    if n == 0:
+        raise DataError(f"{where}: the dataset is empty")
+    first = source.rows(0, 1)
+    block = max(1, min(65536, _BLOCK_BYTES // _row_bytes(first)))
+    ys: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    for _, raw in itertools.chain([(0, first)], _raw_batches(source, block, 1, n)):
+        _inputs(raw.x, where)
+        ys.append(np.array(raw.y))
+        if raw.ids is not None:
+            ids.append(np.array(raw.ids))
+        release = getattr(source, "release", None)
+        if callable(release):
+            release()
+    yt = _targets(np.concatenate(ys), n, where, kind)
+    id_arr = _check_ids(np.concatenate(ids) if ids else None, n, where)
+    return yt, id_arr, SplitReader(source, where, yt)
 
 
 def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -133,7 +314,11 @@ def _input(x: np.ndarray, where: str, name: str) -> torch.Tensor:
             raise DataError(f"{where}: {name} holds integers beyond int64")
         return torch.from_numpy(np.ascontiguousarray(x.astype(np.int64, copy=False)))
     xf = x.astype(np.float32, copy=False)
-    n_bad = int((~np.isfinite(xf)).any(axis=tuple(range(1, xf.ndim))).sum())
+    step = max(1, (16 << 20) // max(1, xf[:1].nbytes))  # the check in blocks of ~16 MB
+    axes = tuple(range(1, xf.ndim))
+    n_bad = sum(
+        int((~np.isfinite(xf[s : s + step])).any(axis=axes).sum()) for s in range(0, len(xf), step)
+    )
     if n_bad:
         raise DataError(f"{where}: {n_bad} row(s) of {name} contain NaN or inf")
     return torch.from_numpy(np.ascontiguousarray(xf))
@@ -197,29 +382,36 @@ def _targets(y: np.ndarray, n: int, where: str, kind: str) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
-def _validate(
-    x: RawX, y: np.ndarray, ids: np.ndarray | None, where: str, kind: str = "classification"
-) -> tuple[Inputs, torch.Tensor, np.ndarray]:
+def _inputs(x: RawX, where: str) -> Inputs:
+    """Inputs (one array or named arrays) as validated tensors."""
     if isinstance(x, dict):
         xt: Inputs = {k: _input(v, where, f"x_{k}") for k, v in x.items()}
         sizes = {k: len(v) for k, v in xt.items()}
         if len(set(sizes.values())) != 1:
             raise DataError(f"{where}: the named inputs differ in their number of rows: {sizes}")
-        n = next(iter(sizes.values()))
-    else:
-        xt = _input(x, where, "x")
-        n = len(xt)
-    yt = _targets(y, n, where, kind)
+        return xt
+    return _input(x, where, "x")
+
+
+def _check_ids(ids: np.ndarray | None, n: int, where: str) -> np.ndarray:
+    """ids as given (unique, one per row, integers or strings), or positions when none."""
     if ids is None:
-        ids = np.arange(len(y), dtype=np.int64)
-    elif ids.ndim != 1 or len(ids) != len(y):
-        raise DataError(f"{where}: ids must be one per row ({len(y)}), got shape {ids.shape}")
-    elif len(np.unique(ids)) != len(ids):
+        return np.arange(n, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) != n:
+        raise DataError(f"{where}: ids must be one per row ({n}), got shape {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
         raise DataError(f"{where}: ids are not unique")
     if ids.dtype.kind == "f":  # parquet ints with nulls come back as floats
         raise DataError(f"{where}: ids must be integers or strings, got {ids.dtype}")
-    ids = ids.astype(str) if ids.dtype.kind in "OUS" else ids.astype(np.int64)
-    return xt, yt, ids
+    return ids.astype(str) if ids.dtype.kind in "OUS" else ids.astype(np.int64)
+
+
+def _validate(
+    x: RawX, y: np.ndarray, ids: np.ndarray | None, where: str, kind: str = "classification"
+) -> tuple[Inputs, torch.Tensor, np.ndarray]:
+    xt = _inputs(x, where)
+    yt = _targets(y, len(next(iter(xt.values()))) if isinstance(xt, dict) else len(xt), where, kind)
+    return xt, yt, _check_ids(ids, len(y), where)
 
 
 def load_dataset(
@@ -266,6 +458,7 @@ def load_dataset(
     at = f" (DVC {repo_s}@{rev or 'workspace'})" if source == "dvc" and not factory else ""
     where = f"{name} set {shown!r}{at}"
     opts = {"image": image or {}, "columns": columns or {}, "label_column": label_column}
+    lazy: RowSource | None = None
     with dvc_opened(path, source, repo_s, rev, fmt, factory, where) as (local, commit):
         if factory:
             fmt = "factory"
@@ -273,24 +466,41 @@ def load_dataset(
             fmt = detect_format(local, fmt, where)
         elif fmt == "auto":
             fmt = fmt_of(path)
-        if fmt in ("npz", "parquet"):
+        classes = None
+        if fmt in ("npz", "parquet") and local is not None and source == "file":
+            read_local(local, read=False)
+            lazy = (
+                NpzRows(local, where) if fmt == "npz" else ParquetRows(local, where, label_column)
+            )
+            lazy.md5 = file_md5(local)
+            lazy.check()  # the digest is of the bytes the rows are read from
+        elif fmt in ("npz", "parquet"):
             blob = read_dvc(path, repo_s, rev)[0] if local is None else read_local(local)
-            md5, classes = hashlib.md5(blob).hexdigest(), None
+            md5 = hashlib.md5(blob).hexdigest()
             if fmt == "npz":
                 x, y, ids = parse_npz(blob, where)
             else:
                 x, y, ids = parse_parquet(blob, where, label_column)
         else:
             reader = open_rows(fmt, local, name, where, factory, opts)
-            raw = reader.rows(0, len(reader))
-            x, y, ids, md5, classes = raw.x, raw.y, raw.ids, reader.md5, reader.classes
-    xt, yt, ids = _validate(x, y, ids, where, kind)
+            classes = reader.classes
+            if source == "file" or factory:
+                lazy = reader
+            else:  # a DVC folder is a temporary copy: read it while it exists
+                raw = reader.rows(0, len(reader))
+                x, y, ids, md5 = raw.x, raw.y, raw.ids, reader.md5
+    split_reader = None
+    if lazy is not None:
+        yt, ids, split_reader = _lazy_split(lazy, name, where, kind)
+        md5, xt = lazy.md5, None
+    else:
+        xt, yt, ids = _validate(x, y, ids, where, kind)
     prov = Provenance(
         source="factory" if factory else source, path=shown, md5=md5, repo=repo_s, rev=rev,
         commit=commit, format=fmt, classes=classes,
     )  # fmt: skip
     logger.info("loaded %s: %d examples, md5 %s", where, len(yt), md5)
-    return Split(name=name, x=xt, y=yt, ids=ids, provenance=prov, classes=classes)
+    return Split(name, xt, yt, ids, prov, classes, split_reader)
 
 
 def check_labels(data: Split, n_classes: int) -> None:

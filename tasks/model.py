@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.demo import build_model, model_spec, train_demo_model
 from mirrorinf.engine import Inputs, OutputSpec, select_output
-from mirrorinf.engine.examples import describe, parts, rows
+from mirrorinf.engine.examples import describe, each, parts, rows
 from mirrorinf.engine.inputs import kind_problem
 from mirrorinf.errors import DataError, ModelError
 from mirrorinf.params import TaskParams
@@ -483,9 +483,14 @@ def call_model(model: torch.nn.Module, x: Inputs, output: OutputSpec = None) -> 
     return select_output(raw, output)
 
 
-def _run_head(model: torch.nn.Module, x: Inputs, output: OutputSpec, n: int) -> torch.Tensor:
-    """The prediction on the first ``n`` examples; ModelError when the model cannot run."""
+def _run_head(
+    model: torch.nn.Module, x: Inputs, output: OutputSpec, n: int, total: int | None = None
+) -> torch.Tensor:
+    """The prediction on the first ``n`` examples; ModelError when the model cannot run.
+    ``total``: the split's number of rows when ``x`` holds only its first rows (messages)."""
     head = rows(x, slice(0, n))
+    if total is not None:  # describe the whole split, not the rows read
+        x = each(x, lambda v: torch.empty((total, *v.shape[1:]), dtype=v.dtype, device="meta"))
     try:
         with torch.no_grad():
             return call_model(model, head, output)
@@ -503,9 +508,11 @@ def _run_head(model: torch.nn.Module, x: Inputs, output: OutputSpec, n: int) -> 
         raise ModelError(f"the model cannot run on the data ({what}): {err}{hint}") from None
 
 
-def output_size(model: torch.nn.Module, x: Inputs, output: OutputSpec = None) -> int:
+def output_size(
+    model: torch.nn.Module, x: Inputs, output: OutputSpec = None, total: int | None = None
+) -> int:
     """Number of model outputs (classes), from one forward pass on the first example."""
-    out = _run_head(model, x, output, 1)
+    out = _run_head(model, x, output, 1, total)
     if out.ndim != 2:
         raise ModelError(
             f"the model returns shape {tuple(out.shape)}; expected [n, n_classes] for "
@@ -519,11 +526,12 @@ def check_fit(model: torch.nn.Module, splits: list[Split], task: TaskParams) -> 
     the task kind (DataError naming the kind that would fit). A user's own loss (task.loss)
     owns its targets: then only that the model runs."""
     if task.kind == "classification" and task.loss is None:
-        n_classes = output_size(model, splits[0].x, task.output)
+        first = splits[0]
+        n_classes = output_size(model, first.read(0, 1), task.output, len(first))
         for data in splits:
             check_labels(data, n_classes)
     for data in splits:
-        out = _run_head(model, data.x, task.output, 64)
+        out = _run_head(model, data.read(0, 64), task.output, 64, len(data))
         problem = None if task.loss else kind_problem(task.kind, out.double(), data.y[:64])
         if problem is not None:
             raise DataError(f"{data.name} set {data.provenance.path!r}: {problem}")
@@ -577,7 +585,7 @@ def predict_labels(
     try:
         with torch.inference_mode():
             out = [
-                _prediction(call_model(model, rows(data.x, slice(i, i + batch)), task.output),
+                _prediction(call_model(model, data.read(i, i + batch), task.output),
                             task.kind)
                 for i in range(0, len(data), batch)
             ]  # fmt: skip

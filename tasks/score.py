@@ -29,7 +29,6 @@ from prefect.cache_policies import NO_CACHE
 from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.analysis import score_rows
 from mirrorinf.calibration import calibration_scores
-from mirrorinf.engine.examples import rows as rows_of
 from mirrorinf.errors import InputError
 from mirrorinf.integrity import SignedRecords, remove_stale_tmp
 from mirrorinf.params import TaskParams
@@ -125,7 +124,7 @@ def compute_scores(
     """Pairwise (train x queries), group (validation set), self-influence, calibration scores."""
     t0 = time.perf_counter()
     fi = _engine(model, cfg, device, task)
-    rows, reports = score_rows(fi, train.pair(), queries.pair(), val.pair())
+    rows, reports = score_rows(fi, train.examples(), queries.pair(), val.examples())
     return _bundle(rows, reports, fi, val, cfg, t0, len(train), len(queries))
 
 
@@ -200,9 +199,10 @@ def score_shard_task(
     # a private copy: the engine's functional calls swap a module's tensors for the duration of
     # a forward pass, so one module object must not be scored from several threads at once
     fi = _engine(copy.deepcopy(model), cfg, device, task)
-    # the whole training set is the curvature set: anchored scores equal the unsharded run's
-    part = (rows_of(train.x, slice(start, stop)), train.y[start:stop])
-    rows, reports = score_rows(fi, part, queries.pair(), val.pair(), curvature=train.pair())
+    # the whole training set is the curvature set: anchored scores equal the unsharded run's;
+    # a lazy split reads only this shard's rows to score (the curvature reads its subsample)
+    part = train.examples(start, stop)
+    rows, reports = score_rows(fi, part, queries.pair(), val.examples(), curvature=train.examples())
     store.save(start, stop, rows, json.loads(json.dumps(reports, default=str)))
     return True
 
@@ -257,7 +257,7 @@ def pairwise_scores(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pairwise scores [n_train, n_query] (rows in training-file order) and the score report."""
     fi = _engine(model, cfg, device, task)
-    scores = fi.pairwise(train.pair(), queries.pair())
+    scores = fi.pairwise(train.examples(), queries.pair())
     assert fi.last_report is not None
     report = fi.last_report.to_dict()
     report.pop("query_self_drop", None)

@@ -9,7 +9,7 @@ progress, cache), ``scores`` (the typed result, scale, health, report), ``inputs
 """
 
 from mirrorinf.engine.config import ForwardInfConfig, SphereConfig
-from mirrorinf.engine.examples import DataLike, Examples, Inputs, as_examples
+from mirrorinf.engine.examples import DataLike, Examples, Inputs, RowReader, as_examples
 from mirrorinf.engine.facade import ForwardInf
 from mirrorinf.engine.losses import (
     KINDS,
@@ -37,6 +37,7 @@ __all__ = [
     "LossFn",
     "ModelState",
     "OutputSpec",
+    "RowReader",
     "ScoreReport",
     "Scorer",
     "Scores",

@@ -44,12 +44,12 @@ basis grows.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from mirrorinf.engine.examples import Examples, parts
+from mirrorinf.engine.examples import Examples, Inputs, parts, read_batches, rows
 from mirrorinf.engine.execution import STACK_BUDGET, Params
 
 _CURVATURE_ROWS = 2048  # rows of the Hessian estimate (a subsample of larger training sets)
@@ -281,23 +281,31 @@ def _converged(basis: KrylovBasis) -> bool:
 def curvature_rows(tr: Examples, seed: int) -> torch.Tensor:
     """Which training rows estimate the curvature, in an order set by their content: those with
     the smallest seeded random projection of their content (all of them up to _CURVATURE_ROWS),
-    so the estimate (and anchored scores) do not depend on the order of the rows. A streamed
-    dataset gets a seeded random subset of positions (all of them up to _CURVATURE_ROWS)."""
+    so the estimate (and anchored scores) do not depend on the order of the rows. A row reader
+    is read once, block by block, for the same keys; a streamed dataset gets a seeded random
+    subset of positions (all of them up to _CURVATURE_ROWS)."""
     n = len(tr)
     gen = torch.Generator().manual_seed(seed)
-    if tr.x is None or tr.y is None:
+    if tr.reader is not None:
+        blocks: Iterator[tuple[int, Inputs, torch.Tensor]] = read_batches(tr.reader, 65536, 0, n)
+    elif tr.x is not None and tr.y is not None:
+        x_all, y_all = tr.x, tr.y
+        blocks = (
+            (s, rows(x_all, slice(s, s + 65536)), y_all[s : s + 65536]) for s in range(0, n, 65536)
+        )
+    else:
         if n <= _CURVATURE_ROWS:
             return torch.arange(n)
         return torch.randperm(n, generator=gen)[:_CURVATURE_ROWS].sort().values
-    xs = parts(tr.x)
-    d = sum(int(v[0].numel()) for v in xs)
-    proj = torch.randn(d, generator=gen, dtype=torch.float64)
+    proj: torch.Tensor | None = None
     keys = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, 65536):
-        xb = torch.cat(
-            [v[start : start + 65536].flatten(1).to("cpu", torch.float64) for v in xs], 1
-        )
-        yb = tr.y[start : start + 65536].reshape(len(xb), -1).to("cpu", torch.float64)
+    for start, xb_in, yb_in in blocks:
+        xs = parts(xb_in)
+        if proj is None:
+            d = sum(int(v[0].numel()) for v in xs)
+            proj = torch.randn(d, generator=gen, dtype=torch.float64)
+        xb = torch.cat([v.flatten(1).to("cpu", torch.float64) for v in xs], 1)
+        yb = yb_in.reshape(len(xb), -1).to("cpu", torch.float64)
         keys[start : start + len(xb)] = xb @ proj + math.pi * yb.sum(dim=1)
     return torch.argsort(keys, stable=True)[:_CURVATURE_ROWS]
 

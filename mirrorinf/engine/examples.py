@@ -1,4 +1,9 @@
-"""Input handling for the engine: (x, y) tensors or a torch Dataset, validated and batched.
+"""Input handling for the engine: (x, y) tensors, a torch Dataset or a row-range reader,
+validated and batched.
+
+A :class:`RowReader` (anything with ``__len__`` and ``read(start, stop) -> (x, y)``) is read one
+training batch at a time, so a data set larger than memory streams: only the rows of the batch
+in hand are ever held. The whole-tensor path stays for library users and small data.
 
 Validation happens here, once, so the engine's math never sees an empty set, mismatched lengths,
 non-finite features or labels of the wrong kind; every problem is a ValueError naming it.
@@ -8,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -73,12 +78,24 @@ def _to_tensor(value: Any, what: str) -> torch.Tensor:
     raise ValueError(f"{what} must be a torch.Tensor or numpy array, got {type(value).__name__}")
 
 
+@runtime_checkable
+class RowReader(Protocol):
+    """Rows of a data set by range, read on demand: ``read(start, stop)`` gives validated
+    (x, y) tensors of rows ``start:stop`` (CPU) without reading the others. A reader may also
+    offer ``batches(size, start, stop)`` yielding (x, y) in order (e.g. decoding ahead in
+    worker processes); without it every batch is one ``read``."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]: ...
+
+
 @dataclass
 class Examples:
     """A validated set of examples that can be streamed in batches.
 
-    Either ``x``/``y`` hold the whole set, or ``dataset`` is streamed through a DataLoader
-    (memory stays flat in the number of examples).
+    Either ``x``/``y`` hold the whole set, or ``dataset`` is streamed through a DataLoader, or
+    ``reader`` gives each batch's rows on demand (memory stays flat in the number of examples).
     """
 
     name: str
@@ -89,6 +106,7 @@ class Examples:
     key: tuple[object, ...] | None = (
         None  # identity of the caller's data (kept when moved to a device)
     )
+    reader: RowReader | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -106,6 +124,12 @@ class Examples:
                     xb, yb = each(xb, lambda v: v.pin_memory()), yb.pin_memory()
                 yield start, move(xb, device, pin), yb.to(device, non_blocking=pin)
             return
+        if self.reader is not None:
+            for start, xb, yb in read_batches(self.reader, size, 0, self.n):
+                if pin:
+                    xb, yb = each(xb, lambda v: v.pin_memory()), yb.pin_memory()
+                yield start, move(xb, device, pin), yb.to(device, non_blocking=pin)
+            return
         assert self.dataset is not None
         loader = DataLoader(self.dataset, batch_size=size, shuffle=False, pin_memory=pin)
         start = 0
@@ -119,6 +143,8 @@ class Examples:
         """Materialise a subset (used for small sets: queries, curvature subsamples)."""
         if self.x is not None and self.y is not None:
             return rows(self.x, index), self.y[index]
+        if self.reader is not None:
+            return gather(self.reader, index, self.n)
         assert self.dataset is not None
         idx = range(self.n)[index] if isinstance(index, slice) else index.tolist()
         items = [self.dataset[i] for i in idx]
@@ -126,8 +152,70 @@ class Examples:
         ys = torch.stack([torch.as_tensor(it[1]) for it in items])
         return xs, ys
 
+    def copied_to(self, device: torch.device | str, batch: int) -> tuple[Inputs, torch.Tensor]:
+        """Every row on ``device``, copied batch by batch (a streamed set is never whole on
+        the host on its way to a GPU)."""
+        got = list(self.batches(batch, device))
+        return cat_inputs([xb for _, xb, _ in got]), torch.cat([yb for _, _, yb in got])
+
     def materialise(self) -> tuple[Inputs, torch.Tensor]:
         return self.take(slice(0, self.n))
+
+
+def read_batches(
+    reader: RowReader, size: int, start: int, stop: int
+) -> Iterator[tuple[int, Inputs, torch.Tensor]]:
+    """(start, x, y) of rows ``start:stop`` of ``reader`` in batches of ``size``, in order."""
+    own = getattr(reader, "batches", None)
+    if callable(own):
+        at = start
+        for xb, yb in own(size, start, stop):
+            yield at, xb, yb
+            at += len(yb)
+        return
+    for at in range(start, stop, size):
+        xb, yb = reader.read(at, min(at + size, stop))
+        yield at, xb, yb
+
+
+def gather(reader: RowReader, index: torch.Tensor | slice, n: int) -> tuple[Inputs, torch.Tensor]:
+    """Rows ``index`` (a slice, or positions in any order) of ``reader``: each run of
+    consecutive positions is one read, so a sorted subset reads little."""
+    if isinstance(index, slice):
+        start, stop, step = index.indices(n)
+        if step == 1:
+            return reader.read(start, max(start, stop))
+        index = torch.arange(start, stop, step)
+    idx = torch.as_tensor(index).reshape(-1).long()
+    if len(idx) == 0:
+        x0, y0 = reader.read(0, 0)
+        return x0, y0
+    order = torch.argsort(idx, stable=True)
+    pos = idx[order].tolist()
+    got_x: list[Inputs] = []
+    got_y: list[torch.Tensor] = []
+    lo = 0
+    while lo < len(pos):
+        hi = lo + 1
+        while hi < len(pos) and pos[hi] <= pos[hi - 1] + 1:
+            hi += 1
+        first, last = pos[lo], pos[hi - 1]
+        xb, yb = reader.read(first, last + 1)
+        local = torch.tensor(pos[lo:hi]) - first
+        got_x.append(rows(xb, local))
+        got_y.append(yb[local])
+        lo = hi
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    x_cat = cat_inputs(got_x)
+    return rows(x_cat, inverse), torch.cat(got_y)[inverse]
+
+
+def cat_inputs(xs: list[Inputs]) -> Inputs:
+    """Inputs of several row blocks, concatenated along the rows."""
+    if isinstance(xs[0], dict):
+        return {k: torch.cat([x[k] for x in xs]) for k in xs[0]}  # type: ignore[index]
+    return torch.cat(xs)  # type: ignore[arg-type]
 
 
 def _split_item(item: Any, name: str) -> tuple[Inputs, torch.Tensor]:
@@ -159,9 +247,15 @@ def _check_finite(x: Inputs, what: str) -> None:
 
 
 def as_examples(data: DataLike, name: str) -> Examples:
-    """Validate ``data`` ((x, y) or a Dataset yielding (x, y)) and wrap it for batching."""
+    """Validate ``data`` ((x, y), a Dataset yielding (x, y), or a :class:`RowReader`, which
+    validates its own rows) and wrap it for batching."""
     if isinstance(data, Examples):
         return data
+    if isinstance(data, RowReader) and not isinstance(data, (Dataset, tuple, list)):
+        n = len(data)
+        if n == 0:
+            raise ValueError(f"{name} is empty; pass at least one example")
+        return Examples(name=name, n=n, reader=data)
     if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
         try:
             n = len(data)  # type: ignore[arg-type]

@@ -142,7 +142,8 @@ class _Same:
 
 
 def data_key(ex: Examples) -> Key:
-    """Identity of a data set for the cache (the caller's tensors, or the Dataset object)."""
+    """Identity of a data set for the cache (the caller's tensors, or the Dataset or reader
+    object)."""
     if ex.key is not None:
         return ex.key
     if ex.x is not None and ex.y is not None:
@@ -152,6 +153,8 @@ def data_key(ex: Examples) -> Key:
             _Same(ex.y),
             ex.y._version,
         )
+    if ex.reader is not None:
+        return (_Same(ex.reader), ex.n)
     return (_Same(ex.dataset), ex.n)
 
 

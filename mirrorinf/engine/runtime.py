@@ -205,20 +205,30 @@ class Runtime:
 
     # ------------------------------------------------------------------ memory
     def resident(self, ex: Examples) -> Examples:
-        """On a GPU, keep an in-memory training set on the device (once per data): every query
-        chunk streams over it, and host-to-device copies would dominate. Larger sets stream."""
-        if self.device.type != "cuda" or ex.x is None or ex.y is None or ex.y.is_cuda:
+        """On a GPU, keep a training set on the device (once per data): every query chunk
+        streams over it, and host-to-device copies would dominate. A row reader is copied batch
+        by batch (never whole on the host). Larger sets stream."""
+        if self.device.type != "cuda" or (ex.reader is None and (ex.x is None or ex.y is None)):
+            return ex
+        if ex.y is not None and ex.y.is_cuda:
             return ex
         key = data_key(ex)
         cached = self.cache.resident.peek(key)
         if cached is not None:
             return Examples(ex.name, x=cached[0], y=cached[1], n=ex.n, key=key)
         free, _ = torch.cuda.mem_get_info(self.device)
-        if sum(v.nbytes for v in parts(ex.x)) + ex.y.nbytes > free // 4:
-            return ex
+        if ex.x is not None and ex.y is not None:
+            if sum(v.nbytes for v in parts(ex.x)) + ex.y.nbytes > free // 4:
+                return ex
+            self.cache.resident.clear()
+            on = each(ex.x, lambda v: v.to(self.device))
+            xy = self.cache.resident.put(key, (on, ex.y.to(self.device)))
+            return Examples(ex.name, x=xy[0], y=xy[1], n=ex.n, key=key)
+        x1, y1 = ex.take(slice(0, 1))  # a row reader: one row tells the size
+        if (sum(v.nbytes for v in parts(x1)) + y1.nbytes) * ex.n > free // 8:
+            return ex  # (batches and their concatenation both live on the device briefly)
         self.cache.resident.clear()
-        on = each(ex.x, lambda v: v.to(self.device))
-        xy = self.cache.resident.put(key, (on, ex.y.to(self.device)))
+        xy = self.cache.resident.put(key, ex.copied_to(self.device, self.plan.train_batch))
         return Examples(ex.name, x=xy[0], y=xy[1], n=ex.n, key=key)
 
     def shrink(self, err: BaseException) -> None:

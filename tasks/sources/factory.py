@@ -52,24 +52,35 @@ class FactorySource:
         self.n = len(self.ds)
         self.code = f"{spec}\0{source_digest(fn)}"
         self._md5: str | None = None
+        self._hashers: dict[str, Any] = {}
+        self._next = 0  # rows read in order from 0 so far: they feed the digest
 
     @property
     def md5(self) -> str:
-        """Digest of the function's name and source and of every row it gives (reads all)."""
+        """Digest of the function's name and source and of every row it gives (rows not yet
+        read in order are read now)."""
         if self._md5 is None:
-            self._md5 = self._digest(self.rows(0, len(self)))
+            block = 1024
+            for start in range(self._next, len(self), block):
+                self.rows(start, min(start + block, len(self)))
+        assert self._md5 is not None
         return self._md5
 
-    def _digest(self, raw: Raw) -> str:
-        """md5 of the function's name and source and of all rows ``raw``."""
-        h = hashlib.md5(self.code.encode())
+    def _absorb(self, raw: Raw) -> None:
+        """Feed rows read in order into the digest (one md5 per part: x parts, y, ids)."""
         parts = raw.x if isinstance(raw.x, dict) else {"": raw.x}
-        for key in sorted(parts):
-            h.update(key.encode() + np.ascontiguousarray(parts[key]).tobytes())
-        h.update(np.ascontiguousarray(raw.y).tobytes())
+        named = {f"x:{k}": np.ascontiguousarray(v).tobytes() for k, v in parts.items()}
+        named["y"] = np.ascontiguousarray(raw.y).tobytes()
         if raw.ids is not None:
-            h.update(np.asarray(raw.ids).astype(str).tobytes())
-        return h.hexdigest()
+            named["ids"] = np.asarray(raw.ids).astype(str).tobytes()
+        for key, blob in named.items():
+            self._hashers.setdefault(key, hashlib.md5()).update(blob)
+        self._next += len(raw.y)
+        if self._next == self.n:
+            h = hashlib.md5(self.code.encode())
+            for key in sorted(self._hashers):
+                h.update(f"{key}\0{self._hashers[key].hexdigest()}\n".encode())
+            self._md5 = h.hexdigest()
 
     def __len__(self) -> int:
         return self.n
@@ -120,6 +131,6 @@ class FactorySource:
         else:  # positions, as for files without ids
             ids = np.arange(start, start + len(items), dtype=np.int64)
         raw = Raw(x=x, y=y, ids=ids)
-        if start == 0 and len(items) == self.n and self._md5 is None:  # read whole: digest now
-            self._md5 = self._digest(raw)
+        if start == self._next and self._md5 is None:
+            self._absorb(raw)
         return raw

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import numpy as np
 
 from mirrorinf.errors import DataError
 from mirrorinf.tasks.sources import FILE_SUFFIXES, RawX
+from mirrorinf.tasks.sources.arrays import npz_inputs
 
 __all__ = ["dvc_opened", "fmt_of", "parse_npz", "parse_parquet", "read_dvc", "read_local"]
 
@@ -34,7 +36,8 @@ def fmt_of(path: str) -> str:
     return FILE_SUFFIXES[suffix]
 
 
-def read_local(path: str | Path) -> bytes:
+def read_local(path: str | Path, read: bool = True) -> bytes:
+    """The bytes of a local data file (``read=False``: only check that it can be read)."""
     p = Path(path)
     try:
         p.stat()  # the real reason (a symlink loop, no permission), not always "not found"
@@ -46,6 +49,10 @@ def read_local(path: str | Path) -> bytes:
         raise DataError(f"cannot read data file {p}: {err.strerror or err}{loop}") from None
     if not p.is_file():
         raise DataError(f"data path is not a file: {p}")
+    if not read:
+        if not os.access(p, os.R_OK):
+            raise DataError(f"cannot read data file {p}: permission denied")
+        return b""
     try:
         return p.read_bytes()
     except OSError as err:
@@ -110,20 +117,8 @@ def parse_npz(blob: bytes, where: str) -> tuple[RawX, np.ndarray, np.ndarray | N
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             names = set(npz.files)
-            named = sorted(n for n in names if n.startswith("x_") and len(n) > 2)
-            if "x" in names and named:
-                raise DataError(
-                    f"{where}: .npz has both x and named inputs ({', '.join(named)}); keep x "
-                    "for one input or x_<name> arrays for several"
-                )
-            missing = {"y"} - names if named else {"x", "y"} - names
-            if missing:
-                raise DataError(
-                    f"{where}: .npz is missing array(s) {', '.join(sorted(missing))} "
-                    f"(has: {', '.join(sorted(names)) or 'none'}; inputs are x, or x_<name> "
-                    "for several named ones)"
-                )
-            x: RawX = {n[2:]: npz[n] for n in named} if named else npz["x"]
+            named = npz_inputs(names, where)
+            x: RawX = {n: npz[f"x_{n}"] for n in named} if named else npz["x"]
             return x, npz["y"], (npz["ids"] if "ids" in names else None)
     except DataError:
         raise

@@ -1,0 +1,322 @@
+"""Streaming data (issue 14 item 2): every source is read by row range, the engine reads a lazy
+split batch by batch, and its scores equal the whole-tensor path's exactly; an uncompressed .npz
+is memory-mapped, never read into memory; a file changed after it was digested fails."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mirrorinf import ForwardInf
+from mirrorinf.analysis import score_rows
+from mirrorinf.engine import as_examples
+from mirrorinf.errors import DataError
+from mirrorinf.shards import shard_ranges
+from mirrorinf.tasks.data import load_dataset, write_npz
+from mirrorinf.tasks.sources import images as image_source
+
+VERBS = ("pairwise", "self_influence", "group_influence", "query_self_drop")
+
+
+def _npz(path: Path, n: int, d: int = 6, seed: int = 0, compressed: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    if compressed:
+        np.savez_compressed(path, x=x, y=y)
+    else:
+        write_npz(path, x, y)
+    return path
+
+
+def _parquet(path: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({f"f{i}": rng.standard_normal(n) for i in range(6)})
+    frame["label"] = (frame["f0"] > 0).astype(int) + (frame["f1"] > 1).astype(int)
+    frame["id"] = [f"row-{i}" for i in range(n)]
+    frame.to_parquet(path, row_group_size=13)  # several row groups, none on a batch boundary
+    return path
+
+
+def _images(root: Path, n_per_class: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = rng.integers(0, 60, (6, 5, 3), dtype=np.uint8)
+            pixels[..., c] += 150
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def _mlp(d_in: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(d_in, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
+
+
+def _equal(lazy: dict[str, np.ndarray], whole: dict[str, np.ndarray]) -> None:
+    for name in VERBS:
+        np.testing.assert_array_equal(lazy[name], whole[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [("npz", "plain"), ("parquet", "plain"), ("images", "plain"), ("npz", "anchored")],
+)
+def test_lazy_split_scores_equal_the_materialised_split(tmp_path: Path, fmt: str, mode: str):
+    """Pairwise, self and group influence (and the query self-drop) of a lazy split equal the
+    whole-tensor path's bit for bit, unsharded and per shard (a shard reads only its rows and
+    the whole split is its curvature set, as score_shard_task passes it). Anchored mode also
+    checks that the curvature rows (chosen by content) are the same when streamed."""
+    if fmt == "npz":
+        train = load_dataset(_npz(tmp_path / "t.npz", 90), name="train")
+    elif fmt == "parquet":
+        train = load_dataset(_parquet(tmp_path / "t.parquet", 90), name="train")
+    else:
+        train = load_dataset(_images(tmp_path / "imgs", 30), name="train")
+    assert train.reader is not None and train._x is None  # lazy: nothing read whole
+    x, y = train.reader.read(0, len(train))  # the materialised split
+    d_in = int(np.prod(x.shape[1:]))
+    cfg = {"mode": mode, "train_batch": 32, "seed": 3}
+    if mode == "anchored":
+        cfg.update(weight_decay=1e-2, precision="float64")
+    queries = (x[:4] + 0.05, y[:4])
+    val = (x[-20:], y[-20:])
+    lazy, _ = score_rows(ForwardInf(_mlp(d_in), cfg), train.examples(), queries, train.examples())
+    whole, _ = score_rows(ForwardInf(_mlp(d_in), cfg), (x, y), queries, (x, y))
+    _equal(lazy, whole)
+    for a, b in shard_ranges(len(train), 50):
+        part_lazy, _ = score_rows(
+            ForwardInf(_mlp(d_in), cfg),
+            train.examples(a, b),
+            queries,
+            val,
+            curvature=train.examples(),
+        )
+        part_whole, _ = score_rows(
+            ForwardInf(_mlp(d_in), cfg), (x[a:b], y[a:b]), queries, val, curvature=(x, y)
+        )
+        _equal(part_lazy, part_whole)
+
+
+def test_engine_reads_a_row_reader_batch_by_batch():
+    """A library user's own RowReader: the engine reads only batch-sized ranges (never the
+    whole set) and scores equal the tensors'."""
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+
+    class Reader:
+        def __init__(self) -> None:
+            self.reads: list[tuple[int, int]] = []
+
+        def __len__(self) -> int:
+            return len(y)
+
+        def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            self.reads.append((start, stop))
+            return x[start:stop].clone(), y[start:stop].clone()
+
+    reader = Reader()
+    assert len(as_examples(reader, "train")) == 100
+    cfg = {"train_batch": 16}
+    fi = ForwardInf(_mlp(5), cfg)
+    q = (x[:3] + 0.1, y[:3])
+    np.testing.assert_array_equal(
+        fi.pairwise(reader, q).numpy(), ForwardInf(_mlp(5), cfg).pairwise((x, y), q).numpy()
+    )
+    np.testing.assert_array_equal(
+        fi.self_influence(reader).numpy(), ForwardInf(_mlp(5), cfg).self_influence((x, y)).numpy()
+    )
+    assert reader.reads and max(b - a for a, b in reader.reads) <= 16
+    # how a GPU run makes a streamed set resident: copied batch by batch, equal rows
+    xs, ys = as_examples(reader, "train").copied_to("cpu", 16)
+    assert torch.equal(xs, x) and torch.equal(ys, y)
+
+
+def test_large_uncompressed_npz_is_memory_mapped_not_read(tmp_path: Path):
+    """Loading a 48 MB uncompressed .npz allocates a small fraction of it (the validation
+    pass reads it block by block from a memory map); the inputs are file-backed."""
+    path = _npz(tmp_path / "big.npz", 200_000, d=60)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        split = load_dataset(path, name="train")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 4, (
+        f"loading allocated {peak / 2**20:.1f} MiB of a {size / 2**20:.1f} MiB file"
+    )
+    source = split.reader.source  # type: ignore[union-attr]
+    assert source.file_backed
+    x = split.x  # the whole input: a view of the mapped file, not a copy
+    assert np.shares_memory(x.numpy(), source.arrays["x"])
+    with open(path, "rb") as fh:
+        assert fh.read(2) == b"PK"
+    np.testing.assert_array_equal(x[-3:].numpy(), np.load(path)["x"][-3:])
+
+
+def test_compressed_npz_still_loads_whole_with_a_note(tmp_path: Path, caplog):
+    path = _npz(tmp_path / "packed.npz", 50, compressed=True)
+    with caplog.at_level(logging.INFO, logger="mirrorinf.tasks.sources.arrays"):
+        split = load_dataset(path, name="train")
+    assert "compressed and cannot be memory-mapped" in caplog.text
+    assert not split.reader.source.file_backed  # type: ignore[union-attr]
+    with np.load(path) as npz:
+        np.testing.assert_array_equal(split.x.numpy(), npz["x"])
+        np.testing.assert_array_equal(split.y.numpy(), npz["y"])
+    assert split.provenance.md5 == load_dataset(path).provenance.md5
+
+
+def test_a_file_changed_after_it_was_digested_fails(tmp_path: Path):
+    """The md5 keys the scores: rows read after the file changed would not be those bytes, so
+    reading them fails (an .npz edited in place, an image file replaced)."""
+    path = _npz(tmp_path / "t.npz", 40)
+    split = load_dataset(path, name="train")
+    blob = bytearray(path.read_bytes())
+    blob[200] ^= 0xFF  # a byte of x's data, edited in place with its mtime set back
+    mtime = path.stat().st_mtime_ns
+    time.sleep(0.05)  # past the file system's timestamp tick
+    with open(path, "r+b") as fh:
+        fh.write(bytes(blob))
+    os.utime(path, ns=(mtime, mtime))
+    with pytest.raises(DataError, match="changed while it was being read"):
+        split.reader.read(0, 10)  # type: ignore[union-attr]
+    assert load_dataset(path).provenance.md5 != split.provenance.md5
+
+    imgs = load_dataset(_images(tmp_path / "imgs", 4), name="train")
+    target = tmp_path / "imgs" / "green" / "001.png"
+    Image.fromarray(np.zeros((6, 5, 3), dtype=np.uint8)).save(target)
+    with pytest.raises(DataError, match="changed since the folder was digested"):
+        imgs.reader.read(0, len(imgs))  # type: ignore[union-attr]
+
+
+def test_parquet_reads_only_the_row_groups_of_a_range(tmp_path: Path):
+    path = _parquet(tmp_path / "t.parquet", 100)
+    split = load_dataset(path, name="train")
+    frame = pd.read_parquet(path)
+    source = split.reader.source  # type: ignore[union-attr]
+    assert len(source.offsets) - 1 == 8  # 13-row groups
+    for a, b in [(0, 1), (12, 27), (95, 100), (30, 30)]:
+        raw = source.rows(a, b)
+        want = frame.drop(columns=["label", "id"]).to_numpy(np.float32)[a:b]
+        np.testing.assert_array_equal(raw.x, want)
+        assert list(raw.ids) == list(frame["id"][a:b])
+    assert list(split.ids[:2]) == ["row-0", "row-1"]
+
+
+def test_image_batches_in_worker_processes_are_in_order(tmp_path: Path, monkeypatch):
+    """With worker processes (forced here for a small folder) the batches are the rows in
+    order, equal to decoding in this process."""
+    split = load_dataset(_images(tmp_path / "imgs", 10), name="train")
+    reader = split.reader
+    assert reader is not None
+    inline = list(reader.batches(7, 0, len(split)))
+    monkeypatch.setattr(image_source, "WORKER_MIN_ROWS", 1)
+    monkeypatch.setattr(image_source.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert image_source.loader_workers(30) == 1
+    pooled = list(reader.batches(7, 0, len(split)))
+    assert [len(b[1]) for b in pooled] == [7, 7, 7, 7, 2]
+    for (xa, ya), (xb, yb) in zip(inline, pooled, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_review_feature_ranges_are_computed_in_blocks(tmp_path: Path):
+    """The review's per-feature and per-channel display ranges (over every training row) read
+    the features in row blocks, so a memory-mapped input is not copied whole; they equal the
+    whole-array formula, non-finite values ignored."""
+    from mirrorinf import review
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((70_000, 12)).astype(np.float32)
+    x[5, 3], x[9, 0], x[:, 7] = np.nan, np.inf, np.nan
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    mapped = np.load(path, mmap_mode="r")
+    finite = np.where(np.isfinite(x), x, np.nan)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        want_low = np.nan_to_num(np.nanmin(finite, axis=0))
+        want_high = np.nan_to_num(np.nanmax(finite, axis=0))
+    low, span = review.display_scale(mapped)
+    np.testing.assert_array_equal(low, want_low)
+    np.testing.assert_array_equal(
+        span, np.where(want_high - want_low > 1e-12, want_high - want_low, np.inf)
+    )
+    low_c, _ = review.channel_scale(mapped, (3, 2, 2))
+    per = finite.reshape(len(x), 3, -1)
+    np.testing.assert_array_equal(low_c, np.repeat(np.nanmin(per, axis=(0, 2)), 4))
+
+
+def test_summary_near_copy_distance_reads_only_the_matched_rows(tmp_path: Path):
+    """The summary's near-copy test indexes one training row per query: a lazy split gives a
+    view that reads only those rows, with the distances of the whole array."""
+    from mirrorinf.summary import input_distance
+
+    split = load_dataset(_images(tmp_path / "imgs", 8), name="train")
+    view = split.row_access()
+    best = np.array([5, 0, 23, 5])
+    x = split.reader.read(0, len(split))[0].numpy()  # type: ignore[union-attr]
+    np.testing.assert_array_equal(view[best], x[best])
+    queries = x[[5, 1, 2, 3]] + 0.01
+    np.testing.assert_array_equal(
+        input_distance(view, queries, best), input_distance(x, queries, best)
+    )
+    assert split._x is None  # nothing was read whole
+
+
+def test_a_lazy_split_pickles_as_its_file_not_its_rows(tmp_path: Path):
+    """A shard on a Dask worker gets the split pickled: the mapped .npz and the parquet file
+    travel as paths and are reopened there (checked against the opened file's stamp)."""
+    import pickle
+
+    for split in (
+        load_dataset(_npz(tmp_path / "t.npz", 5000, d=32), name="train"),
+        load_dataset(_parquet(tmp_path / "t.parquet", 60), name="train"),
+    ):
+        _ = split.x  # read whole here: not pickled
+        blob = pickle.dumps(split)
+        assert len(blob) < max(20_000, len(split) * 32 * 4 // 4)  # not the inputs
+        back = pickle.loads(blob)
+        assert back._x is None
+        a, b = back.reader.read(3, 40), split.reader.read(3, 40)  # type: ignore[union-attr]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_shard_reads_only_its_rows(tmp_path: Path, monkeypatch):
+    """A shard of a lazy split (as score_shard_task scores it, the whole split as curvature set)
+    reads its own rows; outside them only the first rows the engine checks the model on."""
+    from mirrorinf.tasks.sources.arrays import NpzRows
+
+    train = load_dataset(_npz(tmp_path / "t.npz", 200), name="train")
+    reads: list[tuple[int, int]] = []
+    original = NpzRows.rows
+
+    def recording(self: NpzRows, start: int, stop: int) -> Any:
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(NpzRows, "rows", recording)
+    x, y = train.reader.read(0, 4)  # type: ignore[union-attr]
+    reads.clear()
+    score_rows(
+        ForwardInf(_mlp(6), {"train_batch": 32}),
+        train.examples(120, 200),
+        (x + 0.05, y),
+        (x, y),
+        curvature=train.examples(),
+    )
+    outside = [(a, b) for a, b in reads if a < 120 or b > 200]
+    assert reads and all(b <= 32 for a, b in outside), outside
+    assert sum(b - a for a, b in reads if a >= 120) >= 80

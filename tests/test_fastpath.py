@@ -381,3 +381,56 @@ def test_pt2_inference_batch_norm_runs_as_scale_and_shift(pt2_models) -> None:  
     assert torch.ops.aten.batch_norm.default not in targets
     with torch.no_grad():
         torch.testing.assert_close(view(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _GroupedConvs(nn.Module):
+    """Depthwise and grouped Conv2d (strided, dilated, non-square, no bias) and a Conv1d text
+    branch (token embedding, a Conv1d and a depthwise Conv1d), BatchNorm and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)  # depthwise, 9x8 -> 5x4
+        self.gc = nn.Conv2d(4, 6, (1, 3), padding=(0, 2), dilation=(1, 2), groups=2, bias=False)
+        self.emb = nn.Embedding(11, 4)
+        self.t1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.t2 = nn.Conv1d(6, 6, 3, padding=2, dilation=2, groups=6, stride=2)  # depthwise
+        self.t3 = nn.Conv1d(6, 4, 1, groups=2, bias=False)
+        self.head = nn.Linear(6 * 5 * 4 + 4, 3)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.tanh(self.gc(torch.relu(self.dw(h))))
+        t = torch.relu(self.t1(self.emb(tokens).transpose(1, 2)))
+        t = self.t3(torch.tanh(self.t2(t))).amax(dim=2)
+        return self.head(torch.cat([h.flatten(1), t], dim=1))
+
+
+def test_factored_self_influence_grouped_depthwise_and_conv1d() -> None:
+    """Depthwise / grouped Conv2d and Conv1d weights as unfold factors, not vmap's per-example
+    convolution backward: the generic path's float64 scores, as nn.Module and exported graph."""
+    torch.manual_seed(4)
+    model = _GroupedConvs()
+    model.train()
+    model(torch.randn(16, 2, 9, 8), torch.randint(0, 11, (16, 7)))
+    model.eval()
+    x = {"x": torch.randn(20, 2, 9, 8), "tokens": torch.randint(0, 11, (20, 7))}
+    y = torch.randint(0, 3, (20,))
+    convs = {"c1", "dw", "gc", "t1", "t2", "t3"}
+    program = torch.export.export(
+        model, (), {k: v[:2] for k, v in x.items()},
+        dynamic_shapes={k: {0: torch.export.Dim.AUTO} for k in x},
+    )  # fmt: skip
+    graph = ExportedModel(program.module())
+    for m in (model, graph):
+        for steps in (1, 2):
+            cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
+            got, want, path = _factored_vs_generic(m, x, y, cfg)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            assert convs <= {n.rpartition(".")[2] for n in path.active}
+    fi = ForwardInf(graph, ForwardInfConfig(precision="float64"))
+    got = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    ref = ForwardInf(model, ForwardInfConfig(precision="float64", fast_path="off"))
+    torch.testing.assert_close(got, ref.self_influence((x, y)), rtol=1e-6, atol=1e-12)

@@ -8,8 +8,9 @@ updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forwar
 example's tensors, whatever the model's layout (sequence-first attention, batch folded into
 tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
 added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
-the per-example gradients of the remaining parameters (norms, embeddings). A conv2d layer gets
-a probe too: its per-example weight gradient is then one unfold (im2col) and batched matmul,
+the per-example gradients of the remaining parameters (norms, embeddings). A conv layer (Conv2d
+or Conv1d, grouped and depthwise included) gets a probe too: its per-example weight gradient is
+then one unfold (im2col) and a batched matmul per group,
 not vmap's per-example convolution backward, and its updated weights run as per-example copies.
 No per-example copy of a linear weight is built, differentiated, normed or read. Exact, not an
 approximation; verified once per engine against the generic path before it is trusted.
@@ -18,6 +19,7 @@ approximation; verified once per engine against the generic path before it is tr
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ Factors = dict[str, dict[str, Tensor]]  # site -> {"a": [r, in], "d": [r, out], 
 
 @dataclass(frozen=True)
 class Site:
-    """A module computing ``linear(x, weight, bias)`` (or ``conv2d``) with trainable parameters
+    """A module computing ``linear(x, weight, bias)`` (or a conv) with trainable parameters
     of its own."""
 
     module: nn.Module
@@ -51,8 +53,8 @@ class Site:
 
 
 def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
-    """Modules whose forward is a plain linear (or ungrouped, zero-padded conv2d) call on their
-    own (untied) parameters."""
+    """Modules whose forward is a plain linear (or zero-padded conv1d/conv2d) call on their own
+    (untied) parameters."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -72,7 +74,7 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
         if b in own and counts[id(own[b])] != 1:
             continue
         bias = b if b in own and b in trainable else None
-        sites[name] = Site(mod, w, bias, conv=isinstance(mod, nn.Conv2d))
+        sites[name] = Site(mod, w, bias, conv=isinstance(mod, nn.Conv1d | nn.Conv2d))
     return sites
 
 
@@ -82,10 +84,10 @@ def _plain_linear(mod: nn.Module) -> bool:
 
 
 def _plain_conv(mod: nn.Module) -> bool:
-    """An nn.Conv2d whose per-example weight gradient is one unfold and matmul away."""
+    """An nn.Conv2d or nn.Conv1d (grouped and depthwise included) whose per-example weight
+    gradient is one unfold and batched matmul away."""
     return (
-        type(mod) is nn.Conv2d
-        and mod.groups == 1
+        type(mod) in (nn.Conv2d, nn.Conv1d)
         and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
     )
@@ -173,8 +175,9 @@ class FactoredPath:
             new = new + f["db"]
         if st.mode == "shapes":
             st.shapes[key] = tuple(out.shape)
-            if isinstance(mod, nn.Conv2d):  # its per-example weights (moved) and bias
-                st.sizes[key] = out.shape[1] + (mod.weight.numel() if key.endswith("#0") else 0)
+            if self.sites[name].conv:  # its per-example weights (moved) and bias
+                weight = mod.weight.numel() if key.endswith("#0") else 0
+                st.sizes[key] = out.shape[-1 - _spatial(mod)] + weight
             else:
                 st.sizes[key] = out.numel() // out.shape[-1] * (x.shape[-1] + out.shape[-1])
         elif st.mode == "probe":
@@ -317,9 +320,13 @@ class FactoredPath:
             m = a.shape[0]
             la, ld = parts.setdefault(name, ([], []))
             mod = self.sites[name].module
-            if isinstance(mod, nn.Conv2d):
+            if self.sites[name].conv:
+                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
                 la.append(_conv_weight_grad(mod, a, d))
-                ld.append(d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).sum(dim=(1, 3)))
+                k = _spatial(mod)
+                ld.append(
+                    d.reshape(m, -1, d.shape[-1 - k], math.prod(d.shape[-k:])).sum(dim=(1, 3))
+                )
             else:
                 la.append(a.reshape(m, -1, a.shape[-1]))
                 ld.append(d.reshape(m, -1, d.shape[-1]))
@@ -376,17 +383,36 @@ def _per_row(coef: Tensor, like: Tensor) -> Tensor:
     return coef.reshape(-1, *[1] * (like.ndim - 1))
 
 
-def _conv_weight_grad(mod: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
-    """Each example's weight gradient of one conv2d call: output gradients times the unfolded
-    inputs (im2col), as one batched matmul. ``x`` [m, ..., C, H, W], ``d`` [m, ..., out, H', W']."""
-    m, padding = x.shape[0], mod.padding
+def _spatial(mod: nn.Module) -> int:
+    """Spatial dimensions of a conv layer: 1 (Conv1d) or 2 (Conv2d)."""
+    return 1 if isinstance(mod, nn.Conv1d) else 2
+
+
+def _conv_weight_grad(mod: nn.Conv1d | nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+    """Each example's weight gradient of one conv call: output gradients times the unfolded
+    inputs (im2col), one batched matmul per group (a Conv1d as a conv2d of height 1).
+    ``x`` [m, ..., C, *spatial], ``d`` [m, ..., out, *spatial']."""
+    m, groups = x.shape[0], mod.groups
+    padding = mod.padding
     assert not isinstance(padding, str)  # _plain_conv
+    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):  # height 1
+        x, d = x.unsqueeze(-2), d.unsqueeze(-2)
+        kernel, dilation = (1, *kernel), (1, *dilation)
+        padding, stride = (0, *padding), (1, *stride)
     cols = nn.functional.unfold(
-        x.reshape(-1, *x.shape[-3:]), mod.kernel_size, mod.dilation, padding, mod.stride
-    )  # [m*k, C*kh*kw, L]
-    cols = cols.reshape(m, -1, *cols.shape[1:]).transpose(1, 2).flatten(2)  # [m, C*kh*kw, k*L]
-    g = d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).transpose(1, 2).flatten(2)
-    return torch.bmm(g, cols.transpose(1, 2)).reshape(m, *mod.weight.shape)
+        x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride
+    )  # [m*k, C*kh*kw, L], channels outermost
+    cols = cols.reshape(m, -1, groups, cols.shape[1] // groups, cols.shape[2])
+    cols = cols.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, C/g*kh*kw, k*L]
+    out = d.shape[-3]
+    g = d.reshape(m, -1, groups, out // groups, d.shape[-2] * d.shape[-1])
+    g = g.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, out/g, k*L]
+    if out == groups:  # depthwise: one output channel per group, no matmul to batch
+        w = (g * cols).sum(-1).unsqueeze(2)
+    else:
+        w = torch.matmul(g, cols.transpose(-1, -2))  # [m, g, out/g, C/g*kh*kw]
+    return w.reshape(m, *mod.weight.shape)
 
 
 __all__ = ["FactoredPath", "Site", "linear_sites"]

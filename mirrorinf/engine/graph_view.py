@@ -4,11 +4,11 @@ A graph loaded from pt2 calls aten ops on its parameters: ``aten.linear`` (or ``
 transposed weight after decomposition) instead of ``nn.Linear`` modules, so the exact rank-1
 path never saw a Linear layer; and ``aten.sym_size``, which vmap cannot batch, so the batched
 generic path fell back to a loop. :func:`engine_view` returns a copy whose graph calls
-``nn.Linear`` / ``nn.Conv2d`` submodules (or, for a projection owned by a larger module such as
-nn.MultiheadAttention's ``in_proj_weight``, a :class:`ParamLinear`) holding the *same* Parameter
-objects (same names, same order), reads sizes in Python and computes inference-mode batch norm
-as a per-channel scale and shift. The same model (to rounding); the caller's model is never
-changed.
+``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` submodules (or, for a projection owned by a larger
+module such as nn.MultiheadAttention's ``in_proj_weight``, a :class:`ParamLinear`) holding the
+*same* Parameter objects (same names, same order), reads sizes in Python and computes
+inference-mode batch norm as a per-channel scale and shift. The same model (to rounding); the
+caller's model is never changed.
 """
 
 from __future__ import annotations
@@ -201,9 +201,10 @@ def _linear_site(
 def _conv_site(
     gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
-    """(owner, input node, nodes to erase, Conv2d arguments) of an ``aten.conv2d`` call on one
-    module's own 4-D weight (and bias) that nothing else reads; None for anything else."""
-    if node.target is not aten.conv2d.default or node.kwargs:
+    """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv2d`` (``conv1d``)
+    call on one module's own 4-D (3-D) weight (and bias) that nothing else reads; else None."""
+    ndim = {aten.conv2d.default: 4, aten.conv1d.default: 3}.get(node.target)
+    if ndim is None or node.kwargs:
         return None
     names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
     a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -218,7 +219,7 @@ def _conv_site(
         return None
     mod = gm.get_submodule(owner)
     weight = mod._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 4 or mod._modules or mod._buffers:
+    if not isinstance(weight, nn.Parameter) or weight.ndim != ndim or mod._modules or mod._buffers:
         return None
     if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
         return None
@@ -230,16 +231,19 @@ def _conv_site(
     return owner, x, nodes, args
 
 
-def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv2d:
-    """An nn.Conv2d holding ``owner``'s weight and bias (the same Parameter objects)."""
+def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d:
+    """An nn.Conv2d (nn.Conv1d for a 3-D weight) holding ``owner``'s weight and bias (the same
+    Parameter objects)."""
     weight = owner._parameters["weight"]
     assert weight is not None
     bias = owner._parameters.get("bias")
-    out_ch, in_per_group, kh, kw = weight.shape
+    out_ch, in_per_group, *kernel = weight.shape
     groups = int(args["groups"])
-    conv = nn.Conv2d(
-        in_per_group * groups, out_ch, (kh, kw), stride=args["stride"], padding=args["padding"],
-        dilation=args["dilation"], groups=groups, bias=bias is not None, device="meta",
+    cls = nn.Conv1d if len(kernel) == 1 else nn.Conv2d
+    conv = cls(
+        in_per_group * groups, out_ch, tuple(kernel), stride=args["stride"],
+        padding=args["padding"], dilation=args["dilation"], groups=groups,
+        bias=bias is not None, device="meta",
     )  # fmt: skip
     conv.weight = weight
     if bias is not None:

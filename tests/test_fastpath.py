@@ -434,3 +434,79 @@ def test_factored_self_influence_grouped_depthwise_and_conv1d() -> None:
     assert fi.last_report is not None and fi.last_report.path == "factored"
     ref = ForwardInf(model, ForwardInfConfig(precision="float64", fast_path="off"))
     torch.testing.assert_close(got, ref.self_influence((x, y)), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer"])
+def test_factored_self_influence_module_attention_and_batch_norm(name: str) -> None:
+    """In a plain nn.Module, nn.MultiheadAttention's in_proj_weight and out_proj are factors
+    and eval BatchNorm a scale and shift: the float64 scores of the generic path and of SGD by
+    hand on the caller's (unviewed) model."""
+    model, x, y = MODELS[name]()
+    before = _fingerprint(model)
+    for steps in (1, 2):
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        dense = {k for k in path.rt.trainable if k not in path._factored()}
+        assert dense and all("norm" in k or k.startswith("1.") for k in dense), dense
+    by_hand = _by_hand_self(model, x, y, 1e-2) / 1e-2
+    cfg = F64.replace(fast_path="auto", lr=1e-2)
+    got, _, path = _factored_vs_generic(model, x, y, cfg)
+    torch.testing.assert_close(got, by_hand, rtol=1e-7, atol=1e-12)
+    if name == "transformer":
+        assert {"enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight"} <= path._factored()
+    fi = ForwardInf(model, cfg)
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_module_view_attention_and_batch_norm_equal_the_layers(batch_first: bool) -> None:
+    """The engine's views of nn.MultiheadAttention (masks, weights, both layouts) and of eval
+    BatchNorm (1d/2d, with and without affine) give the layers' own outputs."""
+    from mirrorinf.engine.module_view import module_view
+
+    torch.manual_seed(5)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    view = module_view(mha)
+    assert view is not None
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    calls = [
+        {},
+        {"need_weights": False},
+        {"attn_mask": causal, "average_attn_weights": False},
+        {"attn_mask": causal.double() * -3.0},
+        {"attn_mask": causal, "key_padding_mask": pad},
+        {"attn_mask": causal, "is_causal": True, "need_weights": False},
+    ]
+    taps = []
+    view.in_tap.register_forward_hook(lambda *_: taps.append(1))
+    with torch.no_grad():
+        for kw in calls:
+            want, got = mha(x, x, x, **kw), view(x, x, x, **kw)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+            assert (got[1] is None) is (want[1] is None)
+            if want[1] is not None:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+        assert len(taps) == len(calls)  # every call took the view's own attention
+        y = torch.randn(3, 5, 8, dtype=torch.float64)  # cross attention: the layer's forward
+        y = y if batch_first else y.transpose(0, 1)
+        torch.testing.assert_close(view(x, y, y)[0], mha(x, y, y)[0])
+    for bn, shape in (
+        (nn.BatchNorm2d(4), (3, 4, 5, 5)), (nn.BatchNorm1d(4, affine=False), (3, 4)),
+        (nn.BatchNorm1d(4), (3, 4, 6)),
+    ):  # fmt: skip
+        bn = bn.double().train()
+        bn(torch.randn(*shape, dtype=torch.float64) * 3 + 1)
+        if bn.affine:
+            nn.init.normal_(bn.weight)
+            nn.init.normal_(bn.bias)
+        v = module_view(bn.eval())
+        assert v is not None and isinstance(v, type(bn)) and v.weight is bn.weight
+        z = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(v(z), bn(z), rtol=1e-10, atol=1e-12)

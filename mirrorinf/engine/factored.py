@@ -32,6 +32,7 @@ from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
 from mirrorinf.engine.graph_view import ParamLinear
+from mirrorinf.engine.module_view import EngineMultiheadAttention
 from mirrorinf.engine.rank1_hooks import small_bmm
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.updates import batchable, stack_norm, step_lr
@@ -61,20 +62,24 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
     own = dict(model.named_parameters())
     sites = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, ParamLinear):
+        prefix = f"{name}." if name else ""
+        site_name, call = name, mod
+        if isinstance(mod, EngineMultiheadAttention):  # its in-projection, through its tap
+            w_attr, b_attr = "in_proj_weight", "in_proj_bias"
+            site_name, call = f"{prefix}in_proj", mod.in_tap
+        elif isinstance(mod, ParamLinear):
             w_attr, b_attr = mod.weight_attr, mod.bias_attr
         elif _plain_linear(mod) or _plain_conv(mod):
             w_attr, b_attr = "weight", "bias"
         else:
             continue
-        prefix = f"{name}." if name else ""
         w, b = prefix + w_attr, prefix + b_attr
         if w not in own or w not in trainable or counts[id(own[w])] != 1:
             continue
         if b in own and counts[id(own[b])] != 1:
             continue
         bias = b if b in own and b in trainable else None
-        sites[name] = Site(mod, w, bias, conv=isinstance(mod, nn.Conv1d | nn.Conv2d))
+        sites[site_name] = Site(call, w, bias, conv=isinstance(mod, nn.Conv1d | nn.Conv2d))
     return sites
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from mirrorinf.engine.module_view import module_view, shallow
+
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
@@ -27,10 +29,14 @@ _LINEAR = (aten.linear.default, torch._C._nn.linear, nn.functional.linear)
 
 
 def engine_view(model: nn.Module) -> nn.Module:
-    """``model`` itself when it holds no exported graph to rewrite, else a rewritten copy that
-    shares every parameter and buffer (and any module the rewrite did not touch)."""
+    """``model`` itself when it holds no exported graph or layer to rewrite, else a rewritten
+    copy that shares every parameter and buffer (and any module the rewrite did not touch):
+    graphs as above, BatchNorm and nn.MultiheadAttention as :mod:`module_view` views."""
     if isinstance(model, fx.GraphModule):
         return _graph_view(model) or model
+    layer = module_view(model)
+    if layer is not None:
+        return layer
     changed = {}
     for name, child in model._modules.items():
         if child is not None:
@@ -39,9 +45,7 @@ def engine_view(model: nn.Module) -> nn.Module:
                 changed[name] = view
     if not changed:
         return model
-    clone = copy.copy(model)  # its own dicts: swapping tensors in it must not touch the original
-    for attr in ("_modules", "_parameters", "_buffers"):
-        clone.__dict__[attr] = dict(getattr(model, attr))
+    clone = shallow(model)  # its own dicts: swapping tensors in it must not touch the original
     clone._modules.update(changed)
     return clone
 

@@ -80,7 +80,8 @@ def _by_hand_self(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float)
     out = []
     for i in range(len(x)):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        xi, yi = x[i : i + 1].double(), y[i : i + 1]
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        xi = xi.double() if xi.is_floating_point() else xi
         loss = nn.functional.cross_entropy(functional_call(model, {**buffers, **p}, (xi,)), yi)
         gs = torch.autograd.grad(loss, list(p.values()))
         stepped = {k: v.detach() - lr * g for (k, v), g in zip(p.items(), gs, strict=True)}
@@ -510,3 +511,39 @@ def test_module_view_attention_and_batch_norm_equal_the_layers(batch_first: bool
         assert v is not None and isinstance(v, type(bn)) and v.weight is bn.weight
         z = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(v(z), bn(z), rtol=1e-10, atol=1e-12)
+
+
+class _TokenModel(nn.Module):
+    """Token and position embeddings (one with a padding row, one read twice), a Conv1d and a
+    linear head: a small text classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(9, 4, padding_idx=0)
+        self.pos = nn.Embedding(6, 4)
+        self.conv = nn.Conv1d(4, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        h = self.tok(x) + self.pos(pos) + 0.5 * self.pos(pos.flip(0))
+        return self.head(torch.tanh(self.conv(h.transpose(1, 2))).mean(dim=2))
+
+
+def test_factored_self_influence_embeddings() -> None:
+    """Embedding weights as (token ids, output gradients) factors, repeated tokens and the
+    padding row included: the float64 scores of the generic path and of SGD by hand."""
+    torch.manual_seed(6)
+    model = _TokenModel().eval()
+    x, y = torch.randint(0, 4, (20, 6)), torch.randint(0, 3, (20,))  # many repeats, some pads
+    x[0] = 0
+    for steps in (1, 2):
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert path._factored() == set(path.rt.trainable)  # nothing left per example
+    got, _, _ = _factored_vs_generic(model, x, y, F64.replace(fast_path="auto", lr=1e-2))
+    torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2) / 1e-2, rtol=1e-7, atol=1e-12)
+    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"

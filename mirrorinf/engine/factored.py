@@ -1,6 +1,6 @@
-"""Self-influence with linear layers as low-rank factors, conv2d weight gradients by unfold,
-every other parameter per example under vmap: the fast path for CNNs, transformers and graphs
-loaded from pt2.
+"""Self-influence with linear layers and embeddings as low-rank factors, conv weight gradients
+by unfold, every other parameter per example under vmap: the fast path for CNNs, transformers,
+text models and graphs loaded from pt2.
 
 One SGD step on one example changes a linear layer by ``coef * sum_t delta_t a_t^T`` (``a``
 its inputs, ``delta`` the loss gradient at its outputs, summed over tokens and calls), so the
@@ -8,12 +8,15 @@ updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forwar
 example's tensors, whatever the model's layout (sequence-first attention, batch folded into
 tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
 added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
-the per-example gradients of the remaining parameters (norms, embeddings). A conv layer (Conv2d
-or Conv1d, grouped and depthwise included) gets a probe too: its per-example weight gradient is
-then one unfold (im2col) and a batched matmul per group,
-not vmap's per-example convolution backward, and its updated weights run as per-example copies.
-No per-example copy of a linear weight is built, differentiated, normed or read. Exact, not an
-approximation; verified once per engine against the generic path before it is trusted.
+the per-example gradients of the remaining parameters (norms, tied weights). An embedding's
+factors are the token ids it read and its output gradients (the step moves those rows only; its
+correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A conv
+layer (Conv2d or Conv1d, grouped and depthwise included) gets a probe too: its per-example
+weight gradient is then one unfold (im2col) and a batched matmul per group, not vmap's
+per-example convolution backward, and its updated weights run as per-example copies. No
+per-example copy of a linear or embedding weight is built, differentiated, normed or read.
+Exact, not an approximation; verified once per engine against the generic path before it is
+trusted.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Site:
     weight: str  # full parameter names
     bias: str | None  # None: no bias, or a fixed one
     conv: bool = False
+    embed: bool = False  # an embedding: its factors are token ids and output gradients
 
 
 def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
@@ -69,7 +73,7 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
             site_name, call = f"{prefix}in_proj", mod.in_tap
         elif isinstance(mod, ParamLinear):
             w_attr, b_attr = mod.weight_attr, mod.bias_attr
-        elif _plain_linear(mod) or _plain_conv(mod):
+        elif _plain_linear(mod) or _plain_conv(mod) or _plain_embedding(mod):
             w_attr, b_attr = "weight", "bias"
         else:
             continue
@@ -79,13 +83,20 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
         if b in own and counts[id(own[b])] != 1:
             continue
         bias = b if b in own and b in trainable else None
-        sites[site_name] = Site(call, w, bias, conv=isinstance(mod, nn.Conv1d | nn.Conv2d))
+        conv, embed = isinstance(mod, nn.Conv1d | nn.Conv2d), isinstance(mod, nn.Embedding)
+        sites[site_name] = Site(call, w, bias, conv=conv, embed=embed)
     return sites
 
 
 def _plain_linear(mod: nn.Module) -> bool:
     """An nn.Linear (or subclass) that runs nn.Linear's own forward."""
     return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
+
+
+def _plain_embedding(mod: nn.Module) -> bool:
+    """An nn.Embedding whose weight gradient is its output gradients scattered to the rows of
+    the tokens read (no max_norm renormalisation, no frequency scaling)."""
+    return type(mod) is nn.Embedding and mod.max_norm is None and not mod.scale_grad_by_freq
 
 
 def _plain_conv(mod: nn.Module) -> bool:
@@ -173,7 +184,10 @@ class FactoredPath:
         key = f"{name}#{call}"
         f = st.factors.get(name)
         new = out
-        if f is not None and "a" in f:
+        if f is not None and "a" in f and self.sites[name].embed:  # rows of the tokens moved
+            same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
+            new = new + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
+        elif f is not None and "a" in f:
             xf = x.reshape(-1, x.shape[-1])
             new = new + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
         if f is not None and "db" in f:
@@ -183,6 +197,8 @@ class FactoredPath:
             if self.sites[name].conv:  # its per-example weights (moved) and bias
                 weight = mod.weight.numel() if key.endswith("#0") else 0
                 st.sizes[key] = out.shape[-1 - _spatial(mod)] + weight
+            elif self.sites[name].embed:  # a token id and an output gradient per token
+                st.sizes[key] = x.numel() * (1 + out.shape[-1])
             else:
                 st.sizes[key] = out.numel() // out.shape[-1] * (x.shape[-1] + out.shape[-1])
         elif st.mode == "probe":
@@ -317,7 +333,8 @@ class FactoredPath:
 
     def _site_grads(self, ins: Params, g_out: Params) -> dict[str, tuple[Tensor, Tensor]]:
         """Per linear site: (inputs [m, r, in], output gradients [m, r, out]) over all its
-        calls; per conv site: (weight gradient [m, *weight], output gradients summed [m, out])."""
+        calls; per embedding: (token ids [m, r], output gradients [m, r, dim]); per conv site:
+        (weight gradient [m, *weight], output gradients summed [m, out])."""
         parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         for key, a in ins.items():
             name = key.rpartition("#")[0]
@@ -332,6 +349,13 @@ class FactoredPath:
                 ld.append(
                     d.reshape(m, -1, d.shape[-1 - k], math.prod(d.shape[-k:])).sum(dim=(1, 3))
                 )
+            elif self.sites[name].embed:
+                assert isinstance(mod, nn.Embedding)
+                ids, d = a.reshape(m, -1), d.reshape(m, -1, d.shape[-1])
+                if mod.padding_idx is not None:  # that row never moves
+                    d = d * (ids != mod.padding_idx).unsqueeze(-1).to(d.dtype)
+                la.append(ids)
+                ld.append(d)
             else:
                 la.append(a.reshape(m, -1, a.shape[-1]))
                 ld.append(d.reshape(m, -1, d.shape[-1]))
@@ -355,7 +379,11 @@ class FactoredPath:
                 if s.bias is not None:
                     total = total + d.double().pow(2).sum(dim=1)
                 continue
-            if s.weight is not None:
+            if s.embed:  # rows of the same token add up: an equality "Gram" of the ids
+                ga = (a.unsqueeze(2) == a.unsqueeze(1)).double()
+                gd = small_bmm(d, d.transpose(1, 2)).double()
+                total = total + (ga * gd).sum(dim=(1, 2))
+            elif s.weight is not None:
                 ga = small_bmm(a, a.transpose(1, 2)).double()
                 gd = small_bmm(d, d.transpose(1, 2)).double()
                 total = total + (ga * gd).sum(dim=(1, 2))

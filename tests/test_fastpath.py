@@ -537,8 +537,8 @@ def test_factored_self_influence_embeddings() -> None:
     model = _TokenModel().eval()
     x, y = torch.randint(0, 4, (20, 6)), torch.randint(0, 3, (20,))  # many repeats, some pads
     x[0] = 0
-    for steps in (1, 2):
-        cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2)
+    for steps, lr in ((1, None), (2, 1e-2)):  # automatic lr: the norms of the factors count
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=lr)
         got, want, path = _factored_vs_generic(model, x, y, cfg)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         assert path._factored() == set(path.rt.trainable)  # nothing left per example

@@ -544,6 +544,11 @@ def test_factored_self_influence_embeddings() -> None:
         assert path._factored() == set(path.rt.trainable)  # nothing left per example
     got, _, _ = _factored_vs_generic(model, x, y, F64.replace(fast_path="auto", lr=1e-2))
     torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2) / 1e-2, rtol=1e-7, atol=1e-12)
-    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())  # the exported graph's aten.embedding calls too
+    got, want, path = _factored_vs_generic(graph, x, y, F64.replace(fast_path="auto"))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert {n.rpartition(".")[2] for n in path.active} >= {"tok", "conv", "head"}
+    fi = ForwardInf(graph, F64.replace(fast_path="auto"))
     fi.self_influence((x, y))
     assert fi.last_report is not None and fi.last_report.path == "factored"

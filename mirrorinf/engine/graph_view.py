@@ -4,11 +4,12 @@ A graph loaded from pt2 calls aten ops on its parameters: ``aten.linear`` (or ``
 transposed weight after decomposition) instead of ``nn.Linear`` modules, so the exact rank-1
 path never saw a Linear layer; and ``aten.sym_size``, which vmap cannot batch, so the batched
 generic path fell back to a loop. :func:`engine_view` returns a copy whose graph calls
-``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` submodules (or, for a projection owned by a larger
-module such as nn.MultiheadAttention's ``in_proj_weight``, a :class:`ParamLinear`) holding the
-*same* Parameter objects (same names, same order), reads sizes in Python and computes
-inference-mode batch norm as a per-channel scale and shift. The same model (to rounding); the
-caller's model is never changed.
+``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Embedding`` submodules (or, for a
+projection owned by a larger module such as nn.MultiheadAttention's ``in_proj_weight``, a
+:class:`ParamLinear`) holding the *same* Parameter objects (same names, same order), reads sizes
+in Python and computes inference-mode batch norm as a per-channel scale and shift. The same
+model (to rounding); the caller's model is never changed. Plain ``nn.Module`` layers get views
+of their own (:mod:`mirrorinf.engine.module_view`).
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
             sizes += 1
             continue
         conv = _conv_site(gm, graph, node)
-        site = _linear_site(gm, graph, node) if conv is None else (*conv[:3], "weight")
+        emb = _embedding_site(gm, graph, node) if conv is None else None
+        layer = conv or emb
+        site = _linear_site(gm, graph, node) if layer is None else (*layer[:3], "weight")
         if site is None:
             continue
         owner, x, erase, field = site
@@ -115,6 +118,8 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         lin: nn.Module
         if conv is not None:
             lin = _shared_conv(mod, conv[3])
+        elif emb is not None:
+            lin = _shared_embedding(mod, emb[3])
         else:
             lin = _shared_linear(mod) if field == "weight" else ParamLinear(mod, field)
         with graph.inserting_before(node):
@@ -218,6 +223,18 @@ def _conv_site(
         return None
     if isinstance(a["padding"], str):
         return None
+    owner = _sole_owner(gm, graph, w, b, ndim)
+    if owner is None:
+        return None
+    args = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+    return owner, x, [w] if b is None else [w, b], args
+
+
+def _sole_owner(
+    gm: fx.GraphModule, graph: fx.Graph, w: fx.Node, b: fx.Node | None, ndim: int
+) -> str | None:
+    """The module owning ``weight`` (an ``ndim``-D Parameter) and ``bias`` (or no bias) and
+    nothing else, whose tensors no other node reads; None if there is none."""
     owner, _, field = str(w.target).rpartition(".")
     if not owner or field != "weight" or (b is not None and b.target != f"{owner}.bias"):
         return None
@@ -227,12 +244,36 @@ def _conv_site(
         return None
     if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
         return None
-    nodes = [w] if b is None else [w, b]
     reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(owner + ".")]
-    if len(reads) != len(nodes):
+    return owner if len(reads) == (1 if b is None else 2) else None
+
+
+def _embedding_site(
+    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
+    """(owner, indices node, nodes to erase, Embedding arguments) of an ``aten.embedding``
+    call (no frequency scaling) on one module's own 2-D weight that nothing else reads."""
+    if node.target is not aten.embedding.default or node.kwargs:
         return None
-    args = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
-    return owner, x, nodes, args
+    defaults = (-1, False, False)  # padding_idx, scale_grad_by_freq, sparse
+    w, idx, padding_idx, by_freq, sparse = (*node.args, *defaults[len(node.args) - 2 :])
+    if by_freq or not isinstance(idx, fx.Node) or not _own_attr(w):
+        return None
+    owner = _sole_owner(gm, graph, w, None, 2)
+    if owner is None:
+        return None
+    return owner, idx, [w], {"padding_idx": None if padding_idx < 0 else padding_idx,
+                             "sparse": bool(sparse)}  # fmt: skip
+
+
+def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:
+    """An nn.Embedding holding ``owner``'s weight (the same Parameter object)."""
+    weight = owner._parameters["weight"]
+    assert weight is not None
+    emb = nn.Embedding(*weight.shape, **args, device="meta")
+    emb.weight = weight
+    emb.training = owner.training
+    return emb
 
 
 def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d:

@@ -78,15 +78,18 @@ class EngineMultiheadAttention(nn.MultiheadAttention):
         h = self.num_heads
         qkv = self.in_tap(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = (t.reshape(b, n, h, e // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        scores = (q * (1.0 / math.sqrt(e // h))) @ k.transpose(-2, -1)  # [B, H, L, L]
         mask = self._mask(key_padding_mask, attn_mask, b, n, q.dtype)
-        if mask is not None:
-            scores = scores + mask
-        attn = torch.softmax(scores, dim=-1)
-        out = self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, e))
+        attn = None
+        if need_weights:
+            scores = (q * (1.0 / math.sqrt(e // h))) @ k.transpose(-2, -1)  # [B, H, L, L]
+            attn = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            heads = attn @ v
+        else:  # as nn.MultiheadAttention: SDPA (its math kernel under the engine's vmap)
+            heads = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(heads.transpose(1, 2).reshape(b, n, e))
         if not self.batch_first:
             out = out.transpose(0, 1)
-        if not need_weights:
+        if attn is None:
             return out, None
         return out, attn.mean(dim=1) if average_attn_weights else attn
 

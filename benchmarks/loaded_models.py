@@ -129,16 +129,20 @@ def bare(model: nn.Module, x: torch.Tensor, m: int, repeats: int) -> float:
     return best
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int, repeats: int) -> dict:
-    """Times and ratios of one model (CPU)."""
+def measure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int, repeats: int, pairwise: bool
+) -> dict:
+    """Times and ratios of one model (CPU); ``pairwise`` False: self-influence only."""
     cpu = torch.device("cpu")
     xq, yq = x[:m], y[:m]
-    t_bare = bare(model, x, m, repeats)
+    t_bare = bare(model, x, m, repeats) if pairwise else float("nan")
     t_fb = fwd_bwd(model, x, y, cpu, repeats)
     fi = ForwardInf(model, device="cpu")
-    fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up + base-loss cache, as in a real run
-    t_pw = best_of(lambda: fi.pairwise((x, y), (xq, yq)), repeats, cpu)
-    path_pw = fi.last_report.path
+    t_pw, path_pw = float("nan"), "-"
+    if pairwise:
+        fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up + base-loss cache, as in a real run
+        t_pw = best_of(lambda: fi.pairwise((x, y), (xq, yq)), repeats, cpu)
+        path_pw = fi.last_report.path
     t_self = best_of(lambda: fi.self_influence((x, y)), repeats, cpu)
     return {
         "bare": t_bare,
@@ -157,6 +161,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="only models whose name contains this")
     ap.add_argument("--modules-only", action="store_true", help="skip the pt2 round trip")
+    ap.add_argument("--self-only", action="store_true", help="skip pairwise and its bare limit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -180,7 +185,7 @@ def main() -> None:
                 kinds.append(("pt2 (load_model_uri)", log_and_load(name, model, x[:2], root)))
             for how, mod in kinds:
                 t0 = time.perf_counter()
-                r = measure(mod, x, y, args.queries, args.repeats)
+                r = measure(mod, x, y, args.queries, args.repeats, not args.self_only)
                 rows.append((name, how, n, r))
                 print(f"  {name} as {how}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(

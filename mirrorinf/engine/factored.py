@@ -361,7 +361,9 @@ class FactoredPath:
                 ld.append(d.reshape(m, -1, d.shape[-1]))
         out = {}
         for n, (la, ld) in parts.items():
-            if self.sites[n].conv:
+            if len(la) == 1:  # one call: no copy
+                out[n] = (la[0], ld[0])
+            elif self.sites[n].conv:
                 out[n] = (torch.stack(la).sum(0), torch.stack(ld).sum(0))
             else:
                 out[n] = (torch.cat(la, 1), torch.cat(ld, 1))

@@ -88,6 +88,12 @@ def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
         ("transformer 2x(d64, 4 heads), 16 tokens", Encoder().eval(), (16, 16), int(4000 * scale)),
         ("depthwise CNN 5 conv+BN, 3x16x16", dw.eval(), (3, 16, 16), int(4000 * scale)),
         ("Conv1d text, 1000 vocab, 32 tokens", TextCnn().eval(), (-1000, 32), int(4000 * scale)),
+        (
+            "Conv1d text, 30k vocab x 128, 32 tokens",
+            TextCnn(30000, 128).eval(),
+            (-30000, 32),
+            int(1000 * scale),
+        ),
     ]
 
 

@@ -552,3 +552,35 @@ def test_factored_self_influence_embeddings() -> None:
     fi = ForwardInf(graph, F64.replace(fast_path="auto"))
     fi.self_influence((x, y))
     assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _WideConvs(nn.Module):
+    """Convs whose weights outweigh their few output positions (text-like): a Conv1d called
+    twice and a strided, dilated Conv2d, both run as factors of their unfolded patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Conv1d(12, 12, 5, padding=2)
+        self.c = nn.Conv2d(3, 10, 3, stride=2, padding=1, dilation=2, bias=False)
+        self.head = nn.Linear(12 + 10, 3)  # the Conv2d keeps 1x1 of 4x4
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(self.t(torch.tanh(self.t(x)))).mean(dim=2)
+        return self.head(torch.cat([t, torch.tanh(self.c(img)).flatten(1)], dim=1))
+
+
+def test_factored_self_influence_convs_as_patch_factors() -> None:
+    """A conv with few output positions and a big ungrouped weight keeps no per-example weight
+    copy: its update is (patches, output gradients) factors: the generic path's scores."""
+    torch.manual_seed(7)
+    model = _WideConvs().eval()
+    x = {"x": torch.randn(20, 12, 3), "img": torch.randn(20, 3, 4, 4)}
+    y = torch.randint(0, 3, (20,))
+    for steps, lr in ((1, None), (2, 1e-2)):
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=lr)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert path.moved == set() and {"t", "c"} <= path.active
+    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"

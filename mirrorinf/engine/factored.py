@@ -118,6 +118,7 @@ class _Pass:
     inputs: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each call's output
     sizes: dict[str, int] = field(default_factory=dict)  # floats of its factors, one example
+    patches: dict[str, int] = field(default_factory=dict)  # a conv's, as patch factors
 
 
 class FactoredPath:
@@ -129,6 +130,9 @@ class FactoredPath:
         self.sites = sites
         self.names = {s.module: n for n, s in sites.items()}
         self.active = set(sites)  # sites the model really calls (found by the shapes pass)
+        # convs run with per-example weight copies; the others (few output positions, big
+        # ungrouped weights: text) as low-rank factors of their unfolded patches, like linears
+        self.moved = {n for n, s in sites.items() if s.conv}
         self.shapes: dict[str, tuple[int, ...]] | None = None
         self.sizes: dict[str, int] = {}
         self._shapes_of: tuple[object, ...] | None = None  # the row shape they were found for
@@ -187,16 +191,27 @@ class FactoredPath:
         if f is not None and "a" in f and self.sites[name].embed:  # rows of the tokens moved
             same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
             new = new + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
+        elif f is not None and "a" in f and self.sites[name].conv:  # over unfolded patches
+            assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+            cols = _patches(mod, x)  # [b, L, C*k]
+            corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
+            new = new + corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2).reshape(
+                out.shape
+            )
         elif f is not None and "a" in f:
             xf = x.reshape(-1, x.shape[-1])
             new = new + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
-        if f is not None and "db" in f:
+        if f is not None and "db" in f and self.sites[name].conv:
+            new = new + f["db"].reshape(-1, *[1] * _spatial(mod))
+        elif f is not None and "db" in f:
             new = new + f["db"]
         if st.mode == "shapes":
             st.shapes[key] = tuple(out.shape)
             if self.sites[name].conv:  # its per-example weights (moved) and bias
                 weight = mod.weight.numel() if key.endswith("#0") else 0
                 st.sizes[key] = out.shape[-1 - _spatial(mod)] + weight
+                positions = out.numel() // out.shape[-1 - _spatial(mod)]  # x calls, batch 1
+                st.patches[key] = positions * (mod.weight[0].numel() + mod.weight.shape[0])
             elif self.sites[name].embed:  # a token id and an output gradient per token
                 st.sizes[key] = x.numel() * (1 + out.shape[-1])
             else:
@@ -220,6 +235,16 @@ class FactoredPath:
                 self.rt.forward(state, state.params, each(x, lambda v: v[:1]))
             self.shapes, self.sizes = st.shapes, st.sizes
             self.active = {k.rpartition("#")[0] for k in st.shapes}
+            self.moved = set()
+            for n in self.active:
+                mod, keys = self.sites[n].module, [k for k in st.patches if k.startswith(n + "#")]
+                if not keys:
+                    continue
+                weights = sum(self.sizes[k] for k in keys)
+                if getattr(mod, "groups", 1) > 1 or sum(st.patches[k] for k in keys) >= weights:
+                    self.moved.add(n)
+                else:
+                    self.sizes.update({k: st.patches[k] for k in keys})
         return self.shapes
 
     def numel(self, state: ModelState, x: Inputs) -> int:
@@ -276,7 +301,7 @@ class FactoredPath:
         out = dict(moved)
         for n, (dw, db) in grads.items():
             s = self.sites[n]
-            if not s.conv:
+            if n not in self.moved:
                 continue
             for name, g in ((s.weight, dw), (s.bias, db)):
                 if name is not None:
@@ -342,7 +367,13 @@ class FactoredPath:
             m = a.shape[0]
             la, ld = parts.setdefault(name, ([], []))
             mod = self.sites[name].module
-            if self.sites[name].conv:
+            if self.sites[name].conv and name not in self.moved:  # patches and gradients
+                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                la.append(_patches(mod, a).reshape(m, -1, mod.weight[0].numel()))
+                out_ch, k = d.shape[-1 - _spatial(mod)], _spatial(mod)
+                ld.append(d.reshape(m, -1, out_ch, math.prod(d.shape[-k:])).transpose(2, 3))
+                ld[-1] = ld[-1].reshape(m, -1, out_ch)
+            elif self.sites[name].conv:
                 assert isinstance(mod, nn.Conv1d | nn.Conv2d)
                 la.append(_conv_weight_grad(mod, a, d))
                 k = _spatial(mod)
@@ -363,7 +394,7 @@ class FactoredPath:
         for n, (la, ld) in parts.items():
             if len(la) == 1:  # one call: no copy
                 out[n] = (la[0], ld[0])
-            elif self.sites[n].conv:
+            elif n in self.moved:
                 out[n] = (torch.stack(la).sum(0), torch.stack(ld).sum(0))
             else:
                 out[n] = (torch.cat(la, 1), torch.cat(ld, 1))
@@ -376,7 +407,7 @@ class FactoredPath:
         total = total.to(self.rt.device)
         for n, (a, d) in grads.items():
             s = self.sites[n]
-            if s.conv:  # (weight gradient, bias gradient)
+            if n in self.moved:  # (weight gradient, bias gradient)
                 total = total + torch.linalg.vector_norm(a.flatten(1), dim=1).double().pow(2)
                 if s.bias is not None:
                     total = total + d.double().pow(2).sum(dim=1)
@@ -400,7 +431,7 @@ class FactoredPath:
         out: Factors = {n: dict(f) for n, f in factors.items()}
         for n, (a, d) in grads.items():
             s = self.sites[n]
-            if s.conv:  # moved with the per-example parameters instead (_move_convs)
+            if n in self.moved:  # moved with the per-example parameters instead (_move_convs)
                 continue
             f = out.setdefault(n, {})
             dc = d * coef.to(d.dtype).reshape(-1, 1, 1)
@@ -421,6 +452,19 @@ def _per_row(coef: Tensor, like: Tensor) -> Tensor:
 def _spatial(mod: nn.Module) -> int:
     """Spatial dimensions of a conv layer: 1 (Conv1d) or 2 (Conv2d)."""
     return 1 if isinstance(mod, nn.Conv1d) else 2
+
+
+def _patches(mod: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """The unfolded inputs of an ungrouped conv: ``x`` [b, C, *spatial] -> [b, L, C*k]."""
+    padding = mod.padding
+    assert not isinstance(padding, str)  # _plain_conv
+    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):  # height 1
+        x = x.unsqueeze(-2)
+        kernel, dilation = (1, *kernel), (1, *dilation)
+        padding, stride = (0, *padding), (1, *stride)
+    cols = nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride)
+    return cols.transpose(1, 2)
 
 
 def _conv_weight_grad(mod: nn.Conv1d | nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:

@@ -459,10 +459,11 @@ def _patches(mod: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     padding = mod.padding
     assert not isinstance(padding, str)  # _plain_conv
     kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
-    if isinstance(mod, nn.Conv1d):  # height 1
-        x = x.unsqueeze(-2)
-        kernel, dilation = (1, *kernel), (1, *dilation)
-        padding, stride = (0, *padding), (1, *stride)
+    if isinstance(mod, nn.Conv1d):  # a strided window view and one copy (im2col is slower)
+        x = nn.functional.pad(x.reshape(-1, *x.shape[-2:]), (padding[0], padding[0]))
+        span = dilation[0] * (kernel[0] - 1) + 1
+        win = x.unfold(-1, span, stride[0])[..., :: dilation[0]]  # [b, C, L, k]
+        return win.permute(0, 2, 1, 3).flatten(2)
     cols = nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride)
     return cols.transpose(1, 2)
 

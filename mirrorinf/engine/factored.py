@@ -13,8 +13,10 @@ factors are the token ids it read and its output gradients (the step moves those
 correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A conv
 layer (Conv2d or Conv1d, grouped and depthwise included) gets a probe too: its per-example
 weight gradient is then one unfold (im2col) and a batched matmul per group, not vmap's
-per-example convolution backward, and its updated weights run as per-example copies. No
-per-example copy of a linear or embedding weight is built, differentiated, normed or read.
+per-example convolution backward, and its updated weights run as per-example copies; an
+ungrouped conv whose weight outweighs its patches (few output positions: text) is a linear layer
+over its unfolded patches instead, with (patches, output gradients) as factors. No per-example
+copy of a linear or embedding weight is built, differentiated, normed or read.
 Exact, not an approximation; verified once per engine against the generic path before it is
 trusted.
 """

@@ -210,10 +210,11 @@ class FactoredPath:
         if st.mode == "shapes":
             st.shapes[key] = tuple(out.shape)
             if self.sites[name].conv:  # its per-example weights (moved) and bias
-                weight = mod.weight.numel() if key.endswith("#0") else 0
-                st.sizes[key] = out.shape[-1 - _spatial(mod)] + weight
+                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                w = mod.weight
+                st.sizes[key] = out.shape[-1 - _spatial(mod)] + (w.numel() if call == 0 else 0)
                 positions = out.numel() // out.shape[-1 - _spatial(mod)]  # x calls, batch 1
-                st.patches[key] = positions * (mod.weight[0].numel() + mod.weight.shape[0])
+                st.patches[key] = positions * (w[0].numel() + w.shape[0])
             elif self.sites[name].embed:  # a token id and an output gradient per token
                 st.sizes[key] = x.numel() * (1 + out.shape[-1])
             else:

@@ -212,8 +212,8 @@ def _conv_site(
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
     """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv2d`` (``conv1d``)
     call on one module's own 4-D (3-D) weight (and bias) that nothing else reads; else None."""
-    ndim = {aten.conv2d.default: 4, aten.conv1d.default: 3}.get(node.target)
-    if ndim is None or node.kwargs:
+    ndim = 4 if node.target is aten.conv2d.default else 3
+    if node.target not in (aten.conv2d.default, aten.conv1d.default) or node.kwargs:
         return None
     names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
     a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -255,22 +255,24 @@ def _embedding_site(
     call (no frequency scaling) on one module's own 2-D weight that nothing else reads."""
     if node.target is not aten.embedding.default or node.kwargs:
         return None
-    defaults = (-1, False, False)  # padding_idx, scale_grad_by_freq, sparse
-    w, idx, padding_idx, by_freq, sparse = (*node.args, *defaults[len(node.args) - 2 :])
+    defaults: tuple[Any, ...] = (-1, False, False)  # padding_idx, scale_grad_by_freq, sparse
+    args: list[Any] = [*node.args, *defaults[len(node.args) - 2 :]]
+    w, idx, padding_idx, by_freq, sparse = args
     if by_freq or not isinstance(idx, fx.Node) or not _own_attr(w):
         return None
     owner = _sole_owner(gm, graph, w, None, 2)
     if owner is None:
         return None
-    return owner, idx, [w], {"padding_idx": None if padding_idx < 0 else padding_idx,
-                             "sparse": bool(sparse)}  # fmt: skip
+    pad = None if int(padding_idx) < 0 else int(padding_idx)
+    return owner, idx, [w], {"padding_idx": pad, "sparse": bool(sparse)}
 
 
 def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:
     """An nn.Embedding holding ``owner``'s weight (the same Parameter object)."""
     weight = owner._parameters["weight"]
     assert weight is not None
-    emb = nn.Embedding(*weight.shape, **args, device="meta")
+    num, dim = weight.shape
+    emb = nn.Embedding(num, dim, args["padding_idx"], sparse=args["sparse"], device="meta")
     emb.weight = weight
     emb.training = owner.training
     return emb
@@ -284,8 +286,8 @@ def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2
     bias = owner._parameters.get("bias")
     out_ch, in_per_group, *kernel = weight.shape
     groups = int(args["groups"])
-    cls = nn.Conv1d if len(kernel) == 1 else nn.Conv2d
-    conv = cls(
+    cls: Any = nn.Conv1d if len(kernel) == 1 else nn.Conv2d
+    conv: nn.Conv1d | nn.Conv2d = cls(
         in_per_group * groups, out_ch, tuple(kernel), stride=args["stride"],
         padding=args["padding"], dilation=args["dilation"], groups=groups,
         bias=bias is not None, device="meta",

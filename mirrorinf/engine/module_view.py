@@ -39,14 +39,16 @@ class _EvalBatchNorm:
         bn: Any = self
         fused = bn.training or not torch.is_grad_enabled() or x.ndim < 2
         if fused or bn.running_mean is None or bn.running_var is None:
-            return super().forward(x)  # type: ignore[misc, no-any-return]
+            out: Tensor = super().forward(x)  # type: ignore[misc]
+            return out
         scale = torch.rsqrt(bn.running_var + bn.eps)
         shift = -bn.running_mean * scale
         if bn.weight is not None:
             scale = bn.weight * scale
             shift = bn.weight * shift + bn.bias
         view = (-1,) + (1,) * (x.ndim - 2)
-        return x * scale.reshape(view) + shift.reshape(view)
+        res: Tensor = x * scale.reshape(view) + shift.reshape(view)
+        return res
 
 
 _EVAL_BN = {cls: type(f"Engine{cls.__name__}", (_EvalBatchNorm, cls), {}) for cls in _BATCH_NORMS}
@@ -59,7 +61,7 @@ class EngineMultiheadAttention(nn.MultiheadAttention):
 
     in_tap: LinearTap
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: Tensor,
         key: Tensor,

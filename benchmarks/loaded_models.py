@@ -1,6 +1,7 @@
 """Models as the pipeline loads them: pairwise and self-influence time ratios, nn.Module vs pt2.
 
-For an MLP, a CNN with BatchNorm and a transformer encoder, each both as the nn.Module and as
+For an MLP, a CNN with BatchNorm, a transformer encoder, a depthwise-separable CNN and a Conv1d
+text model, each both as the nn.Module and as
 logged with mlflow.pytorch.log_model (pt2, MLflow 3's default) to a temporary SQLite store and
 loaded back through mirrorinf.tasks.model.load_model_uri, as the flow does. Ratios as in
 throughput.py: pairwise time / the bare limit (m inference-mode forward passes over N at the
@@ -42,8 +43,23 @@ class Encoder(nn.Module):
         return self.head(self.enc(self.emb(x)).mean(dim=1))
 
 
+class TextCnn(nn.Module):
+    """A Conv1d text classifier: token embedding, two Conv1d layers, max over time."""
+
+    def __init__(self, vocab: int = 1000, d: int = 32, ch: int = 64, n_cls: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.c1 = nn.Conv1d(d, ch, 5, padding=2)
+        self.c2 = nn.Conv1d(ch, ch, 3, padding=1)
+        self.head = nn.Linear(ch, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(self.emb(x).transpose(1, 2)))
+        return self.head(torch.relu(self.c2(h)).amax(dim=2))
+
+
 def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
-    """(name, model in eval mode, input shape of one row, N)."""
+    """(name, model in eval mode, input shape of one row (negative: token ids below -v), N)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
@@ -54,12 +70,30 @@ def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
         nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
     )  # fmt: skip
     cnn.train()
-    with torch.no_grad():
-        cnn(torch.randn(256, 3, 16, 16))  # BatchNorm statistics that are not 0/1
+    dw = nn.Sequential(  # MobileNet-style: depthwise 3x3 then pointwise 1x1, with BatchNorm
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+    for m in (cnn, dw):
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(256, 3, 16, 16))  # BatchNorm statistics that are not 0/1
     return [
         ("MLP 64-256-256-10", mlp.eval(), (64,), int(20000 * scale)),
         ("CNN 2 conv+BN, 3x16x16", cnn.eval(), (3, 16, 16), int(4000 * scale)),
         ("transformer 2x(d64, 4 heads), 16 tokens", Encoder().eval(), (16, 16), int(4000 * scale)),
+        ("depthwise CNN 5 conv+BN, 3x16x16", dw.eval(), (3, 16, 16), int(4000 * scale)),
+        ("Conv1d text, 1000 vocab, 32 tokens", TextCnn().eval(), (-1000, 32), int(4000 * scale)),
+        (
+            "Conv1d text, 30k vocab x 128, 32 tokens",
+            TextCnn(30000, 128).eval(),
+            (-30000, 32),
+            int(1000 * scale),
+        ),
     ]
 
 
@@ -101,16 +135,20 @@ def bare(model: nn.Module, x: torch.Tensor, m: int, repeats: int) -> float:
     return best
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int, repeats: int) -> dict:
-    """Times and ratios of one model (CPU)."""
+def measure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int, repeats: int, pairwise: bool
+) -> dict:
+    """Times and ratios of one model (CPU); ``pairwise`` False: self-influence only."""
     cpu = torch.device("cpu")
     xq, yq = x[:m], y[:m]
-    t_bare = bare(model, x, m, repeats)
+    t_bare = bare(model, x, m, repeats) if pairwise else float("nan")
     t_fb = fwd_bwd(model, x, y, cpu, repeats)
     fi = ForwardInf(model, device="cpu")
-    fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up + base-loss cache, as in a real run
-    t_pw = best_of(lambda: fi.pairwise((x, y), (xq, yq)), repeats, cpu)
-    path_pw = fi.last_report.path
+    t_pw, path_pw = float("nan"), "-"
+    if pairwise:
+        fi.pairwise((x, y), (xq[:1], yq[:1]))  # warm-up + base-loss cache, as in a real run
+        t_pw = best_of(lambda: fi.pairwise((x, y), (xq, yq)), repeats, cpu)
+        path_pw = fi.last_report.path
     t_self = best_of(lambda: fi.self_influence((x, y)), repeats, cpu)
     return {
         "bare": t_bare,
@@ -127,6 +165,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="only models whose name contains this")
+    ap.add_argument("--modules-only", action="store_true", help="skip the pt2 round trip")
+    ap.add_argument("--self-only", action="store_true", help="skip pairwise and its bare limit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -137,13 +178,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for name, model, shape, n in cases(args.scale):
+            if args.only not in name:
+                continue
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(n, *shape, generator=g)
+            if shape[0] < 0:  # token ids
+                x = torch.randint(0, -shape[0], (n, *shape[1:]), generator=g)
+            else:
+                x = torch.randn(n, *shape, generator=g)
             y = torch.randint(0, 10, (n,), generator=g)
-            loaded = log_and_load(name, model, x[:2], root)
-            for how, mod in (("nn.Module", model), ("pt2 (load_model_uri)", loaded)):
+            kinds = [("nn.Module", model)]
+            if not args.modules_only:
+                kinds.append(("pt2 (load_model_uri)", log_and_load(name, model, x[:2], root)))
+            for how, mod in kinds:
                 t0 = time.perf_counter()
-                r = measure(mod, x, y, args.queries, args.repeats)
+                r = measure(mod, x, y, args.queries, args.repeats, not args.self_only)
                 rows.append((name, how, n, r))
                 print(f"  {name} as {how}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(

@@ -80,7 +80,8 @@ def _by_hand_self(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float)
     out = []
     for i in range(len(x)):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        xi, yi = x[i : i + 1].double(), y[i : i + 1]
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        xi = xi.double() if xi.is_floating_point() else xi
         loss = nn.functional.cross_entropy(functional_call(model, {**buffers, **p}, (xi,)), yi)
         gs = torch.autograd.grad(loss, list(p.values()))
         stepped = {k: v.detach() - lr * g for (k, v), g in zip(p.items(), gs, strict=True)}
@@ -381,3 +382,206 @@ def test_pt2_inference_batch_norm_runs_as_scale_and_shift(pt2_models) -> None:  
     assert torch.ops.aten.batch_norm.default not in targets
     with torch.no_grad():
         torch.testing.assert_close(view(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _GroupedConvs(nn.Module):
+    """Depthwise and grouped Conv2d (strided, dilated, non-square, no bias) and a Conv1d text
+    branch (token embedding, a Conv1d and a depthwise Conv1d), BatchNorm and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)  # depthwise, 9x8 -> 5x4
+        self.gc = nn.Conv2d(4, 6, (1, 3), padding=(0, 2), dilation=(1, 2), groups=2, bias=False)
+        self.emb = nn.Embedding(11, 4)
+        self.t1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.t2 = nn.Conv1d(6, 6, 3, padding=2, dilation=2, groups=6, stride=2)  # depthwise
+        self.t3 = nn.Conv1d(6, 4, 1, groups=2, bias=False)
+        self.head = nn.Linear(6 * 5 * 4 + 4, 3)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.tanh(self.gc(torch.relu(self.dw(h))))
+        t = torch.relu(self.t1(self.emb(tokens).transpose(1, 2)))
+        t = self.t3(torch.tanh(self.t2(t))).amax(dim=2)
+        return self.head(torch.cat([h.flatten(1), t], dim=1))
+
+
+def test_factored_self_influence_grouped_depthwise_and_conv1d() -> None:
+    """Depthwise / grouped Conv2d and Conv1d weights as unfold factors, not vmap's per-example
+    convolution backward: the generic path's float64 scores, as nn.Module and exported graph."""
+    torch.manual_seed(4)
+    model = _GroupedConvs()
+    model.train()
+    model(torch.randn(16, 2, 9, 8), torch.randint(0, 11, (16, 7)))
+    model.eval()
+    x = {"x": torch.randn(20, 2, 9, 8), "tokens": torch.randint(0, 11, (20, 7))}
+    y = torch.randint(0, 3, (20,))
+    convs = {"c1", "dw", "gc", "t1", "t2", "t3"}
+    program = torch.export.export(
+        model, (), {k: v[:2] for k, v in x.items()},
+        dynamic_shapes={k: {0: torch.export.Dim.AUTO} for k in x},
+    )  # fmt: skip
+    graph = ExportedModel(program.module())
+    for m in (model, graph):
+        for steps in (1, 2):
+            cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
+            got, want, path = _factored_vs_generic(m, x, y, cfg)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            assert convs <= {n.rpartition(".")[2] for n in path.active}
+    fi = ForwardInf(graph, ForwardInfConfig(precision="float64"))
+    got = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    ref = ForwardInf(model, ForwardInfConfig(precision="float64", fast_path="off"))
+    torch.testing.assert_close(got, ref.self_influence((x, y)), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer"])
+def test_factored_self_influence_module_attention_and_batch_norm(name: str) -> None:
+    """In a plain nn.Module, nn.MultiheadAttention's in_proj_weight and out_proj are factors
+    and eval BatchNorm a scale and shift: the float64 scores of the generic path and of SGD by
+    hand on the caller's (unviewed) model."""
+    model, x, y = MODELS[name]()
+    before = _fingerprint(model)
+    for steps in (1, 2):
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        dense = {k for k in path.rt.trainable if k not in path._factored()}
+        assert dense and all("norm" in k or k.startswith("1.") for k in dense), dense
+    by_hand = _by_hand_self(model, x, y, 1e-2) / 1e-2
+    cfg = F64.replace(fast_path="auto", lr=1e-2)
+    got, _, path = _factored_vs_generic(model, x, y, cfg)
+    torch.testing.assert_close(got, by_hand, rtol=1e-7, atol=1e-12)
+    if name == "transformer":
+        assert {"enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight"} <= path._factored()
+    fi = ForwardInf(model, cfg)
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_module_view_attention_and_batch_norm_equal_the_layers(batch_first: bool) -> None:
+    """The engine's views of nn.MultiheadAttention (masks, weights, both layouts) and of eval
+    BatchNorm (1d/2d, with and without affine) give the layers' own outputs."""
+    from mirrorinf.engine.module_view import module_view
+
+    torch.manual_seed(5)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    view = module_view(mha)
+    assert view is not None
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    calls = [
+        {},
+        {"need_weights": False},
+        {"attn_mask": causal, "average_attn_weights": False},
+        {"attn_mask": causal.double() * -3.0},
+        {"attn_mask": causal, "key_padding_mask": pad},
+        {"attn_mask": causal, "is_causal": True, "need_weights": False},
+    ]
+    taps = []
+    view.in_tap.register_forward_hook(lambda *_: taps.append(1))
+    with torch.no_grad():
+        for kw in calls:
+            want, got = mha(x, x, x, **kw), view(x, x, x, **kw)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+            assert (got[1] is None) is (want[1] is None)
+            if want[1] is not None:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+        assert len(taps) == len(calls)  # every call took the view's own attention
+        y = torch.randn(3, 5, 8, dtype=torch.float64)  # cross attention: the layer's forward
+        y = y if batch_first else y.transpose(0, 1)
+        torch.testing.assert_close(view(x, y, y)[0], mha(x, y, y)[0])
+    for bn, shape in (
+        (nn.BatchNorm2d(4), (3, 4, 5, 5)), (nn.BatchNorm1d(4, affine=False), (3, 4)),
+        (nn.BatchNorm1d(4), (3, 4, 6)),
+    ):  # fmt: skip
+        bn = bn.double().train()
+        bn(torch.randn(*shape, dtype=torch.float64) * 3 + 1)
+        if bn.affine:
+            nn.init.normal_(bn.weight)
+            nn.init.normal_(bn.bias)
+        v = module_view(bn.eval())
+        assert v is not None and isinstance(v, type(bn)) and v.weight is bn.weight
+        z = torch.randn(*shape, dtype=torch.float64)
+        with torch.enable_grad():  # the view's own scale and shift (no grad: the fused kernel)
+            torch.testing.assert_close(v(z), bn(z), rtol=1e-10, atol=1e-12)
+
+
+class _TokenModel(nn.Module):
+    """Token and position embeddings (one with a padding row, one read twice), a Conv1d and a
+    linear head: a small text classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(9, 4, padding_idx=0)
+        self.pos = nn.Embedding(6, 4)
+        self.conv = nn.Conv1d(4, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        h = self.tok(x) + self.pos(pos) + 0.5 * self.pos(pos.flip(0))
+        return self.head(torch.tanh(self.conv(h.transpose(1, 2))).mean(dim=2))
+
+
+def test_factored_self_influence_embeddings() -> None:
+    """Embedding weights as (token ids, output gradients) factors, repeated tokens and the
+    padding row included: the float64 scores of the generic path and of SGD by hand."""
+    torch.manual_seed(6)
+    model = _TokenModel().eval()
+    x, y = torch.randint(0, 4, (20, 6)), torch.randint(0, 3, (20,))  # many repeats, some pads
+    x[0] = 0
+    for steps, lr in ((1, None), (2, 1e-2)):  # automatic lr: the norms of the factors count
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=lr)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert path._factored() == set(path.rt.trainable)  # nothing left per example
+    got, _, _ = _factored_vs_generic(model, x, y, F64.replace(fast_path="auto", lr=1e-2))
+    torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2) / 1e-2, rtol=1e-7, atol=1e-12)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())  # the exported graph's aten.embedding calls too
+    got, want, path = _factored_vs_generic(graph, x, y, F64.replace(fast_path="auto"))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert {n.rpartition(".")[2] for n in path.active} >= {"tok", "conv", "head"}
+    fi = ForwardInf(graph, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _WideConvs(nn.Module):
+    """Convs whose weights outweigh their few output positions (text-like): a Conv1d called
+    twice and a strided, dilated Conv2d, both run as factors of their unfolded patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Conv1d(12, 12, 5, padding=2)
+        self.c = nn.Conv2d(3, 10, 3, stride=2, padding=1, dilation=2, bias=False)
+        self.head = nn.Linear(12 + 10, 3)  # the Conv2d keeps 1x1 of 4x4
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(self.t(torch.tanh(self.t(x)))).mean(dim=2)
+        return self.head(torch.cat([t, torch.tanh(self.c(img)).flatten(1)], dim=1))
+
+
+def test_factored_self_influence_convs_as_patch_factors() -> None:
+    """A conv with few output positions and a big ungrouped weight keeps no per-example weight
+    copy: its update is (patches, output gradients) factors: the generic path's scores."""
+    torch.manual_seed(7)
+    model = _WideConvs().eval()
+    x = {"x": torch.randn(20, 12, 3), "img": torch.randn(20, 3, 4, 4)}
+    y = torch.randint(0, 3, (20,))
+    for steps, lr in ((1, None), (2, 1e-2)):
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=lr)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert path.moved == set() and {"t", "c"} <= path.active
+    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"

@@ -1,6 +1,6 @@
-"""Self-influence with linear layers as low-rank factors, conv2d weight gradients by unfold,
-every other parameter per example under vmap: the fast path for CNNs, transformers and graphs
-loaded from pt2.
+"""Self-influence with linear layers and embeddings as low-rank factors, conv weight gradients
+by unfold, every other parameter per example under vmap: the fast path for CNNs, transformers,
+text models and graphs loaded from pt2.
 
 One SGD step on one example changes a linear layer by ``coef * sum_t delta_t a_t^T`` (``a``
 its inputs, ``delta`` the loss gradient at its outputs, summed over tokens and calls), so the
@@ -8,16 +8,23 @@ updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forwar
 example's tensors, whatever the model's layout (sequence-first attention, batch folded into
 tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
 added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
-the per-example gradients of the remaining parameters (norms, embeddings). A conv2d layer gets
-a probe too: its per-example weight gradient is then one unfold (im2col) and batched matmul,
-not vmap's per-example convolution backward, and its updated weights run as per-example copies.
-No per-example copy of a linear weight is built, differentiated, normed or read. Exact, not an
-approximation; verified once per engine against the generic path before it is trusted.
+the per-example gradients of the remaining parameters (norms, tied weights). An embedding's
+factors are the token ids it read and its output gradients (the step moves those rows only; its
+correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A conv
+layer (Conv2d or Conv1d, grouped and depthwise included) gets a probe too: its per-example
+weight gradient is then one unfold (im2col) and a batched matmul per group, not vmap's
+per-example convolution backward, and its updated weights run as per-example copies; an
+ungrouped conv whose weight outweighs its patches (few output positions: text) is a linear layer
+over its unfolded patches instead, with (patches, output gradients) as factors. No per-example
+copy of a linear or embedding weight is built, differentiated, normed or read.
+Exact, not an approximation; verified once per engine against the generic path before it is
+trusted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
 from mirrorinf.engine.graph_view import ParamLinear
+from mirrorinf.engine.module_view import EngineMultiheadAttention
 from mirrorinf.engine.rank1_hooks import small_bmm
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.updates import batchable, stack_norm, step_lr
@@ -41,38 +49,44 @@ Factors = dict[str, dict[str, Tensor]]  # site -> {"a": [r, in], "d": [r, out], 
 
 @dataclass(frozen=True)
 class Site:
-    """A module computing ``linear(x, weight, bias)`` (or ``conv2d``) with trainable parameters
+    """A module computing ``linear(x, weight, bias)`` (or a conv) with trainable parameters
     of its own."""
 
     module: nn.Module
     weight: str  # full parameter names
     bias: str | None  # None: no bias, or a fixed one
     conv: bool = False
+    embed: bool = False  # an embedding: its factors are token ids and output gradients
 
 
 def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
-    """Modules whose forward is a plain linear (or ungrouped, zero-padded conv2d) call on their
-    own (untied) parameters."""
+    """Modules whose forward is a plain linear (or zero-padded conv1d/conv2d) call on their own
+    (untied) parameters."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     own = dict(model.named_parameters())
     sites = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, ParamLinear):
+        prefix = f"{name}." if name else ""
+        site_name, call = name, mod
+        if isinstance(mod, EngineMultiheadAttention):  # its in-projection, through its tap
+            w_attr, b_attr = "in_proj_weight", "in_proj_bias"
+            site_name, call = f"{prefix}in_proj", mod.in_tap
+        elif isinstance(mod, ParamLinear):
             w_attr, b_attr = mod.weight_attr, mod.bias_attr
-        elif _plain_linear(mod) or _plain_conv(mod):
+        elif _plain_linear(mod) or _plain_conv(mod) or _plain_embedding(mod):
             w_attr, b_attr = "weight", "bias"
         else:
             continue
-        prefix = f"{name}." if name else ""
         w, b = prefix + w_attr, prefix + b_attr
         if w not in own or w not in trainable or counts[id(own[w])] != 1:
             continue
         if b in own and counts[id(own[b])] != 1:
             continue
         bias = b if b in own and b in trainable else None
-        sites[name] = Site(mod, w, bias, conv=isinstance(mod, nn.Conv2d))
+        conv, embed = isinstance(mod, nn.Conv1d | nn.Conv2d), isinstance(mod, nn.Embedding)
+        sites[site_name] = Site(call, w, bias, conv=conv, embed=embed)
     return sites
 
 
@@ -81,11 +95,17 @@ def _plain_linear(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
 
 
+def _plain_embedding(mod: nn.Module) -> bool:
+    """An nn.Embedding whose weight gradient is its output gradients scattered to the rows of
+    the tokens read (no max_norm renormalisation, no frequency scaling)."""
+    return type(mod) is nn.Embedding and mod.max_norm is None and not mod.scale_grad_by_freq
+
+
 def _plain_conv(mod: nn.Module) -> bool:
-    """An nn.Conv2d whose per-example weight gradient is one unfold and matmul away."""
+    """An nn.Conv2d or nn.Conv1d (grouped and depthwise included) whose per-example weight
+    gradient is one unfold and batched matmul away."""
     return (
-        type(mod) is nn.Conv2d
-        and mod.groups == 1
+        type(mod) in (nn.Conv2d, nn.Conv1d)
         and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
     )
@@ -100,6 +120,7 @@ class _Pass:
     inputs: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each call's output
     sizes: dict[str, int] = field(default_factory=dict)  # floats of its factors, one example
+    patches: dict[str, int] = field(default_factory=dict)  # a conv's, as patch factors
 
 
 class FactoredPath:
@@ -111,6 +132,9 @@ class FactoredPath:
         self.sites = sites
         self.names = {s.module: n for n, s in sites.items()}
         self.active = set(sites)  # sites the model really calls (found by the shapes pass)
+        # convs run with per-example weight copies; the others (few output positions, big
+        # ungrouped weights: text) as low-rank factors of their unfolded patches, like linears
+        self.moved = {n for n, s in sites.items() if s.conv}
         self.shapes: dict[str, tuple[int, ...]] | None = None
         self.sizes: dict[str, int] = {}
         self._shapes_of: tuple[object, ...] | None = None  # the row shape they were found for
@@ -166,15 +190,33 @@ class FactoredPath:
         key = f"{name}#{call}"
         f = st.factors.get(name)
         new = out
-        if f is not None and "a" in f:
+        if f is not None and "a" in f and self.sites[name].embed:  # rows of the tokens moved
+            same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
+            new = new + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
+        elif f is not None and "a" in f and self.sites[name].conv:  # over unfolded patches
+            assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+            cols = _patches(mod, x)  # [b, L, C*k]
+            corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
+            new = new + corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2).reshape(
+                out.shape
+            )
+        elif f is not None and "a" in f:
             xf = x.reshape(-1, x.shape[-1])
             new = new + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
-        if f is not None and "db" in f:
+        if f is not None and "db" in f and self.sites[name].conv:
+            new = new + f["db"].reshape(-1, *[1] * _spatial(mod))
+        elif f is not None and "db" in f:
             new = new + f["db"]
         if st.mode == "shapes":
             st.shapes[key] = tuple(out.shape)
-            if isinstance(mod, nn.Conv2d):  # its per-example weights (moved) and bias
-                st.sizes[key] = out.shape[1] + (mod.weight.numel() if key.endswith("#0") else 0)
+            if self.sites[name].conv:  # its per-example weights (moved) and bias
+                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                w = mod.weight
+                st.sizes[key] = out.shape[-1 - _spatial(mod)] + (w.numel() if call == 0 else 0)
+                positions = out.numel() // out.shape[-1 - _spatial(mod)]  # x calls, batch 1
+                st.patches[key] = positions * (w[0].numel() + w.shape[0])
+            elif self.sites[name].embed:  # a token id and an output gradient per token
+                st.sizes[key] = x.numel() * (1 + out.shape[-1])
             else:
                 st.sizes[key] = out.numel() // out.shape[-1] * (x.shape[-1] + out.shape[-1])
         elif st.mode == "probe":
@@ -196,6 +238,16 @@ class FactoredPath:
                 self.rt.forward(state, state.params, each(x, lambda v: v[:1]))
             self.shapes, self.sizes = st.shapes, st.sizes
             self.active = {k.rpartition("#")[0] for k in st.shapes}
+            self.moved = set()
+            for n in self.active:
+                mod, keys = self.sites[n].module, [k for k in st.patches if k.startswith(n + "#")]
+                if not keys:
+                    continue
+                weights = sum(self.sizes[k] for k in keys)
+                if getattr(mod, "groups", 1) > 1 or sum(st.patches[k] for k in keys) >= weights:
+                    self.moved.add(n)
+                else:
+                    self.sizes.update({k: st.patches[k] for k in keys})
         return self.shapes
 
     def numel(self, state: ModelState, x: Inputs) -> int:
@@ -252,7 +304,7 @@ class FactoredPath:
         out = dict(moved)
         for n, (dw, db) in grads.items():
             s = self.sites[n]
-            if not s.conv:
+            if n not in self.moved:
                 continue
             for name, g in ((s.weight, dw), (s.bias, db)):
                 if name is not None:
@@ -309,7 +361,8 @@ class FactoredPath:
 
     def _site_grads(self, ins: Params, g_out: Params) -> dict[str, tuple[Tensor, Tensor]]:
         """Per linear site: (inputs [m, r, in], output gradients [m, r, out]) over all its
-        calls; per conv site: (weight gradient [m, *weight], output gradients summed [m, out])."""
+        calls; per embedding: (token ids [m, r], output gradients [m, r, dim]); per conv site:
+        (weight gradient [m, *weight], output gradients summed [m, out])."""
         parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         for key, a in ins.items():
             name = key.rpartition("#")[0]
@@ -317,15 +370,34 @@ class FactoredPath:
             m = a.shape[0]
             la, ld = parts.setdefault(name, ([], []))
             mod = self.sites[name].module
-            if isinstance(mod, nn.Conv2d):
+            if self.sites[name].conv and name not in self.moved:  # patches and gradients
+                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                la.append(_patches(mod, a).reshape(m, -1, mod.weight[0].numel()))
+                out_ch, k = d.shape[-1 - _spatial(mod)], _spatial(mod)
+                ld.append(d.reshape(m, -1, out_ch, math.prod(d.shape[-k:])).transpose(2, 3))
+                ld[-1] = ld[-1].reshape(m, -1, out_ch)
+            elif self.sites[name].conv:
+                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
                 la.append(_conv_weight_grad(mod, a, d))
-                ld.append(d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).sum(dim=(1, 3)))
+                k = _spatial(mod)
+                ld.append(
+                    d.reshape(m, -1, d.shape[-1 - k], math.prod(d.shape[-k:])).sum(dim=(1, 3))
+                )
+            elif self.sites[name].embed:
+                assert isinstance(mod, nn.Embedding)
+                ids, d = a.reshape(m, -1), d.reshape(m, -1, d.shape[-1])
+                if mod.padding_idx is not None:  # that row never moves
+                    d = d * (ids != mod.padding_idx).unsqueeze(-1).to(d.dtype)
+                la.append(ids)
+                ld.append(d)
             else:
                 la.append(a.reshape(m, -1, a.shape[-1]))
                 ld.append(d.reshape(m, -1, d.shape[-1]))
         out = {}
         for n, (la, ld) in parts.items():
-            if self.sites[n].conv:
+            if len(la) == 1:  # one call: no copy
+                out[n] = (la[0], ld[0])
+            elif n in self.moved:
                 out[n] = (torch.stack(la).sum(0), torch.stack(ld).sum(0))
             else:
                 out[n] = (torch.cat(la, 1), torch.cat(ld, 1))
@@ -338,12 +410,16 @@ class FactoredPath:
         total = total.to(self.rt.device)
         for n, (a, d) in grads.items():
             s = self.sites[n]
-            if s.conv:  # (weight gradient, bias gradient)
+            if n in self.moved:  # (weight gradient, bias gradient)
                 total = total + torch.linalg.vector_norm(a.flatten(1), dim=1).double().pow(2)
                 if s.bias is not None:
                     total = total + d.double().pow(2).sum(dim=1)
                 continue
-            if s.weight is not None:
+            if s.embed:  # rows of the same token add up: an equality "Gram" of the ids
+                ga = (a.unsqueeze(2) == a.unsqueeze(1)).double()
+                gd = small_bmm(d, d.transpose(1, 2)).double()
+                total = total + (ga * gd).sum(dim=(1, 2))
+            elif s.weight is not None:
                 ga = small_bmm(a, a.transpose(1, 2)).double()
                 gd = small_bmm(d, d.transpose(1, 2)).double()
                 total = total + (ga * gd).sum(dim=(1, 2))
@@ -358,7 +434,7 @@ class FactoredPath:
         out: Factors = {n: dict(f) for n, f in factors.items()}
         for n, (a, d) in grads.items():
             s = self.sites[n]
-            if s.conv:  # moved with the per-example parameters instead (_move_convs)
+            if n in self.moved:  # moved with the per-example parameters instead (_move_convs)
                 continue
             f = out.setdefault(n, {})
             dc = d * coef.to(d.dtype).reshape(-1, 1, 1)
@@ -376,17 +452,50 @@ def _per_row(coef: Tensor, like: Tensor) -> Tensor:
     return coef.reshape(-1, *[1] * (like.ndim - 1))
 
 
-def _conv_weight_grad(mod: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
-    """Each example's weight gradient of one conv2d call: output gradients times the unfolded
-    inputs (im2col), as one batched matmul. ``x`` [m, ..., C, H, W], ``d`` [m, ..., out, H', W']."""
-    m, padding = x.shape[0], mod.padding
+def _spatial(mod: nn.Module) -> int:
+    """Spatial dimensions of a conv layer: 1 (Conv1d) or 2 (Conv2d)."""
+    return 1 if isinstance(mod, nn.Conv1d) else 2
+
+
+def _patches(mod: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """The unfolded inputs of an ungrouped conv: ``x`` [b, C, *spatial] -> [b, L, C*k]."""
+    padding = mod.padding
     assert not isinstance(padding, str)  # _plain_conv
+    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):  # a strided window view and one copy (im2col is slower)
+        x = nn.functional.pad(x.reshape(-1, *x.shape[-2:]), (padding[0], padding[0]))
+        span = dilation[0] * (kernel[0] - 1) + 1
+        win = x.unfold(-1, span, stride[0])[..., :: dilation[0]]  # [b, C, L, k]
+        return win.permute(0, 2, 1, 3).flatten(2)
+    cols = nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride)
+    return cols.transpose(1, 2)
+
+
+def _conv_weight_grad(mod: nn.Conv1d | nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+    """Each example's weight gradient of one conv call: output gradients times the unfolded
+    inputs (im2col), one batched matmul per group (a Conv1d as a conv2d of height 1).
+    ``x`` [m, ..., C, *spatial], ``d`` [m, ..., out, *spatial']."""
+    m, groups = x.shape[0], mod.groups
+    padding = mod.padding
+    assert not isinstance(padding, str)  # _plain_conv
+    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):  # height 1
+        x, d = x.unsqueeze(-2), d.unsqueeze(-2)
+        kernel, dilation = (1, *kernel), (1, *dilation)
+        padding, stride = (0, *padding), (1, *stride)
     cols = nn.functional.unfold(
-        x.reshape(-1, *x.shape[-3:]), mod.kernel_size, mod.dilation, padding, mod.stride
-    )  # [m*k, C*kh*kw, L]
-    cols = cols.reshape(m, -1, *cols.shape[1:]).transpose(1, 2).flatten(2)  # [m, C*kh*kw, k*L]
-    g = d.reshape(m, -1, d.shape[-3], d.shape[-2] * d.shape[-1]).transpose(1, 2).flatten(2)
-    return torch.bmm(g, cols.transpose(1, 2)).reshape(m, *mod.weight.shape)
+        x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride
+    )  # [m*k, C*kh*kw, L], channels outermost
+    cols = cols.reshape(m, -1, groups, cols.shape[1] // groups, cols.shape[2])
+    cols = cols.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, C/g*kh*kw, k*L]
+    out = d.shape[-3]
+    g = d.reshape(m, -1, groups, out // groups, d.shape[-2] * d.shape[-1])
+    g = g.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, out/g, k*L]
+    if out == groups:  # depthwise: one output channel per group, no matmul to batch
+        w = (g * cols).sum(-1).unsqueeze(2)
+    else:
+        w = torch.matmul(g, cols.transpose(-1, -2))  # [m, g, out/g, C/g*kh*kw]
+    return w.reshape(m, *mod.weight.shape)
 
 
 __all__ = ["FactoredPath", "Site", "linear_sites"]

@@ -4,11 +4,12 @@ A graph loaded from pt2 calls aten ops on its parameters: ``aten.linear`` (or ``
 transposed weight after decomposition) instead of ``nn.Linear`` modules, so the exact rank-1
 path never saw a Linear layer; and ``aten.sym_size``, which vmap cannot batch, so the batched
 generic path fell back to a loop. :func:`engine_view` returns a copy whose graph calls
-``nn.Linear`` / ``nn.Conv2d`` submodules (or, for a projection owned by a larger module such as
-nn.MultiheadAttention's ``in_proj_weight``, a :class:`ParamLinear`) holding the *same* Parameter
-objects (same names, same order), reads sizes in Python and computes inference-mode batch norm
-as a per-channel scale and shift. The same model (to rounding); the caller's model is never
-changed.
+``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Embedding`` submodules (or, for a
+projection owned by a larger module such as nn.MultiheadAttention's ``in_proj_weight``, a
+:class:`ParamLinear`) holding the *same* Parameter objects (same names, same order), reads sizes
+in Python and computes inference-mode batch norm as a per-channel scale and shift. The same
+model (to rounding); the caller's model is never changed. Plain ``nn.Module`` layers get views
+of their own (:mod:`mirrorinf.engine.module_view`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from mirrorinf.engine.module_view import module_view, shallow
+
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
@@ -27,10 +30,14 @@ _LINEAR = (aten.linear.default, torch._C._nn.linear, nn.functional.linear)
 
 
 def engine_view(model: nn.Module) -> nn.Module:
-    """``model`` itself when it holds no exported graph to rewrite, else a rewritten copy that
-    shares every parameter and buffer (and any module the rewrite did not touch)."""
+    """``model`` itself when it holds no exported graph or layer to rewrite, else a rewritten
+    copy that shares every parameter and buffer (and any module the rewrite did not touch):
+    graphs as above, BatchNorm and nn.MultiheadAttention as :mod:`module_view` views."""
     if isinstance(model, fx.GraphModule):
         return _graph_view(model) or model
+    layer = module_view(model)
+    if layer is not None:
+        return layer
     changed = {}
     for name, child in model._modules.items():
         if child is not None:
@@ -39,9 +46,7 @@ def engine_view(model: nn.Module) -> nn.Module:
                 changed[name] = view
     if not changed:
         return model
-    clone = copy.copy(model)  # its own dicts: swapping tensors in it must not touch the original
-    for attr in ("_modules", "_parameters", "_buffers"):
-        clone.__dict__[attr] = dict(getattr(model, attr))
+    clone = shallow(model)  # its own dicts: swapping tensors in it must not touch the original
     clone._modules.update(changed)
     return clone
 
@@ -101,7 +106,9 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
             sizes += 1
             continue
         conv = _conv_site(gm, graph, node)
-        site = _linear_site(gm, graph, node) if conv is None else (*conv[:3], "weight")
+        emb = _embedding_site(gm, graph, node) if conv is None else None
+        layer = conv or emb
+        site = _linear_site(gm, graph, node) if layer is None else (*layer[:3], "weight")
         if site is None:
             continue
         owner, x, erase, field = site
@@ -111,6 +118,8 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         lin: nn.Module
         if conv is not None:
             lin = _shared_conv(mod, conv[3])
+        elif emb is not None:
+            lin = _shared_embedding(mod, emb[3])
         else:
             lin = _shared_linear(mod) if field == "weight" else ParamLinear(mod, field)
         with graph.inserting_before(node):
@@ -201,9 +210,10 @@ def _linear_site(
 def _conv_site(
     gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
-    """(owner, input node, nodes to erase, Conv2d arguments) of an ``aten.conv2d`` call on one
-    module's own 4-D weight (and bias) that nothing else reads; None for anything else."""
-    if node.target is not aten.conv2d.default or node.kwargs:
+    """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv2d`` (``conv1d``)
+    call on one module's own 4-D (3-D) weight (and bias) that nothing else reads; else None."""
+    ndim = 4 if node.target is aten.conv2d.default else 3
+    if node.target not in (aten.conv2d.default, aten.conv1d.default) or node.kwargs:
         return None
     names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
     a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -213,33 +223,74 @@ def _conv_site(
         return None
     if isinstance(a["padding"], str):
         return None
+    owner = _sole_owner(gm, graph, w, b, ndim)
+    if owner is None:
+        return None
+    args = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+    return owner, x, [w] if b is None else [w, b], args
+
+
+def _sole_owner(
+    gm: fx.GraphModule, graph: fx.Graph, w: fx.Node, b: fx.Node | None, ndim: int
+) -> str | None:
+    """The module owning ``weight`` (an ``ndim``-D Parameter) and ``bias`` (or no bias) and
+    nothing else, whose tensors no other node reads; None if there is none."""
     owner, _, field = str(w.target).rpartition(".")
     if not owner or field != "weight" or (b is not None and b.target != f"{owner}.bias"):
         return None
     mod = gm.get_submodule(owner)
     weight = mod._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 4 or mod._modules or mod._buffers:
+    if not isinstance(weight, nn.Parameter) or weight.ndim != ndim or mod._modules or mod._buffers:
         return None
     if set(mod._parameters) != {"weight", *(["bias"] if b is not None else [])}:
         return None
-    nodes = [w] if b is None else [w, b]
     reads = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(owner + ".")]
-    if len(reads) != len(nodes):
+    return owner if len(reads) == (1 if b is None else 2) else None
+
+
+def _embedding_site(
+    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
+    """(owner, indices node, nodes to erase, Embedding arguments) of an ``aten.embedding``
+    call (no frequency scaling) on one module's own 2-D weight that nothing else reads."""
+    if node.target is not aten.embedding.default or node.kwargs:
         return None
-    args = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
-    return owner, x, nodes, args
+    defaults: tuple[Any, ...] = (-1, False, False)  # padding_idx, scale_grad_by_freq, sparse
+    args: list[Any] = [*node.args, *defaults[len(node.args) - 2 :]]
+    w, idx, padding_idx, by_freq, sparse = args
+    if by_freq or not isinstance(idx, fx.Node) or not _own_attr(w):
+        return None
+    owner = _sole_owner(gm, graph, w, None, 2)
+    if owner is None:
+        return None
+    pad = None if int(padding_idx) < 0 else int(padding_idx)
+    return owner, idx, [w], {"padding_idx": pad, "sparse": bool(sparse)}
 
 
-def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv2d:
-    """An nn.Conv2d holding ``owner``'s weight and bias (the same Parameter objects)."""
+def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:
+    """An nn.Embedding holding ``owner``'s weight (the same Parameter object)."""
+    weight = owner._parameters["weight"]
+    assert weight is not None
+    num, dim = weight.shape
+    emb = nn.Embedding(num, dim, args["padding_idx"], sparse=args["sparse"], device="meta")
+    emb.weight = weight
+    emb.training = owner.training
+    return emb
+
+
+def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d:
+    """An nn.Conv2d (nn.Conv1d for a 3-D weight) holding ``owner``'s weight and bias (the same
+    Parameter objects)."""
     weight = owner._parameters["weight"]
     assert weight is not None
     bias = owner._parameters.get("bias")
-    out_ch, in_per_group, kh, kw = weight.shape
+    out_ch, in_per_group, *kernel = weight.shape
     groups = int(args["groups"])
-    conv = nn.Conv2d(
-        in_per_group * groups, out_ch, (kh, kw), stride=args["stride"], padding=args["padding"],
-        dilation=args["dilation"], groups=groups, bias=bias is not None, device="meta",
+    cls: Any = nn.Conv1d if len(kernel) == 1 else nn.Conv2d
+    conv: nn.Conv1d | nn.Conv2d = cls(
+        in_per_group * groups, out_ch, tuple(kernel), stride=args["stride"],
+        padding=args["padding"], dilation=args["dilation"], groups=groups,
+        bias=bias is not None, device="meta",
     )  # fmt: skip
     conv.weight = weight
     if bias is not None:

@@ -174,14 +174,7 @@ class SignedRecords:
         self._json(name)
         if not _ARRAY.match(array):
             raise ValueError(f"invalid array name {array!r}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.{array}.npy.", suffix=".tmp")
-        os.close(fd)
-        try:
-            return NpyFile(Path(tmp), shape, dtype)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return NpyFile.temporary(self.root / f"{name}.{array}.npy", shape, dtype)
 
     def write(
         self,
@@ -199,12 +192,11 @@ class SignedRecords:
         entries = {}
         for array, done in sorted((filled or {}).items()):
             entries[array] = {
-                "sha256": done.sha256(),
+                "sha256": done.digest(),
                 "shape": list(done.shape),
                 "dtype": done.dtype.str,
             }
-            done.close()
-            os.replace(done.path, self.array_path(name, array))
+            done.commit(self.array_path(name, array))
         sources = {a: RowBlocks.of(v) for a, v in arrays.items()} | dict(blocks or {})
         for array, source in sorted(sources.items()):
             if not _ARRAY.match(array):
@@ -383,10 +375,30 @@ class NpyFile:
         if os.pwrite(self.fd, memoryview(block).cast("B"), at) != block.nbytes:
             raise OSError(f"short write to {self.path}")
 
-    def sha256(self) -> str:
-        """The file's sha256, read in blocks (after an fsync: the bytes a record names)."""
+    @classmethod
+    def temporary(cls, final: Path, shape: tuple[int, ...], dtype: Any) -> NpyFile:
+        """A new file beside ``final`` under a temporary name (``.<final name>.*.tmp``, as
+        :func:`mirrorinf.io.atomic_write` names them), to be renamed by :meth:`commit`."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            return cls(Path(tmp), shape, dtype)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def commit(self, final: Path) -> None:
+        """Flush, close and rename the complete file to ``final`` (atomically replacing it)."""
         os.fsync(self.fd)
-        digest = hashlib.sha256()
+        self.close()
+        os.replace(self.path, final)
+        self.path = final
+
+    def digest(self, algorithm: str = "sha256") -> str:
+        """The file's hex digest, read in blocks (after an fsync: the bytes a record names)."""
+        os.fsync(self.fd)
+        digest = hashlib.new(algorithm)
         pos, size = 0, os.fstat(self.fd).st_size
         while pos < size:
             chunk = os.pread(self.fd, min(BLOCK_BYTES, size - pos), pos)

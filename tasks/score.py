@@ -279,20 +279,28 @@ def set_threads(n: int | None) -> None:
 
 
 def pairwise_scores(
+    path: Path,
     model: torch.nn.Module,
     train: Split,
     queries: Split,
     cfg: ForwardInfConfig,
     device: str = "auto",
     task: TaskParams | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pairwise scores [n_train, n_query] (rows in training-file order) and the score report."""
+) -> tuple[str, dict[str, Any]]:
+    """Pairwise scores [n_train, n_query] (rows in training-file order) written by the engine
+    straight into the float32 .npy ``path`` (under a temporary name, renamed when complete: the
+    matrix is never whole in memory); (the file's md5, the score report)."""
     fi = _engine(model, cfg, device, task)
-    scores = fi.pairwise(train.pair(), queries.pair())
-    assert fi.last_report is not None
-    report = fi.last_report.to_dict()
+    out = NpyFile.temporary(path, (len(train), len(queries)), np.float32)
+    try:
+        report = fi.pairwise_into(train.pair(), queries.pair(), out).to_dict()
+        md5 = out.digest("md5")
+        out.commit(path)
+    except BaseException:
+        out.discard()
+        raise
     report.pop("query_self_drop", None)
-    return scores.detach().cpu().numpy(), json.loads(json.dumps(report, default=str))
+    return md5, json.loads(json.dumps(report, default=str))
 
 
 @functools.cache

@@ -81,6 +81,9 @@ def test_pairwise_into_a_file_equals_the_in_memory_scores(case: str, tmp_path: P
     assert json.dumps(got_report, default=str) == json.dumps(want_report, default=str)
     if case == "float64_redo":
         assert report.upcast == 37
+        mapped = np.lib.format.open_memmap(tmp_path / "s.npy", "w+", np.float32, (300, 37))
+        fi.pairwise_into(train, queries, mapped)  # the README's way: any array with slices
+        assert np.asarray(mapped).tobytes() == want.tobytes()
     with pytest.raises(ValueError, match=r"need \(300, 37\)"):
         fi.pairwise_into(train, queries, np.empty((300, 36), np.float32))
 

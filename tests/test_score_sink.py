@@ -158,8 +158,10 @@ def test_cache_written_by_the_engine_equals_the_in_memory_scoring(tmp_path: Path
     train, val, queries = _split("train", 300, 0), _split("val", 60, 2), _split("query", 11, 1)
     cfg = ForwardInfConfig(query_batch=4, train_batch=64)
     want = compute_scores(_mlp(), train, val, queries, cfg, "cpu")
+    stale = tmp_path / ".key1.pairwise.npy.killed.tmp"  # a killed run's half-written matrix
+    stale.write_bytes(b"half")
     got, hit = score_task.fn("key1", _mlp(), train, val, queries, cfg, "cpu", str(tmp_path))
-    assert not hit and isinstance(got.pairwise, np.memmap)
+    assert not hit and isinstance(got.pairwise, np.memmap) and not stale.exists()
     assert got.pairwise.tobytes() == want.pairwise.tobytes()
     for name in ("self_influence", "group_influence", "query_self_drop"):
         assert getattr(got, name).tobytes() == getattr(want, name).tobytes(), name

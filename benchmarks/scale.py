@@ -9,7 +9,8 @@ For each N, two fresh child processes (so peak RSS is that run's alone):
   run metrics), peak RSS (``ru_maxrss``) and its part above the RSS before the flow started,
   and the bytes logged to the run's artifacts;
 - ``bare``: the engine alone on the same rows and the same loaded model (pairwise + group +
-  self-influence via ``mirrorinf.analysis.score_rows``, no tools): its seconds and peak RSS.
+  self-influence via ``mirrorinf.analysis.score_rows``, no tools), writing the score matrix
+  into a file as the flow does (``ForwardInf.pairwise_into``): its seconds and peak RSS.
 The parent prints one table and the growth exponents (least-squares slope of log y on log N).
 
 Run: nice -n 5 env OMP_NUM_THREADS=2 python benchmarks/scale.py [--n 10000 100000] [--full]
@@ -173,6 +174,7 @@ def child_bare(n: int, n_query: int, threads: int) -> dict[str, Any]:
         set_tool_env(project)
         from mirrorinf import ForwardInf
         from mirrorinf.analysis import score_rows
+        from mirrorinf.integrity import SignedRecords
         from mirrorinf.tasks.model import load_registered_model
 
         splits = _data(n, n_query)
@@ -182,7 +184,11 @@ def child_bare(n: int, n_query: int, threads: int) -> dict[str, Any]:
         rss_before = _current_rss_mb()
         fi = ForwardInf(model)
         t0, c0 = time.perf_counter(), _cpu_s()
-        _, reports = score_rows(fi, t["train"], t["query"], t["val"])
+        records = SignedRecords(project / "scores", "scores")
+        _, reports = score_rows(
+            fi, t["train"], t["query"], t["val"],
+            out=lambda name, shape: records.new_array("bare", name, shape, "float32"),
+        )  # fmt: skip
         bare, bare_cpu = time.perf_counter() - t0, _cpu_s() - c0
         pairwise_s = float(reports["pairwise"]["seconds"])
         return {

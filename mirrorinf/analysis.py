@@ -6,12 +6,16 @@ mode), group influence on a validation set and self-influence. Pure engine use: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from mirrorinf.engine import DataLike, ForwardInf, Inputs
+from mirrorinf.engine import DataLike, ForwardInf, Inputs, ScoreSink
+
+# (array name, shape) -> where that score matrix is written (e.g. a file in the run's store)
+SinkFactory = Callable[[str, tuple[int, int]], ScoreSink]
 
 
 def as_score_array(scores: torch.Tensor) -> np.ndarray:
@@ -27,7 +31,8 @@ def score_rows(
     queries: tuple[Inputs, torch.Tensor],
     val: DataLike,
     curvature: DataLike | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    out: SinkFactory | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Every per-training-row score of a set of rows (plus the per-query self-drop), and the
     engine's report of each verb.
 
@@ -37,7 +42,8 @@ def score_rows(
     ``pairwise`` and ``leak_pairwise`` keep the engine's dtype (:func:`as_score_array`); the
     per-row arrays are float64. ``leak_pairwise`` is the plain-mode pairwise pass the leak rule
     needs when the engine runs in another mode (absent in plain mode, where ``pairwise``
-    serves).
+    serves). ``out``: where to write those two matrices instead (the engine fills the sink
+    block by block, never holding the matrix; the sink is returned in their place).
     """
     reports: dict[str, dict[str, Any]] = {}
 
@@ -47,20 +53,28 @@ def score_rows(
         rep.pop("query_self_drop", None)  # an array, kept with the scores
         reports[name] = rep
 
-    out = {"pairwise": as_score_array(fi.pairwise(train, queries, curvature=curvature))}
+    n_q = len(queries[1])
+
+    def pairwise(engine: ForwardInf, name: str, curv: Any = None) -> Any:
+        if out is None:
+            return as_score_array(engine.pairwise(train, queries, curvature=curv))
+        sink = out(name, (len(train[1]), n_q))
+        engine.pairwise_into(train, queries, sink, curvature=curv)
+        return sink
+
+    rows: dict[str, Any] = {"pairwise": pairwise(fi, "pairwise", curvature)}
     assert fi.last_report is not None
     drop = fi.last_report.query_self_drop
     plain = fi.last_report.mode == "plain"
     report("pairwise")
     if not plain:
         twin = fi.plain_twin()
-        out["leak_pairwise"] = as_score_array(twin.pairwise(train, queries))
+        rows["leak_pairwise"] = pairwise(twin, "leak_pairwise")
         assert twin.last_report is not None
         drop = twin.last_report.query_self_drop
-    n_q = len(queries[1])
-    out["query_self_drop"] = drop.double().numpy() if drop is not None else np.full(n_q, np.nan)
-    out["group_influence"] = fi.group(train, val, curvature=curvature).double().numpy()
+    rows["query_self_drop"] = drop.double().numpy() if drop is not None else np.full(n_q, np.nan)
+    rows["group_influence"] = fi.group(train, val, curvature=curvature).double().numpy()
     report("group")
-    out["self_influence"] = fi.self_influence(train).double().numpy()
+    rows["self_influence"] = fi.self_influence(train).double().numpy()
     report("self")
-    return out, reports
+    return rows, reports

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import logging
 import os
 import signal
@@ -299,7 +298,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
         ensure_writable,
         load_dataset,
         write_json,
-        write_npy,
     )
 
     ensure_writable({"--out": out}, create=False)  # now, not after the scoring
@@ -316,16 +314,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
     model, ref = load_model_uri(args.model_uri, tracking_uri=uri, allow_pickle=allow_pickle)
     check_fit(model, [train, queries], params.task)
     cfg = params.influence
-    scores, report = pairwise_scores(model, train, queries, cfg, params.device, params.task)
     out.mkdir(parents=True, exist_ok=True)
-    write_npy(out / "scores.npy", scores)
+    # the engine writes the scores into out/scores.npy as it goes (renamed when complete)
+    md5, report = pairwise_scores(
+        out / "scores.npy", model, train, queries, cfg, params.device, params.task
+    )
+    shape = (len(train), len(queries))
     # the manifest goes last and names the scores' md5: after a crash between the two renames,
     # an old manifest does not match the new scores, and a reader can tell
     manifest = {
         "scores": "scores.npy",
-        "scores_md5": hashlib.md5((out / "scores.npy").read_bytes()).hexdigest(),
-        "shape": list(scores.shape),
-        "dtype": str(scores.dtype),
+        "scores_md5": md5,
+        "shape": list(shape),
+        "dtype": "float32",
         "rows": "training examples, in training-file order",
         "columns": "queries, in query-file order",
         "sign": "positive = proponent (fitting the query lowers the training example's loss)",
@@ -339,7 +340,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(out / "manifest.json", manifest)
-    print(f"wrote {out / 'scores.npy'} {tuple(scores.shape)} and {out / 'manifest.json'}")
+    print(f"wrote {out / 'scores.npy'} {shape} and {out / 'manifest.json'}")
     return 0
 
 

@@ -44,6 +44,7 @@ from mirrorinf.errors import InputError
 from mirrorinf.io import atomic_write
 
 __all__ = [
+    "NpyFile",
     "RecordError",
     "RowBlocks",
     "SignedRecords",
@@ -116,13 +117,15 @@ def _create_key(path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def remove_stale_tmp(folder: Path, prefix: str = "") -> list[Path]:
-    """Delete temp files left by a killed :func:`mirrorinf.io.atomic_write` in ``folder``
-    (``.<prefix>*.tmp``); call only while no other writer uses that prefix there."""
+def remove_stale_tmp(folder: Path, prefix: str = "", keep: Iterable[Path] = ()) -> list[Path]:
+    """Delete temp files left by a killed :func:`mirrorinf.io.atomic_write` or
+    :meth:`SignedRecords.new_array` in ``folder`` (``.<prefix>*.tmp``, except those in ``keep``:
+    this run's own); call only while no other writer uses that prefix there."""
     removed = []
+    mine = {Path(p) for p in keep}
     if folder.is_dir():
         for path in folder.glob(f".{prefix}*.tmp"):
-            if path.is_file():
+            if path.is_file() and path not in mine:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     if removed:
@@ -164,18 +167,36 @@ class SignedRecords:
             "arrays": arrays,
         }
 
+    def new_array(self, name: str, array: str, shape: tuple[int, ...], dtype: Any) -> NpyFile:
+        """An array of record ``name`` to fill in place (:class:`NpyFile`), under a temporary
+        name in the folder (``.<name>.<array>.npy.*.tmp``: a killed run's is removed by
+        :func:`remove_stale_tmp`); :meth:`write` takes it into the record as ``filled``."""
+        self._json(name)
+        if not _ARRAY.match(array):
+            raise ValueError(f"invalid array name {array!r}")
+        return NpyFile.temporary(self.root / f"{name}.{array}.npy", shape, dtype)
+
     def write(
         self,
         name: str,
         arrays: dict[str, np.ndarray],
         meta: dict[str, Any],
         blocks: dict[str, RowBlocks] | None = None,
+        filled: dict[str, NpyFile] | None = None,
     ) -> None:
         """Each array (atomically, streamed and hashed in row blocks: no in-memory copy), then
         the signed JSON that references them (last). ``blocks``: arrays produced block by block
-        (e.g. shards assembled into one score matrix) instead of held whole."""
+        (e.g. shards assembled into one score matrix) instead of held whole; ``filled``: arrays
+        already written in place (:meth:`new_array`), hashed and renamed into the record."""
         target = self._json(name)
         entries = {}
+        for array, done in sorted((filled or {}).items()):
+            entries[array] = {
+                "sha256": done.digest(),
+                "shape": list(done.shape),
+                "dtype": done.dtype.str,
+            }
+            done.commit(self.array_path(name, array))
         sources = {a: RowBlocks.of(v) for a, v in arrays.items()} | dict(blocks or {})
         for array, source in sorted(sources.items()):
             if not _ARRAY.match(array):
@@ -303,25 +324,111 @@ class _Hashing:
         return self.fh.write(view)
 
 
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[bytes, dict[str, Any]]:
+    """The .npy header of a C-order array (1.0 unless it cannot hold the shape, as np.save)."""
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be stored (no pickles)")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(shape)}  # fmt: skip
+    head = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(head, header)
+    except ValueError:
+        head = io.BytesIO()
+        np.lib.format.write_array_header_2_0(head, header)
+    return head.getvalue(), header
+
+
+class NpyFile:
+    """A new .npy file of fixed shape and dtype, filled by numpy-style assignment of row blocks
+    (``f[rows, cols] = block``) through plain file writes: no memory map, so what was written
+    lives in the page cache and on disk, not in the process. Made under a temporary name by
+    :meth:`SignedRecords.new_array` and renamed into a record by :meth:`SignedRecords.write`."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        if len(self.shape) != 2:
+            raise ValueError(f"an NpyFile is [rows, columns], got shape {self.shape}")
+        head, _ = _npy_header(self.shape, self.dtype)
+        self.offset = len(head)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDWR)
+        os.pwrite(self.fd, head, 0)
+        os.ftruncate(self.fd, self.offset + self.shape[0] * self.row_bytes)
+
+    def __setitem__(self, key: tuple[slice, Any], value: Any) -> None:
+        """Write ``value`` into rows ``key[0]`` (a slice) and columns ``key[1]`` (a slice or an
+        index array); a block of whole rows is one write, a column subset one read and write."""
+        rows, cols = key
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("rows must be a contiguous slice")
+        n = max(0, stop - start)
+        at = self.offset + start * self.row_bytes
+        whole = isinstance(cols, slice) and cols.indices(self.shape[1]) == (0, self.shape[1], 1)
+        if whole:
+            block = np.ascontiguousarray(value, dtype=self.dtype).reshape(n, self.shape[1])
+        else:
+            raw = bytearray(os.pread(self.fd, n * self.row_bytes, at))
+            block = np.frombuffer(raw, dtype=self.dtype).reshape(n, self.shape[1])
+            block[:, cols] = value
+        if os.pwrite(self.fd, memoryview(block).cast("B"), at) != block.nbytes:
+            raise OSError(f"short write to {self.path}")
+
+    @classmethod
+    def temporary(cls, final: Path, shape: tuple[int, ...], dtype: Any) -> NpyFile:
+        """A new file beside ``final`` under a temporary name (``.<final name>.*.tmp``, as
+        :func:`mirrorinf.io.atomic_write` names them), to be renamed by :meth:`commit`."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            return cls(Path(tmp), shape, dtype)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def commit(self, final: Path) -> None:
+        """Flush, close and rename the complete file to ``final`` (atomically replacing it)."""
+        os.fsync(self.fd)
+        self.close()
+        os.replace(self.path, final)
+        self.path = final
+
+    def digest(self, algorithm: str = "sha256") -> str:
+        """The file's hex digest, read in blocks (after an fsync: the bytes a record names)."""
+        os.fsync(self.fd)
+        digest = hashlib.new(algorithm)
+        pos, size = 0, os.fstat(self.fd).st_size
+        while pos < size:
+            chunk = os.pread(self.fd, min(BLOCK_BYTES, size - pos), pos)
+            if not chunk:
+                raise OSError(f"{self.path} ended at byte {pos} of {size}")
+            digest.update(chunk)
+            pos += len(chunk)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Close and remove the file (a failed or abandoned computation)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 def write_npy(path: Path, source: RowBlocks) -> str:
     """Write ``source`` as a plain .npy at ``path`` atomically (temp name, renamed when
     complete), one block at a time; returns the file's sha256. A block of the wrong dtype or a
     row count that does not add up raises ValueError (and nothing is left behind)."""
-    if source.dtype.hasobject:
-        raise ValueError("object arrays cannot be stored (no pickles)")
-    header = {"descr": np.lib.format.dtype_to_descr(source.dtype), "fortran_order": False,
-              "shape": source.shape}  # fmt: skip
+    head, header = _npy_header(source.shape, source.dtype)
     out: dict[str, str] = {}
 
     def write(fh: Any) -> None:
         sink = _Hashing(fh)
-        head = io.BytesIO()
-        try:  # the 1.0 header unless it cannot hold the shape, as np.save does
-            np.lib.format.write_array_header_1_0(head, header)
-        except ValueError:
-            head = io.BytesIO()
-            np.lib.format.write_array_header_2_0(head, header)
-        sink.write(head.getvalue())
+        sink.write(head)
         rows = 0
         for block in source.blocks:
             block = np.ascontiguousarray(block)

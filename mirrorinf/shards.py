@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mirrorinf.engine.scores import health
-from mirrorinf.integrity import RowBlocks, SignedRecords, remove_stale_tmp
+from mirrorinf.integrity import NpyFile, RowBlocks, SignedRecords, remove_stale_tmp
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,13 @@ class ShardStore:
         return self
 
     @staticmethod
-    def _name(start: int, stop: int) -> str:
+    def name(start: int, stop: int) -> str:
+        """The record name of shard [start, stop)."""
         return f"shard_{start:09d}_{stop:09d}"
 
     def done(self, start: int, stop: int) -> bool:
         """The shard is on disk and verifies (else it is discarded, to be scored again)."""
-        return self.records.read(self._name(start, stop)) is not None
+        return self.records.read(self.name(start, stop)) is not None
 
     def save(
         self,
@@ -88,17 +89,19 @@ class ShardStore:
         stop: int,
         arrays: dict[str, np.ndarray],
         reports: dict[str, dict[str, Any]] | None = None,
+        filled: dict[str, NpyFile] | None = None,
     ) -> None:
         """Write a shard's arrays, then its signed marker (the marker says: complete) holding
-        the engine's reports of the shard (JSON)."""
+        the engine's reports of the shard (JSON); ``filled``: arrays the engine already wrote
+        into this shard's files (:meth:`SignedRecords.new_array`)."""
         meta = {"start": start, "stop": stop, "reports": reports or {}}
-        self.records.write(self._name(start, stop), arrays, meta)
+        self.records.write(self.name(start, stop), arrays, meta, filled=filled)
         with open(self.root / "computations.log", "a") as fh:  # audit: one line per scoring
             fh.write(f"{start}:{stop}\n")
 
     def load(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """A verified shard's arrays; RuntimeError if it vanished or stopped verifying."""
-        got = self.records.read(self._name(start, stop))
+        got = self.records.read(self.name(start, stop))
         if got is None:
             raise RuntimeError(f"shard {start}:{stop} is missing or failed verification")
         return got[0]
@@ -117,7 +120,7 @@ class ShardStore:
         (``scores``: a float .npy per matrix, written under a temporary name and renamed when
         complete) and returned as verified read-only memory maps: never whole in memory. The
         per-row arrays are concatenated in memory."""
-        got = {r: self.records.read(self._name(*r), mmap=MATRICES) for r in ranges}
+        got = {r: self.records.read(self.name(*r), mmap=MATRICES) for r in ranges}
         missing = [r for r, rec in got.items() if rec is None]
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) not scored yet, first {missing[0]}")

@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf import ForwardInf, ForwardInfConfig
-from mirrorinf.analysis import score_rows
+from mirrorinf.analysis import SinkFactory, score_rows
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.errors import InputError
-from mirrorinf.integrity import SignedRecords, remove_stale_tmp
+from mirrorinf.integrity import NpyFile, SignedRecords, remove_stale_tmp
 from mirrorinf.params import TaskParams
 from mirrorinf.shards import MATRICES, ShardStore
 from mirrorinf.tasks.data import Split
@@ -46,6 +48,7 @@ __all__ = [
     "save_cached_scores",
     "score_cache_dir",
     "score_cache_key",
+    "score_into",
     "score_shard_task",
     "score_task",
     "scoring_code_hash",
@@ -120,16 +123,40 @@ def compute_scores(
     cfg: ForwardInfConfig,
     device: str = "auto",
     task: TaskParams | None = None,
+    out: SinkFactory | None = None,
 ) -> ScoreBundle:
-    """Pairwise (train x queries), group (validation set), self-influence, calibration scores."""
+    """Pairwise (train x queries), group (validation set), self-influence, calibration scores.
+    ``out``: where the engine writes the score matrices (see :func:`score_into`); None: in
+    memory."""
     t0 = time.perf_counter()
     fi = _engine(model, cfg, device, task)
-    rows, reports = score_rows(fi, train.examples(), queries.pair(), val.examples())
+    rows, reports = score_rows(fi, train.examples(), queries.pair(), val.examples(), out=out)
     return _bundle(rows, reports, fi, val, cfg, t0, len(train), len(queries))
 
 
+@contextmanager
+def score_into(
+    records: SignedRecords, name: str
+) -> Iterator[tuple[SinkFactory, dict[str, NpyFile]]]:
+    """(sink factory, the files it made): each score matrix the engine writes goes straight
+    into a new float32 file of record ``name`` (temporary until :meth:`SignedRecords.write`
+    takes it), so the matrix is never whole in memory; on an error the files are removed."""
+    made: dict[str, NpyFile] = {}
+
+    def sink(array: str, shape: tuple[int, int]) -> NpyFile:
+        made[array] = records.new_array(name, array, shape, np.float32)
+        return made[array]
+
+    try:
+        yield sink, made
+    except BaseException:
+        for f in made.values():
+            f.discard()
+        raise
+
+
 def _bundle(
-    rows: dict[str, np.ndarray],
+    rows: dict[str, Any],
     reports: dict[str, dict[str, Any]],
     fi: ForwardInf,
     val: Split,
@@ -202,8 +229,12 @@ def score_shard_task(
     # the whole training set is the curvature set: anchored scores equal the unsharded run's;
     # a lazy split reads only this shard's rows to score (the curvature reads its subsample)
     part = train.examples(start, stop)
-    rows, reports = score_rows(fi, part, queries.pair(), val.examples(), curvature=train.examples())
-    store.save(start, stop, rows, json.loads(json.dumps(reports, default=str)))
+    with score_into(store.records, store.name(start, stop)) as (sink, files):
+        rows, reports = score_rows(
+            fi, part, queries.pair(), val.examples(), curvature=train.examples(), out=sink
+        )
+        rows = {k: v for k, v in rows.items() if k not in files}
+        store.save(start, stop, rows, json.loads(json.dumps(reports, default=str)), files)
     return True
 
 
@@ -248,20 +279,28 @@ def set_threads(n: int | None) -> None:
 
 
 def pairwise_scores(
+    path: Path,
     model: torch.nn.Module,
     train: Split,
     queries: Split,
     cfg: ForwardInfConfig,
     device: str = "auto",
     task: TaskParams | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pairwise scores [n_train, n_query] (rows in training-file order) and the score report."""
+) -> tuple[str, dict[str, Any]]:
+    """Pairwise scores [n_train, n_query] (rows in training-file order) written by the engine
+    straight into the float32 .npy ``path`` (under a temporary name, renamed when complete: the
+    matrix is never whole in memory); (the file's md5, the score report)."""
     fi = _engine(model, cfg, device, task)
-    scores = fi.pairwise(train.examples(), queries.pair())
-    assert fi.last_report is not None
-    report = fi.last_report.to_dict()
+    out = NpyFile.temporary(path, (len(train), len(queries)), np.float32)
+    try:
+        report = fi.pairwise_into(train.examples(), queries.pair(), out).to_dict()
+        md5 = out.digest("md5")
+        out.commit(path)
+    except BaseException:
+        out.discard()
+        raise
     report.pop("query_self_drop", None)
-    return scores.detach().cpu().numpy(), json.loads(json.dumps(report, default=str))
+    return md5, json.loads(json.dumps(report, default=str))
 
 
 @functools.cache
@@ -328,15 +367,19 @@ def score_task(
     if cached is not None:
         cached.stage_seconds = {"store": time.perf_counter() - t0}
         return cached, True
-    bundle = compute_scores(model, train, val, queries, cfg, device, task)
-    t0 = time.perf_counter()
-    save_cached_scores(cache_dir, cache_key, bundle)
+    records = SignedRecords(cache_dir, "scores")
+    remove_stale_tmp(records.root, cache_key)  # under the version's scoring lock: no other writer
+    # the engine writes the score matrices straight into the cache's files, batch by batch
+    with score_into(records, cache_key) as (sink, files):
+        bundle = compute_scores(model, train, val, queries, cfg, device, task, out=sink)
+        t0 = time.perf_counter()
+        save_cached_scores(cache_dir, cache_key, bundle, files)
     # from here on the matrix is the verified file, memory-mapped, not the engine's copy
     stored = load_cached_scores(cache_dir, cache_key)
-    if stored is not None:
-        stored.stage_seconds = {**bundle.stage_seconds, "store": time.perf_counter() - t0}
-        bundle = stored
-    return bundle, False
+    if stored is None:
+        raise RuntimeError(f"the score cache {cache_key} in {cache_dir} failed verification")
+    stored.stage_seconds = {**bundle.stage_seconds, "store": time.perf_counter() - t0}
+    return stored, False
 
 
 def score_cache_dir(root: str | Path) -> Path:
@@ -363,18 +406,29 @@ def load_cached_scores(cache_dir: str | Path, key: str) -> ScoreBundle | None:
     return ScoreBundle(**arrays, reports=meta["reports"], seconds=float(meta["seconds"]))
 
 
-def save_cached_scores(cache_dir: str | Path, key: str, bundle: ScoreBundle) -> None:
-    """Cache a bundle as a signed record (arrays .npy, reports JSON); a failed write only warns:
-    the scores are still returned, the next run computes them again."""
+def save_cached_scores(
+    cache_dir: str | Path,
+    key: str,
+    bundle: ScoreBundle,
+    filled: dict[str, NpyFile] | None = None,
+) -> None:
+    """Cache a bundle as a signed record (arrays .npy, reports JSON). ``filled``: its score
+    matrices, already written by the engine into the record's files (:func:`score_into`),
+    which must then be stored (an OSError raises); else a failed write only warns: the scores
+    are still returned, the next run computes them again."""
     root = Path(cache_dir)
-    remove_stale_tmp(root, key)  # under the version's scoring lock: no other writer of this key
+    files = dict(filled or {})
+    # under the version's scoring lock: no other writer of this key
+    remove_stale_tmp(root, key, keep=[f.path for f in files.values()])
     arrays = {
         name: value
         for name in (*_REQUIRED, *_OPTIONAL)
-        if (value := getattr(bundle, name)) is not None
+        if name not in files and (value := getattr(bundle, name)) is not None
     }
     meta = {"reports": bundle.reports, "seconds": bundle.seconds}
     try:
-        SignedRecords(root, "scores").write(key, arrays, meta)
+        SignedRecords(root, "scores").write(key, arrays, meta, filled=files)
     except OSError as err:
+        if files:
+            raise
         logger.warning("cannot write the score cache in %s: %s; scores not cached", root, err)

@@ -25,7 +25,7 @@ from mirrorinf.engine.losses import (
 from mirrorinf.engine.outputs import OutputSpec, select_output
 from mirrorinf.engine.runtime import ModelState
 from mirrorinf.engine.scorer import Scorer
-from mirrorinf.engine.scores import ScoreReport, Scores
+from mirrorinf.engine.scores import ScoreReport, Scores, ScoreSink
 
 __all__ = [
     "KINDS",
@@ -39,6 +39,7 @@ __all__ = [
     "OutputSpec",
     "RowReader",
     "ScoreReport",
+    "ScoreSink",
     "Scorer",
     "Scores",
     "SphereConfig",

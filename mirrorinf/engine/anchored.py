@@ -51,8 +51,8 @@ from mirrorinf.engine.curvature import (
 from mirrorinf.engine.examples import Examples, Inputs, each, move, rows
 from mirrorinf.engine.execution import Params, data_key, progress
 from mirrorinf.engine.runtime import AUTOCAST_MIN_STEP, ModelState, Runtime
-from mirrorinf.engine.scores import Scores, rescale
-from mirrorinf.engine.updates import per_example_grads, stacked_losses
+from mirrorinf.engine.scores import Scores, ScoreSink, ScoreWriter
+from mirrorinf.engine.updates import per_example_grads, stacked_loss_blocks, stacked_losses
 from mirrorinf.metrics import spearman
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,10 @@ class AnchoredScorer:
         tr: Examples,
         xq: Inputs,
         yq: torch.Tensor,
+        out: ScoreSink,
         curvature: Examples | None = None,
     ) -> Scores:
-        return anchored_scores(self.rt, state, tr, xq, yq, curvature=curvature)
+        return anchored_scores(self.rt, state, tr, xq, yq, out, curvature=curvature)
 
     def group(
         self,
@@ -103,9 +104,11 @@ def anchored_scores(
     tr: Examples,
     xq: Inputs,
     yq: torch.Tensor,
+    out: ScoreSink,
     curvature: Examples | None = None,
 ) -> Scores:
-    """Pairwise scores [n_train, n_query].
+    """Pairwise scores [n_train, n_query], written into ``out`` one block of training rows x
+    a query chunk at a time.
 
     ``stability``: mean per-column Spearman, on up to _STABILITY_ROWS curvature rows, of the
     scores from the first half of the basis against the whole basis (1.0 when the basis spans
@@ -118,7 +121,7 @@ def anchored_scores(
     theta = fl.flat(state.params)
     base = rt.base_losses(state, tr)
     n_cols = len(yq)
-    scores = torch.empty(len(tr), n_cols, dtype=torch.float64)
+    writer = ScoreWriter(cfg, out, "per_unit_query_weight", basis.k)
     drops = torch.empty(n_cols, dtype=torch.float64)
     steps = torch.empty(n_cols, dtype=torch.float64)
     probe = _stability_rows(rt, state, curv, basis)
@@ -133,7 +136,8 @@ def anchored_scores(
         u = basis.directions(g)
         eps = _step(rt, state, u)
         p = _moved(rt, fl, theta, u, eps)
-        scores[:, sl] = _drops(base, stacked_losses(rt, state, p, tr), eps)
+        for rows_sl, after in stacked_loss_blocks(rt, state, p, tr):
+            writer.put(rows_sl, sl, _drops(base[rows_sl], after, eps))
         q_end = stacked_losses(
             rt, state, p, Examples("q", x=each(xs, lambda v: v.cpu()), y=ys.cpu(), n=len(ys))
         )
@@ -148,7 +152,7 @@ def anchored_scores(
             full_s = _drops(probe_base, stacked_losses(rt, state, p, probe), eps)
             half_s = _drops(probe_base, stacked_losses(rt, state, p_half, probe), e_half)
             agree.append(_column_spearman(full_s, half_s))
-    matrix, drop = rescale(cfg, scores, drops, None)
+    scores = writer.scores(drops, steps, "anchored")
     rhos = torch.cat(agree) if agree else torch.empty(0, dtype=torch.float64)
     rhos = rhos[torch.isfinite(rhos)]
     stability = 1.0 if basis.full else (float(rhos.mean()) if len(rhos) else None)
@@ -173,17 +177,8 @@ def anchored_scores(
         lam_max,
         stability,
     )
-    return Scores(
-        matrix,
-        drop,
-        "per_unit_query_weight",
-        "anchored",
-        steps,
-        basis.k,
-        lam_max,
-        lam_min,
-        stability,
-    )
+    scores.lambda_max, scores.lambda_min, scores.stability = lam_max, lam_min, stability
+    return scores
 
 
 def krylov_basis(rt: Runtime, state: ModelState, curv: Examples) -> KrylovBasis:

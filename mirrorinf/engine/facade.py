@@ -27,7 +27,14 @@ from mirrorinf.engine.losses import KINDS, LossFn
 from mirrorinf.engine.outputs import OutputSpec
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.scorer import PlainScorer, Scorer
-from mirrorinf.engine.scores import ScoreReport, Scores, make_report, vanished_columns
+from mirrorinf.engine.scores import (
+    Columns,
+    ScoreReport,
+    Scores,
+    ScoreSink,
+    in_memory,
+    make_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +120,33 @@ class ForwardInf:
         comes from, when ``train`` is only some of its rows (a shard): scores then equal those
         of the whole set's run. None = ``train``. Plain mode has no curvature and ignores it.
         """
-        return self._run("pairwise", lambda: self._pairwise(train, queries, curvature))
+        tr, qs = as_examples(train, "train"), as_examples(queries, "queries")
+        out = in_memory(len(tr), len(qs))
+        self.pairwise_into(tr, qs, out, curvature=curvature)
+        return torch.from_numpy(out)
+
+    def pairwise_into(
+        self,
+        train: DataLike,
+        queries: DataLike,
+        out: ScoreSink,
+        *,
+        curvature: DataLike | None = None,
+    ) -> ScoreReport:
+        """``pairwise`` written into ``out`` instead of returned: any [n_train, n_query] array
+        with slice assignment (a ``np.memmap`` of a file, for a matrix larger than memory),
+        filled one block of training rows x queries at a time in its dtype (float32: the
+        values ``pairwise`` returns) and never read back, so the call holds O(rows per batch x
+        queries) besides its inputs. Returns the call's report (also ``last_report``)."""
+        tr, qs = as_examples(train, "train"), as_examples(queries, "queries")
+        if tuple(out.shape) != (len(tr), len(qs)):
+            raise ValueError(
+                f"out has shape {tuple(out.shape)}; pairwise scores of {len(tr)} training rows "
+                f"and {len(qs)} queries need ({len(tr)}, {len(qs)})"
+            )
+        self._run("pairwise", lambda: self._pairwise(tr, qs, out, curvature))
+        assert self.last_report is not None
+        return self.last_report
 
     def group(
         self, train: DataLike, queries: DataLike, *, curvature: DataLike | None = None
@@ -126,7 +159,7 @@ class ForwardInf:
             out = twin.group(train, queries, curvature=curvature)
             self.last_report = twin.last_report
             return out
-        return self._run("group", lambda: self._group(train, queries, curvature))[:, 0]
+        return self._column("group", lambda: self._group(train, queries, curvature))
 
     def self_influence(self, train: DataLike) -> torch.Tensor:
         """Scores [n_train]: each training point's loss drop after fitting that point alone.
@@ -140,7 +173,7 @@ class ForwardInf:
             out = twin.self_influence(train)
             self.last_report = twin.last_report
             return out
-        return self._run("self", lambda: self._self(train))[:, 0]
+        return self._column("self", lambda: self._self(train))
 
     def plain_twin(self) -> ForwardInf:
         """This engine in plain mode with automatic steps (same model, loss, device): the scale
@@ -148,8 +181,14 @@ class ForwardInf:
         return self._derived(mode="plain", steps=None, lr=None, precision="auto")
 
     # ------------------------------------------------------------------ one call
-    def _run(self, kind: str, compute: Callable[[], Scores]) -> torch.Tensor:
-        """Compute (halving batches after out-of-memory errors), report, return float32."""
+    def _column(self, kind: str, compute: Callable[[], Scores]) -> torch.Tensor:
+        """One column of scores per training row (group, self), float32."""
+        matrix = self._run(kind, compute).matrix
+        assert isinstance(matrix, torch.Tensor)
+        return matrix.float()[:, 0]
+
+    def _run(self, kind: str, compute: Callable[[], Scores]) -> Scores:
+        """Compute (halving batches after out-of-memory errors), report, return the scores."""
         t0 = time.perf_counter()
         scores = retry_on_oom(compute, self._rt.shrink)
         report = make_report(kind, self._scorer.mode, scores, time.perf_counter() - t0)
@@ -163,7 +202,7 @@ class ForwardInf:
             report.path,
             100 * report.zero_fraction,
         )
-        return scores.matrix.float()
+        return scores
 
     @contextmanager
     def _prepared(
@@ -180,14 +219,20 @@ class ForwardInf:
             yield state, tr, xq, yq, curv
 
     def _pairwise(
-        self, train: DataLike, queries: DataLike, curvature: DataLike | None = None
+        self,
+        train: DataLike,
+        queries: DataLike,
+        out: ScoreSink,
+        curvature: DataLike | None = None,
     ) -> Scores:
         with self._prepared(train, queries, curvature) as (state, tr, xq, yq, curv):
-            scores = self._scorer.pairwise(state, tr, xq, yq, curv)
-        if len(tr) > 1:
-            bad = vanished_columns(scores.matrix).nonzero().flatten()
+            scores = self._scorer.pairwise(state, tr, xq, yq, out, curv)
+        if len(tr) > 1 and scores.stats is not None:
+            bad = scores.stats.vanished().nonzero().flatten()
             self._redo_in_float64(
-                scores, bad, lambda hi: hi._pairwise(tr, (rows(xq, bad), yq[bad]), curv)
+                scores,
+                bad,
+                lambda hi: hi._pairwise(tr, (rows(xq, bad), yq[bad]), Columns(out, bad), curv),
             )
         return scores
 
@@ -208,6 +253,7 @@ class ForwardInf:
         with self._rt.scoring() as state:
             check_train(self._rt, state, tr)
             scores = self._scorer.self_influence(state, tr)
+        assert isinstance(scores.matrix, torch.Tensor)
         zero = (scores.matrix[:, 0] == 0).nonzero().flatten()
         if len(zero) > 0.01 * len(tr):
             self._redo_in_float64(scores, zero, lambda hi: hi._self(tr.take(zero)), rows=True)
@@ -221,15 +267,19 @@ class ForwardInf:
         rows: bool = False,
     ) -> None:
         """Recompute the columns (queries; or ``rows``) float32 could not resolve with a float64
-        twin, and put them into ``scores`` (rounded to float32, as the result is returned)."""
+        twin: rows are put into ``scores`` (rounded to float32, as the result is returned);
+        columns the twin wrote into the call's output itself (``redo`` gives it the columns)."""
         hi = self._float64_twin() if len(idx) > 0 else None
         if hi is None:
             return
         fixed = redo(hi)
         if rows:
+            assert isinstance(scores.matrix, torch.Tensor)
+            assert isinstance(fixed.matrix, torch.Tensor)
             scores.matrix[idx, 0] = fixed.matrix[:, 0].float().double()
         else:
-            scores.matrix[:, idx] = fixed.matrix.float().double()
+            if scores.stats is not None and fixed.stats is not None:
+                scores.stats.replace(idx, fixed.stats)
             if scores.query_self_drop is not None and fixed.query_self_drop is not None:
                 scores.query_self_drop[idx] = fixed.query_self_drop.float().double()
         scores.upcast = len(idx)

@@ -13,7 +13,7 @@ import torch
 from mirrorinf.engine.examples import Examples, Inputs, move, rows
 from mirrorinf.engine.execution import progress
 from mirrorinf.engine.runtime import ModelState, Runtime
-from mirrorinf.engine.scores import Scores, plain_scores
+from mirrorinf.engine.scores import Scores, ScoreSink, ScoreWriter
 from mirrorinf.engine.updates import batchable, per_example_losses, per_example_updates
 
 
@@ -24,10 +24,13 @@ def generic_pairwise(
     xq: Inputs,
     yq: torch.Tensor,
     base: torch.Tensor,
+    out: ScoreSink,
 ) -> Scores:
-    """Plain pairwise scores [n_train, n_query] by the generic path."""
-    n, m = len(tr), len(yq)
-    scores = torch.empty(n, m, dtype=torch.float64)
+    """Plain pairwise scores [n_train, n_query] by the generic path, written into ``out`` one
+    block of training rows x a query chunk at a time (each row's loss under each updated copy
+    comes from the same forward batches as a whole-column pass)."""
+    m = len(yq)
+    writer = ScoreWriter.plain(rt.config, out)
     drops = torch.empty(m, dtype=torch.float64)
     lrs = torch.empty(m, dtype=torch.float64)
     qb = rt.plan.query_chunk(state.numel)
@@ -36,15 +39,22 @@ def generic_pairwise(
         sl = slice(qs, min(qs + qb, m))
         stacked, lr, bufs, _ = per_example_updates(rt, state, rows(xq, sl), yq[sl])
         lrs[sl] = lr.cpu()
+        writer.divide(sl, lrs[sl])
+        copies = []
         for j in range(sl.stop - sl.start):
             pj = {k: v[j] for k, v in stacked.items()}
             bj = bufs[j] if bufs else None
+            copies.append((pj, bj))
             q = qs + j
-            scores[:, q] = base - rt.losses_over(state, pj, tr, bj)
             drops[q] = (
                 q_base[q] - rt.query_losses(state, pj, rows(xq, slice(q, q + 1)), yq[q : q + 1])[0]
             )
-    return plain_scores(rt.config, scores, drops, lrs, "generic")
+        for start, xb, yb in tr.batches(rt.plan.train_batch, rt.device):
+            with torch.no_grad():  # as Runtime.losses_over, one training batch for every copy
+                after = [rt.losses(rt.forward(state, p, xb, b, hot=True), yb) for p, b in copies]
+            block = base[start : start + len(yb)].unsqueeze(1) - torch.stack(after, 1).cpu()
+            writer.put(slice(start, start + len(yb)), sl, block)
+    return writer.scores(drops, lrs, "generic")
 
 
 def generic_self(

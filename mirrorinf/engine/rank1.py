@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from mirrorinf.engine.examples import Examples, Inputs, move, rows
@@ -17,7 +18,7 @@ from mirrorinf.engine.execution import progress
 from mirrorinf.engine.generic import agrees_with_generic_self, generic_pairwise
 from mirrorinf.engine.rank1_hooks import Rank1Hooks, Unsupported, linear_modules
 from mirrorinf.engine.runtime import ModelState, Runtime
-from mirrorinf.engine.scores import Scores, plain_scores
+from mirrorinf.engine.scores import Scores, ScoreSink, ScoreWriter, in_memory
 from mirrorinf.engine.updates import step_lr
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,17 @@ class Rank1Path:
         k, nb = min(2, len(yq)), min(16, len(tr))
         xs, ys = tr.take(slice(0, nb))
         small = Examples("train", x=xs, y=ys, n=nb)
+        fast = in_memory(nb, k, np.float64)
         try:
-            fast = self.pairwise(state, small, rows(xq, slice(0, k)), yq[:k], base[:nb]).matrix
+            self.pairwise(state, small, rows(xq, slice(0, k)), yq[:k], base[:nb], fast)
         except Unsupported as exc:
             log.info("low-rank fast path not applicable (%s); using the generic path", exc)
             self.verified = False
             return False
-        ref = generic_pairwise(
-            self.rt, state, small, rows(xq, slice(0, k)), yq[:k], base[:nb]
-        ).matrix
-        tol = 1e-3 * float(ref.abs().max()) + 1e-9
-        self.verified = bool((fast - ref).abs().max() <= tol)
+        ref = in_memory(nb, k, np.float64)
+        generic_pairwise(self.rt, state, small, rows(xq, slice(0, k)), yq[:k], base[:nb], ref)
+        tol = 1e-3 * float(np.abs(ref).max()) + 1e-9
+        self.verified = bool(np.abs(fast - ref).max() <= tol)
         if not self.verified:
             log.info("low-rank fast path disagreed with the generic path; using the generic path")
         return self.verified
@@ -114,11 +115,13 @@ class Rank1Path:
         xq: Inputs,
         yq: torch.Tensor,
         base: torch.Tensor,
+        out: ScoreSink,
     ) -> Scores:
-        """Plain pairwise scores [n_train, n_query] by the rank-1 rewrite."""
+        """Plain pairwise scores [n_train, n_query] by the rank-1 rewrite, written into ``out``
+        one block of training rows x a query chunk at a time."""
         rt = self.rt
-        n, m = len(tr), len(yq)
-        scores = torch.empty(n, m, dtype=torch.float64)
+        m = len(yq)
+        writer = ScoreWriter.plain(rt.config, out)
         drops = torch.empty(m, dtype=torch.float64)
         lrs = torch.empty(m, dtype=torch.float64)
         qb = rt.plan.query_batch
@@ -128,6 +131,7 @@ class Rank1Path:
                 k = sl.stop - sl.start
                 lr, q_base = self._updates(state, rank1, rows(xq, sl), yq[sl])
                 lrs[sl] = lr.cpu()
+                writer.divide(sl, lrs[sl])
                 with torch.no_grad():
                     rank1.set_mode("diag")
                     xqd, yqd = move(rows(xq, sl), rt.device), yq[sl].to(rt.device)
@@ -142,11 +146,10 @@ class Rank1Path:
                             raise Unsupported("model output was not expanded over queries")
                         yk = yb.repeat(k, *[1] * (yb.ndim - 1))  # [k*b, ...], query-major
                         after = rt.losses(out, yk).reshape(k, b)
-                        scores[start : start + b, sl] = (
-                            base[start : start + b].to(after.device) - after
-                        ).T.cpu()
+                        raw = (base[start : start + b].to(after.device) - after).T
+                        writer.put(slice(start, start + b), sl, raw)
                 rank1.set_mode("off")
-        return plain_scores(rt.config, scores, drops, lrs, "lowrank")
+        return writer.scores(drops, lrs, "lowrank")
 
     def self_chunk(
         self, state: ModelState, xb: Inputs, yb: torch.Tensor

@@ -1,7 +1,8 @@
 """The interface every scoring method implements, and the plain method.
 
 A scorer answers the three verbs for one call's model state, on validated inputs, with
-float64 ``Scores``; the facade (:mod:`mirrorinf.engine.facade`) does everything around it.
+float64 ``Scores`` (pairwise: written block by block into the call's sink); the facade
+(:mod:`mirrorinf.engine.facade`) does everything around it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mirrorinf.engine.group_fit import group_fit
 from mirrorinf.engine.rank1 import Rank1Path
 from mirrorinf.engine.rank1_hooks import Unsupported
 from mirrorinf.engine.runtime import ModelState, Runtime
-from mirrorinf.engine.scores import Scores, plain_scores
+from mirrorinf.engine.scores import Scores, ScoreSink, plain_scores
 
 
 class Scorer(Protocol):
@@ -39,6 +40,7 @@ class Scorer(Protocol):
         tr: Examples,
         xq: Inputs,
         yq: torch.Tensor,
+        out: ScoreSink,
         curvature: Examples | None = None,
     ) -> Scores: ...
 
@@ -74,12 +76,13 @@ class PlainScorer:
         tr: Examples,
         xq: Inputs,
         yq: torch.Tensor,
+        out: ScoreSink,
         curvature: Examples | None = None,
     ) -> Scores:
         base = self.rt.base_losses(state, tr)
         if self.fast is not None and self.fast.usable(state, tr, xq, yq, base):
-            return self.fast.pairwise(state, tr, xq, yq, base)
-        return generic_pairwise(self.rt, state, tr, xq, yq, base)
+            return self.fast.pairwise(state, tr, xq, yq, base, out)
+        return generic_pairwise(self.rt, state, tr, xq, yq, base, out)
 
     def group(
         self,

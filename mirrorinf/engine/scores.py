@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,12 +19,14 @@ log = logging.getLogger(__name__)
 class Scores:
     """Scores of one call, float64 on the CPU, before the report.
 
-    ``matrix`` is [n_train, n_columns] (one column per query; one for group and self);
+    ``matrix`` is [n_train, n_columns] (one column per query; one for group and self); for
+    pairwise it is the call's output (float32, written block by block by a :class:`ScoreWriter`,
+    whose column statistics ``stats`` keeps, so the matrix is never read back or widened);
     ``query_self_drop`` each column's own loss drop (None for self-influence); ``lrs`` the step
     size(s) used; ``scale`` the unit of the scores (see ScoreReport).
     """
 
-    matrix: torch.Tensor
+    matrix: torch.Tensor | ScoreSink
     query_self_drop: torch.Tensor | None
     scale: str
     path: str
@@ -33,6 +36,7 @@ class Scores:
     lambda_min: float | None = None
     stability: float | None = None
     upcast: int = 0
+    stats: ColumnStats | None = None  # of ``matrix`` when it was written block by block
 
 
 @dataclass
@@ -75,16 +79,29 @@ def rescale(
     with ``per_row``; zeros are left undivided), and take |.| if ``config.score`` asks."""
     sign = 1.0 if config.direction == "descent" else -1.0
     matrix = matrix * sign
-    drop = None if drop is None else drop * sign
-    if divisor is not None:
-        safe = torch.where(divisor > 0, divisor, torch.ones_like(divisor)).to(matrix.dtype)
+    safe = None if divisor is None else _safe(divisor).to(matrix.dtype)
+    if safe is not None:
         matrix = matrix / (safe.reshape(-1, 1) if per_row else safe.reshape(1, -1))
-        if drop is not None:
-            drop = drop / safe.reshape(-1)[: len(drop)]
     if config.score == "abs":
         matrix = matrix.abs()
-        drop = None if drop is None else drop.abs()
-    return matrix, drop
+    return matrix, rescale_drop(config, drop, safe)
+
+
+def _safe(divisor: torch.Tensor) -> torch.Tensor:
+    """A divisor with its zeros (no step taken) replaced by 1: those scores stay undivided."""
+    return torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+
+
+def rescale_drop(
+    config: ForwardInfConfig, drop: torch.Tensor | None, safe: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Each query's own loss drop on its column's scale (see :func:`rescale`)."""
+    if drop is None:
+        return None
+    drop = drop * (1.0 if config.direction == "descent" else -1.0)
+    if safe is not None:
+        drop = drop / safe.reshape(-1)[: len(drop)]
+    return drop.abs() if config.score == "abs" else drop
 
 
 def plain_scores(
@@ -102,52 +119,171 @@ def plain_scores(
     return Scores(matrix, drop, scale, path, lrs, config.steps or 1)
 
 
-def vanished_columns(matrix: torch.Tensor) -> torch.Tensor:
-    """Columns float precision could not resolve: over 1% exact zeros, or all values equal."""
-    zero = (matrix == 0).double().mean(dim=0) > 0.01
-    return zero | (matrix.max(dim=0).values == matrix.min(dim=0).values)
+class ScoreSink(Protocol):
+    """Where pairwise scores go: a [n_train, n_query] array (numpy array, ``np.memmap``, or
+    any object with ``shape``, ``dtype`` and numpy-style slice assignment) that the engine fills
+    one block of rows x columns at a time and never reads back."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def __setitem__(self, key: Any, value: Any, /) -> None: ...
+
+
+class Columns:
+    """Some columns of a sink, as a sink of their own (the float64 redo of vanished columns
+    writes its columns straight into the call's output)."""
+
+    def __init__(self, out: ScoreSink, cols: torch.Tensor) -> None:
+        self.out, self.cols = out, cols.numpy()
+        self.shape, self.dtype = (out.shape[0], len(self.cols)), out.dtype
+
+    def __setitem__(self, key: tuple[slice, slice], value: Any) -> None:
+        rows, cols = key
+        self.out[rows, self.cols[cols]] = value
+
+
+@dataclass
+class ColumnStats:
+    """Per-column exact-zero counts, minimum and maximum of a [rows, columns] float64 score
+    matrix seen block by block, and whether all were finite: the health checks and the
+    vanished-column test without the matrix."""
+
+    zeros: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    rows: int = 0
+    finite: bool = True
+
+    @classmethod
+    def empty(cls, n_cols: int) -> ColumnStats:
+        inf = torch.full((n_cols,), float("inf"), dtype=torch.float64)
+        return cls(torch.zeros(n_cols, dtype=torch.int64), inf, -inf)
+
+    @classmethod
+    def scan(cls, matrix: Any, block_rows: int = 8192) -> ColumnStats:
+        """The statistics of a whole tensor, array or memory map, read in row blocks (so a
+        matrix on disk is never loaded or widened whole)."""
+        n = len(matrix)
+        shape = tuple(matrix.shape)
+        stats = cls.empty(int(math.prod(shape[1:])) if len(shape) > 1 else 1)
+        for start in range(0, n, block_rows):
+            part = matrix[start : start + block_rows]  # a copy of a read-only map's block
+            block = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
+            stats.update(block.reshape(len(block), -1), slice(0, stats.zeros.shape[0]), start)
+        return stats
+
+    def update(self, block: torch.Tensor, cols: slice, start: int) -> None:
+        """Count a block of rows [start, start + len(block)) of columns ``cols``."""
+        if not bool(torch.isfinite(block).all()):
+            self.finite = False
+        self.zeros[cols] += (block == 0).sum(dim=0)
+        if len(block):
+            self.lo[cols] = torch.minimum(self.lo[cols], block.min(dim=0).values)
+            self.hi[cols] = torch.maximum(self.hi[cols], block.max(dim=0).values)
+        self.rows = max(self.rows, start + len(block))
+
+    def replace(self, cols: torch.Tensor, other: ColumnStats) -> None:
+        """Columns ``cols`` recomputed (their statistics are ``other``'s)."""
+        self.zeros[cols], self.lo[cols], self.hi[cols] = other.zeros, other.lo, other.hi
+        self.finite = self.finite and other.finite
+
+    def vanished(self) -> torch.Tensor:
+        """Columns float precision could not resolve: over 1% exact zeros, or all values
+        equal."""
+        return (self.zeros.double() / max(1, self.rows) > 0.01) | (self.hi == self.lo)
+
+    def health(self, kind: str) -> tuple[float, int]:
+        """(fraction of exact zeros, number of constant columns); NaN/inf is a
+        FloatingPointError."""
+        if self.rows == 0:
+            return float("nan"), 0
+        if not self.finite:
+            raise FloatingPointError(
+                f"{kind} scores contain NaN/inf: the update diverged; use a smaller lr or "
+                "fewer steps"
+            )
+        cells = self.rows * self.zeros.shape[0]
+        zero = int(self.zeros.sum()) / cells if cells else float("nan")
+        const = int((self.lo == self.hi).sum()) if self.rows > 1 else 0
+        if zero > 0.01 or const > 0:
+            log.warning(
+                "%s scores: %.1f%% exactly zero, %d query column(s) constant; "
+                "the step may be too small for this precision (raise rel_step or lr)",
+                kind,
+                100 * zero,
+                const,
+            )
+        return zero, const
+
+
+class ScoreWriter:
+    """Pairwise scores on their way out: blocks of raw float64 loss drops, rescaled as
+    :func:`rescale` does (so the values are bit for bit the same), rounded to the sink's dtype
+    and written into it, with their :class:`ColumnStats` kept (of the unrounded values)."""
+
+    def __init__(
+        self,
+        config: ForwardInfConfig,
+        out: ScoreSink,
+        scale: str,
+        steps: int,
+        per_unit_lr: bool = False,
+    ) -> None:
+        n_cols = out.shape[1]
+        self.config, self.out, self.scale, self.steps = config, out, scale, steps
+        self.sign = 1.0 if config.direction == "descent" else -1.0
+        self.safe = torch.ones(n_cols, dtype=torch.float64) if per_unit_lr else None
+        self.stats = ColumnStats.empty(n_cols)
+        self.dtype = np.dtype(out.dtype)
+
+    @classmethod
+    def plain(cls, config: ForwardInfConfig, out: ScoreSink) -> ScoreWriter:
+        """The writer of a plain update's scores: per unit lr when the lr was automatic, else
+        raw loss drops (as :func:`plain_scores`)."""
+        auto = config.lr is None
+        return cls(config, out, "per_unit_lr" if auto else "loss", config.steps or 1, auto)
+
+    def divide(self, cols: slice, lrs: torch.Tensor) -> None:
+        """The step sizes of columns ``cols`` (set before their blocks are put)."""
+        if self.safe is not None:
+            self.safe[cols] = _safe(lrs.cpu().to(torch.float64))
+
+    def put(self, rows: slice, cols: slice, raw: torch.Tensor) -> None:
+        """Raw loss drops [rows, cols] (float64) -> scaled, counted, written."""
+        block = raw.cpu() * self.sign
+        if self.safe is not None:
+            block = block / self.safe[cols].reshape(1, -1)
+        if self.config.score == "abs":
+            block = block.abs()
+        self.stats.update(block, cols, rows.start or 0)
+        self.out[rows, cols] = block.numpy().astype(self.dtype, copy=False)
+
+    def scores(self, drop: torch.Tensor, lrs: torch.Tensor, path: str) -> Scores:
+        """The call's Scores: the sink as its matrix, the drops on the columns' scale."""
+        drop_scaled = rescale_drop(self.config, drop, self.safe)
+        return Scores(self.out, drop_scaled, self.scale, path, lrs, self.steps, stats=self.stats)
+
+
+def in_memory(n_rows: int, n_cols: int, dtype: Any = np.float32) -> np.ndarray:
+    """A sink in memory (what ``ForwardInf.pairwise`` returns, as a tensor)."""
+    return np.empty((n_rows, n_cols), dtype=dtype)
 
 
 def health(kind: str, matrix: Any, block_rows: int = 8192) -> tuple[float, int]:
     """(fraction of exact zeros, number of constant columns) of a [rows, columns] tensor, array
     or memory map, read in row blocks so a matrix on disk is never loaded or widened whole;
     NaN/inf is a FloatingPointError."""
-    n = len(matrix)
-    if n == 0:
-        return float("nan"), 0
-    zeros, cells = 0, 0
-    lo: torch.Tensor | None = None
-    hi: torch.Tensor | None = None
-    for start in range(0, n, block_rows):
-        part = matrix[start : start + block_rows]  # a copy of a read-only map's block
-        block = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
-        block = block.reshape(len(block), -1)
-        if not bool(torch.isfinite(block).all()):
-            raise FloatingPointError(
-                f"{kind} scores contain NaN/inf: the update diverged; use a smaller lr or "
-                "fewer steps"
-            )
-        zeros += int((block == 0).sum())
-        cells += block.numel()
-        b_lo, b_hi = block.min(dim=0).values, block.max(dim=0).values
-        lo = b_lo if lo is None else torch.minimum(lo, b_lo)
-        hi = b_hi if hi is None else torch.maximum(hi, b_hi)
-    zero = zeros / cells if cells else float("nan")
-    const = int((lo == hi).sum()) if n > 1 and lo is not None and hi is not None else 0
-    if zero > 0.01 or const > 0:
-        log.warning(
-            "%s scores: %.1f%% exactly zero, %d query column(s) constant; "
-            "the step may be too small for this precision (raise rel_step or lr)",
-            kind,
-            100 * zero,
-            const,
-        )
-    return zero, const
+    return ColumnStats.scan(matrix, block_rows).health(kind)
 
 
 def make_report(kind: str, mode: str, scores: Scores, seconds: float) -> ScoreReport:
     """The report of a finished call (health checked here)."""
-    zero, const = health(kind, scores.matrix)
+    stats = scores.stats if scores.stats is not None else ColumnStats.scan(scores.matrix)
+    zero, const = stats.health(kind)
     drop = scores.query_self_drop
     return ScoreReport(
         kind=kind,

@@ -223,19 +223,34 @@ def stacked_losses(rt: Runtime, state: ModelState, stacked: Params, data: Exampl
     """Per-example losses [k, n] of ``data`` under each of k stacked parameter sets."""
     k = next(iter(stacked.values())).shape[0]
     out = torch.empty(k, len(data), dtype=torch.float64)
+    for sl, losses in stacked_loss_blocks(rt, state, stacked, data):
+        out[:, sl] = losses
+    return out
+
+
+def stacked_loss_blocks(
+    rt: Runtime, state: ModelState, stacked: Params, data: Examples
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, losses [k, rows] on the CPU) of ``data`` under each of k stacked parameter sets,
+    one forward batch at a time."""
+    k = next(iter(stacked.values())).shape[0]
     with torch.no_grad():
         for start, xb, yb in data.batches(rt.plan.rows_per_copy(k), rt.device):
             sl = slice(start, start + len(yb))
             if state.vmap_ok:
                 try:
-                    out[:, sl] = vmap(
-                        lambda p, xb=xb, yb=yb: rt.losses(rt.forward(state, p, xb), yb),
-                        randomness="same",
-                    )(stacked).cpu()
+                    yield (
+                        sl,
+                        vmap(
+                            lambda p, xb=xb, yb=yb: rt.losses(rt.forward(state, p, xb), yb),
+                            randomness="same",
+                        )(stacked).cpu(),
+                    )
                     continue
                 except Exception as exc:
                     vmap_failed(rt, state, "losses over parameter sets", exc)
+            losses = torch.empty(k, len(yb), dtype=torch.float64)
             for j in range(k):
                 pj = {n: v[j] for n, v in stacked.items()}
-                out[j, sl] = rt.losses(rt.forward(state, pj, xb), yb).cpu()
-    return out
+                losses[j] = rt.losses(rt.forward(state, pj, xb), yb).cpu()
+            yield sl, losses

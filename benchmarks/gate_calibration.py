@@ -26,7 +26,11 @@ Columns: ``mis`` = fraction flagged as suspected mislabel, ``rec`` = fraction of
 labels among them (recall), ``harm`` = fraction flagged harmful; ``gate 0/30`` = gate outcome
 (P pass, F fail) at 0% and 30% flips (wanted: P/F).
 
+``--group-fit STEPSxLR`` (e.g. ``50x0.03``) runs the group fit (``mirrorinf.engine.group_fit``)
+with another length than its default 50 x 0.01, to measure what that does to the calibration.
+
 Run:  python benchmarks/gate_calibration.py [--seeds 3] [--datasets digits cancer wine]
+      [--group-fit 50x0.01]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mirrorinf.engine.group_fit as group_fit
 from benchmarks._common import (
     MlpRecipe,
     digits_split,
@@ -144,7 +149,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--group-fit", help="the group fit's STEPSxLR, e.g. 50x0.03 (default 50x0.01)")
     args = ap.parse_args()
+    if args.group_fit:
+        steps, lr = args.group_fit.split("x")
+        group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = int(steps), float(lr)
     logging.disable(logging.WARNING)  # the fallback warning fires on every "old" row
     torch.set_num_threads(1)
     t0 = time.perf_counter()

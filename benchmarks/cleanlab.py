@@ -44,10 +44,13 @@ that many steps; AUROC of ``-group`` and the chosen step counts, per data set):
 mean loss is lowest (cap 300 steps), then the fit on the whole set for that many steps (early
 stopping on held-out validation loss); ``to-train``: fit the validation set until its mean loss
 reaches the trained model's mean training loss ("as well fitted as a training set"; cap 300);
-``to-train-median``: the same, to the median training loss; plus the constants 50 x 0.01 (the
-default), 50 x 0.03 and 50 x 0.1 for scale. Column ``after`` ranks by the loss under the fitted
-parameters (``loss - group``) instead of the loss change. ``--digits`` adds scikit-learn's digits
-(1000 / 300 rows, MLP 64-64-10, same recipe) to ``--rules``, the set the constants came from.
+``to-train-median``: the same, to the median training loss; ``trust-region``: stop where the
+actual loss drop falls below RULE_RHO (0.5) x the first-order prediction ``g0 . (theta0 -
+theta_t)`` (where the fit leaves the region its local model describes); plus the constants
+50 x 0.01 (the default), 50 x 0.03 and 50 x 0.1 for scale. In brackets: the AUROC of ranking by
+the loss under the fitted parameters (``loss - group``) instead of the loss change. ``--digits``
+adds scikit-learn's digits (1000 / 300 rows, MLP 64-64-10, same recipe) to ``--rules``, the set
+the constants came from.
 
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
       [--rules [--digits] [--no-cleanlab]]
@@ -88,7 +91,16 @@ GRID_STEPS = (25, 50, 100)
 GRID_LR = (0.003, 0.01, 0.03)
 RULE_CAP = 300  # steps at lr 0.01 * rms(theta): a path of 3, twice where the grid levels off
 RULE_HOLD = 0.2  # held-out share of the validation set for ``early``
-RULES = ("50x0.01", "50x0.03", "50x0.1", "early", "to-train", "to-train-median")
+RULE_RHO = 0.5  # trust-region: actual / first-order predicted decrease below which it stops
+RULES = (
+    "50x0.01",
+    "50x0.03",
+    "50x0.1",
+    "early",
+    "to-train",
+    "to-train-median",
+    "trust-region",
+)
 
 
 @dataclass
@@ -304,10 +316,21 @@ def rule_steps(model: nn.Module, case: Case, train_loss: np.ndarray, rule: str) 
     def mean_loss(idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(m(case.xv[idx]), case.yv[idx])
 
+    theta0 = [p.detach().clone() for p in params]
+    if rule == "trust-region":
+        loss0 = mean_loss(fit)
+        g0 = [gi.detach() for gi in torch.autograd.grad(loss0, params)]
+        loss0 = float(loss0.detach())
     best, best_t = float("inf"), 0
     for t in range(RULE_CAP + 1):
         with torch.no_grad():
-            if rule == "early":
+            if rule == "trust-region" and t > 0:
+                pred = sum(
+                    float((g * (a - p)).sum()) for g, a, p in zip(g0, theta0, params, strict=True)
+                )
+                if loss0 - float(mean_loss(fit)) < RULE_RHO * pred:
+                    return t
+            elif rule == "early":
                 h = float(mean_loss(held))
                 if h < best:
                     best, best_t = h, t

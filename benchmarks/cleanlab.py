@@ -46,14 +46,17 @@ stopping on held-out validation loss); ``to-train``: fit the validation set unti
 reaches the trained model's mean training loss ("as well fitted as a training set"; cap 300);
 ``to-train-median``: the same, to the median training loss; ``trust-region``: stop where the
 actual loss drop falls below RULE_RHO (0.5) x the first-order prediction ``g0 . (theta0 -
-theta_t)`` (where the fit leaves the region its local model describes); plus the constants
+theta_t)`` (where the fit leaves the region its local model describes); ``planted``: flip
+every validation row to a random other class, fit 4 of 5 folds and score the fifth's rows with
+both labels, and take the step where flipped and clean versions separate best (AUROC of the
+loss change; a self-supervised stand-in for the harm ranking); plus the constants
 50 x 0.01 (the default), 50 x 0.03 and 50 x 0.1 for scale. In brackets: the AUROC of ranking by
 the loss under the fitted parameters (``loss - group``) instead of the loss change. ``--digits``
 adds scikit-learn's digits (1000 / 300 rows, MLP 64-64-10, same recipe) to ``--rules``, the set
 the constants came from.
 
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
-      [--rules [--digits] [--no-cleanlab]]
+      [--rules [--digits] [--no-cleanlab] [--rule-names early planted ...]]
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ RULES = (
     "to-train",
     "to-train-median",
     "trust-region",
+    "planted",
 )
 
 
@@ -296,9 +300,55 @@ def run_gate(model: nn.Module, case: Case, y: torch.Tensor) -> dict[str, np.ndar
     }
 
 
+def planted_steps(model: nn.Module, case: Case, folds: int = 5) -> int:
+    """``planted``: flip every validation row's label to a random other class; per fold, fit the
+    other folds and score the fold's rows with both labels by their loss change; the step whose
+    pooled AUROC (flipped above clean) is highest, mean over folds' curves, ties to the first."""
+    import copy
+
+    n = len(case.yv)
+    shift = torch.randint(1, case.n_classes, (n,), generator=torch.Generator().manual_seed(1))
+    y_flip = (case.yv + shift) % case.n_classes
+    perm = np.random.default_rng(0).permutation(n)
+    clean, flip = np.zeros((RULE_CAP, n)), np.zeros((RULE_CAP, n))
+    for fold in np.array_split(perm, folds):
+        rest = torch.from_numpy(np.setdiff1d(np.arange(n), fold))
+        idx = torch.from_numpy(fold)
+        m = copy.deepcopy(model)
+        params = [p for p in m.parameters() if p.requires_grad]
+        rms = float(
+            torch.sqrt(
+                sum(p.detach().pow(2).sum() for p in params) / sum(p.numel() for p in params)
+            )
+        )
+        opt = torch.optim.Adam(params, lr=0.01 * max(rms, 1e-3))
+
+        def fold_losses(m: nn.Module = m, idx: torch.Tensor = idx) -> tuple[np.ndarray, ...]:
+            with torch.no_grad():
+                out = m(case.xv[idx])
+                return tuple(
+                    F.cross_entropy(out, lab[idx], reduction="none").numpy()
+                    for lab in (case.yv, y_flip)
+                )
+
+        base_c, base_f = fold_losses()
+        for t in range(RULE_CAP):
+            opt.zero_grad()
+            F.cross_entropy(m(case.xv[rest]), case.yv[rest]).backward()
+            opt.step()
+            after_c, after_f = fold_losses()
+            clean[t, fold], flip[t, fold] = after_c - base_c, after_f - base_f
+    truth = np.r_[np.zeros(n), np.ones(n)]
+    auc = [roc_auc_score(truth, np.r_[clean[t], flip[t]]) for t in range(RULE_CAP)]
+    return int(np.argmax(auc)) + 1
+
+
 def rule_steps(model: nn.Module, case: Case, train_loss: np.ndarray, rule: str) -> int:
     """Steps of the group fit (Adam, lr 0.01 * rms(theta), the engine's) a candidate rule picks."""
     import copy
+
+    if rule == "planted":
+        return planted_steps(model, case)
 
     m = copy.deepcopy(model)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -344,7 +394,9 @@ def rule_steps(model: nn.Module, case: Case, train_loss: np.ndarray, rule: str) 
     return max(1, best_t) if rule == "early" else RULE_CAP
 
 
-def run_rules(model: nn.Module, case: Case, y: torch.Tensor, truth: np.ndarray) -> dict:
+def run_rules(
+    model: nn.Module, case: Case, y: torch.Tensor, truth: np.ndarray, rules: list[str]
+) -> dict:
     """AUROC of ``-group`` (and of the loss after the fit) and the steps, per candidate rule."""
     fi = ForwardInf(model)
     with torch.no_grad():
@@ -352,7 +404,7 @@ def run_rules(model: nn.Module, case: Case, y: torch.Tensor, truth: np.ndarray) 
     saved = group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR
     out = {}
     try:
-        for rule in RULES:
+        for rule in rules:
             if "x" in rule:
                 steps, lr = int(rule.split("x")[0]), float(rule.split("x")[1])
             else:
@@ -387,7 +439,11 @@ def _row(flags: np.ndarray | None, score: np.ndarray, truth: np.ndarray, k_cl: i
 
 
 def one(
-    name: str, seed: int, grid: bool, rules: bool = False, with_cl: bool = True
+    name: str,
+    seed: int,
+    grid: bool,
+    rules: list[str] | None = None,
+    with_cl: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict]:
     case = ALL_SETS[name](seed)
     y, flipped = flip_labels(case.y, FLIP, seed=100 + seed, n_classes=case.n_classes)
@@ -396,7 +452,7 @@ def one(
     model = train(case.make, case.x, y, seed)
     train_s = time.perf_counter() - t0
     if not with_cl:
-        return {}, {"train_s": train_s, "rules": run_rules(model, case, y, truth)}
+        return {}, {"train_s": train_s, "rules": run_rules(model, case, y, truth, rules)}
     cl_flags, cl_score, cl_s = run_cleanlab(case, y, seed)
     k_cl = int(cl_flags.sum())
     g = run_gate(model, case, y)
@@ -425,7 +481,7 @@ def one(
         extra["self_auroc"] = roc_auc_score(truth, g["self"])
         extra["loss_auroc"] = roc_auc_score(truth, loss)
     if rules:
-        extra["rules"] = run_rules(model, case, y, truth)
+        extra["rules"] = run_rules(model, case, y, truth, rules)
     return rows, extra
 
 
@@ -433,16 +489,16 @@ def _fmt(v: float, spec: str) -> str:
     return "" if np.isnan(v) else format(v, spec)
 
 
-def _print_rules(grids: dict[str, list[dict]]) -> None:
+def _print_rules(grids: dict[str, list[dict]], rules: list[str]) -> None:
     """The --rules table: AUROC of -group [of the loss after the fit] (steps per seed)."""
     print(
         "\n# length of the group fit: AUROC of -group [ranked by the loss after the fit] "
         "(steps per seed; lr 0.01 * rms(theta) unless the rule names it)\n"
-        "| data set | " + " | ".join(RULES) + " |\n|---|" + "---:|" * len(RULES)
+        "| data set | " + " | ".join(rules) + " |\n|---|" + "---:|" * len(rules)
     )
     for name, extras in grids.items():
         cells = []
-        for rule in RULES:
+        for rule in rules:
             r = [e["rules"][rule] for e in extras]
             steps = "/".join(str(s) for _, _, s in r) if "x" not in rule else ""
             cells.append(
@@ -459,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", action="store_true", help="also the group fit's constants")
     ap.add_argument("--rules", action="store_true", help="also candidate rules for its length")
     ap.add_argument("--digits", action="store_true", help="add digits to --rules")
+    ap.add_argument("--rule-names", nargs="+", choices=RULES, default=list(RULES))
     ap.add_argument("--no-cleanlab", action="store_true", help="only --rules (no comparison)")
     args = ap.parse_args(argv)
     if args.no_cleanlab:
@@ -477,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.sets + (["digits"] if args.digits else [])
     for name in names:
         with_cl = not args.no_cleanlab and name != "digits"
-        runs = [one(name, s, args.grid, args.rules, with_cl) for s in range(args.seeds)]
+        rules = args.rule_names if args.rules else None
+        runs = [one(name, s, args.grid, rules, with_cl) for s in range(args.seeds)]
         grids[name] = [e for _, e in runs]
         if not with_cl:
             continue
@@ -493,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"| {name} | (one training, for scale) | | | | | | | | {train_s:.2f} s |")
     if args.rules:
-        _print_rules(grids)
+        _print_rules(grids, args.rule_names)
     if args.grid:
         print(
             "\n# group fit constants: AUROC of -group against the flips (mean over seeds); "

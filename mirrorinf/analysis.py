@@ -37,7 +37,8 @@ def score_rows(
     ``pairwise`` and ``leak_pairwise`` keep the engine's dtype (:func:`as_score_array`); the
     per-row arrays are float64. ``leak_pairwise`` is the plain-mode pairwise pass the leak rule
     needs when the engine runs in another mode (absent in plain mode, where ``pairwise``
-    serves).
+    serves). ``loss_after_fit``: each row's loss after the group fit on ``val`` (the harmful
+    flag's score).
     """
     reports: dict[str, dict[str, Any]] = {}
 
@@ -60,6 +61,9 @@ def score_rows(
     n_q = len(queries[1])
     out["query_self_drop"] = drop.double().numpy() if drop is not None else np.full(n_q, np.nan)
     out["group_influence"] = fi.group(train, val, curvature=curvature).double().numpy()
+    assert fi.last_report is not None
+    if fi.last_report.loss_after_fit is not None:  # the harmful flag's score (summary.py)
+        out["loss_after_fit"] = fi.last_report.loss_after_fit.double().numpy()
     report("group")
     out["self_influence"] = fi.self_influence(train).double().numpy()
     report("self")

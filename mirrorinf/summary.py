@@ -456,6 +456,26 @@ def _scan(
     return _Scan(*pro, *opp, has, best_idx, best_cos, best_score, nonfinite)
 
 
+def _loss_after(
+    loss_after_fit: Any, calib_loss_after_fit: Any, n_train: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(training rows', calibration rows' loss after the validation fit), checked; the second
+    is None unless both are given and it has a finite value (then the harmful rule uses them)."""
+    after = None if loss_after_fit is None else _as_float(loss_after_fit, "loss_after_fit", 1)
+    if after is not None and len(after) != n_train:
+        raise ValueError(
+            f"loss_after_fit has length {len(after)} but pairwise has n_train = {n_train}"
+        )
+    cal = (
+        None
+        if calib_loss_after_fit is None
+        else _as_float(calib_loss_after_fit, "calib_loss_after_fit", 1)
+    )
+    if after is None or cal is None or not np.isfinite(cal).any():
+        return after, None
+    return after, cal
+
+
 def summarise(
     pairwise: Any,
     self_inf: Any,
@@ -469,6 +489,8 @@ def summarise(
     calib_self_inf: Any = None,
     calib_group_inf: Any = None,
     leak_pairwise: Any = None,
+    loss_after_fit: Any = None,
+    calib_loss_after_fit: Any = None,
     train_x: Any = None,
     query_x: Any = None,
     block_rows: int | None = None,
@@ -549,6 +571,7 @@ def summarise(
     cal_group = (
         None if calib_group_inf is None else _as_float(calib_group_inf, "calib_group_inf", 1)
     )
+    after, cal_after = _loss_after(loss_after_fit, calib_loss_after_fit, n_train)
     mis_thr, mis_alpha, n_cal_self = (
         conformal_threshold(cal_self, th.mislabel_alpha)
         if cal_self is not None
@@ -556,13 +579,23 @@ def summarise(
     )
     harm_thr, harm_alpha, n_cal_group = (
         conformal_threshold(-cal_group, th.harmful_alpha)
-        if cal_group is not None
+        if cal_group is not None and cal_after is None
         else (float("nan"), float("nan"), 0)
     )
+    loss_thr, loss_alpha, n_cal_loss = (
+        conformal_threshold(cal_after, th.harmful_alpha)
+        if cal_after is not None
+        else (float("nan"), float("nan"), 0)
+    )
+    if n_cal_loss:  # the loss-after-fit rule replaces the group-influence threshold
+        harm_alpha, n_cal_group = loss_alpha, n_cal_loss
     with np.errstate(invalid="ignore"):
         # NaN compares False: a non-finite score is never flagged
         flag_mislabel = s_inf > mis_thr if n_cal_self else self_z > th.mislabel_z
-        if n_cal_group:
+        if n_cal_loss:
+            assert after is not None
+            flag_harmful = (g_inf < 0) & (after > loss_thr)
+        elif n_cal_group:
             flag_harmful = (g_inf < 0) & (-g_inf > harm_thr)
             harm_thr = -harm_thr  # reported on the group-influence scale: flagged below it
         else:
@@ -599,6 +632,7 @@ def summarise(
             "self_z": self_z,
             "group_influence": g_inf,
             "group_z": group_z,
+            "loss_after_fit": np.full(n_train, np.nan) if after is None else after,
             "flag_mislabel": flag_mislabel,
             "flag_harmful": flag_harmful,
         }
@@ -654,8 +688,10 @@ def summarise(
         "mislabel_alpha_eff": float(mis_alpha),
         "harmful_calibrated": int(n_cal_group > 0),
         "n_calib_group": int(n_cal_group),
-        "harmful_threshold": float(harm_thr),
+        # on the loss-after-fit scale when harmful_by_loss_after_fit, else group influence
+        "harmful_threshold": float(loss_thr if n_cal_loss else harm_thr),
         "harmful_alpha_eff": float(harm_alpha),
+        "harmful_by_loss_after_fit": int(n_cal_loss > 0),
     }
     if counts["n_query_nonpositive_self_drop"]:
         logger.warning(

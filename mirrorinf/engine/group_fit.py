@@ -97,14 +97,18 @@ def group_fit(rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torc
     else:
         steps = rt.steps
         params, lr = group_update(rt, state, xq, yq, None, steps, rt.config.optimizer)
-    col = (base - rt.losses_over(state, params, tr)).unsqueeze(1)
+    after = rt.losses_over(state, params, tr)
+    col = (base - after).unsqueeze(1)
     q_base = rt.query_losses(state, state.params, xq, yq)
     drop = (q_base - rt.query_losses(state, params, xq, yq)).mean().reshape(1)
     lrs = torch.tensor([lr])  # default dtype, as the report always had it
     if not fit:
-        return plain_scores(rt.config, col, drop, lrs, "generic")
-    col, scaled_drop = rescale(rt.config, col, drop, None)  # a real fit: raw loss drops
-    return Scores(col, scaled_drop, "loss", "generic", lrs, steps)
+        out = plain_scores(rt.config, col, drop, lrs, "generic")
+    else:
+        col, scaled_drop = rescale(rt.config, col, drop, None)  # a real fit: raw loss drops
+        out = Scores(col, scaled_drop, "loss", "generic", lrs, steps)
+    out.loss_after = after.detach().double().cpu()  # the harmful flag's score (summary.py)
+    return out
 
 
 def group_update(

@@ -25,7 +25,11 @@ Methods, all on the same flips:
   validation set (``calibration_scores``) and ``summarise``'s ``flag_mislabel``; ranking by
   self-influence. Its time is the scoring, calibration and flagging, *not* the training (the
   user trained the model anyway).
-- ``group``: the same run's group influence ranked by harm (``-group``); flags = ``flag_harmful``.
+- ``loss after fit``: the same run's harmful flag (``flag_harmful``: group influence < 0 and
+  the loss after the validation fit above its calibration threshold), ranked by that loss.
+- ``group``: the same run's group influence ranked by harm (``-group``); flags = the harmful
+  flag before the loss-after-fit rule (``-group`` above the calibration rows' conformal
+  threshold); ``gate, before``: ``flag_mislabel`` with that harmful flag.
 - ``loss``: the trained model's per-example training loss (no flags: a ranking only).
 
 Columns: ``flags`` = how many the method flags itself, ``P/R`` its precision and recall;
@@ -281,21 +285,32 @@ def run_gate(model: nn.Module, case: Case, y: torch.Tensor) -> dict[str, np.ndar
     fi = ForwardInf(model)
     self_inf = fi.self_influence((case.x, y)).double().numpy()
     group = fi.group((case.x, y), (case.xv, case.yv)).double().numpy()
+    assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
+    after = fi.last_report.loss_after_fit.numpy()
     calib = calibration_scores(fi, (case.xv, case.yv))
+    common = {
+        "query_self_drop": np.zeros(0),
+        "calib_self_inf": calib.self_influence,
+        "calib_group_inf": calib.group_influence,
+    }
     t = summarise(
         np.zeros((len(y), 0)),
         self_inf,
         group,
-        query_self_drop=np.zeros(0),
-        calib_self_inf=calib.self_influence,
-        calib_group_inf=calib.group_influence,
+        **common,
+        loss_after_fit=after,
+        calib_loss_after_fit=calib.loss_after_fit,
     )
     seconds = time.perf_counter() - t0
+    before = summarise(np.zeros((len(y), 0)), self_inf, group, **common)  # group threshold
     return {
         "self": self_inf,
         "group": group,
+        "after": after,
         "mislabel": t.train["flag_mislabel"].to_numpy(dtype=bool),
         "harmful": t.train["flag_harmful"].to_numpy(dtype=bool),
+        "mislabel_before": before.train["flag_mislabel"].to_numpy(dtype=bool),
+        "harmful_before": before.train["flag_harmful"].to_numpy(dtype=bool),
         "seconds": seconds,
     }
 
@@ -461,7 +476,9 @@ def one(
     rows = {
         "cleanlab": _row(cl_flags, cl_score, truth, k_cl, cl_s),
         "gate (self-influence)": _row(g["mislabel"], g["self"], truth, k_cl, g["seconds"]),
-        "group influence (harm)": _row(g["harmful"], -g["group"], truth, k_cl, float("nan")),
+        "gate, before": _row(g["mislabel_before"], g["self"], truth, k_cl, float("nan")),
+        "loss after fit (harm)": _row(g["harmful"], g["after"], truth, k_cl, float("nan")),
+        "group influence (harm)": _row(g["harmful_before"], -g["group"], truth, k_cl, float("nan")),
         "training loss": _row(None, loss, truth, k_cl, float("nan")),
     }
     extra: dict = {"train_s": train_s}

@@ -7,6 +7,7 @@ set: the recipe of ``benchmarks/gate_calibration.py`` (converged, 0% flips, seed
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -73,3 +74,26 @@ def test_clean_converged_model_flags_about_alpha_harmful(caplog: pytest.LogCaptu
     assert new.counts["harmful_fraction"] <= 5 / n, new.counts
     # the premise of this case: thresholding the group influence is not calibrated here
     assert old.counts["harmful_fraction"] > 5 / n, old.counts
+
+
+@pytest.mark.parametrize("mode", ["plain", "anchored"])
+def test_group_reports_each_rows_loss_after_the_fit(mode: str) -> None:
+    """``last_report.loss_after_fit`` is each training row's loss under the fitted parameters:
+    with the default fit, loss before - group influence (anchored: the plain twin's fit)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    fi = ForwardInf(model, {"mode": mode, "precision": "float64"})
+    group = fi.group((x, y), (x[40:] + 0.1, y[40:])).double()
+    assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
+    after = fi.last_report.loss_after_fit
+    assert after.dtype == torch.float64 and after.shape == (60,)
+    assert "loss_after_fit" not in fi.last_report.to_dict()
+    with torch.no_grad():
+        before = F.cross_entropy(copy.deepcopy(model).double()(x.double()), y, reduction="none")
+    # anchored: the plain twin runs in float32 (precision auto)
+    torch.testing.assert_close(before - after, group, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(after, before)  # the fit moved the losses
+    calib = calibration_scores(fi, (x[40:], y[40:]), seed=0)
+    assert calib.loss_after_fit is not None and calib.loss_after_fit.shape == (20,)
+    assert np.isfinite(calib.loss_after_fit).all()

@@ -25,7 +25,11 @@ Methods, all on the same flips:
   validation set (``calibration_scores``) and ``summarise``'s ``flag_mislabel``; ranking by
   self-influence. Its time is the scoring, calibration and flagging, *not* the training (the
   user trained the model anyway).
-- ``group``: the same run's group influence ranked by harm (``-group``); flags = ``flag_harmful``.
+- ``loss after fit``: the same run's harmful flag (``flag_harmful``: group influence < 0 and
+  the loss after the validation fit above its calibration threshold), ranked by that loss.
+- ``group``: the same run's group influence ranked by harm (``-group``); flags = the harmful
+  flag before the loss-after-fit rule (``-group`` above the calibration rows' conformal
+  threshold); ``gate, before``: ``flag_mislabel`` with that harmful flag.
 - ``loss``: the trained model's per-example training loss (no flags: a ranking only).
 
 Columns: ``flags`` = how many the method flags itself, ``P/R`` its precision and recall;
@@ -37,7 +41,26 @@ ranking against the planted flips; ``time``. Means over seeds (``--seeds``).
 lr multiplier of rms(theta)) over steps {25, 50, 100} x lr {0.003, 0.01, 0.03}: AUROC of the
 harm ranking ``-group`` per data set, with the self-influence and loss AUROC for reference.
 
+``--rules``: candidate rules that would derive the fit's length from the model and data instead
+of the constant 50 (each picks a step count at lr 0.01 * rms(theta), then the engine's fit runs
+that many steps; AUROC of ``-group`` and the chosen step counts, per data set):
+``early``: Adam on a seeded 80% of the validation set, stopping at the step where the other 20%'s
+mean loss is lowest (cap 300 steps), then the fit on the whole set for that many steps (early
+stopping on held-out validation loss); ``to-train``: fit the validation set until its mean loss
+reaches the trained model's mean training loss ("as well fitted as a training set"; cap 300);
+``to-train-median``: the same, to the median training loss; ``trust-region``: stop where the
+actual loss drop falls below RULE_RHO (0.5) x the first-order prediction ``g0 . (theta0 -
+theta_t)`` (where the fit leaves the region its local model describes); ``planted``: flip
+every validation row to a random other class, fit 4 of 5 folds and score the fifth's rows with
+both labels, and take the step where flipped and clean versions separate best (AUROC of the
+loss change; a self-supervised stand-in for the harm ranking); plus the constants
+50 x 0.01 (the default), 50 x 0.03 and 50 x 0.1 for scale. In brackets: the AUROC of ranking by
+the loss under the fitted parameters (``loss - group``) instead of the loss change. ``--digits``
+adds scikit-learn's digits (1000 / 300 rows, MLP 64-64-10, same recipe) to ``--rules``, the set
+the constants came from.
+
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
+      [--rules [--digits] [--no-cleanlab] [--rule-names early planted ...]]
 """
 
 from __future__ import annotations
@@ -73,6 +96,19 @@ K_FOLDS = 5
 STEPS, LR, WD = 300, 1e-2, 1e-3
 GRID_STEPS = (25, 50, 100)
 GRID_LR = (0.003, 0.01, 0.03)
+RULE_CAP = 300  # steps at lr 0.01 * rms(theta): a path of 3, twice where the grid levels off
+RULE_HOLD = 0.2  # held-out share of the validation set for ``early``
+RULE_RHO = 0.5  # trust-region: actual / first-order predicted decrease below which it stops
+RULES = (
+    "50x0.01",
+    "50x0.03",
+    "50x0.1",
+    "early",
+    "to-train",
+    "to-train-median",
+    "trust-region",
+    "planted",
+)
 
 
 @dataclass
@@ -192,12 +228,21 @@ def tokens(seed: int) -> Case:
     return Case(xt[:600], yt[:600], xt[600:], yt[600:], 3, _Bag)
 
 
+def digits(seed: int) -> Case:
+    """The set the group fit's constants were chosen on (reference for ``--rules``)."""
+    from benchmarks._common import digits_split
+
+    s = digits_split(1000, 300, seed=seed, dtype=torch.float32)
+    return Case(s.x_train, s.y_train, s.x_query, s.y_query, 10, _mlp(64, 10))
+
+
 SETS: dict[str, Callable[[int], Case]] = {
     "cancer": cancer,
     "synthetic": synthetic,
     "shapes": shapes,
     "tokens": tokens,
 }
+ALL_SETS = {**SETS, "digits": digits}
 
 
 def train(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
@@ -240,23 +285,151 @@ def run_gate(model: nn.Module, case: Case, y: torch.Tensor) -> dict[str, np.ndar
     fi = ForwardInf(model)
     self_inf = fi.self_influence((case.x, y)).double().numpy()
     group = fi.group((case.x, y), (case.xv, case.yv)).double().numpy()
+    assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
+    after = fi.last_report.loss_after_fit.numpy()
     calib = calibration_scores(fi, (case.xv, case.yv))
+    common = {
+        "query_self_drop": np.zeros(0),
+        "calib_self_inf": calib.self_influence,
+        "calib_group_inf": calib.group_influence,
+    }
     t = summarise(
         np.zeros((len(y), 0)),
         self_inf,
         group,
-        query_self_drop=np.zeros(0),
-        calib_self_inf=calib.self_influence,
-        calib_group_inf=calib.group_influence,
+        **common,
+        loss_after_fit=after,
+        calib_loss_after_fit=calib.loss_after_fit,
     )
     seconds = time.perf_counter() - t0
+    before = summarise(np.zeros((len(y), 0)), self_inf, group, **common)  # group threshold
     return {
         "self": self_inf,
         "group": group,
+        "after": after,
         "mislabel": t.train["flag_mislabel"].to_numpy(dtype=bool),
         "harmful": t.train["flag_harmful"].to_numpy(dtype=bool),
+        "mislabel_before": before.train["flag_mislabel"].to_numpy(dtype=bool),
+        "harmful_before": before.train["flag_harmful"].to_numpy(dtype=bool),
         "seconds": seconds,
     }
+
+
+def planted_steps(model: nn.Module, case: Case, folds: int = 5) -> int:
+    """``planted``: flip every validation row's label to a random other class; per fold, fit the
+    other folds and score the fold's rows with both labels by their loss change; the step whose
+    pooled AUROC (flipped above clean) is highest, mean over folds' curves, ties to the first."""
+    import copy
+
+    n = len(case.yv)
+    shift = torch.randint(1, case.n_classes, (n,), generator=torch.Generator().manual_seed(1))
+    y_flip = (case.yv + shift) % case.n_classes
+    perm = np.random.default_rng(0).permutation(n)
+    clean, flip = np.zeros((RULE_CAP, n)), np.zeros((RULE_CAP, n))
+    for fold in np.array_split(perm, folds):
+        rest = torch.from_numpy(np.setdiff1d(np.arange(n), fold))
+        idx = torch.from_numpy(fold)
+        m = copy.deepcopy(model)
+        params = [p for p in m.parameters() if p.requires_grad]
+        rms = float(
+            torch.sqrt(
+                sum(p.detach().pow(2).sum() for p in params) / sum(p.numel() for p in params)
+            )
+        )
+        opt = torch.optim.Adam(params, lr=0.01 * max(rms, 1e-3))
+
+        def fold_losses(m: nn.Module = m, idx: torch.Tensor = idx) -> tuple[np.ndarray, ...]:
+            with torch.no_grad():
+                out = m(case.xv[idx])
+                return tuple(
+                    F.cross_entropy(out, lab[idx], reduction="none").numpy()
+                    for lab in (case.yv, y_flip)
+                )
+
+        base_c, base_f = fold_losses()
+        for t in range(RULE_CAP):
+            opt.zero_grad()
+            F.cross_entropy(m(case.xv[rest]), case.yv[rest]).backward()
+            opt.step()
+            after_c, after_f = fold_losses()
+            clean[t, fold], flip[t, fold] = after_c - base_c, after_f - base_f
+    truth = np.r_[np.zeros(n), np.ones(n)]
+    auc = [roc_auc_score(truth, np.r_[clean[t], flip[t]]) for t in range(RULE_CAP)]
+    return int(np.argmax(auc)) + 1
+
+
+def rule_steps(model: nn.Module, case: Case, train_loss: np.ndarray, rule: str) -> int:
+    """Steps of the group fit (Adam, lr 0.01 * rms(theta), the engine's) a candidate rule picks."""
+    import copy
+
+    if rule == "planted":
+        return planted_steps(model, case)
+
+    m = copy.deepcopy(model)
+    params = [p for p in m.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
+    rms = float(torch.sqrt(sum(p.detach().pow(2).sum() for p in params) / numel))
+    opt = torch.optim.Adam(params, lr=0.01 * max(rms, 1e-3))
+    n = len(case.yv)
+    fit, held = torch.arange(n), torch.arange(0)
+    if rule == "early":
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        n_h = max(1, round(RULE_HOLD * n))
+        held, fit = perm[:n_h], perm[n_h:]
+    target = float(np.mean(train_loss) if rule == "to-train" else np.median(train_loss))
+
+    def mean_loss(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(m(case.xv[idx]), case.yv[idx])
+
+    theta0 = [p.detach().clone() for p in params]
+    if rule == "trust-region":
+        loss0 = mean_loss(fit)
+        g0 = [gi.detach() for gi in torch.autograd.grad(loss0, params)]
+        loss0 = float(loss0.detach())
+    best, best_t = float("inf"), 0
+    for t in range(RULE_CAP + 1):
+        with torch.no_grad():
+            if rule == "trust-region" and t > 0:
+                pred = sum(
+                    float((g * (a - p)).sum()) for g, a, p in zip(g0, theta0, params, strict=True)
+                )
+                if loss0 - float(mean_loss(fit)) < RULE_RHO * pred:
+                    return t
+            elif rule == "early":
+                h = float(mean_loss(held))
+                if h < best:
+                    best, best_t = h, t
+            elif float(mean_loss(fit)) <= target:
+                return t
+        if t == RULE_CAP:
+            break
+        opt.zero_grad()
+        mean_loss(fit).backward()
+        opt.step()
+    return max(1, best_t) if rule == "early" else RULE_CAP
+
+
+def run_rules(
+    model: nn.Module, case: Case, y: torch.Tensor, truth: np.ndarray, rules: list[str]
+) -> dict:
+    """AUROC of ``-group`` (and of the loss after the fit) and the steps, per candidate rule."""
+    fi = ForwardInf(model)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(case.x), y, reduction="none").double().numpy()
+    saved = group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR
+    out = {}
+    try:
+        for rule in rules:
+            if "x" in rule:
+                steps, lr = int(rule.split("x")[0]), float(rule.split("x")[1])
+            else:
+                steps, lr = rule_steps(model, case, loss, rule), 0.01
+            group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = steps, lr
+            gi = fi.group((case.x, y), (case.xv, case.yv)).double().numpy()
+            out[rule] = (roc_auc_score(truth, -gi), roc_auc_score(truth, loss - gi), steps)
+    finally:
+        group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = saved
+    return out
 
 
 def _at(score: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
@@ -280,13 +453,21 @@ def _row(flags: np.ndarray | None, score: np.ndarray, truth: np.ndarray, k_cl: i
     return np.array([n, p, r, p_cl, r_cl, p_fl, roc_auc_score(truth, score), sec])
 
 
-def one(name: str, seed: int, grid: bool) -> tuple[dict[str, np.ndarray], dict]:
-    case = SETS[name](seed)
+def one(
+    name: str,
+    seed: int,
+    grid: bool,
+    rules: list[str] | None = None,
+    with_cl: bool = True,
+) -> tuple[dict[str, np.ndarray], dict]:
+    case = ALL_SETS[name](seed)
     y, flipped = flip_labels(case.y, FLIP, seed=100 + seed, n_classes=case.n_classes)
     truth = flipped.numpy()
     t0 = time.perf_counter()
     model = train(case.make, case.x, y, seed)
     train_s = time.perf_counter() - t0
+    if not with_cl:
+        return {}, {"train_s": train_s, "rules": run_rules(model, case, y, truth, rules)}
     cl_flags, cl_score, cl_s = run_cleanlab(case, y, seed)
     k_cl = int(cl_flags.sum())
     g = run_gate(model, case, y)
@@ -295,7 +476,9 @@ def one(name: str, seed: int, grid: bool) -> tuple[dict[str, np.ndarray], dict]:
     rows = {
         "cleanlab": _row(cl_flags, cl_score, truth, k_cl, cl_s),
         "gate (self-influence)": _row(g["mislabel"], g["self"], truth, k_cl, g["seconds"]),
-        "group influence (harm)": _row(g["harmful"], -g["group"], truth, k_cl, float("nan")),
+        "gate, before": _row(g["mislabel_before"], g["self"], truth, k_cl, float("nan")),
+        "loss after fit (harm)": _row(g["harmful"], g["after"], truth, k_cl, float("nan")),
+        "group influence (harm)": _row(g["harmful_before"], -g["group"], truth, k_cl, float("nan")),
         "training loss": _row(None, loss, truth, k_cl, float("nan")),
     }
     extra: dict = {"train_s": train_s}
@@ -314,6 +497,8 @@ def one(name: str, seed: int, grid: bool) -> tuple[dict[str, np.ndarray], dict]:
         extra["grid"] = cells
         extra["self_auroc"] = roc_auc_score(truth, g["self"])
         extra["loss_auroc"] = roc_auc_score(truth, loss)
+    if rules:
+        extra["rules"] = run_rules(model, case, y, truth, rules)
     return rows, extra
 
 
@@ -321,12 +506,37 @@ def _fmt(v: float, spec: str) -> str:
     return "" if np.isnan(v) else format(v, spec)
 
 
+def _print_rules(grids: dict[str, list[dict]], rules: list[str]) -> None:
+    """The --rules table: AUROC of -group [of the loss after the fit] (steps per seed)."""
+    print(
+        "\n# length of the group fit: AUROC of -group [ranked by the loss after the fit] "
+        "(steps per seed; lr 0.01 * rms(theta) unless the rule names it)\n"
+        "| data set | " + " | ".join(rules) + " |\n|---|" + "---:|" * len(rules)
+    )
+    for name, extras in grids.items():
+        cells = []
+        for rule in rules:
+            r = [e["rules"][rule] for e in extras]
+            steps = "/".join(str(s) for _, _, s in r) if "x" not in rule else ""
+            cells.append(
+                f"{np.mean([a for a, _, _ in r]):.3f} [{np.mean([b for _, b, _ in r]):.3f}]"
+                + (f" ({steps})" if steps else "")
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--grid", action="store_true", help="also the group fit's constants")
+    ap.add_argument("--rules", action="store_true", help="also candidate rules for its length")
+    ap.add_argument("--digits", action="store_true", help="add digits to --rules")
+    ap.add_argument("--rule-names", nargs="+", choices=RULES, default=list(RULES))
+    ap.add_argument("--no-cleanlab", action="store_true", help="only --rules (no comparison)")
     args = ap.parse_args(argv)
+    if args.no_cleanlab:
+        args.rules = True
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     print(
@@ -338,8 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     grids: dict[str, list[dict]] = {}
-    for name in args.sets:
-        runs = [one(name, s, args.grid) for s in range(args.seeds)]
+    names = args.sets + (["digits"] if args.digits else [])
+    for name in names:
+        with_cl = not args.no_cleanlab and name != "digits"
+        rules = args.rule_names if args.rules else None
+        runs = [one(name, s, args.grid, rules, with_cl) for s in range(args.seeds)]
+        grids[name] = [e for _, e in runs]
+        if not with_cl:
+            continue
         train_s = np.mean([e["train_s"] for _, e in runs])
         for method in runs[0][0]:
             m = np.nanmean([r[method] for r, _ in runs], axis=0)
@@ -351,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         print(f"| {name} | (one training, for scale) | | | | | | | | {train_s:.2f} s |")
-        grids[name] = [e for _, e in runs]
+    if args.rules:
+        _print_rules(grids, args.rule_names)
     if args.grid:
         print(
             "\n# group fit constants: AUROC of -group against the flips (mean over seeds); "

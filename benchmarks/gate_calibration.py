@@ -15,10 +15,15 @@ of the training set, ``group`` of the training set on the validation set, and th
 scores of the validation set: its ``self_influence`` and a 5-fold held-out group influence (each
 fold scored by ``group`` against the other four folds).
 
-Rules compared, both through ``mirrorinf.summary.summarise`` with default ``GateThresholds``:
+Rules compared, all through ``mirrorinf.summary.summarise`` with default ``GateThresholds``:
 - old: no calibration scores -> robust-z fallback (self_z > 3.5; group < 0 and group_z < -3.5);
-- new: calibrated conformal thresholds (mislabel_alpha = harmful_alpha = 0.01; a harmful example
-  above the calibration median of self-influence is also a suspected mislabel).
+- gi: calibrated conformal thresholds, harmful when ``-group_influence`` exceeds the conformal
+  threshold of the calibration rows' ``-group_influence`` (the rule before the loss-after-fit
+  one; mislabel_alpha = harmful_alpha = 0.01; a harmful example above the calibration median of
+  self-influence is also a suspected mislabel);
+- new: the same, but harmful when ``group_influence < 0`` and the loss after the validation fit
+  exceeds the conformal threshold of the calibration rows' loss after their fold's fit (the
+  summary's rule; ``loss_after_fit`` / ``calib_loss_after_fit``).
 The gate fails when flagged_fraction > max_flagged_fraction (0.05) or harmful_fraction >
 max_harmful_fraction (0.05), i.e. exactly the two fraction checks of ``tasks.checks``.
 
@@ -26,7 +31,14 @@ Columns: ``mis`` = fraction flagged as suspected mislabel, ``rec`` = fraction of
 labels among them (recall), ``harm`` = fraction flagged harmful; ``gate 0/30`` = gate outcome
 (P pass, F fail) at 0% and 30% flips (wanted: P/F).
 
+``--group-fit STEPSxLR`` (e.g. ``50x0.03``) runs the group fit (``mirrorinf.engine.group_fit``)
+with another length than its default 50 x 0.01, to measure what that does to the calibration.
+
+``--flips 0 0.3`` / ``--regimes converged`` run only some flip fractions (the gate columns need
+0 and 0.3) / regimes.
+
 Run:  python benchmarks/gate_calibration.py [--seeds 3] [--datasets digits cancer wine]
+      [--group-fit 50x0.01] [--flips 0 0.05 0.1 0.3]
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mirrorinf.engine.group_fit as group_fit
 from benchmarks._common import (
     MlpRecipe,
     digits_split,
@@ -114,8 +127,12 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     fi = ForwardInf(model)
     self_inf = fi.self_influence((x, y_noisy)).numpy()
     group = fi.group((x, y_noisy), (xv, yv)).numpy()
+    assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
+    after = fi.last_report.loss_after_fit.numpy()
     calib = calibration_scores(fi, (xv, yv), seed=seed)
     calib_self, calib_group = calib.self_influence, calib.group_influence
+    calibrated = {"calib_self_inf": calib_self, "calib_group_inf": calib_group}
+    loss_rule = {"loss_after_fit": after, "calib_loss_after_fit": calib.loss_after_fit}
     common = dict(
         pairwise=np.zeros((len(y), 0)),
         self_inf=self_inf,
@@ -124,10 +141,7 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
         thresholds=GateThresholds(),
     )
     out = {}
-    for rule, extra in (
-        ("old", {}),
-        ("new", {"calib_self_inf": calib_self, "calib_group_inf": calib_group}),
-    ):
+    for rule, extra in (("old", {}), ("gi", calibrated), ("new", {**calibrated, **loss_rule})):
         t = summarise(**common, **extra)
         mis = t.train["flag_mislabel"].to_numpy()
         rec = float(mis[flipped.numpy()].mean()) if flip else float("nan")
@@ -144,26 +158,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--group-fit", help="the group fit's STEPSxLR, e.g. 50x0.03 (default 50x0.01)")
+    ap.add_argument("--flips", nargs="+", type=float, default=list(FLIPS))
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     args = ap.parse_args()
+    flips = tuple(sorted(set(args.flips)))
+    if args.group_fit:
+        steps, lr = args.group_fit.split("x")
+        group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = int(steps), float(lr)
     logging.disable(logging.WARNING)  # the fallback warning fires on every "old" row
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     head = (
         f"{'dataset':7s} {'regime':9s} {'s':>1s} {'rule':4s} | {'0%: mis  harm':>13s} | "
-        + " | ".join(f"{int(f * 100):>2d}%: mis  rec  harm" for f in FLIPS[1:])
+        + " | ".join(f"{int(f * 100):>2d}%: mis  rec  harm" for f in flips[1:])
         + " | gate 0/30"
     )
     print(head)
     print("-" * len(head))
     tally: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
+    clean: dict[str, list[tuple]] = {}
     for name in args.datasets:
-        for regime in REGIMES:
+        for regime in args.regimes:
             for seed in range(args.seeds):
-                res = {f: run_one(name, seed, f, regime) for f in FLIPS}
-                for rule in ("old", "new"):
-                    cells = [res[f][rule] for f in FLIPS]
+                res = {f: run_one(name, seed, f, regime) for f in flips}
+                for rule in ("old", "gi", "new"):
+                    cells = [res[f][rule] for f in flips]
                     g0, g30 = gate_fails(cells[0]), gate_fails(cells[-1])
                     tally.setdefault((regime, rule), []).append((g0, g30))
+                    clean.setdefault(rule, []).append(cells[0])
                     row = (
                         f"{name:7s} {regime:9s} {seed:1d} {rule:4s} | "
                         f"{cells[0][0]:7.3f} {cells[0][2]:5.3f} | "
@@ -172,6 +195,13 @@ def main() -> None:
                     )
                     print(row, flush=True)
     print()
+    for rule in ("old", "gi", "new"):
+        h0 = np.array([c[2] for c in clean[rule]])
+        m0 = np.array([c[0] for c in clean[rule]])
+        print(
+            f"clean runs, {rule}: harmful max {h0.max():.3f}, > 5% in {int((h0 > 0.05).sum())}/"
+            f"{len(h0)}; mislabel max {m0.max():.3f}, > 5% in {int((m0 > 0.05).sum())}/{len(m0)}"
+        )
     for (regime, rule), v in sorted(tally.items()):
         v = np.array(v)
         print(

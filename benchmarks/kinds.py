@@ -119,10 +119,13 @@ def run(kind: str, seed: int, steps: int = 300) -> dict[str, float]:
     fi = ForwardInf(model, kind=kind)
     s_inf = fi.self_influence((x, y)).double().numpy()
     group = fi.group((x, y), (xv, yv)).double().numpy()
+    assert fi.last_report is not None
+    after = fi.last_report.loss_after_fit
     calib = calibration_scores(fi, (xv, yv))
     tables = summarise(np.zeros((len(y), 0)), s_inf, group, query_self_drop=np.zeros(0),
                        calib_self_inf=calib.self_influence,
-                       calib_group_inf=calib.group_influence)  # fmt: skip
+                       calib_group_inf=calib.group_influence,
+                       loss_after_fit=after, calib_loss_after_fit=calib.loss_after_fit)  # fmt: skip
     planted = np.zeros(len(y), dtype=bool)
     planted[bad] = True
     flagged = tables.train["flag_mislabel"].to_numpy(dtype=bool)

@@ -166,7 +166,9 @@ def _summary(
         "top_self_influence": _records(
             by_self, ["id", "label", "self_influence", "flag_mislabel", "flag_rule"]
         ),
-        "top_harmful": _records(harmful, ["id", "label", "group_influence", "group_z"]),
+        "top_harmful": _records(
+            harmful, ["id", "label", "group_influence", "group_z", "loss_after_fit"]
+        ),
         "leaks": _records(leaks, leak_cols),
         "score_health": {
             kind: {k: rep.get(k) for k in ("scale", "zero_fraction", "n_constant_queries", "path")}

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mirrorinf.engine import DataLike, ForwardInf, Inputs, ScoreSink
+from mirrorinf.engine import DataLike, ForwardInf, Inputs, ScoreSink, as_examples
 
 # (array name, shape) -> where that score matrix is written (e.g. a file in the run's store)
 SinkFactory = Callable[[str, tuple[int, int]], ScoreSink]
@@ -44,7 +44,10 @@ def score_rows(
     needs when the engine runs in another mode (absent in plain mode, where ``pairwise``
     serves). ``out``: where to write those two matrices instead (the engine fills the sink
     block by block, never holding the matrix; the sink is returned in their place).
+    ``loss_after_fit``: each row's loss after the group fit on ``val`` (the harmful flag's
+    score).
     """
+    train = as_examples(train, "training set")  # validated once; its length sizes the sinks
     reports: dict[str, dict[str, Any]] = {}
 
     def report(name: str) -> None:
@@ -58,7 +61,7 @@ def score_rows(
     def pairwise(engine: ForwardInf, name: str, curv: Any = None) -> Any:
         if out is None:
             return as_score_array(engine.pairwise(train, queries, curvature=curv))
-        sink = out(name, (len(train[1]), n_q))
+        sink = out(name, (len(train), n_q))
         engine.pairwise_into(train, queries, sink, curvature=curv)
         return sink
 
@@ -74,6 +77,9 @@ def score_rows(
         drop = twin.last_report.query_self_drop
     rows["query_self_drop"] = drop.double().numpy() if drop is not None else np.full(n_q, np.nan)
     rows["group_influence"] = fi.group(train, val, curvature=curvature).double().numpy()
+    assert fi.last_report is not None
+    if fi.last_report.loss_after_fit is not None:  # the harmful flag's score (summary.py)
+        rows["loss_after_fit"] = fi.last_report.loss_after_fit.double().numpy()
     report("group")
     rows["self_influence"] = fi.self_influence(train).double().numpy()
     report("self")

@@ -22,10 +22,12 @@ class Calibration:
     """``self_influence`` [m] of the calibration set, and ``group_influence`` [m]: each
     example's group influence on the calibration set *without its own fold* (None when the set
     has fewer than 2 * FOLDS examples) — like a training example scored on a validation set,
-    but never fitted."""
+    but never fitted. ``loss_after_fit`` [m]: each example's loss after that fit (what the
+    harmful flag thresholds; None with ``group_influence`` or when the engine gave none)."""
 
     self_influence: np.ndarray
     group_influence: np.ndarray | None
+    loss_after_fit: np.ndarray | None = None
 
 
 def calibration_scores(
@@ -37,9 +39,11 @@ def calibration_scores(
     n = len(y)
     if n < 2 * folds:
         return Calibration(self_inf, None)
-    out = np.empty(n)
+    out, after = np.empty(n), np.empty(n)
     for fold in np.array_split(np.random.default_rng(seed).permutation(n), folds):
         rest = torch.from_numpy(np.setdiff1d(np.arange(n), fold))
         idx = torch.from_numpy(fold)
         out[fold] = fi.group((rows(x, idx), y[idx]), (rows(x, rest), y[rest])).double().numpy()
-    return Calibration(self_inf, out)
+        loss = fi.last_report.loss_after_fit if fi.last_report is not None else None
+        after[fold] = np.nan if loss is None else loss.double().numpy()
+    return Calibration(self_inf, out, None if np.isnan(after).all() else after)

@@ -284,6 +284,15 @@ def plot_self_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path)
     _save(fig, path)
 
 
+def _group_threshold(counts: dict[str, Any]) -> float:
+    """The harmful flag's threshold on the group-influence scale (NaN when the flag thresholds
+    the loss after the validation fit instead, or has no threshold)."""
+    thr = counts.get("harmful_threshold", float("nan"))
+    if counts.get("harmful_by_loss_after_fit") or not isinstance(thr, float):
+        return float("nan")
+    return thr
+
+
 def plot_group_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path) -> None:
     """Group influence on the validation set: helpful, harmful-but-not-flagged, flagged."""
     g = train["group_influence"].to_numpy(dtype=float)
@@ -308,8 +317,8 @@ def plot_group_influence(train: pd.DataFrame, counts: dict[str, Any], path: Path
         decades = 10.0 ** np.arange(math.ceil(math.log10(lin)) + 1, math.ceil(math.log10(hi)) + 1)
         ax.set_xticks(np.concatenate([-decades[::-1], [0.0], decades]))
         ax.xaxis.set_minor_locator(NullLocator())
-    thr = counts.get("harmful_threshold", float("nan"))
-    if isinstance(thr, float) and math.isfinite(thr):
+    thr = _group_threshold(counts)
+    if math.isfinite(thr):
         ax.axvline(thr, color="k", ls="--", label=f"harmful threshold {thr:.3g}")
     ax.axvline(0.0, color=_GREY, lw=0.8)
     ax.set_title("Influence of each training example on the validation set", fontsize=10)
@@ -347,8 +356,8 @@ def plot_top_harmful(
     ax.barh(range(len(worst)), -worst["group_influence"].to_numpy(dtype=float), color=colors)
     ax.set_yticks(range(len(worst)), names, fontsize=8)
     ax.invert_yaxis()
-    thr = counts.get("harmful_threshold", float("nan"))
-    if isinstance(thr, float) and math.isfinite(thr) and thr < 0:
+    thr = _group_threshold(counts)
+    if math.isfinite(thr) and thr < 0:
         ax.axvline(-thr, color="k", ls="--", label=f"flag threshold {-thr:.3g}")
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("harm = -(group influence on the validation set)")
@@ -538,10 +547,15 @@ def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
             f"  - the model predicts a different label for {int(differ.sum())} of them "
             "(see plots/mislabels.png)."
         )
+    rule = (
+        f"group influence on the validation set < 0 and loss after the fit on it above "
+        f"{_fmt(c.get('harmful_threshold'))}"
+        if c.get("harmful_by_loss_after_fit")
+        else f"group influence on the validation set below {_fmt(c.get('harmful_threshold'))}"
+    )
     out.append(
         f"- **Harmful examples: {c.get('n_harmful')}** "
-        f"({100 * float(c.get('harmful_fraction', 0)):.1f}%): group influence on the validation "
-        f"set below {_fmt(c.get('harmful_threshold'))}."
+        f"({100 * float(c.get('harmful_fraction', 0)):.1f}%): {rule}."
     )
     out.append(
         f"- **Suspected leaks: {c.get('n_leaks')}** of {c.get('n_query')} queries: a training "

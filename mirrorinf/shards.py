@@ -27,6 +27,7 @@ from mirrorinf.io import atomic_write
 log = logging.getLogger(__name__)
 
 ARRAYS = ("pairwise", "self_influence", "group_influence", "leak_pairwise", "query_self_drop")
+ARRAYS += ("loss_after_fit",)  # the harmful flag's score: per row, so sharded like the others
 # engine verb -> its score array; upcast counts queries (the same in every shard) or rows (self)
 _VERBS = {"pairwise": "pairwise", "group": "group_influence", "self": "self_influence"}
 MATRICES = ("pairwise", "leak_pairwise")  # [rows, n_query]: memory-mapped, never concatenated

@@ -20,28 +20,50 @@ Rules (they go into the README):
 - Calibration set: clean, labelled, held-out examples (normally the validation set) scored by
   the same engine with the same settings as the training set: ``calib_self_inf`` = their
   self-influence, ``calib_group_inf`` = each one's group influence on the calibration set
-  *without itself* (e.g. 5-fold: score fold k against the other folds). Conformal threshold of
+  *without itself* (e.g. 5-fold: score fold k against the other folds), ``calib_loss_after_fit``
+  = each one's loss after that fit on the other folds. Conformal threshold of
   m finite calibration scores ``c`` at rate alpha: ``T(c, alpha)`` = the k-th smallest ``c``
   with ``k = ceil((m + 1) * (1 - alpha))``, capped at ``k = m`` (the largest score) when
   ``m + 1 < 1 / alpha``; ``alpha_eff = (m + 1 - k) / (m + 1)`` (reported in ``counts``; above
   alpha only when capped, so use m >= 1 / alpha - 1 calibration examples, ~100 for 0.01).
 - Harmful (calibrated): ``group_influence < 0`` and
-  ``-group_influence > T(-calib_group_inf, harmful_alpha)``.
+  ``loss_after_fit > T(calib_loss_after_fit, harmful_alpha)``, where ``loss_after_fit`` is each
+  training row's loss under the parameters of the group fit on the validation set (the engine's
+  ``ScoreReport.loss_after_fit``; ``group_influence`` = loss before - loss after) and
+  ``calib_loss_after_fit`` each calibration row's loss after the fit on the *other* folds.
+  Without the losses (an older score cache) the previous rule: ``-group_influence >
+  T(-calib_group_inf, harmful_alpha)`` (``counts["harmful_by_loss_after_fit"]`` says which;
+  ``harmful_threshold`` is on that rule's scale).
 - Suspected mislabel (calibrated): ``self_influence > T(calib_self_inf, mislabel_alpha)``
   (far more atypical than any clean held-out point), or harmful and
   ``self_influence > quantile(calib_self_inf, harmful_atypical_quantile)`` (hurts clean data
   *and* is hard to fit). A clean example is flagged with probability <= mislabel_alpha +
   harmful_alpha (union bound). The first branch alone flagged none of the demo's 80 flipped
   labels (fitted training points score below held-out ones); the harmful branch has precision
-  1.0 and recall 0.81 there.
+  1.0 and recall 0.46 there (0.81 when harmful thresholded the group influence).
 - Why: a clean training example whose score is exchangeable with the calibration scores is
-  flagged with probability <= alpha_eff (split conformal). Training examples were fitted, so on
-  clean data they score *below* held-out ones: the rules err towards fewer flags. The price:
-  label noise the model has memorised also scores like clean held-out data and is not flagged.
-  Measured (``benchmarks/gate_calibration.py``: digits, breast cancer, wine MLPs, 3 seeds,
-  converged and early-stopped, default engine): on clean labels <= 1.6% flagged as mislabel and
-  as harmful in all 18 runs, so the gate passes 18/18; with 30% flipped labels it fails 18/18.
-  Mislabel recall at 10% flips: 0.35-1.0 (lowest where the model memorised the flips).
+  flagged with probability <= alpha_eff (split conformal). Training examples were fitted, so
+  the question is which score a fitted clean row has *no more* of than a held-out one.
+  Self-influence: the measured answer below. The loss after the validation fit: a held-out
+  calibration row is fitted by neither the model nor its fold's validation fit, a clean training
+  row by the model (and, like the calibration row, not by the fit, which uses other rows), so on
+  clean data its loss after the fit is stochastically below a held-out row's and the harmful
+  flag errs towards fewer flags. The group influence itself has no such order: a fitted row's
+  base loss is ~0, so its group influence is ~ -(loss after the fit), while a held-out row's
+  large base loss cancels part of its own; thresholding ``-group_influence`` was too lax.
+  The price of conservative thresholds: label noise the model has memorised also scores like
+  clean held-out data and is not flagged.
+  Measured (``benchmarks/gate_calibration.py --seeds 8 --datasets wine cancer``: MLPs,
+  converged and early-stopped, default engine, 32 clean runs): harmful flagged on clean labels
+  at most 4.5% (wine, 50 calibration rows: alpha_eff = 2%, and the realised rate of one run
+  varies around it), over 5% in 0 of 32 runs, so the gate passes 32/32 (mislabel flags at most
+  4.5%; with the group-influence threshold: up to 10.9%, 3 of 32 over 5%). With 30% flipped
+  labels the gate fails 27 of 32 (every early-stopped run; converged: wine 4/8, cancer 7/8,
+  where the model memorised the flips; the group-influence threshold failed 32/32). Digits
+  (``--datasets digits``, 300 calibration rows, alpha_eff 1%): clean at most 0.6% (group
+  threshold: 1.6%), 30% flips fail 14 of 16 (converged 6/8; group threshold 16/16). A longer
+  group fit (``--group-fit 50x0.03``) fails all 16 converged runs at 30% but lets one clean
+  wine run flag 5.5%.
 - Fallback without calibration scores (a warning is logged): suspected mislabel when
   ``self_z > mislabel_z``; harmful when ``group_influence < 0`` and ``group_z < -harmful_z``.
   Not calibrated: real self-influence spans orders of magnitude, and on clean data this flags
@@ -457,6 +479,26 @@ def _scan(
     return _Scan(*pro, *opp, has, best_idx, best_cos, best_score, nonfinite)
 
 
+def _loss_after(
+    loss_after_fit: Any, calib_loss_after_fit: Any, n_train: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(training rows', calibration rows' loss after the validation fit), checked; the second
+    is None unless both are given and it has a finite value (then the harmful rule uses them)."""
+    after = None if loss_after_fit is None else _as_float(loss_after_fit, "loss_after_fit", 1)
+    if after is not None and len(after) != n_train:
+        raise ValueError(
+            f"loss_after_fit has length {len(after)} but pairwise has n_train = {n_train}"
+        )
+    cal = (
+        None
+        if calib_loss_after_fit is None
+        else _as_float(calib_loss_after_fit, "calib_loss_after_fit", 1)
+    )
+    if after is None or cal is None or not np.isfinite(cal).any():
+        return after, None
+    return after, cal
+
+
 def summarise(
     pairwise: Any,
     self_inf: Any,
@@ -470,6 +512,8 @@ def summarise(
     calib_self_inf: Any = None,
     calib_group_inf: Any = None,
     leak_pairwise: Any = None,
+    loss_after_fit: Any = None,
+    calib_loss_after_fit: Any = None,
     train_x: Any = None,
     query_x: Any = None,
     block_rows: int | None = None,
@@ -478,8 +522,9 @@ def summarise(
 
     Flags (module docstring): with calibration scores, suspected mislabel when
     ``self_influence > T(calib_self_inf, mislabel_alpha)`` and harmful when
-    ``group_influence < 0`` and ``-group_influence > T(-calib_group_inf, harmful_alpha)``
-    (conformal thresholds: about alpha false flags on clean data, fewer in practice). Each flag
+    ``group_influence < 0`` and ``loss_after_fit > T(calib_loss_after_fit, harmful_alpha)``
+    (else ``-group_influence > T(-calib_group_inf, harmful_alpha)``; conformal thresholds:
+    about alpha false flags on clean data, fewer in practice). Each flag
     without its calibration scores (None, or no finite value) falls back to the uncalibrated
     robust-z rule (``self_z > mislabel_z``; ``group_influence < 0`` and ``group_z < -harmful_z``)
     and logs a warning: on real engine scores that fallback flags a large share of clean data.
@@ -501,6 +546,10 @@ def summarise(
         calib_group_inf: [m'] group influence of each clean held-out example on the same clean
             set *excluding itself* (e.g. 5-fold over the validation set: each fold scored
             against the other folds), same engine settings as ``group_inf``. None = fallback.
+        loss_after_fit: [n_train] each training example's loss after the group fit that gave
+            ``group_inf``; with ``calib_loss_after_fit`` ([m''] each calibration example's loss
+            after the fit on the other folds) the harmful flag thresholds it (module doc).
+            Either None (or no finite calibration loss): the ``calib_group_inf`` threshold.
         leak_pairwise: [n_train, n_query] plain-mode pairwise scores for the leak rule, whose
             cosine needs the per-unit-lr scale of ``self_inf`` and ``query_self_drop``; pass it
             when ``pairwise`` comes from another mode (anchored). None = ``pairwise``.
@@ -550,6 +599,7 @@ def summarise(
     cal_group = (
         None if calib_group_inf is None else _as_float(calib_group_inf, "calib_group_inf", 1)
     )
+    after, cal_after = _loss_after(loss_after_fit, calib_loss_after_fit, n_train)
     mis_thr, mis_alpha, n_cal_self = (
         conformal_threshold(cal_self, th.mislabel_alpha)
         if cal_self is not None
@@ -557,13 +607,23 @@ def summarise(
     )
     harm_thr, harm_alpha, n_cal_group = (
         conformal_threshold(-cal_group, th.harmful_alpha)
-        if cal_group is not None
+        if cal_group is not None and cal_after is None
         else (float("nan"), float("nan"), 0)
     )
+    loss_thr, loss_alpha, n_cal_loss = (
+        conformal_threshold(cal_after, th.harmful_alpha)
+        if cal_after is not None
+        else (float("nan"), float("nan"), 0)
+    )
+    if n_cal_loss:  # the loss-after-fit rule replaces the group-influence threshold
+        harm_alpha, n_cal_group = loss_alpha, n_cal_loss
     with np.errstate(invalid="ignore"):
         # NaN compares False: a non-finite score is never flagged
         flag_mislabel = s_inf > mis_thr if n_cal_self else self_z > th.mislabel_z
-        if n_cal_group:
+        if n_cal_loss:
+            assert after is not None
+            flag_harmful = (g_inf < 0) & (after > loss_thr)
+        elif n_cal_group:
             flag_harmful = (g_inf < 0) & (-g_inf > harm_thr)
             harm_thr = -harm_thr  # reported on the group-influence scale: flagged below it
         else:
@@ -600,6 +660,7 @@ def summarise(
             "self_z": self_z,
             "group_influence": g_inf,
             "group_z": group_z,
+            "loss_after_fit": np.full(n_train, np.nan) if after is None else after,
             "flag_mislabel": flag_mislabel,
             "flag_harmful": flag_harmful,
         }
@@ -655,8 +716,10 @@ def summarise(
         "mislabel_alpha_eff": float(mis_alpha),
         "harmful_calibrated": int(n_cal_group > 0),
         "n_calib_group": int(n_cal_group),
-        "harmful_threshold": float(harm_thr),
+        # on the loss-after-fit scale when harmful_by_loss_after_fit, else group influence
+        "harmful_threshold": float(loss_thr if n_cal_loss else harm_thr),
         "harmful_alpha_eff": float(harm_alpha),
+        "harmful_by_loss_after_fit": int(n_cal_loss > 0),
     }
     if counts["n_query_nonpositive_self_drop"]:
         logger.warning(

@@ -315,6 +315,8 @@ def summarise_and_check(
         thresholds=thresholds,
         calib_self_inf=scores.calib_self_influence,
         calib_group_inf=scores.calib_group_influence,
+        loss_after_fit=scores.loss_after_fit,
+        calib_loss_after_fit=scores.calib_loss_after_fit,
     )
     summary_s = time.perf_counter() - t0
     check = validate_tables(tables, thresholds)

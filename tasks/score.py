@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 SCORE_CACHE_DIR = ".mirrorinf/cache/scores"  # under the project root (the params file's folder)
 _REQUIRED = ("pairwise", "self_influence", "group_influence", "query_self_drop")
 _OPTIONAL = ("leak_pairwise", "calib_self_influence", "calib_group_influence")
+_OPTIONAL += ("loss_after_fit", "calib_loss_after_fit")  # the harmful flag's scores
 
 
 @dataclass
@@ -84,6 +85,8 @@ class ScoreBundle:
     leak_pairwise: np.ndarray | None = None  # plain-mode pairwise when mode is not plain
     calib_self_influence: np.ndarray | None = None
     calib_group_influence: np.ndarray | None = None
+    loss_after_fit: np.ndarray | None = None  # each row's loss after the validation group fit
+    calib_loss_after_fit: np.ndarray | None = None  # each validation row's, its fold left out
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -181,6 +184,8 @@ def _bundle(
         leak_pairwise=rows.get("leak_pairwise"),
         calib_self_influence=calib.self_influence,
         calib_group_influence=calib.group_influence,
+        loss_after_fit=rows.get("loss_after_fit"),
+        calib_loss_after_fit=calib.loss_after_fit,
         reports=json.loads(json.dumps(reports, default=str)),
         seconds=seconds,
         stage_seconds=stages,

@@ -444,6 +444,8 @@ def log_influence(
             place_array(scores.leak_pairwise, d / "scores" / "leak_pairwise.npy")
         np.save(d / "scores" / "self_influence.npy", scores.self_influence)
         np.save(d / "scores" / "group_influence.npy", scores.group_influence)
+        if scores.loss_after_fit is not None:  # the harmful flag's score
+            np.save(d / "scores" / "loss_after_fit.npy", scores.loss_after_fit)
         np.save(d / "scores" / "query_self_drop.npy", scores.query_self_drop)
         (d / "scores" / "reports.json").write_text(json.dumps(scores.reports, indent=2))
         (d / "tables").mkdir()

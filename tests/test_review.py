@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -24,7 +25,7 @@ CHECKS = [
 ]
 
 
-def _inputs(n_features: int, n_leaks: int = 1, seed: int = 0) -> ReviewInputs:
+def _inputs(n_features: int, n_leaks: int = 1, seed: int = 0, **losses: Any) -> ReviewInputs:
     rng = np.random.default_rng(seed)
     n_train, n_query = 60, 6
     x = rng.normal(size=(n_train, n_features))
@@ -38,7 +39,7 @@ def _inputs(n_features: int, n_leaks: int = 1, seed: int = 0) -> ReviewInputs:
         pairwise, self_inf, group, train_labels=rng.integers(0, 3, n_train),
         query_ids=np.arange(100, 100 + n_query), query_self_drop=drop,
         calib_self_inf=np.exp(rng.normal(-7, 1, size=200)),
-        calib_group_inf=rng.normal(0, 3e-4, size=200),
+        calib_group_inf=rng.normal(0, 3e-4, size=200), **losses,
     )  # fmt: skip
     return ReviewInputs(
         tables=tables,
@@ -71,6 +72,23 @@ def test_write_report_images_and_tabular(tmp_path: Path, n_features: int, n_leak
         image_shape(n_features) is None and inp.tables.counts["n_flagged_mislabel"] > 0
     )
     assert "| leaks | pass |" in (tmp_path / "checks" / "gx_result.md").read_text()
+
+
+def test_report_names_the_loss_after_fit_rule(tmp_path: Path) -> None:
+    """With the losses after the validation fit, the report states that rule and its
+    threshold; the group-influence plots draw no threshold line on the wrong scale."""
+    rng = np.random.default_rng(3)
+    after = rng.exponential(size=60)
+    after[:4] = 50.0
+    losses = {"loss_after_fit": after, "calib_loss_after_fit": rng.exponential(size=200)}
+    inp = _inputs(7, **losses)
+    assert inp.tables.counts["harmful_by_loss_after_fit"] == 1
+    write_report(tmp_path, inp)
+    report = (tmp_path / "report.md").read_text()
+    thr = inp.tables.counts["harmful_threshold"]
+    assert f"loss after the fit on it above {thr:.3g}" in report
+    for name in ("group_influence.png", "top_harmful.png"):
+        assert _ink(tmp_path / "plots" / name) > 0.01
 
 
 def _ink(path: Path) -> float:

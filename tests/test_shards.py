@@ -65,7 +65,7 @@ def test_shards_concatenate_to_the_whole_set():
         score_rows(ForwardInf(model, cfg), (x[a:b], y[a:b]), q, v)[0]
         for a, b in shard_ranges(300, 70)
     ]
-    for name in ("pairwise", "self_influence", "group_influence"):
+    for name in ("pairwise", "self_influence", "group_influence", "loss_after_fit"):
         joined = np.concatenate([p[name] for p in parts])
         np.testing.assert_allclose(
             joined, whole[name], rtol=1e-5, atol=1e-9 * abs(whole[name]).max()
@@ -87,7 +87,7 @@ def test_anchored_shards_equal_the_whole_set_with_the_whole_curvature():
         score_rows(ForwardInf(model, cfg), (x[a:b], y[a:b]), q, v, curvature=(x, y))[0]
         for a, b in ranges
     ]
-    for name in ("pairwise", "group_influence", "self_influence"):
+    for name in ("pairwise", "group_influence", "self_influence", "loss_after_fit"):
         joined = np.concatenate([p[name] for p in parts])
         np.testing.assert_allclose(
             joined, whole[name], rtol=1e-6, atol=1e-9 * abs(whole[name]).max()
@@ -200,7 +200,8 @@ def test_sharded_anchored_flow_equals_unsharded(prefect_harness, tmp_path):
     common = {"demo": small, "influence": {"mode": "anchored"}, "cache": False}
     whole = run_influence(make(project, **common))
     sharded = run_influence(make(project, **common, sharding={"size": 70, "dir": "sh"}))
-    for name in ("pairwise", "group_influence", "self_influence", "query_self_drop"):
+    names = ("pairwise", "group_influence", "self_influence", "query_self_drop", "loss_after_fit")
+    for name in names:
         a = np.load(_logged(sharded.run_id, project, f"scores/{name}.npy"))
         b = np.load(_logged(whole.run_id, project, f"scores/{name}.npy"))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=name)

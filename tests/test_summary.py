@@ -22,6 +22,7 @@ TRAIN_COLUMNS = [
     "self_z",
     "group_influence",
     "group_z",
+    "loss_after_fit",
     "flag_mislabel",
     "flag_harmful",
 ]
@@ -387,6 +388,61 @@ def test_calibrated_harmful_needs_negative_influence_beyond_calibration() -> Non
     out = summarise(**inp, calib_group_inf=rng.uniform(1.0, 2.0, size=300))
     assert out.train["flag_harmful"].tolist()[:4] == [True, False, False, False]
     assert out.counts["n_harmful"] == 1
+
+
+def test_harmful_by_loss_after_fit_needs_both_conditions() -> None:
+    """With the losses after the validation fit, harmful = group influence < 0 and the loss
+    after the fit above the conformal threshold of the calibration rows' (reported as
+    ``harmful_threshold``; the group-influence threshold is not used)."""
+    rng = np.random.default_rng(21)
+    inp = _clean(n_train=500, n_query=1)
+    inp["group_inf"] = -np.abs(rng.normal(size=500)) * 0.1  # all hurt a little
+    after = rng.uniform(0.0, 1.0, size=500)
+    after[[10, 20]] = 5.0  # far above every calibration loss
+    inp["group_inf"][20] = 0.3  # ... but helps the validation set: not harmful
+    calib_after = rng.uniform(0.0, 2.0, size=300)
+    calib_group = rng.normal(size=300) * 1e-6  # would flag nearly every row by itself
+    out = summarise(
+        **inp,
+        calib_group_inf=calib_group,
+        loss_after_fit=after,
+        calib_loss_after_fit=calib_after,
+    )
+    assert set(np.flatnonzero(out.train["flag_harmful"])) == {10}
+    thr, alpha_eff, m = conformal_threshold(calib_after, GateThresholds().harmful_alpha)
+    assert out.counts["harmful_threshold"] == thr and out.counts["n_calib_group"] == m == 300
+    assert out.counts["harmful_alpha_eff"] == alpha_eff
+    assert out.counts["harmful_by_loss_after_fit"] == 1 and out.counts["harmful_calibrated"] == 1
+    np.testing.assert_array_equal(out.train["loss_after_fit"].to_numpy(), after)
+    # exchangeable clean losses: about alpha flagged, whatever the group influence's scale
+    clean = summarise(
+        **inp,
+        loss_after_fit=rng.exponential(size=500),
+        calib_loss_after_fit=rng.exponential(size=2000),
+    )
+    assert clean.counts["harmful_fraction"] <= 0.03
+
+
+def test_harmful_without_calibration_losses_keeps_the_group_rule() -> None:
+    """Losses after the fit without the calibration rows' (an older score cache), or none
+    finite: the group-influence threshold; the table's column is NaN when none are given."""
+    rng = np.random.default_rng(22)
+    inp = _clean(n_train=300, n_query=1)
+    inp["group_inf"][[4, 5]] = -20.0
+    calib = rng.normal(size=300)
+    base = summarise(**inp, calib_group_inf=calib)
+    assert base.counts["harmful_by_loss_after_fit"] == 0
+    assert {4, 5} <= set(np.flatnonzero(base.train["flag_harmful"]))
+    assert base.train["loss_after_fit"].isna().all()
+    for extra in (
+        {"loss_after_fit": np.ones(300)},
+        {"loss_after_fit": np.ones(300), "calib_loss_after_fit": np.full(9, np.nan)},
+    ):
+        out = summarise(**inp, calib_group_inf=calib, **extra)
+        assert out.counts["harmful_by_loss_after_fit"] == 0
+        assert (out.train["flag_harmful"] == base.train["flag_harmful"]).all()
+    with pytest.raises(ValueError, match="loss_after_fit has length 3"):
+        summarise(**inp, loss_after_fit=np.ones(3), calib_loss_after_fit=np.ones(300))
 
 
 def test_calibrated_rules_are_scale_free() -> None:

@@ -153,7 +153,8 @@ class ForwardInf:
     ) -> torch.Tensor:
         """Scores [n_train] for one update on the whole query set (negative = harmful to it);
         ``curvature`` as in ``pairwise``. In anchored mode, the plain twin's group fit (what
-        measured best at finding harmful examples: mirrorinf/engine/anchored.py)."""
+        measured best at finding harmful examples: mirrorinf/engine/anchored.py). Each row's
+        loss after the update: ``last_report.loss_after_fit`` (the harmful flag's score)."""
         if self._scorer.group_in_plain_twin:
             twin = self.plain_twin()
             out = twin.group(train, queries, curvature=curvature)

@@ -37,6 +37,7 @@ class Scores:
     stability: float | None = None
     upcast: int = 0
     stats: ColumnStats | None = None  # of ``matrix`` when it was written block by block
+    loss_after: torch.Tensor | None = None  # group fit: [n_train] each row's loss after it
 
 
 @dataclass
@@ -60,9 +61,12 @@ class ScoreReport:
     stability: float | None = None
     upcast: int = 0  # queries (pairwise) or rows (self) recomputed in float64
     query_self_drop: torch.Tensor | None = field(default=None, repr=False)
+    # group: each training row's loss under the fitted parameters (float64; not in to_dict)
+    loss_after_fit: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "query_self_drop"}
+        skip = ("query_self_drop", "loss_after_fit")
+        out = {k: v for k, v in self.__dict__.items() if k not in skip}
         if self.query_self_drop is not None:
             out["query_self_drop"] = [float(v) for v in self.query_self_drop]
         return out
@@ -303,4 +307,5 @@ def make_report(kind: str, mode: str, scores: Scores, seconds: float) -> ScoreRe
         stability=scores.stability,
         upcast=scores.upcast,
         query_self_drop=None if drop is None else drop.float(),
+        loss_after_fit=None if scores.loss_after is None else scores.loss_after.double().cpu(),
     )

@@ -371,6 +371,19 @@ def test_bad_input_is_a_clear_value_error(mlp_setup, train, queries, match):
     _assert_same(model, snap)
 
 
+def test_nan_rows_counted_across_check_blocks(mlp_setup, monkeypatch):
+    """The finite check runs in row blocks: rows in different blocks are all counted."""
+    from mirrorinf.engine import examples
+
+    model, x, y = mlp_setup
+    monkeypatch.setattr(examples, "_FINITE_BLOCK", 3 * x.shape[1])  # 3 rows per block
+    bad = x.clone()
+    bad[[0, 4, len(x) - 1], 1] = float("nan")
+    bad[5, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf in 4 row\(s\)"):
+        ForwardInf(model).pairwise((bad, y), (x[:2], y[:2]))
+
+
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="mode"):
         ForwardInfConfig(mode="fast")

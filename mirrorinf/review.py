@@ -441,8 +441,8 @@ def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: 
     if leaks.empty:
         _empty(path, "Suspected leaks", "no suspected leaks")
         return
-    t_pos = _positions(inp.tables.train["id"])
-    q_pos = _positions(pd.Series(inp.query_ids))
+    t_pos = _positions(inp.tables.train["id"], leaks["train_id"])
+    q_pos = _positions(pd.Series(inp.query_ids), leaks["query_id"])
     width, height = (3.2, 1.75) if shape else (7.0, 0.9)
     fig = _figure(width, len(leaks) * height + 0.4)
     axes = fig.subplots(len(leaks), 2, squeeze=False)
@@ -455,8 +455,14 @@ def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: 
     _save(fig, path)
 
 
-def _positions(ids: pd.Series) -> dict[Any, int]:
-    return {v: i for i, v in enumerate(ids.tolist())}
+def _positions(ids: pd.Series, wanted: Any) -> dict[Any, int]:
+    """Row position of each wanted id: only the few rows drawn, not a dict of every training
+    id (a million Python objects at 1M rows)."""
+    want = pd.unique(pd.Series(list(wanted), dtype=object))
+    if not len(want):
+        return {}
+    hit = np.flatnonzero(ids.isin(want).to_numpy())
+    return {ids.iloc[i]: i for i in hit.tolist()}
 
 
 def _shown_queries(inp: ReviewInputs) -> list[Any]:
@@ -479,8 +485,10 @@ def plot_query_influence(
     if not queries or table.empty:
         _empty(path, "Proponents and opponents", "no queries scored")
         return
-    t_pos = _positions(inp.tables.train["id"])
-    q_pos = _positions(pd.Series(inp.query_ids))
+    t_pos = _positions(
+        inp.tables.train["id"], table.loc[table["query_id"].isin(queries), "train_id"]
+    )
+    q_pos = _positions(pd.Series(inp.query_ids), queries)
     cols = 1 + 2 * k
     cell, height = (1.35, 1.35) if shape else (2.2, 0.6)
     fig = _figure(cols * cell, len(queries) * (height + 0.4) + 0.4)
@@ -561,9 +569,10 @@ def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
         f"- **Suspected leaks: {c.get('n_leaks')}** of {c.get('n_query')} queries: a training "
         "example's gradient is (nearly) identical to the query's (cosine >= the leak threshold)."
     )
-    q_pos = _positions(pd.Series(inp.query_ids))
-    t_pos = _positions(train["id"])
-    for row in inp.tables.leaks.head(10).itertuples(index=False):
+    shown = inp.tables.leaks.head(10)
+    q_pos = _positions(pd.Series(inp.query_ids), shown["query_id"])
+    t_pos = _positions(train["id"], shown["train_id"])
+    for row in shown.itertuples(index=False):
         out.append(f"  - query {row.query_id} <- train {row.train_id} (cosine {row.cosine:.4f})")
         if inp.query_text is not None and inp.train_text is not None:
             out.append(f"    - query: `{inp.query_text[q_pos[row.query_id]]}`")

@@ -333,17 +333,26 @@ def test_factored_self_influence_equals_generic_on_pt2_models(
     _assert_unchanged(loaded, before)
 
 
+def _factored_equals_generic_at_1_and_2_steps(model, x, y) -> list:  # type: ignore[no-untyped-def]
+    """Factored self-influence equals the generic path's in float64 (one step with the automatic
+    lr, two with a fixed one); the factored paths, for checks of which sites they cover."""
+    paths = []
+    for steps in (1, 2):
+        cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
+        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        paths.append(path)
+    return paths
+
+
 def test_factored_self_influence_convs_with_stride_padding_dilation_and_reuse() -> None:
     model, x, y = _strided_cnn()
     program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     graph = ExportedModel(program.module())
     for m in (model, graph):
-        for steps in (1, 2):
-            cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
-            got, want, path = _factored_vs_generic(m, x, y, cfg)
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-            # the exported graph reads c2's weight twice: it stays an aten call (dense, vmap)
-            want_sites = {"c1", "c2", "head"} if m is model else {"c1", "head"}
+        # the exported graph reads c2's weight twice: it stays an aten call (dense, vmap)
+        want_sites = {"c1", "c2", "head"} if m is model else {"c1", "head"}
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
             assert {n.rpartition(".")[2] for n in path.active} == want_sites
     fi = ForwardInf(graph)  # float32, automatic step: the engine's default
     got = fi.self_influence((x, y))
@@ -425,10 +434,7 @@ def test_factored_self_influence_grouped_depthwise_and_conv1d() -> None:
     )  # fmt: skip
     graph = ExportedModel(program.module())
     for m in (model, graph):
-        for steps in (1, 2):
-            cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
-            got, want, path = _factored_vs_generic(m, x, y, cfg)
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
             assert convs <= {n.rpartition(".")[2] for n in path.active}
     fi = ForwardInf(graph, ForwardInfConfig(precision="float64"))
     got = fi.self_influence((x, y))

@@ -14,6 +14,9 @@ from mirrorinf.review import (
     ReviewInputs,
     image_scale,
     image_shape,
+    plot_leaks,
+    plot_mislabels,
+    plot_query_influence,
     review_tables,
     write_report,
 )
@@ -183,3 +186,39 @@ def test_configured_normalisation_is_undone_for_display() -> None:
     low, span = image_scale(inp, (3, 8, 8))
     np.testing.assert_allclose(low, 0.0)
     np.testing.assert_allclose(span, np.repeat(1 / np.array(std), 64))
+
+
+def test_galleries_are_mosaics_with_each_thumbnail_at_its_tile(tmp_path: Path) -> None:
+    """Each gallery is one mosaic: every example drawn appears pixel for pixel (the data.image
+    mean/std undone, at an integer zoom) in the box its plot reports, one box per example
+    shown, in the gallery's order."""
+    base = _inputs(3 * 8 * 8, n_leaks=2)
+    n = len(base.train_x)
+    pixels = np.random.default_rng(2).uniform(size=(n, 3, 8, 8))  # every thumbnail distinct
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    flat = ((pixels - mean[:, None, None]) / std[:, None, None]).reshape(n, -1)
+    inp = ReviewInputs(**{**base.__dict__, "train_x": flat, "query_x": flat[:6]})
+    inp.x_shape, inp.image_norm = (3, 8, 8), (mean.tolist(), std.tolist())
+    inp.scale = image_scale(inp, (3, 8, 8))
+    train, queries = inp.tables.train, inp.tables.queries
+    flagged = train[train["flag_mislabel"]].sort_values("self_influence", ascending=False)
+    shown = queries[queries["query_id"].isin(inp.query_ids[: inp.n_queries_shown])]
+    per_kind = shown.groupby(["query_id", "kind"]).size().clip(upper=4)
+    expected = {
+        "mislabels": (plot_mislabels, len(flagged.head(inp.n_gallery))),
+        "leaks": (plot_leaks, 2 * len(inp.tables.leaks)),
+        "query": (plot_query_influence, inp.n_queries_shown + int(per_kind.sum())),
+    }
+    for name, (plot, count) in expected.items():
+        path = tmp_path / f"{name}.png"
+        placed = plot(inp, (3, 8, 8), path)
+        assert len(placed) == count, name
+        png = mpimg.imread(path)[..., :3]
+        for split, pos, (top, left, bottom, right) in placed:
+            zoom = (bottom - top) // 8
+            assert zoom >= 1 and (bottom - top, right - left) == (8 * zoom, 8 * zoom)
+            want = pixels[pos].transpose(1, 2, 0).repeat(zoom, 0).repeat(zoom, 1)
+            got = png[top:bottom, left:right]
+            assert np.abs(got - want).max() <= 1 / 255 + 1e-6, (name, split, pos)
+    placed = plot_mislabels(inp, (3, 8, 8), tmp_path / "m.png")
+    assert [pos for _, pos, _ in placed] == flagged.index[: inp.n_gallery].tolist()

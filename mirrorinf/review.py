@@ -18,8 +18,11 @@ in colour; the loader's ``data.image`` mean/std normalisation undone exactly whe
 ``ReviewInputs.image_norm``, else each channel min-max scaled over the training set; clipped to
 [0, 1]); so are rows whose feature count is a square
 (64 -> 8x8, grayscale). Other (tabular) rows are a one-row heat strip of their features, and
-the report lists their first feature values. Labels show their class names when the source has
-them (image folders: the class folder names). Token inputs (``train_text`` / ``query_text``
+the report lists their first feature values. Each gallery (mislabels, leaks, query
+influence) is one mosaic: the examples' pixels tiled into one RGB array at the PNG's resolution
+(images at an integer zoom) with the titles laid over it, not a matplotlib axes per example.
+Labels show their class names when the source has them (image folders: the class folder
+names). Token inputs (``train_text`` / ``query_text``
 set: decoded by the model's tokenizer, else the ids) are shown as text, in the plots, the report
 and the flagged table; for a sequence model the predicted tokens (``pred_text``: for a causal LM
 the predicted next tokens) beside them.
@@ -36,8 +39,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import imsave
 from matplotlib.ticker import NullLocator
 
 from mirrorinf.summary import InfluenceTables, flag_rules, suspect_noun, target_labels
@@ -199,46 +204,150 @@ def _finite_range(x: np.ndarray, axes: tuple[int, ...], k: int) -> tuple[np.ndar
     return np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
 
 
-def _draw(
-    ax: Axes,
+def _tile_pixels(
     row: np.ndarray,
     shape: tuple[int, ...] | None,
     scale: tuple[np.ndarray, np.ndarray] | None = None,
-) -> None:
-    """One example: an image when ``shape`` is set, else a heat strip of its features."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if shape is not None:
-        img = row if scale is None else np.clip((row - scale[0]) / scale[1], 0, 1)
-        lim = {"vmin": 0.0, "vmax": 1.0} if scale is not None else {}
-        if len(shape) == 3:  # channels first: RGB in colour, one channel in gray
-            pic = img.reshape(shape).transpose(1, 2, 0)
-            cmap = "gray" if shape[0] == 1 else None
-            ax.imshow(
-                pic[..., 0] if shape[0] == 1 else pic, cmap=cmap, interpolation="nearest", **lim
-            )
-            return
-        ax.imshow(img.reshape(shape), cmap="gray_r", interpolation="nearest", **lim)
-        return
-    lim = float(np.nanmax(np.abs(row))) or 1.0
-    ax.imshow(row[None, :], cmap="coolwarm", vmin=-lim, vmax=lim, aspect="auto")
-    if len(row) <= 10:
-        for j, v in enumerate(row):
-            ax.text(j, 0, f"{v:.2g}", ha="center", va="center", fontsize=6)
+) -> np.ndarray:
+    """One example as RGB pixels in [0, 1] (``[h, w, 3]``): an image when ``shape`` is set
+    (channels first: RGB in colour, one channel in gray; a square row in reversed gray), else a
+    one-row heat strip of its features (coolwarm, symmetric around 0). Missing values are white.
+    Without ``scale`` a gray image is min-max scaled on its own (as imshow would)."""
+    row = np.asarray(row, dtype=np.float64)
+    if shape is None:
+        lim = float(np.nanmax(np.abs(row))) if np.isfinite(row).any() else 0.0
+        rgb = colormaps["coolwarm"](np.clip((row / (lim or 1.0) + 1) / 2, 0, 1))[None, :, :3]
+        rgb[0, ~np.isfinite(row)] = 1.0
+        return rgb
+    img = row if scale is None else np.clip((row - scale[0]) / scale[1], 0, 1)
+    if len(shape) == 3 and shape[0] == 3:  # RGB
+        pic = img.reshape(shape).transpose(1, 2, 0)
+        return np.where(np.isfinite(pic), np.clip(pic, 0, 1), 1.0)
+    gray = img.reshape(shape[-2:])
+    finite = np.isfinite(gray)
+    if scale is None and finite.any():
+        low, high = gray[finite].min(), gray[finite].max()
+        gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+    gray = gray if len(shape) == 3 else 1.0 - gray  # one channel: gray; a square row: gray_r
+    return np.repeat(np.where(finite, gray, 1.0)[..., None], 3, axis=-1)
 
 
-def _show(ax: Axes, inp: ReviewInputs, split: str, pos: int, shape: tuple[int, ...] | None) -> None:
-    """One training (``split`` "train") or query example: its text when the inputs are
-    tokens, else as :func:`_draw` draws it."""
-    text = inp.train_text if split == "train" else inp.query_text
-    if text is None:
-        _draw(ax, (inp.train_x if split == "train" else inp.query_x)[pos], shape, inp.scale)
-        return
-    ax.set_xticks([])
-    ax.set_yticks([])
-    shown = str(text[pos])
-    ax.text(0.02, 0.5, "\n".join(textwrap.wrap(shown, 48)[:4]) or "(empty)", fontsize=6,
-            va="center", ha="left", transform=ax.transAxes)  # fmt: skip
+@dataclass(frozen=True)
+class _Tile:
+    """A gallery cell: training (``split`` "train") or query example ``pos`` under ``title``."""
+
+    split: str
+    pos: int
+    title: str
+    color: str = "black"
+
+
+Box = tuple[int, int, int, int]  # (top, left, bottom, right) in the saved PNG's pixels
+Placed = list[tuple[str, int, Box]]  # (split, row position, box) of each tile drawn
+
+
+def _gallery(
+    inp: ReviewInputs,
+    shape: tuple[int, ...] | None,
+    grid: Sequence[Sequence[_Tile | None]],
+    cell: tuple[float, float],
+    title: str,
+    path: Path,
+    fontsize: float = 7.0,
+) -> Placed:
+    """Draw a grid of examples as one mosaic: their pixels (images, heat strips) tiled into
+    one RGB array at the PNG's own resolution and drawn by a single imshow; titles, feature
+    values and token text are text on the same axes. ``cell`` is (width, height) in inches of
+    one tile's box; each grid row gets a title band as high as its longest title. Returns where
+    each tile was drawn (its pixels at integer zoom: 1 input pixel = a block of PNG pixels)."""
+    px = _DPI
+    pad, top = round(0.12 * px), round(0.45 * px)
+    cw, ch = round(cell[0] * px), round(cell[1] * px)
+    line = fontsize * 1.4 / 72 * px
+    bands = [
+        round(max((t.title.count("\n") + 1 for t in r if t is not None), default=0) * line) + 4
+        for r in grid
+    ]
+    cols = max((len(r) for r in grid), default=1)
+    width = max(cols * (cw + pad) + pad, round(4 * px))
+    height = top + sum(b + ch + pad for b in bands) + pad
+    canvas = np.ones((height, width, 3))
+    texts: list[tuple[float, float, str, dict[str, Any]]] = [
+        (width / 2, top / 2, title, {"fontsize": 10, "ha": "center", "va": "center"})
+    ]
+    placed: Placed = []
+    y = top
+    for r, band in zip(grid, bands, strict=True):
+        y += band
+        for c, tile in enumerate(r):
+            if tile is None:
+                continue
+            left = pad + c * (cw + pad)
+            box = _place(canvas, inp, shape, tile, (y, left, y + ch, left + cw), texts)
+            placed.append((tile.split, tile.pos, box))
+            texts.append(((box[1] + box[3]) / 2, box[0] - 3, tile.title,
+                          {"fontsize": fontsize, "color": tile.color, "ha": "center",
+                           "va": "bottom", "linespacing": 1.25}))  # fmt: skip
+        y += ch + pad
+    fig = Figure(figsize=((width + 0.5) / px, (height + 0.5) / px), dpi=px)
+    fig.patch.set_alpha(0.0)  # the text alone, laid over the canvas below
+    ax = fig.add_axes((0, 0, 1, 1))  # axes in the canvas' pixel coordinates
+    ax.axis("off")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    for x, ty, s, kw in texts:
+        ax.text(x, ty, s, **kw)
+    agg = FigureCanvasAgg(fig)
+    agg.draw()
+    ink = np.asarray(agg.buffer_rgba())[:height, :width] / 255.0  # straight (not premultiplied)
+    alpha = ink[..., 3:]
+    canvas = canvas * (1 - alpha) + ink[..., :3] * alpha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(path, (canvas * 255).round().astype(np.uint8), dpi=px)
+    return placed
+
+
+def _place(
+    canvas: np.ndarray,
+    inp: ReviewInputs,
+    shape: tuple[int, ...] | None,
+    tile: _Tile,
+    cell: Box,
+    texts: list[tuple[float, float, str, dict[str, Any]]],
+) -> Box:
+    """Write one example into ``canvas`` inside ``cell`` (framed in black, centred at the top)
+    and queue its text; return the box its pixels fill."""
+    top, left, bottom, right = cell
+    text = inp.train_text if tile.split == "train" else inp.query_text
+    if text is not None:  # tokens: their text in a frame
+        box = cell
+        shown = "\n".join(textwrap.wrap(str(text[tile.pos]), 48)[:4]) or "(empty)"
+        texts.append((left + 4, (top + bottom) / 2, shown, {"fontsize": 6, "va": "center"}))
+    else:
+        row = (inp.train_x if tile.split == "train" else inp.query_x)[tile.pos]
+        pix = _tile_pixels(row, shape, inp.scale)
+        h, w = pix.shape[:2]
+        if shape is None:  # a heat strip fills the cell
+            box = cell
+        else:  # an image at integer zoom (or shrunk to fit), centred
+            zoom = min((bottom - top) / h, (right - left) / w)
+            zoom = math.floor(zoom) if zoom >= 1 else zoom
+            th, tw = max(1, round(h * zoom)), max(1, round(w * zoom))
+            x0 = left + (right - left - tw) // 2
+            box = (top, x0, top + th, x0 + tw)
+        th, tw = box[2] - box[0], box[3] - box[1]
+        canvas[box[0] : box[2], box[1] : box[3]] = pix[
+            (np.arange(th) * h // th)[:, None], (np.arange(tw) * w // tw)[None, :]
+        ]
+        if shape is None and w <= 10:
+            for j, v in enumerate(row):
+                x = box[1] + (j + 0.5) * tw / w
+                texts.append((x, (box[0] + box[2]) / 2, f"{v:.2g}",
+                              {"fontsize": 6, "ha": "center", "va": "center"}))  # fmt: skip
+    t, le, b, ri = box
+    canvas[t - 1, le - 1 : ri + 1] = canvas[b, le - 1 : ri + 1] = 0.0  # the frame
+    canvas[t - 1 : b + 1, le - 1] = canvas[t - 1 : b + 1, ri] = 0.0
+    return box
 
 
 def _empty(path: Path, title: str, text: str) -> None:
@@ -365,15 +474,6 @@ def plot_top_harmful(
     _save(fig, path)
 
 
-def _grid(n: int, cols: int, cell: float, height: float) -> tuple[Figure, np.ndarray]:
-    rows = max(1, math.ceil(n / cols))
-    fig = _figure(cols * cell, rows * (height + 0.35) + 0.4)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax in axes[n:]:
-        ax.axis("off")
-    return fig, axes
-
-
 def _mislabel_rows(inp: ReviewInputs) -> tuple[pd.DataFrame, str]:
     train = inp.tables.train
     flagged = train[train["flag_mislabel"]]
@@ -407,14 +507,11 @@ def _differs(pred: Any, label: Any) -> bool:
     return str(pred) != str(label)
 
 
-def plot_mislabels(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path) -> None:
+def plot_mislabels(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path) -> Placed:
     """Gallery: image (or feature strip), given label, predicted label, self-influence."""
     rows, title = _mislabel_rows(inp)
-    cols = 8 if shape is not None else 2
-    cell, height = (1.45, 1.45) if shape is not None else (3.0, 0.6)
-    fig, axes = _grid(len(rows), cols, cell, height)
-    for ax, (pos, row) in zip(axes, rows.iterrows(), strict=False):
-        _show(ax, inp, "train", pos, shape)
+    tiles = []
+    for pos, row in rows.iterrows():
         wrong = (
             inp.train_pred is not None
             and inp.kind != "sequence"
@@ -426,33 +523,33 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path)
             given = (
                 f"given {_label(inp, row['label'])} pred {_label(inp, _short(inp.train_pred, pos))}"
             )
-        ax.set_title(
-            f"id {row['id']}\n{given}\nself {row['self_influence']:.2g}",
-            fontsize=7,
-            color=_RED if wrong else "black",
-        )
-    fig.suptitle(f"{title}; red title: the model predicts another label", fontsize=10)
-    _save(fig, path)
+        text = f"id {row['id']}\n{given}\nself {row['self_influence']:.2g}"
+        tiles.append(_Tile("train", int(pos), text, _RED if wrong else "black"))
+    cols = 8 if shape is not None else 2
+    grid = [tiles[i : i + cols] for i in range(0, max(1, len(tiles)), cols)]
+    cell = (1.45, 1.45) if shape is not None else (3.0, 0.6)
+    suptitle = f"{title}; red title: the model predicts another label"
+    return _gallery(inp, shape, grid, cell, suptitle, path)
 
 
-def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: int = 8) -> None:
+def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: int = 8) -> Placed:
     """Each suspected leak: the query next to its most aligned training example."""
     leaks = inp.tables.leaks.sort_values("cosine", ascending=False).head(n)
     if leaks.empty:
         _empty(path, "Suspected leaks", "no suspected leaks")
-        return
+        return []
     t_pos = _positions(inp.tables.train["id"], leaks["train_id"])
     q_pos = _positions(pd.Series(inp.query_ids), leaks["query_id"])
-    width, height = (3.2, 1.75) if shape else (7.0, 0.9)
-    fig = _figure(width, len(leaks) * height + 0.4)
-    axes = fig.subplots(len(leaks), 2, squeeze=False)
-    for (ax_q, ax_t), row in zip(axes, leaks.itertuples(index=False), strict=True):
-        _show(ax_q, inp, "query", q_pos[row.query_id], shape)
-        _show(ax_t, inp, "train", t_pos[row.train_id], shape)
-        ax_q.set_title(f"query {row.query_id}", fontsize=8)
-        ax_t.set_title(f"train {row.train_id}  cos {row.cosine:.4f}", fontsize=8)
-    fig.suptitle(f"Suspected leaks ({len(inp.tables.leaks)}): query | training", fontsize=10)
-    _save(fig, path)
+    grid = [
+        [
+            _Tile("query", q_pos[row.query_id], f"query {row.query_id}"),
+            _Tile("train", t_pos[row.train_id], f"train {row.train_id}  cos {row.cosine:.4f}"),
+        ]
+        for row in leaks.itertuples(index=False)
+    ]
+    cell = (1.45, 1.45) if shape else (3.3, 0.6)
+    title = f"Suspected leaks ({len(inp.tables.leaks)}): query | training"
+    return _gallery(inp, shape, grid, cell, title, path, fontsize=8)
 
 
 def _positions(ids: pd.Series, wanted: Any) -> dict[Any, int]:
@@ -478,41 +575,35 @@ def _shown_queries(inp: ReviewInputs) -> list[Any]:
 
 def plot_query_influence(
     inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, k: int = 4
-) -> None:
+) -> Placed:
     """Per shown query: the query, its top-k proponents (green) and top-k opponents (red)."""
     queries = _shown_queries(inp)
     table = inp.tables.queries
     if not queries or table.empty:
         _empty(path, "Proponents and opponents", "no queries scored")
-        return
+        return []
     t_pos = _positions(
         inp.tables.train["id"], table.loc[table["query_id"].isin(queries), "train_id"]
     )
     q_pos = _positions(pd.Series(inp.query_ids), queries)
-    cols = 1 + 2 * k
-    cell, height = (1.35, 1.35) if shape else (2.2, 0.6)
-    fig = _figure(cols * cell, len(queries) * (height + 0.4) + 0.4)
-    axes = fig.subplots(len(queries), cols, squeeze=False)
-    for r, q in enumerate(queries):
+    labels = inp.tables.train["label"]
+    grid: list[list[_Tile | None]] = []
+    for q in queries:
         qi = q_pos[q]
-        _show(axes[r, 0], inp, "query", qi, shape)
-        axes[r, 0].set_title(f"query {q}\nlabel {_label(inp, inp.query_labels[qi])}", fontsize=7)
-        for c, kind in ((1, "proponent"), (1 + k, "opponent")):
+        cells: list[_Tile | None] = [
+            _Tile("query", qi, f"query {q}\nlabel {_label(inp, inp.query_labels[qi])}")
+        ]
+        for kind, color in (("proponent", _GREEN), ("opponent", _RED)):
             rows = table[(table["query_id"] == q) & (table["kind"] == kind)].head(k)
-            for j, row in enumerate(rows.itertuples(index=False)):
-                ax = axes[r, c + j]
-                _show(ax, inp, "train", t_pos[row.train_id], shape)
-                label = inp.tables.train["label"].iloc[t_pos[row.train_id]]
-                color = _GREEN if kind == "proponent" else _RED
-                ax.set_title(
-                    f"{row.train_id} (y={_label(inp, label)})\n{row.score:.2g}",
-                    fontsize=7,
-                    color=color,
-                )
-            for j in range(len(rows), k):
-                axes[r, c + j].axis("off")
-    fig.suptitle(f"Queries: top {k} proponents (green) | top {k} opponents (red)", fontsize=10)
-    _save(fig, path)
+            for row in rows.itertuples(index=False):
+                pos = t_pos[row.train_id]
+                text = f"{row.train_id} (y={_label(inp, labels.iloc[pos])})\n{row.score:.2g}"
+                cells.append(_Tile("train", pos, text, color))
+            cells += [None] * (k - len(rows))
+        grid.append(cells)
+    cell = (1.35, 1.35) if shape else (2.2, 0.6)
+    title = f"Queries: top {k} proponents (green) | top {k} opponents (red)"
+    return _gallery(inp, shape, grid, cell, title, path)
 
 
 def checks_markdown(checks: Sequence[dict[str, Any]]) -> str:

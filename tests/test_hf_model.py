@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_review import _inputs
-from test_transformers_e2e import word_tokenizer
+from hf_helpers import word_tokenizer
+from review_helpers import review_inputs
 
 from mirrorinf.engine.updates import batchable
 from mirrorinf.errors import ModelError
@@ -209,7 +209,7 @@ def test_sequence_predictions_are_per_token(saved) -> None:
 
 
 def test_review_shows_token_inputs_as_text(tmp_path: Path) -> None:
-    inp = _inputs(16, 1)  # 16 features would be drawn as 4x4 images; as tokens they are text
+    inp = review_inputs(16, 1)  # 16 features would be drawn as 4x4 images; as tokens they are text
     n, q = len(inp.train_x), len(inp.query_x)
     inp.train_text = np.asarray([f"train words {i}" for i in range(n)], dtype=object)
     inp.query_text = np.asarray([f"query words {i}" for i in range(q)], dtype=object)
@@ -221,7 +221,7 @@ def test_review_shows_token_inputs_as_text(tmp_path: Path) -> None:
 
 
 def test_review_shows_sequence_predictions_as_text(tmp_path: Path) -> None:
-    inp = _inputs(12, 0)
+    inp = review_inputs(12, 0)
     n = len(inp.train_x)
     inp.kind = "sequence"
     inp.train_text = np.asarray([f"a b c {i}" for i in range(n)], dtype=object)

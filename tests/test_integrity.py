@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_pipeline_e2e import SMALL_DEMO, make
+from pipeline_helpers import SMALL_DEMO, make
 
 from mirrorinf.errors import InputError
 from mirrorinf.flows.influence import InfluenceResult, run_influence

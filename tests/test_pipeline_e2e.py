@@ -22,19 +22,17 @@ import pytest
 import torch
 import yaml
 from dvc_helpers import dvc_add_commit, make_dvc_repo
+from pipeline_helpers import MODEL, SMALL_DEMO, base_params, make, merge
 
 from mirrorinf.cli import main
 from mirrorinf.flows.influence import InfluenceResult, run_influence
-from mirrorinf.params import Params, params_from_dict
+from mirrorinf.params import Params
 from mirrorinf.tasks.data import prepare_demo, write_npz
 from mirrorinf.tasks.model import train_and_register
 from mirrorinf.tasks.tracking import get_client
 
 pytestmark = pytest.mark.slow
 
-MODEL = "e2e-demo"
-SMALL_DEMO = {"n_train": 400, "n_val": 100, "n_query": 30, "flip_fraction": 0.1, "n_leaks": 5,
-              "seed": 0}  # fmt: skip
 RECALL_BOUND = 0.7  # see the module docstring
 
 
@@ -45,29 +43,6 @@ RECALL_BOUND = 0.7  # see the module docstring
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Project root for params (data, MLflow store); not a git repo."""
     return tmp_path_factory.mktemp("project")
-
-
-def base_params(project: Path) -> dict[str, Any]:
-    return {
-        "demo": dict(SMALL_DEMO),
-        "model": {"name": MODEL},
-        "mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment": "e2e"},
-        "threads": 1,
-    }
-
-
-def merge(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    out = json.loads(json.dumps(base))
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        else:
-            out[key] = value
-    return out
-
-
-def make(project: Path, **sections: Any) -> Params:
-    return params_from_dict(merge(base_params(project), **sections), root=project)
 
 
 def tracking_uri(project: Path) -> str:

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from engine_helpers import brute_force_scores
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_engine import brute_force_scores
 from torch import nn
 from torch.func import functional_call
 

@@ -3,60 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from review_helpers import review_inputs
 
 from mirrorinf.review import (
     PLOTS,
     ReviewInputs,
     image_scale,
     image_shape,
+    plot_leaks,
+    plot_mislabels,
+    plot_query_influence,
     review_tables,
     write_report,
 )
-from mirrorinf.summary import summarise
-
-CHECKS = [
-    {"check": "mislabel_fraction", "success": False, "observed": 0.1, "threshold": 0.05},
-    {"check": "leaks", "success": True, "observed": 0, "threshold": 0},
-]
-
-
-def _inputs(n_features: int, n_leaks: int = 1, seed: int = 0, **losses: Any) -> ReviewInputs:
-    rng = np.random.default_rng(seed)
-    n_train, n_query = 60, 6
-    x = rng.normal(size=(n_train, n_features))
-    self_inf = np.exp(rng.normal(-6, 2, size=n_train))
-    group = rng.normal(0, 1e-3, size=n_train)
-    pairwise = rng.normal(0, 1e-8, size=(n_train, n_query))
-    drop = np.full(n_query, 1e-3)
-    for q in range(n_leaks):  # query q duplicates training row q: cosine 1
-        pairwise[q, q] = np.sqrt(self_inf[q] * drop[q])
-    tables = summarise(
-        pairwise, self_inf, group, train_labels=rng.integers(0, 3, n_train),
-        query_ids=np.arange(100, 100 + n_query), query_self_drop=drop,
-        calib_self_inf=np.exp(rng.normal(-7, 1, size=200)),
-        calib_group_inf=rng.normal(0, 3e-4, size=200), **losses,
-    )  # fmt: skip
-    return ReviewInputs(
-        tables=tables,
-        train_x=x,
-        query_x=np.concatenate([x[:n_leaks], rng.normal(size=(n_query - n_leaks, n_features))]),
-        query_ids=np.arange(100, 100 + n_query),
-        query_labels=rng.integers(0, 3, n_query),
-        train_pred=rng.integers(0, 3, n_train),
-        checks=CHECKS,
-        verdict="failed",
-        reasons=["mislabel_fraction: observed 0.1, allowed 0.05"],
-    )
 
 
 @pytest.mark.parametrize(("n_features", "n_leaks"), [(64, 2), (5, 1), (7, 0)])
 def test_write_report_images_and_tabular(tmp_path: Path, n_features: int, n_leaks: int) -> None:
-    inp = _inputs(n_features, n_leaks)
+    inp = review_inputs(n_features, n_leaks)
     files = write_report(tmp_path, inp)
     assert {f"plots/{p}" for p in PLOTS} | {"report.md", "checks/gx_result.md"} == set(files)
     for name in PLOTS:
@@ -81,7 +49,7 @@ def test_report_names_the_loss_after_fit_rule(tmp_path: Path) -> None:
     after = rng.exponential(size=60)
     after[:4] = 50.0
     losses = {"loss_after_fit": after, "calib_loss_after_fit": rng.exponential(size=200)}
-    inp = _inputs(7, **losses)
+    inp = review_inputs(7, **losses)
     assert inp.tables.counts["harmful_by_loss_after_fit"] == 1
     write_report(tmp_path, inp)
     report = (tmp_path / "report.md").read_text()
@@ -103,7 +71,7 @@ def test_plots_follow_their_data(tmp_path: Path) -> None:
     heights = []
     for n_leaks in (0, 1, 3):
         out = tmp_path / f"leaks{n_leaks}"
-        write_report(out, _inputs(64, n_leaks))
+        write_report(out, review_inputs(64, n_leaks))
         heights.append(mpimg.imread(out / "plots" / "leaks.png").shape[0])
     assert heights[0] < heights[1] < heights[2], heights
 
@@ -111,13 +79,13 @@ def test_plots_follow_their_data(tmp_path: Path) -> None:
         write_report(out, inp)
         return mpimg.imread(out / "plots" / "mislabels.png").shape[0]
 
-    few, many = _inputs(64), _inputs(64)
+    few, many = review_inputs(64), review_inputs(64)
     few.tables.train["flag_mislabel"] = few.tables.train.index < 3  # one gallery row of 8
     many.tables.train["flag_mislabel"] = True  # more than the gallery holds: two rows
     assert gallery_height(few, tmp_path / "few") < gallery_height(many, tmp_path / "many")
 
     def grey_fraction(n_features: int, out: Path) -> float:
-        write_report(out, _inputs(n_features))
+        write_report(out, review_inputs(n_features))
         img = mpimg.imread(out / "plots" / "mislabels.png")[..., :3]
         drawn = (img < 0.95).any(axis=-1)
         grey = (np.ptp(img, axis=-1) < 0.02) & drawn
@@ -127,7 +95,7 @@ def test_plots_follow_their_data(tmp_path: Path) -> None:
 
 
 def test_review_tables_carry_predictions() -> None:
-    inp = _inputs(64)
+    inp = review_inputs(64)
     tables = review_tables(inp)
     flagged = tables["flagged_train"]
     assert "predicted" in flagged and len(flagged) == int(
@@ -144,7 +112,7 @@ def test_image_shape() -> None:
 def test_rgb_images_drawn_in_colour_with_class_names(tmp_path: Path) -> None:
     """[n, 3, H, W] inputs (an image folder, normalised with a mean/std) are drawn as colour
     images, the normalisation undone; the flagged table names each label's class."""
-    base = _inputs(3 * 8 * 8)
+    base = review_inputs(3 * 8 * 8)
     n = len(base.train_x)
     green = np.zeros((n, 3, 8, 8))
     green[:, 1] = np.random.default_rng(0).uniform(0.8, 1.0, size=(n, 8, 8))
@@ -166,7 +134,7 @@ def test_rgb_images_drawn_in_colour_with_class_names(tmp_path: Path) -> None:
 def test_configured_normalisation_is_undone_for_display() -> None:
     """With data.image mean/std given, the review shows the decoded pixels exactly; per-channel
     min-max (the fallback) would stretch dull images to full contrast."""
-    base = _inputs(3 * 8 * 8)
+    base = review_inputs(3 * 8 * 8)
     n = len(base.train_x)
     pixels = np.random.default_rng(1).uniform(0.3, 0.5, size=(n, 3, 8, 8))  # dull colours
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
@@ -183,3 +151,39 @@ def test_configured_normalisation_is_undone_for_display() -> None:
     low, span = image_scale(inp, (3, 8, 8))
     np.testing.assert_allclose(low, 0.0)
     np.testing.assert_allclose(span, np.repeat(1 / np.array(std), 64))
+
+
+def test_galleries_are_mosaics_with_each_thumbnail_at_its_tile(tmp_path: Path) -> None:
+    """Each gallery is one mosaic: every example drawn appears pixel for pixel (the data.image
+    mean/std undone, at an integer zoom) in the box its plot reports, one box per example
+    shown, in the gallery's order."""
+    base = review_inputs(3 * 8 * 8, n_leaks=2)
+    n = len(base.train_x)
+    pixels = np.random.default_rng(2).uniform(size=(n, 3, 8, 8))  # every thumbnail distinct
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    flat = ((pixels - mean[:, None, None]) / std[:, None, None]).reshape(n, -1)
+    inp = ReviewInputs(**{**base.__dict__, "train_x": flat, "query_x": flat[:6]})
+    inp.x_shape, inp.image_norm = (3, 8, 8), (mean.tolist(), std.tolist())
+    inp.scale = image_scale(inp, (3, 8, 8))
+    train, queries = inp.tables.train, inp.tables.queries
+    flagged = train[train["flag_mislabel"]].sort_values("self_influence", ascending=False)
+    shown = queries[queries["query_id"].isin(inp.query_ids[: inp.n_queries_shown])]
+    per_kind = shown.groupby(["query_id", "kind"]).size().clip(upper=4)
+    expected = {
+        "mislabels": (plot_mislabels, len(flagged.head(inp.n_gallery))),
+        "leaks": (plot_leaks, 2 * len(inp.tables.leaks)),
+        "query": (plot_query_influence, inp.n_queries_shown + int(per_kind.sum())),
+    }
+    for name, (plot, count) in expected.items():
+        path = tmp_path / f"{name}.png"
+        placed = plot(inp, (3, 8, 8), path)
+        assert len(placed) == count, name
+        png = mpimg.imread(path)[..., :3]
+        for split, pos, (top, left, bottom, right) in placed:
+            zoom = (bottom - top) // 8
+            assert zoom >= 1 and (bottom - top, right - left) == (8 * zoom, 8 * zoom)
+            want = pixels[pos].transpose(1, 2, 0).repeat(zoom, 0).repeat(zoom, 1)
+            got = png[top:bottom, left:right]
+            assert np.abs(got - want).max() <= 1 / 255 + 1e-6, (name, split, pos)
+    placed = plot_mislabels(inp, (3, 8, 8), tmp_path / "m.png")
+    assert [pos for _, pos, _ in placed] == flagged.index[: inp.n_gallery].tolist()

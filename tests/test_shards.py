@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_pipeline_e2e import SMALL_DEMO, make
+from pipeline_helpers import SMALL_DEMO, make
 
 from mirrorinf import ForwardInf
 from mirrorinf.analysis import score_rows

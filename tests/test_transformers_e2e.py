@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from e2e_helpers import run, save_splits, train_table, uri
+from hf_helpers import SPECIAL, word_tokenizer
 from mlflow_helpers import training_run
 from sklearn.metrics import roc_auc_score
 
@@ -34,7 +35,6 @@ from mirrorinf.tasks.tracking import get_client
 
 pytestmark = pytest.mark.slow
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 TOPICS = 3  # classes
 TOPIC_WORDS = 6  # words per topic
 FILLER = 20
@@ -43,20 +43,6 @@ FILLER = 20
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf")
-
-
-def word_tokenizer(words: list[str]) -> Any:
-    """A word-level tokenizer over ``SPECIAL + words`` (tokenizers, wrapped for transformers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]",
-    )  # fmt: skip
 
 
 def log_hf(project: Path, name: str, model: Any, tokenizer: Any, task: str) -> int:

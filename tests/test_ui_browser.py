@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pipeline_e2e import base_params, merge
+from pipeline_helpers import base_params, merge
 
 from mirrorinf.params import params_from_dict
 from mirrorinf.review import PLOTS, TABLES

@@ -289,13 +289,16 @@ def _strided_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model.eval(), torch.randn(20, 2, 9, 8), torch.randint(0, 3, (20,))
 
 
-def _factored_vs_generic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForwardInfConfig):
-    """(factored, generic) raw float64 drops per unit lr of the same rows, and the path."""
+def _factored_vs_generic(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForwardInfConfig, **task: str
+):
+    """(factored, generic) raw float64 drops per unit lr of the same rows, and the path;
+    ``task``: the engine's ``kind`` / ``output``."""
     from mirrorinf.engine.factored import FactoredPath
     from mirrorinf.engine.generic import generic_self
     from mirrorinf.engine.runtime import Runtime
 
-    rt = Runtime(model, cfg, None, "cpu", torch.float64)
+    rt = Runtime(model, cfg, None, "cpu", torch.float64, **task)
     path = FactoredPath.for_model(rt)
     assert path is not None
     with rt.scoring() as state:
@@ -333,13 +336,13 @@ def test_factored_self_influence_equals_generic_on_pt2_models(
     _assert_unchanged(loaded, before)
 
 
-def _factored_equals_generic_at_1_and_2_steps(model, x, y) -> list:  # type: ignore[no-untyped-def]
+def _factored_equals_generic_at_1_and_2_steps(model, x, y, **task) -> list:  # type: ignore[no-untyped-def]
     """Factored self-influence equals the generic path's in float64 (one step with the automatic
     lr, two with a fixed one); the factored paths, for checks of which sites they cover."""
     paths = []
     for steps in (1, 2):
         cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
-        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        got, want, path = _factored_vs_generic(model, x, y, cfg, **task)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         paths.append(path)
     return paths
@@ -589,5 +592,72 @@ def test_factored_self_influence_convs_as_patch_factors() -> None:
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         assert path.moved == set() and {"t", "c"} <= path.active
     fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _TiedLm(nn.Module):
+    """A tiny causal LM whose head shares the token embedding (GPT-2's ``lm_head.weight is
+    wte.weight``), with a padding row, a position embedding, a hidden linear with bias and a
+    linear head read twice: next-token logits of the last position plus a pooled term."""
+
+    def __init__(self, vocab: int = 13, d: int = 6) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(8, d)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        h = torch.tanh(self.mid(h))
+        return self.head(h[:, -1]) + 0.3 * self.head(h.mean(dim=1))
+
+
+def test_factored_self_influence_tied_embedding_and_head() -> None:
+    """A weight shared by an embedding and a linear head takes the factored path: its gradient
+    is the sum of both uses' factors (norm with their cross terms, each use reading the other's
+    step): the generic path's float64 scores, as nn.Module and as an exported graph whose one
+    parameter feeds both aten.embedding and aten.linear; nothing left per example."""
+    torch.manual_seed(8)
+    model = _TiedLm().eval()
+    x, y = torch.randint(0, 6, (20, 5)), torch.randint(0, 13, (20,))  # repeats and pads
+    x[0, :2] = 0
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())
+    for m in (model, graph):
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
+            assert path._factored() == set(path.rt.trainable)  # the tied weight too
+            tied = [path.sites[n] for n in path.tied]  # graph: each head call its own site
+            assert {s.embed for s in tied} == {True, False} and set(path.tied) <= path.active
+        fi = ForwardInf(m, F64.replace(fast_path="auto"))
+        got = fi.self_influence((x, y))
+        assert fi.last_report is not None and fi.last_report.path == "factored"
+        ref = ForwardInf(model, F64).self_influence((x, y))
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_factored_self_influence_hf_gpt2_tied_head() -> None:
+    """A transformers GPT-2 causal LM (``lm_head.weight is wte.weight``) as the pipeline wraps
+    it, per-token loss: the tied weight is a factor of both uses, the generic path's scores."""
+    transformers = pytest.importorskip("transformers")
+    from mirrorinf.tasks.hf_model import TransformersModel
+
+    torch.manual_seed(9)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=8, bos_token_id=0,
+        eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    model = TransformersModel(lm)
+    ids = torch.randint(0, 40, (12, 6))
+    x, y = {"input_ids": ids}, torch.cat([ids[:, 1:], torch.full((12, 1), -100)], dim=1)
+    task = {"kind": "sequence", "output": "logits"}
+    for path in _factored_equals_generic_at_1_and_2_steps(model, x, y, **task):
+        assert set(path.tied) == {"model.transformer.wte", "model.lm_head"} <= path.active
+        assert "model.transformer.wte.weight" in path._factored()
+    fi = ForwardInf(model, F64.replace(fast_path="auto"), **task)  # type: ignore[arg-type]
     fi.self_influence((x, y))
     assert fi.last_report is not None and fi.last_report.path == "factored"

@@ -60,13 +60,19 @@ class Site:
 
 
 def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
-    """Modules whose forward is a plain linear (or zero-padded conv1d/conv2d) call on their own
-    (untied) parameters."""
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    own = dict(model.named_parameters())
-    sites = {}
+    """Modules whose forward is a plain linear (or zero-padded conv1d/conv2d, or embedding) call
+    on their own parameters, or on a weight tied between such linear and embedding calls only
+    (a language-model head sharing the token embedding); a weight also held by any other layer
+    stays dense."""
+    holders: dict[int, int] = {}  # layers holding each parameter (fx's bare holders excluded)
+    for mod in model.modules():
+        if type(mod) is nn.Module:  # no forward: a graph's attribute holder, never called
+            continue
+        for p in mod._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight's first name
+    sites, uses = {}, {}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         site_name, call = name, mod
@@ -79,14 +85,21 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
             w_attr, b_attr = "weight", "bias"
         else:
             continue
-        w, b = prefix + w_attr, prefix + b_attr
-        if w not in own or w not in trainable or counts[id(own[w])] != 1:
+        wp, bp = mod._parameters.get(w_attr), mod._parameters.get(b_attr)
+        if wp is None or names.get(id(wp)) not in trainable or site_name in sites:
             continue
-        if b in own and counts[id(own[b])] != 1:
+        if bp is not None and holders.get(id(bp), 0) != 1:
             continue
-        bias = b if b in own and b in trainable else None
+        bias = names[id(bp)] if bp is not None and names[id(bp)] in trainable else None
         conv, embed = isinstance(mod, nn.Conv1d | nn.Conv2d), isinstance(mod, nn.Embedding)
-        sites[site_name] = Site(call, w, bias, conv=conv, embed=embed)
+        sites[site_name] = Site(call, names[id(wp)], bias, conv=conv, embed=embed)
+        uses.setdefault(id(wp), []).append(site_name)
+    for pid, used in uses.items():  # a tied weight: every holder a linear/embedding site
+        if len(used) > 1 and (len(used) != holders.get(pid, 0) or any(sites[n].conv for n in used)):
+            for n in used:
+                del sites[n]
+        elif len(used) == 1 and holders.get(pid, 0) != 1:
+            del sites[used[0]]
     return sites
 
 
@@ -131,6 +144,11 @@ class FactoredPath:
         self.rt = rt
         self.sites = sites
         self.names = {s.module: n for n, s in sites.items()}
+        by_weight: dict[str, list[str]] = {}
+        for n, s in sites.items():
+            by_weight.setdefault(s.weight, []).append(n)
+        # sites sharing a weight (an LM head tied to the embedding): each applies all their steps
+        self.tied = {n: group for group in by_weight.values() if len(group) > 1 for n in group}
         self.active = set(sites)  # sites the model really calls (found by the shapes pass)
         # convs run with per-example weight copies; the others (few output positions, big
         # ungrouped weights: text) as low-rank factors of their unfolded patches, like linears
@@ -190,19 +208,10 @@ class FactoredPath:
         key = f"{name}#{call}"
         f = st.factors.get(name)
         new = out
-        if f is not None and "a" in f and self.sites[name].embed:  # rows of the tokens moved
-            same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
-            new = new + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
-        elif f is not None and "a" in f and self.sites[name].conv:  # over unfolded patches
-            assert isinstance(mod, nn.Conv1d | nn.Conv2d)
-            cols = _patches(mod, x)  # [b, L, C*k]
-            corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
-            new = new + corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2).reshape(
-                out.shape
-            )
-        elif f is not None and "a" in f:
-            xf = x.reshape(-1, x.shape[-1])
-            new = new + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
+        for member in self.tied.get(name, (name,)):  # the steps of every use of the weight
+            fm = st.factors.get(member)
+            if fm is not None and "a" in fm:
+                new = new + self._effect(mod, self.sites[name], self.sites[member], x, out, fm)
         if f is not None and "db" in f and self.sites[name].conv:
             new = new + f["db"].reshape(-1, *[1] * _spatial(mod))
         elif f is not None and "db" in f:
@@ -223,6 +232,32 @@ class FactoredPath:
             st.inputs[key] = x
             new = new + st.probes[key].to(out.dtype)  # autocast: the layer's own dtype
         return new
+
+    @staticmethod
+    def _effect(
+        mod: nn.Module, site: Site, src: Site, x: Tensor, out: Tensor, f: dict[str, Tensor]
+    ) -> Tensor:
+        """The change of one call's output ``out`` (input ``x``) by the weight steps of ``src``'s
+        factors ``f`` (``src`` is ``site`` or a site tied to its weight): linear factors are
+        (inputs, output gradients), embedding ones (token ids, output gradients)."""
+        if site.embed and src.embed:  # rows of the tokens moved
+            same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
+            return (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
+        if site.embed:  # a tied linear's step d^T a, read at the rows of the tokens
+            rows = f["d"][:, x.reshape(-1)]  # [r, tokens]
+            return (rows.transpose(0, 1) @ f["a"]).reshape(out.shape)
+        if site.conv:  # over unfolded patches
+            assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+            cols = _patches(mod, x)  # [b, L, C*k]
+            corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
+            corr = corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2)
+            return corr.reshape(out.shape)
+        xf = x.reshape(-1, x.shape[-1])
+        if src.embed:  # a tied embedding's step onehot(ids)^T g, read by this linear
+            ids = f["a"].reshape(-1, 1)
+            onehot = ids == torch.arange(out.shape[-1], device=ids.device).reshape(1, -1)
+            return ((xf @ f["d"].transpose(0, 1)) @ onehot.to(xf.dtype)).reshape(out.shape)
+        return ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
 
     def _forward_loss(self, state: ModelState, p: Params, xi: Inputs, yi: Tensor) -> Tensor:
         one = each(xi, lambda v: v.unsqueeze(0))
@@ -425,6 +460,12 @@ class FactoredPath:
                 total = total + (ga * gd).sum(dim=(1, 2))
             if s.bias is not None:
                 total = total + d.sum(dim=1).double().pow(2).sum(dim=1)
+        done = set()
+        for n in grads:  # a tied weight's gradient is the sum of its uses': their cross terms
+            done.add(n)
+            for o in self.tied.get(n, ()):
+                if o not in done and o in grads:
+                    total = total + 2 * _cross(self.sites[n], grads[n], self.sites[o], grads[o])
         return total.sqrt()
 
     def _add_step(
@@ -445,6 +486,25 @@ class FactoredPath:
                 db = dc.sum(dim=1)
                 f["db"] = db if "db" not in f else f["db"] + db
         return out
+
+
+def _cross(s1: Site, g1: tuple[Tensor, Tensor], s2: Site, g2: tuple[Tensor, Tensor]) -> Tensor:
+    """Each example's <G1, G2> of two uses' weight gradients, float64, from Gram products of
+    their factors: a linear use's G = d^T a (output gradients, inputs), an embedding use's
+    G = onehot(ids)^T g; no weight-sized per-example tensor."""
+    if s1.embed and not s2.embed:
+        s1, g1, s2, g2 = s2, g2, s1, g1
+    (a1, d1), (a2, d2) = g1, g2
+    if s1.embed and s2.embed:
+        rows = (a1.unsqueeze(2) == a2.unsqueeze(1)).to(d1.dtype)
+        cols = small_bmm(d1, d2.transpose(1, 2))
+    elif s2.embed:  # a linear (a1 inputs, d1 output gradients) and an embedding (a2 ids, d2)
+        rows = d1.gather(2, a2.unsqueeze(1).expand(-1, d1.shape[1], -1))  # d1[i, ids_j]
+        cols = small_bmm(a1, d2.transpose(1, 2))
+    else:
+        rows = small_bmm(d1, d2.transpose(1, 2))
+        cols = small_bmm(a1, a2.transpose(1, 2))
+    return (rows.double() * cols.double()).sum(dim=(1, 2))
 
 
 def _per_row(coef: Tensor, like: Tensor) -> Tensor:

@@ -92,6 +92,7 @@ def _eval_batch_norm(
 def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     """The rewritten copy of one graph module, or None if nothing in it needs rewriting."""
     graph = copy.deepcopy(gm.graph)
+    src = _split_tied(gm, graph)  # gm, or a shallow copy that also holds the aliases
     linears: dict[str, nn.Module] = {}
     sizes = 0
     for node in list(graph.nodes):
@@ -105,16 +106,16 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
             node.target = _eval_batch_norm
             sizes += 1
             continue
-        conv = _conv_site(gm, graph, node)
-        emb = _embedding_site(gm, graph, node) if conv is None else None
+        conv = _conv_site(src, graph, node)
+        emb = _embedding_site(src, graph, node) if conv is None else None
         layer = conv or emb
-        site = _linear_site(gm, graph, node) if layer is None else (*layer[:3], "weight")
+        site = _linear_site(src, graph, node) if layer is None else (*layer[:3], "weight")
         if site is None:
             continue
         owner, x, erase, field = site
         if owner in linears:  # one projection per module (a second stays an aten call)
             continue
-        mod = gm.get_submodule(owner)
+        mod = src.get_submodule(owner)
         lin: nn.Module
         if conv is not None:
             lin = _shared_conv(mod, conv[3])
@@ -137,11 +138,11 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
-            root[node.target] = _attr(gm, node.target)
+            root[node.target] = _attr(src, node.target)
         elif node.op == "call_module":
-            root[node.target] = linears.get(node.target) or gm.get_submodule(node.target)
+            root[node.target] = linears.get(node.target) or src.get_submodule(node.target)
     view = fx.GraphModule(root, graph, class_name=type(gm).__name__)
-    _restore_kinds(view, gm, [n.target for n in graph.nodes if n.op == "get_attr"])
+    _restore_kinds(view, src, [n.target for n in graph.nodes if n.op == "get_attr"])
     _match_order(view, gm)
     fresh = fx.GraphModule(nn.Module(), fx.Graph()).__dict__
     for key, value in gm.__dict__.items():  # pytree specs, input checks, train/eval guards
@@ -156,8 +157,69 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     return view
 
 
+def _split_tied(gm: fx.GraphModule, graph: fx.Graph) -> nn.Module:
+    """Give each use of a weight that several ``aten.linear`` / ``aten.embedding`` calls read
+    (an LM head tied to the token embedding) a ``get_attr`` of its own, on an alias module
+    (``<owner>_tied<k>``) holding the same Parameter, so that each call becomes a layer whose
+    hooks see it; ``gm`` itself if no weight is tied so, else a shallow copy with the aliases.
+    A tied weight with any other use, or whose owner holds anything else, is left as it is."""
+    reads: dict[int, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(_attr(gm, node.target), nn.Parameter):
+            reads.setdefault(id(_attr(gm, node.target)), []).append(node)
+    src: nn.Module = gm
+    for nodes in reads.values():
+        uses = [(n, u) for n in nodes for u in n.users]
+        if len(uses) < 2 or not all(_weight_use(n, u) for n, u in uses):
+            continue
+        owners = {str(n.target).rpartition(".")[0] for n in nodes}
+        if any(not o or _holds_more(gm.get_submodule(o)) for o in owners):
+            continue
+        if src is gm:
+            src = shallow(gm)
+        for k, (n, u) in enumerate(uses[1:], 1):
+            owner, _, field = str(n.target).rpartition(".")
+            alias = _add_alias(src, owner, k)
+            with graph.inserting_before(u):
+                read = graph.get_attr(f"{alias}.{field}")
+            read.meta = dict(n.meta)
+            u.replace_input_with(n, read)
+    return src
+
+
+def _weight_use(w: fx.Node, user: fx.Node) -> bool:
+    """``user`` reads ``w`` as the weight of an ``aten.linear`` or ``aten.embedding`` call only."""
+    args = [*user.args, *user.kwargs.values()]
+    if user.target in _LINEAR:
+        return len(args) >= 2 and args[1] is w and args[0] is not w and w not in args[2:]
+    if user.target is aten.embedding.default and not user.kwargs:
+        return args[0] is w and w not in args[1:]
+    return False
+
+
+def _holds_more(mod: nn.Module) -> bool:
+    """A module holding more than one weight (a bias, buffers or children)."""
+    return bool(mod._modules or mod._buffers) or len(mod._parameters) != 1
+
+
+def _add_alias(root: nn.Module, owner: str, k: int) -> str:
+    """Register ``<owner>_tied<k>``, a shallow copy of ``owner`` (the same Parameter), in
+    ``root`` (copying the path down to it, so the graph's own modules are untouched)."""
+    *path, last = owner.split(".")
+    mod = root
+    for part in path:
+        child = shallow(mod._modules[part])
+        mod._modules[part] = child
+        mod = child
+    alias = f"{last}_tied{k}"
+    while alias in mod._modules or alias in mod._parameters or alias in mod._buffers:
+        alias += "_"
+    mod._modules[alias] = shallow(mod._modules[last])
+    return ".".join([*path, alias])
+
+
 def _linear_site(
-    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], str] | None:
     """(owner module, input node, nodes to erase, weight attribute) of a linear call on one
     module's own weight (and bias) that nothing else reads; None for anything else. The weight
@@ -208,7 +270,7 @@ def _linear_site(
 
 
 def _conv_site(
-    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
     """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv2d`` (``conv1d``)
     call on one module's own 4-D (3-D) weight (and bias) that nothing else reads; else None."""
@@ -231,7 +293,7 @@ def _conv_site(
 
 
 def _sole_owner(
-    gm: fx.GraphModule, graph: fx.Graph, w: fx.Node, b: fx.Node | None, ndim: int
+    gm: nn.Module, graph: fx.Graph, w: fx.Node, b: fx.Node | None, ndim: int
 ) -> str | None:
     """The module owning ``weight`` (an ``ndim``-D Parameter) and ``bias`` (or no bias) and
     nothing else, whose tensors no other node reads; None if there is none."""
@@ -249,7 +311,7 @@ def _sole_owner(
 
 
 def _embedding_site(
-    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
     """(owner, indices node, nodes to erase, Embedding arguments) of an ``aten.embedding``
     call (no frequency scaling) on one module's own 2-D weight that nothing else reads."""

@@ -77,7 +77,7 @@ class TiedLm(nn.Module):
         n = x.shape[1]
         h = self.tok(x) + self.pos(torch.arange(n, device=x.device))
         causal = torch.full((n, n), float("-inf"), device=x.device).triu(1)
-        return self.head(self.enc(h, mask=causal)[:, -1])
+        return self.head(self.enc(h, mask=causal, is_causal=True)[:, -1])
 
 
 def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:

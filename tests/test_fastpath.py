@@ -661,3 +661,55 @@ def test_factored_self_influence_hf_gpt2_tied_head() -> None:
     fi = ForwardInf(model, F64.replace(fast_path="auto"), **task)  # type: ignore[arg-type]
     fi.self_influence((x, y))
     assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _PaddedConvs(nn.Module):
+    """Convs with string padding ("same" with even kernels: one zero more after than before;
+    "valid"), grouped "same", Conv3d (strided, padded; and "same"), and a wide Conv1d "same"
+    with few positions (patch factors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s2 = nn.Conv2d(2, 4, (2, 3), padding="same", dilation=(1, 2))
+        self.g2 = nn.Conv2d(4, 4, 4, padding="same", groups=2, bias=False)
+        self.v2 = nn.Conv2d(4, 3, 3, padding="valid", stride=2)
+        self.c3 = nn.Conv3d(1, 3, (2, 3, 3), stride=(1, 2, 1), padding=(1, 0, 1))
+        self.s3 = nn.Conv3d(3, 2, 2, padding="same", dilation=(1, 2, 1))
+        self.t = nn.Conv1d(12, 12, 4, padding="same")
+        self.head = nn.Linear(3 * 3 * 2 + 2 * 4 * 3 * 4 + 12, 3)
+
+    def forward(self, x: torch.Tensor, vol: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        h = self.v2(torch.tanh(self.g2(torch.tanh(self.s2(x)))))  # 7x6 -> 3x2
+        v = self.s3(torch.tanh(self.c3(vol)))  # 3x7x4 -> 4x3x4
+        t = torch.tanh(self.t(torch.tanh(self.t(seq)))).mean(dim=2)
+        return self.head(torch.cat([h.flatten(1), v.flatten(1), t], dim=1))
+
+
+def test_factored_self_influence_same_padding_and_conv3d() -> None:
+    """Convs with padding="same" (asymmetric for even kernels) or "valid", and Conv3d, as
+    unfold factors (per-example weights or patch factors), not vmap's per-example conv
+    backward: the generic path's float64 scores, as nn.Module and as an exported graph
+    (aten.conv*d.padding and aten.conv3d calls)."""
+    torch.manual_seed(10)
+    model = _PaddedConvs().eval()
+    x = {
+        "x": torch.randn(20, 2, 7, 6),
+        "vol": torch.randn(20, 1, 3, 7, 4),
+        "seq": torch.randn(20, 12, 3),
+    }
+    y = torch.randint(0, 3, (20,))
+    program = torch.export.export(
+        model, (), {k: v[:2] for k, v in x.items()},
+        dynamic_shapes={k: {0: torch.export.Dim.AUTO} for k in x},
+    )  # fmt: skip
+    graph = ExportedModel(program.module())
+    convs = {"s2", "g2", "v2", "c3", "s3", "t"}
+    for m in (model, graph):
+        # the exported graph reads t's weight twice: it stays an aten call (dense, vmap)
+        want = convs if m is model else convs - {"t"}
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
+            assert want == {n.rpartition(".")[2] for n in path.active} - {"head"}
+            assert "t" not in {n.rpartition(".")[2] for n in path.moved}  # patch factors
+    fi = ForwardInf(graph, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"

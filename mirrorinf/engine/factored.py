@@ -8,12 +8,16 @@ updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forwar
 example's tensors, whatever the model's layout (sequence-first attention, batch folded into
 tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
 added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
-the per-example gradients of the remaining parameters (norms, tied weights). An embedding's
+the per-example gradients of the remaining parameters (norms, unrecognised layers). An embedding's
 factors are the token ids it read and its output gradients (the step moves those rows only; its
-correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A conv
-layer (Conv2d or Conv1d, grouped and depthwise included) gets a probe too: its per-example
-weight gradient is then one unfold (im2col) and a batched matmul per group, not vmap's
-per-example convolution backward, and its updated weights run as per-example copies; an
+correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A weight
+tied between linear and embedding calls (a language-model head sharing the token embedding)
+keeps each use's factors: its step is their sum, so every use reads every use's factors and its
+gradient norm adds the uses' cross terms, all Gram products of the factors. A conv layer
+(Conv1d, Conv2d or Conv3d, grouped and depthwise included, "same" and asymmetric padding
+too) gets a probe too: its per-example weight gradient is then one unfold (im2col) and a
+batched matmul per group, not vmap's per-example convolution backward, and its updated weights
+run as per-example copies; an
 ungrouped conv whose weight outweighs its patches (few output positions: text) is a linear layer
 over its unfolded patches instead, with (patches, output gradients) as factors. No per-example
 copy of a linear or embedding weight is built, differentiated, normed or read.
@@ -44,6 +48,8 @@ from mirrorinf.engine.updates import batchable, stack_norm, step_lr
 
 log = logging.getLogger(__name__)
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 Factors = dict[str, dict[str, Tensor]]  # site -> {"a": [r, in], "d": [r, out], "db": [out]}
 
 
@@ -91,7 +97,7 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
         if bp is not None and holders.get(id(bp), 0) != 1:
             continue
         bias = names[id(bp)] if bp is not None and names[id(bp)] in trainable else None
-        conv, embed = isinstance(mod, nn.Conv1d | nn.Conv2d), isinstance(mod, nn.Embedding)
+        conv, embed = isinstance(mod, _CONVS), isinstance(mod, nn.Embedding)
         sites[site_name] = Site(call, names[id(wp)], bias, conv=conv, embed=embed)
         uses.setdefault(id(wp), []).append(site_name)
     for pid, used in uses.items():  # a tied weight: every holder a linear/embedding site
@@ -115,13 +121,9 @@ def _plain_embedding(mod: nn.Module) -> bool:
 
 
 def _plain_conv(mod: nn.Module) -> bool:
-    """An nn.Conv2d or nn.Conv1d (grouped and depthwise included) whose per-example weight
-    gradient is one unfold and batched matmul away."""
-    return (
-        type(mod) in (nn.Conv2d, nn.Conv1d)
-        and mod.padding_mode == "zeros"
-        and not isinstance(mod.padding, str)
-    )
+    """An nn.Conv1d, Conv2d or Conv3d (grouped and depthwise included; any zero padding, "same"
+    and "valid" too) whose per-example weight gradient is one unfold and batched matmul away."""
+    return type(mod) in _CONVS and mod.padding_mode == "zeros"
 
 
 @dataclass
@@ -219,7 +221,7 @@ class FactoredPath:
         if st.mode == "shapes":
             st.shapes[key] = tuple(out.shape)
             if self.sites[name].conv:  # its per-example weights (moved) and bias
-                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                assert isinstance(mod, _CONVS)
                 w = mod.weight
                 st.sizes[key] = out.shape[-1 - _spatial(mod)] + (w.numel() if call == 0 else 0)
                 positions = out.numel() // out.shape[-1 - _spatial(mod)]  # x calls, batch 1
@@ -247,7 +249,7 @@ class FactoredPath:
             rows = f["d"][:, x.reshape(-1)]  # [r, tokens]
             return (rows.transpose(0, 1) @ f["a"]).reshape(out.shape)
         if site.conv:  # over unfolded patches
-            assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+            assert isinstance(mod, _CONVS)
             cols = _patches(mod, x)  # [b, L, C*k]
             corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
             corr = corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2)
@@ -406,13 +408,13 @@ class FactoredPath:
             la, ld = parts.setdefault(name, ([], []))
             mod = self.sites[name].module
             if self.sites[name].conv and name not in self.moved:  # patches and gradients
-                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                assert isinstance(mod, _CONVS)
                 la.append(_patches(mod, a).reshape(m, -1, mod.weight[0].numel()))
                 out_ch, k = d.shape[-1 - _spatial(mod)], _spatial(mod)
                 ld.append(d.reshape(m, -1, out_ch, math.prod(d.shape[-k:])).transpose(2, 3))
                 ld[-1] = ld[-1].reshape(m, -1, out_ch)
             elif self.sites[name].conv:
-                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                assert isinstance(mod, _CONVS)
                 la.append(_conv_weight_grad(mod, a, d))
                 k = _spatial(mod)
                 ld.append(
@@ -513,48 +515,79 @@ def _per_row(coef: Tensor, like: Tensor) -> Tensor:
 
 
 def _spatial(mod: nn.Module) -> int:
-    """Spatial dimensions of a conv layer: 1 (Conv1d) or 2 (Conv2d)."""
-    return 1 if isinstance(mod, nn.Conv1d) else 2
+    """Spatial dimensions of a conv layer: 1, 2 or 3."""
+    return len(mod.kernel_size) if isinstance(mod, _CONVS) else 2
 
 
-def _patches(mod: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The unfolded inputs of an ungrouped conv: ``x`` [b, C, *spatial] -> [b, L, C*k]."""
-    padding = mod.padding
-    assert not isinstance(padding, str)  # _plain_conv
-    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
-    if isinstance(mod, nn.Conv1d):  # a strided window view and one copy (im2col is slower)
-        x = nn.functional.pad(x.reshape(-1, *x.shape[-2:]), (padding[0], padding[0]))
-        span = dilation[0] * (kernel[0] - 1) + 1
-        win = x.unfold(-1, span, stride[0])[..., :: dilation[0]]  # [b, C, L, k]
-        return win.permute(0, 2, 1, 3).flatten(2)
-    cols = nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride)
-    return cols.transpose(1, 2)
+def _pads(mod: Conv) -> list[tuple[int, int]]:
+    """Zeros before and after each spatial dimension: ``padding="same"`` puts the odd one
+    after, as torch does."""
+    if mod.padding == "valid":
+        return [(0, 0)] * len(mod.kernel_size)
+    if mod.padding == "same":
+        total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in mod.padding]
 
 
-def _conv_weight_grad(mod: nn.Conv1d | nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+def _windows(mod: Conv, x: Tensor) -> Tensor:
+    """Each output position's receptive field as a strided view of the zero-padded input:
+    ``x`` [b, C, *spatial] -> [b, C, *positions, *kernel] (one copy: the padding)."""
+    pads = _pads(mod)
+    x = nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
+    for i, (kernel, dilation, stride) in enumerate(
+        zip(mod.kernel_size, mod.dilation, mod.stride, strict=True)
+    ):
+        span = dilation * (kernel - 1) + 1
+        x = x.unfold(2 + i, span, stride)  # window appended last
+        if dilation > 1:
+            x = x[..., ::dilation]
+    return x  # [b, C, *L, *k]
+
+
+def _unfold2d(mod: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col of a Conv2d's input [b, C, H, W] -> [b, C*kh*kw, L] (asymmetric padding first)."""
+    pads = _pads(mod)
+    if any(a != b for a, b in pads):
+        x = nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
+        padding: tuple[int, ...] = (0, 0)
+    else:
+        padding = tuple(a for a, _ in pads)
+    return nn.functional.unfold(x, mod.kernel_size, mod.dilation, padding, mod.stride)
+
+
+def _patches(mod: Conv, x: Tensor) -> Tensor:
+    """The unfolded inputs of an ungrouped conv: ``x`` [..., C, *spatial] -> [b, L, C*k]."""
+    k = _spatial(mod)
+    x = x.reshape(-1, *x.shape[-1 - k :])
+    if isinstance(mod, nn.Conv2d):
+        return _unfold2d(mod, x).transpose(1, 2)
+    win = _windows(mod, x)  # a strided window view and one copy (im2col is slower)
+    order = (0, *range(2, 2 + k), 1, *range(2 + k, 2 + 2 * k))  # [b, *L, C, *k]
+    return win.permute(order).reshape(win.shape[0], -1, win.shape[1] * mod.weight[0, 0].numel())
+
+
+def _conv_weight_grad(mod: Conv, x: Tensor, d: Tensor) -> Tensor:
     """Each example's weight gradient of one conv call: output gradients times the unfolded
-    inputs (im2col), one batched matmul per group (a Conv1d as a conv2d of height 1).
+    inputs (im2col), one batched matmul per group.
     ``x`` [m, ..., C, *spatial], ``d`` [m, ..., out, *spatial']."""
-    m, groups = x.shape[0], mod.groups
-    padding = mod.padding
-    assert not isinstance(padding, str)  # _plain_conv
-    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
-    if isinstance(mod, nn.Conv1d):  # height 1
-        x, d = x.unsqueeze(-2), d.unsqueeze(-2)
-        kernel, dilation = (1, *kernel), (1, *dilation)
-        padding, stride = (0, *padding), (1, *stride)
-    cols = nn.functional.unfold(
-        x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride
-    )  # [m*k, C*kh*kw, L], channels outermost
+    m, groups, k = x.shape[0], mod.groups, _spatial(mod)
+    x = x.reshape(-1, *x.shape[-1 - k :])
+    if isinstance(mod, nn.Conv2d):
+        cols = _unfold2d(mod, x)  # [m*calls, C*kh*kw, L], channels outermost
+    else:
+        win = _windows(mod, x)  # [b, C, *L, *k] -> [b, C*k, L]
+        order = (0, 1, *range(2 + k, 2 + 2 * k), *range(2, 2 + k))
+        cols = win.permute(order).reshape(win.shape[0], win.shape[1] * mod.weight[0, 0].numel(), -1)
     cols = cols.reshape(m, -1, groups, cols.shape[1] // groups, cols.shape[2])
-    cols = cols.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, C/g*kh*kw, k*L]
-    out = d.shape[-3]
-    g = d.reshape(m, -1, groups, out // groups, d.shape[-2] * d.shape[-1])
-    g = g.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, out/g, k*L]
+    cols = cols.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, C/g*k, calls*L]
+    out = d.shape[-1 - k]
+    g = d.reshape(m, -1, groups, out // groups, math.prod(d.shape[-k:]))
+    g = g.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, out/g, calls*L]
     if out == groups:  # depthwise: one output channel per group, no matmul to batch
         w = (g * cols).sum(-1).unsqueeze(2)
     else:
-        w = torch.matmul(g, cols.transpose(-1, -2))  # [m, g, out/g, C/g*kh*kw]
+        w = torch.matmul(g, cols.transpose(-1, -2))  # [m, g, out/g, C/g*k]
     return w.reshape(m, *mod.weight.shape)
 
 

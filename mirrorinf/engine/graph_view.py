@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 _LINEAR = (aten.linear.default, torch._C._nn.linear, nn.functional.linear)
+_CONV_OPS_STR = {aten.conv1d.padding: 3, aten.conv2d.padding: 4, aten.conv3d.padding: 5}
+_CONV_OPS = {
+    aten.conv1d.default: 3,
+    aten.conv2d.default: 4,
+    aten.conv3d.default: 5,
+    **_CONV_OPS_STR,
+}
 
 
 def engine_view(model: nn.Module) -> nn.Module:
@@ -272,18 +279,18 @@ def _linear_site(
 def _conv_site(
     gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
-    """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv2d`` (``conv1d``)
-    call on one module's own 4-D (3-D) weight (and bias) that nothing else reads; else None."""
-    ndim = 4 if node.target is aten.conv2d.default else 3
-    if node.target not in (aten.conv2d.default, aten.conv1d.default) or node.kwargs:
+    """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv1d`` / ``conv2d`` /
+    ``conv3d`` call (numeric or "same" / "valid" padding) on one module's own 3-D / 4-D / 5-D
+    weight (and bias) that nothing else reads; else None."""
+    ndim = _CONV_OPS.get(node.target)
+    if ndim is None or node.kwargs:
         return None
     names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
-    a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    pad = "valid" if node.target in _CONV_OPS_STR else 0  # the overloads' default padding
+    a: dict[str, Any] = {"b": None, "stride": 1, "padding": pad, "dilation": 1, "groups": 1}
     a.update(zip(names, node.args, strict=False))
     x, w, b = a["x"], a["w"], a["b"]
     if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
-        return None
-    if isinstance(a["padding"], str):
         return None
     owner = _sole_owner(gm, graph, w, b, ndim)
     if owner is None:
@@ -340,16 +347,16 @@ def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:
     return emb
 
 
-def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d:
-    """An nn.Conv2d (nn.Conv1d for a 3-D weight) holding ``owner``'s weight and bias (the same
-    Parameter objects)."""
+def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """An nn.Conv1d / Conv2d / Conv3d (by the weight's dimensions) holding ``owner``'s weight
+    and bias (the same Parameter objects)."""
     weight = owner._parameters["weight"]
     assert weight is not None
     bias = owner._parameters.get("bias")
     out_ch, in_per_group, *kernel = weight.shape
     groups = int(args["groups"])
-    cls: Any = nn.Conv1d if len(kernel) == 1 else nn.Conv2d
-    conv: nn.Conv1d | nn.Conv2d = cls(
+    cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(kernel) - 1]
+    conv: nn.Conv1d | nn.Conv2d | nn.Conv3d = cls(
         in_per_group * groups, out_ch, tuple(kernel), stride=args["stride"],
         padding=args["padding"], dilation=args["dilation"], groups=groups,
         bias=bias is not None, device="meta",

@@ -255,10 +255,11 @@ class FactoredPath:
             corr = corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2)
             return corr.reshape(out.shape)
         xf = x.reshape(-1, x.shape[-1])
-        if src.embed:  # a tied embedding's step onehot(ids)^T g, read by this linear
-            ids = f["a"].reshape(-1, 1)
-            onehot = ids == torch.arange(out.shape[-1], device=ids.device).reshape(1, -1)
-            return ((xf @ f["d"].transpose(0, 1)) @ onehot.to(xf.dtype)).reshape(out.shape)
+        if src.embed:  # a tied embedding's step onehot(ids)^T g, read by this linear:
+            dots = xf @ f["d"].transpose(0, 1)  # [tokens, r], added at the columns of the ids
+            ids = f["a"].reshape(1, -1).expand(dots.shape[0], -1)
+            zero = out.new_zeros(dots.shape[0], out.shape[-1])
+            return zero.scatter_add(1, ids, dots.to(out.dtype)).reshape(out.shape)
         return ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
 
     def _forward_loss(self, state: ModelState, p: Params, xi: Inputs, yi: Tensor) -> Tensor:

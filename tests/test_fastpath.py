@@ -713,3 +713,45 @@ def test_factored_self_influence_same_padding_and_conv3d() -> None:
     fi = ForwardInf(graph, F64.replace(fast_path="auto"))
     fi.self_influence((x, y))
     assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _Bags(nn.Module):
+    """Fixed-length bags: an EmbeddingBag summing with per-sample weights and one averaging
+    with a padding row, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sum = nn.EmbeddingBag(9, 4, mode="sum")
+        self.mean = nn.EmbeddingBag(7, 4, mode="mean", padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, w = x[:, :5].long(), x[:, 5:]
+        return self.head(torch.tanh(torch.cat([self.sum(ids, per_sample_weights=w),
+                                               self.mean(ids.remainder(7))], dim=1)))  # fmt: skip
+
+
+def test_factored_self_influence_embedding_bag() -> None:
+    """nn.EmbeddingBag (sum with per-sample weights, mean with a padding row) as a lookup
+    through a hookable tap and a weighted sum: the view equals the layer, and its weight is an
+    embedding factor: the generic path's float64 scores and SGD by hand on the caller's model."""
+    from mirrorinf.engine.module_view import module_view
+
+    torch.manual_seed(11)
+    model = _Bags().eval()
+    ids = torch.randint(0, 5, (20, 5))  # repeats; padding rows of the mean bag
+    ids[0] = 0
+    x = torch.cat([ids.double(), torch.rand(20, 5, dtype=torch.float64)], dim=1)
+    y = torch.randint(0, 3, (20,))
+    for layer, kw in ((model.sum, {"per_sample_weights": x[:, 5:].float()}), (model.mean, {})):
+        view = module_view(layer)
+        assert view is not None
+        torch.testing.assert_close(view(ids, **kw), layer(ids, **kw), rtol=1e-6, atol=1e-7)
+    for path in _factored_equals_generic_at_1_and_2_steps(model, x, y):
+        assert {"sum.lookup", "mean.lookup"} <= path.active
+        assert path._factored() == set(path.rt.trainable)
+    got, _, _ = _factored_vs_generic(model, x, y, F64.replace(fast_path="auto", lr=1e-2))
+    torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2) / 1e-2, rtol=1e-7, atol=1e-12)
+    fi = ForwardInf(model, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"

@@ -41,7 +41,11 @@ from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
 from mirrorinf.engine.graph_view import ParamLinear
-from mirrorinf.engine.module_view import EngineMultiheadAttention
+from mirrorinf.engine.module_view import (
+    EmbeddingTap,
+    EngineEmbeddingBag,
+    EngineMultiheadAttention,
+)
 from mirrorinf.engine.rank1_hooks import small_bmm
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.updates import batchable, stack_norm, step_lr
@@ -85,6 +89,9 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
         if isinstance(mod, EngineMultiheadAttention):  # its in-projection, through its tap
             w_attr, b_attr = "in_proj_weight", "in_proj_bias"
             site_name, call = f"{prefix}in_proj", mod.in_tap
+        elif isinstance(mod, EngineEmbeddingBag):  # its lookup, through its tap
+            w_attr, b_attr = "weight", "bias"
+            site_name, call = f"{prefix}lookup", mod.lookup_tap
         elif isinstance(mod, ParamLinear):
             w_attr, b_attr = mod.weight_attr, mod.bias_attr
         elif _plain_linear(mod) or _plain_conv(mod) or _plain_embedding(mod):
@@ -97,7 +104,8 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
         if bp is not None and holders.get(id(bp), 0) != 1:
             continue
         bias = names[id(bp)] if bp is not None and names[id(bp)] in trainable else None
-        conv, embed = isinstance(mod, _CONVS), isinstance(mod, nn.Embedding)
+        conv = isinstance(mod, _CONVS)
+        embed = isinstance(mod, nn.Embedding | EngineEmbeddingBag)
         sites[site_name] = Site(call, names[id(wp)], bias, conv=conv, embed=embed)
         uses.setdefault(id(wp), []).append(site_name)
     for pid, used in uses.items():  # a tied weight: every holder a linear/embedding site
@@ -422,7 +430,7 @@ class FactoredPath:
                     d.reshape(m, -1, d.shape[-1 - k], math.prod(d.shape[-k:])).sum(dim=(1, 3))
                 )
             elif self.sites[name].embed:
-                assert isinstance(mod, nn.Embedding)
+                assert isinstance(mod, nn.Embedding | EmbeddingTap)
                 ids, d = a.reshape(m, -1), d.reshape(m, -1, d.shape[-1])
                 if mod.padding_idx is not None:  # that row never moves
                     d = d * (ids != mod.padding_idx).unsqueeze(-1).to(d.dtype)

@@ -221,7 +221,7 @@ class FactoredPath:
         for member in self.tied.get(name, (name,)):  # the steps of every use of the weight
             fm = st.factors.get(member)
             if fm is not None and "a" in fm:
-                new = new + self._effect(mod, self.sites[name], self.sites[member], x, out, fm)
+                new = self._effect(mod, self.sites[name], self.sites[member], x, new, fm)
         if f is not None and "db" in f and self.sites[name].conv:
             new = new + f["db"].reshape(-1, *[1] * _spatial(mod))
         elif f is not None and "db" in f:
@@ -247,28 +247,28 @@ class FactoredPath:
     def _effect(
         mod: nn.Module, site: Site, src: Site, x: Tensor, out: Tensor, f: dict[str, Tensor]
     ) -> Tensor:
-        """The change of one call's output ``out`` (input ``x``) by the weight steps of ``src``'s
-        factors ``f`` (``src`` is ``site`` or a site tied to its weight): linear factors are
-        (inputs, output gradients), embedding ones (token ids, output gradients)."""
+        """One call's output ``out`` (input ``x``) plus the change by the weight steps of
+        ``src``'s factors ``f`` (``src`` is ``site`` or a site tied to its weight): linear factors
+        are (inputs, output gradients), embedding ones (token ids, output gradients)."""
         if site.embed and src.embed:  # rows of the tokens moved
             same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
-            return (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
+            return out + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
         if site.embed:  # a tied linear's step d^T a, read at the rows of the tokens
             rows = f["d"][:, x.reshape(-1)]  # [r, tokens]
-            return (rows.transpose(0, 1) @ f["a"]).reshape(out.shape)
+            return out + (rows.transpose(0, 1) @ f["a"]).reshape(out.shape)
         if site.conv:  # over unfolded patches
             assert isinstance(mod, _CONVS)
             cols = _patches(mod, x)  # [b, L, C*k]
             corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
             corr = corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2)
-            return corr.reshape(out.shape)
+            return out + corr.reshape(out.shape)
         xf = x.reshape(-1, x.shape[-1])
         if src.embed:  # a tied embedding's step onehot(ids)^T g, read by this linear:
             dots = xf @ f["d"].transpose(0, 1)  # [tokens, r], added at the columns of the ids
             ids = f["a"].reshape(1, -1).expand(dots.shape[0], -1)
-            zero = out.new_zeros(dots.shape[0], out.shape[-1])
-            return zero.scatter_add(1, ids, dots.to(out.dtype)).reshape(out.shape)
-        return ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
+            flat = out.reshape(dots.shape[0], out.shape[-1])
+            return flat.scatter_add(1, ids, dots.to(out.dtype)).reshape(out.shape)
+        return out + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
 
     def _forward_loss(self, state: ModelState, p: Params, xi: Inputs, yi: Tensor) -> Tensor:
         one = each(xi, lambda v: v.unsqueeze(0))

@@ -747,11 +747,16 @@ def test_factored_self_influence_embedding_bag() -> None:
         view = module_view(layer)
         assert view is not None
         torch.testing.assert_close(view(ids, **kw), layer(ids, **kw), rtol=1e-6, atol=1e-7)
-    for path in _factored_equals_generic_at_1_and_2_steps(model, x, y):
-        assert {"sum.lookup", "mean.lookup"} <= path.active
-        assert path._factored() == set(path.rt.trainable)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())  # aten.embedding_bag over flattened ids + offsets
+    for m in (model, graph):
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
+            assert {"sum.lookup", "mean.lookup"} <= {n.removeprefix("graph.") for n in path.active}
+            assert path._factored() == set(path.rt.trainable)
     got, _, _ = _factored_vs_generic(model, x, y, F64.replace(fast_path="auto", lr=1e-2))
     torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2) / 1e-2, rtol=1e-7, atol=1e-12)
-    fi = ForwardInf(model, F64.replace(fast_path="auto"))
-    fi.self_influence((x, y))
+    fi = ForwardInf(graph, F64.replace(fast_path="auto"))
+    torch.testing.assert_close(
+        fi.self_influence((x, y)), ForwardInf(model, F64).self_influence((x, y))
+    )
     assert fi.last_report is not None and fi.last_report.path == "factored"

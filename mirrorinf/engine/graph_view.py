@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -103,7 +104,7 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     linears: dict[str, nn.Module] = {}
     sizes = 0
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or getattr(node, "_erased", False):
             continue
         if node.target is aten.sym_size.int:
             node.target = _dim_size
@@ -112,6 +113,10 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
         if _eval_batch_norm_call(node):
             node.target = _eval_batch_norm
             sizes += 1
+            continue
+        bag = _bag_site(src, graph, node)
+        if bag is not None and bag[0] not in linears:
+            linears[bag[0]] = _rewrite_bag(src, graph, node, bag)
             continue
         conv = _conv_site(src, graph, node)
         emb = _embedding_site(src, graph, node) if conv is None else None
@@ -334,6 +339,78 @@ def _embedding_site(
         return None
     pad = None if int(padding_idx) < 0 else int(padding_idx)
     return owner, idx, [w], {"padding_idx": pad, "sparse": bool(sparse)}
+
+
+_BAGS = (aten.embedding_bag.default, aten.embedding_bag.padding_idx)
+_FLAT = (aten.reshape.default, aten.view.default)
+
+
+def _bag_site(
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, fx.Node | None, dict[str, Any]] | None:
+    """(owner, 2-D indices node, 2-D per-sample weights node or None, EmbeddingBag arguments)
+    of an ``aten.embedding_bag`` call (sum or mean) on one module's own weight over fixed-length
+    bags: the flattened 2-D indices with offsets ``arange(0, numel, L)`` (how torch.export
+    writes ``EmbeddingBag(ids [B, L])``); else None."""
+    if node.target not in _BAGS or node.kwargs:
+        return None
+    names = ("w", "idx", "off", "by_freq", "mode", "sparse", "psw", "last", "pad")
+    a: dict[str, Any] = {"by_freq": False, "mode": 0, "sparse": False, "psw": None}
+    a.update({"last": False, "pad": None})
+    a.update(zip(names, node.args, strict=False))
+    if a["by_freq"] or a["mode"] not in (0, 1) or a["last"] or not _own_attr(a["w"]):
+        return None
+    ids, off, psw = a["idx"], a["off"], a["psw"]
+    if not (isinstance(ids, fx.Node) and ids.target in _FLAT and list(ids.args[1]) == [-1]):
+        return None
+    x = ids.args[0]
+    shape = getattr(x.meta.get("val"), "shape", None) if isinstance(x, fx.Node) else None
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        return None  # a dynamic bag length: not handled
+    if not (isinstance(off, fx.Node) and off.target is aten.arange.start_step):
+        return None
+    if list(off.args[:1]) != [0] or off.args[2:] != (shape[1],):
+        return None
+    w2 = None
+    if psw is not None:
+        if not (isinstance(psw, fx.Node) and psw.target in _FLAT and list(psw.args[1]) == [-1]):
+            return None
+        w2 = psw.args[0]
+    if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
+        return None
+    owner = _sole_owner(gm, graph, a["w"], None, 2)
+    if owner is None:
+        return None
+    pad = a["pad"] if a["pad"] is None or a["pad"] >= 0 else None
+    return owner, x, w2, {"mode": ("sum", "mean")[a["mode"]], "padding_idx": pad}
+
+
+def _rewrite_bag(gm: nn.Module, graph: fx.Graph, node: fx.Node, site: tuple[Any, ...]) -> nn.Module:
+    """Replace an ``aten.embedding_bag`` call (see :func:`_bag_site`) by a call of the owner as
+    an :class:`~mirrorinf.engine.module_view.EngineEmbeddingBag` view holding its weight."""
+    owner, x, psw, args = site
+    weight = gm.get_submodule(owner)._parameters["weight"]
+    assert weight is not None
+    num, dim = weight.shape
+    bag = nn.EmbeddingBag(num, dim, mode=args["mode"], padding_idx=args["padding_idx"],
+                          device="meta")  # fmt: skip
+    bag.weight = weight
+    view = module_view(bag)
+    assert view is not None
+    with graph.inserting_before(node):
+        call = graph.call_module(owner, (x,) if psw is None else (x, None, psw))
+    out = [u for u in node.users if u.args[1] == 0]
+    call.meta = dict(out[0].meta) if out else {}
+    for u in list(node.users):
+        u.replace_all_uses_with(call)
+        graph.erase_node(u)
+    dead = [node, *[a for a in node.args if isinstance(a, fx.Node)]]
+    for n in dead:
+        if not n.users and n.op in ("call_function", "get_attr"):
+            more = [a for a in n.args if isinstance(a, fx.Node)] if n is not node else []
+            graph.erase_node(n)
+            dead.extend(m for m in more if m not in dead)
+    return view
 
 
 def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:

@@ -1,7 +1,8 @@
 """Models as the pipeline loads them: pairwise and self-influence time ratios, nn.Module vs pt2.
 
-For an MLP, a CNN with BatchNorm, a transformer encoder, a depthwise-separable CNN and a Conv1d
-text model, each both as the nn.Module and as
+For an MLP, a CNN with BatchNorm, a transformer encoder, a depthwise-separable CNN, a Conv1d
+text model and a causal LM whose head is tied to its token embedding, each both as the nn.Module
+and as
 logged with mlflow.pytorch.log_model (pt2, MLflow 3's default) to a temporary SQLite store and
 loaded back through mirrorinf.tasks.model.load_model_uri, as the flow does. Ratios as in
 throughput.py: pairwise time / the bare limit (m inference-mode forward passes over N at the
@@ -58,6 +59,27 @@ class TextCnn(nn.Module):
         return self.head(torch.relu(self.c2(h)).amax(dim=2))
 
 
+class TiedLm(nn.Module):
+    """A small causal language model whose head shares the token embedding (GPT-2's
+    ``lm_head.weight is wte.weight``): token and position embeddings, causal transformer
+    layers, next-token logits of the last position."""
+
+    def __init__(self, vocab: int = 8000, d: int = 64, layers: int = 2, ctx: int = 16) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        h = self.tok(x) + self.pos(torch.arange(n, device=x.device))
+        causal = torch.full((n, n), float("-inf"), device=x.device).triu(1)
+        return self.head(self.enc(h, mask=causal, is_causal=True)[:, -1])
+
+
 def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     """(name, model in eval mode, input shape of one row (negative: token ids below -v), N)."""
     torch.manual_seed(0)
@@ -93,6 +115,12 @@ def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
             TextCnn(30000, 128).eval(),
             (-30000, 32),
             int(1000 * scale),
+        ),
+        (
+            "tied-head LM 2x(d64, 4 heads), 8k vocab, 16 tokens",
+            TiedLm().eval(),
+            (-8000, 16),
+            int(2000 * scale),
         ),
     ]
 

@@ -289,13 +289,16 @@ def _strided_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model.eval(), torch.randn(20, 2, 9, 8), torch.randint(0, 3, (20,))
 
 
-def _factored_vs_generic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForwardInfConfig):
-    """(factored, generic) raw float64 drops per unit lr of the same rows, and the path."""
+def _factored_vs_generic(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForwardInfConfig, **task: str
+):
+    """(factored, generic) raw float64 drops per unit lr of the same rows, and the path;
+    ``task``: the engine's ``kind`` / ``output``."""
     from mirrorinf.engine.factored import FactoredPath
     from mirrorinf.engine.generic import generic_self
     from mirrorinf.engine.runtime import Runtime
 
-    rt = Runtime(model, cfg, None, "cpu", torch.float64)
+    rt = Runtime(model, cfg, None, "cpu", torch.float64, **task)
     path = FactoredPath.for_model(rt)
     assert path is not None
     with rt.scoring() as state:
@@ -333,13 +336,13 @@ def test_factored_self_influence_equals_generic_on_pt2_models(
     _assert_unchanged(loaded, before)
 
 
-def _factored_equals_generic_at_1_and_2_steps(model, x, y) -> list:  # type: ignore[no-untyped-def]
+def _factored_equals_generic_at_1_and_2_steps(model, x, y, **task) -> list:  # type: ignore[no-untyped-def]
     """Factored self-influence equals the generic path's in float64 (one step with the automatic
     lr, two with a fixed one); the factored paths, for checks of which sites they cover."""
     paths = []
     for steps in (1, 2):
         cfg = F64.replace(fast_path="auto", steps=steps, lr=1e-2 if steps > 1 else None)
-        got, want, path = _factored_vs_generic(model, x, y, cfg)
+        got, want, path = _factored_vs_generic(model, x, y, cfg, **task)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         paths.append(path)
     return paths
@@ -590,4 +593,170 @@ def test_factored_self_influence_convs_as_patch_factors() -> None:
         assert path.moved == set() and {"t", "c"} <= path.active
     fi = ForwardInf(model, F64.replace(fast_path="auto"))
     fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _TiedLm(nn.Module):
+    """A tiny causal LM whose head shares the token embedding (GPT-2's ``lm_head.weight is
+    wte.weight``), with a padding row, a position embedding, a hidden linear with bias and a
+    linear head read twice: next-token logits of the last position plus a pooled term."""
+
+    def __init__(self, vocab: int = 13, d: int = 6) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(8, d)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        h = torch.tanh(self.mid(h))
+        return self.head(h[:, -1]) + 0.3 * self.head(h.mean(dim=1))
+
+
+def test_factored_self_influence_tied_embedding_and_head() -> None:
+    """A weight shared by an embedding and a linear head takes the factored path: its gradient
+    is the sum of both uses' factors (norm with their cross terms, each use reading the other's
+    step): the generic path's float64 scores, as nn.Module and as an exported graph whose one
+    parameter feeds both aten.embedding and aten.linear; nothing left per example."""
+    torch.manual_seed(8)
+    model = _TiedLm().eval()
+    x, y = torch.randint(0, 6, (20, 5)), torch.randint(0, 13, (20,))  # repeats and pads
+    x[0, :2] = 0
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())
+    for m in (model, graph):
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
+            assert path._factored() == set(path.rt.trainable)  # the tied weight too
+            tied = [path.sites[n] for n in path.tied]  # graph: each head call its own site
+            assert {s.embed for s in tied} == {True, False} and set(path.tied) <= path.active
+        fi = ForwardInf(m, F64.replace(fast_path="auto"))
+        got = fi.self_influence((x, y))
+        assert fi.last_report is not None and fi.last_report.path == "factored"
+        ref = ForwardInf(model, F64).self_influence((x, y))
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_factored_self_influence_hf_gpt2_tied_head() -> None:
+    """A transformers GPT-2 causal LM (``lm_head.weight is wte.weight``) as the pipeline wraps
+    it, per-token loss: the tied weight is a factor of both uses, the generic path's scores."""
+    transformers = pytest.importorskip("transformers")
+    from mirrorinf.tasks.hf_model import TransformersModel
+
+    torch.manual_seed(9)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=8, bos_token_id=0,
+        eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    model = TransformersModel(lm)
+    ids = torch.randint(0, 40, (12, 6))
+    x, y = {"input_ids": ids}, torch.cat([ids[:, 1:], torch.full((12, 1), -100)], dim=1)
+    task = {"kind": "sequence", "output": "logits"}
+    for path in _factored_equals_generic_at_1_and_2_steps(model, x, y, **task):
+        assert set(path.tied) == {"model.transformer.wte", "model.lm_head"} <= path.active
+        assert "model.transformer.wte.weight" in path._factored()
+    fi = ForwardInf(model, F64.replace(fast_path="auto"), **task)  # type: ignore[arg-type]
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _PaddedConvs(nn.Module):
+    """Convs with string padding ("same" with even kernels: one zero more after than before;
+    "valid"), grouped "same", Conv3d (strided, padded; and "same"), and a wide Conv1d "same"
+    with few positions (patch factors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s2 = nn.Conv2d(2, 4, (2, 3), padding="same", dilation=(1, 2))
+        self.g2 = nn.Conv2d(4, 4, 4, padding="same", groups=2, bias=False)
+        self.v2 = nn.Conv2d(4, 3, 3, padding="valid", stride=2)
+        self.c3 = nn.Conv3d(1, 3, (2, 3, 3), stride=(1, 2, 1), padding=(1, 0, 1))
+        self.s3 = nn.Conv3d(3, 2, 2, padding="same", dilation=(1, 2, 1))
+        self.t = nn.Conv1d(12, 12, 4, padding="same")
+        self.head = nn.Linear(3 * 3 * 2 + 2 * 4 * 3 * 4 + 12, 3)
+
+    def forward(self, x: torch.Tensor, vol: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        h = self.v2(torch.tanh(self.g2(torch.tanh(self.s2(x)))))  # 7x6 -> 3x2
+        v = self.s3(torch.tanh(self.c3(vol)))  # 3x7x4 -> 4x3x4
+        t = torch.tanh(self.t(torch.tanh(self.t(seq)))).mean(dim=2)
+        return self.head(torch.cat([h.flatten(1), v.flatten(1), t], dim=1))
+
+
+def test_factored_self_influence_same_padding_and_conv3d() -> None:
+    """Convs with padding="same" (asymmetric for even kernels) or "valid", and Conv3d, as
+    unfold factors (per-example weights or patch factors), not vmap's per-example conv
+    backward: the generic path's float64 scores, as nn.Module and as an exported graph
+    (aten.conv*d.padding and aten.conv3d calls)."""
+    torch.manual_seed(10)
+    model = _PaddedConvs().eval()
+    x = {
+        "x": torch.randn(20, 2, 7, 6),
+        "vol": torch.randn(20, 1, 3, 7, 4),
+        "seq": torch.randn(20, 12, 3),
+    }
+    y = torch.randint(0, 3, (20,))
+    program = torch.export.export(
+        model, (), {k: v[:2] for k, v in x.items()},
+        dynamic_shapes={k: {0: torch.export.Dim.AUTO} for k in x},
+    )  # fmt: skip
+    graph = ExportedModel(program.module())
+    convs = {"s2", "g2", "v2", "c3", "s3", "t"}
+    for m in (model, graph):
+        # the exported graph reads t's weight twice: it stays an aten call (dense, vmap)
+        want = convs if m is model else convs - {"t"}
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
+            assert want == {n.rpartition(".")[2] for n in path.active} - {"head"}
+            assert "t" not in {n.rpartition(".")[2] for n in path.moved}  # patch factors
+    fi = ForwardInf(graph, F64.replace(fast_path="auto"))
+    fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+class _Bags(nn.Module):
+    """Fixed-length bags: an EmbeddingBag summing with per-sample weights and one averaging
+    with a padding row, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sum = nn.EmbeddingBag(9, 4, mode="sum")
+        self.mean = nn.EmbeddingBag(7, 4, mode="mean", padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, w = x[:, :5].long(), x[:, 5:]
+        return self.head(torch.tanh(torch.cat([self.sum(ids, per_sample_weights=w),
+                                               self.mean(ids.remainder(7))], dim=1)))  # fmt: skip
+
+
+def test_factored_self_influence_embedding_bag() -> None:
+    """nn.EmbeddingBag (sum with per-sample weights, mean with a padding row) as a lookup
+    through a hookable tap and a weighted sum: the view equals the layer, and its weight is an
+    embedding factor: the generic path's float64 scores and SGD by hand on the caller's model."""
+    from mirrorinf.engine.module_view import module_view
+
+    torch.manual_seed(11)
+    model = _Bags().eval()
+    ids = torch.randint(0, 5, (20, 5))  # repeats; padding rows of the mean bag
+    ids[0] = 0
+    x = torch.cat([ids.double(), torch.rand(20, 5, dtype=torch.float64)], dim=1)
+    y = torch.randint(0, 3, (20,))
+    for layer, kw in ((model.sum, {"per_sample_weights": x[:, 5:].float()}), (model.mean, {})):
+        view = module_view(layer)
+        assert view is not None
+        torch.testing.assert_close(view(ids, **kw), layer(ids, **kw), rtol=1e-6, atol=1e-7)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    graph = ExportedModel(program.module())  # aten.embedding_bag over flattened ids + offsets
+    for m in (model, graph):
+        for path in _factored_equals_generic_at_1_and_2_steps(m, x, y):
+            assert {"sum.lookup", "mean.lookup"} <= {n.removeprefix("graph.") for n in path.active}
+            assert path._factored() == set(path.rt.trainable)
+    got, _, _ = _factored_vs_generic(model, x, y, F64.replace(fast_path="auto", lr=1e-2))
+    torch.testing.assert_close(got, _by_hand_self(model, x, y, 1e-2) / 1e-2, rtol=1e-7, atol=1e-12)
+    fi = ForwardInf(graph, F64.replace(fast_path="auto"))
+    torch.testing.assert_close(
+        fi.self_influence((x, y)), ForwardInf(model, F64).self_influence((x, y))
+    )
     assert fi.last_report is not None and fi.last_report.path == "factored"

@@ -8,12 +8,16 @@ updated layer is ``W x + (x A^T) D`` with the *shared* W. Under vmap each forwar
 example's tensors, whatever the model's layout (sequence-first attention, batch folded into
 tokens), so the factors need no batch bookkeeping. ``delta`` is the gradient of a zero "probe"
 added to the layer's output, taken in the same ``grad_and_value`` pass as the loss at theta and
-the per-example gradients of the remaining parameters (norms, tied weights). An embedding's
+the per-example gradients of the remaining parameters (norms, unrecognised layers). An embedding's
 factors are the token ids it read and its output gradients (the step moves those rows only; its
-correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A conv
-layer (Conv2d or Conv1d, grouped and depthwise included) gets a probe too: its per-example
-weight gradient is then one unfold (im2col) and a batched matmul per group, not vmap's
-per-example convolution backward, and its updated weights run as per-example copies; an
+correction is an id-equality matrix times the gradients, never a vocabulary-sized copy). A weight
+tied between linear and embedding calls (a language-model head sharing the token embedding)
+keeps each use's factors: its step is their sum, so every use reads every use's factors and its
+gradient norm adds the uses' cross terms, all Gram products of the factors. A conv layer
+(Conv1d, Conv2d or Conv3d, grouped and depthwise included, "same" and asymmetric padding
+too) gets a probe too: its per-example weight gradient is then one unfold (im2col) and a
+batched matmul per group, not vmap's per-example convolution backward, and its updated weights
+run as per-example copies; an
 ungrouped conv whose weight outweighs its patches (few output positions: text) is a linear layer
 over its unfolded patches instead, with (patches, output gradients) as factors. No per-example
 copy of a linear or embedding weight is built, differentiated, normed or read.
@@ -37,13 +41,19 @@ from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
 from mirrorinf.engine.graph_view import ParamLinear
-from mirrorinf.engine.module_view import EngineMultiheadAttention
+from mirrorinf.engine.module_view import (
+    EmbeddingTap,
+    EngineEmbeddingBag,
+    EngineMultiheadAttention,
+)
 from mirrorinf.engine.rank1_hooks import small_bmm
 from mirrorinf.engine.runtime import ModelState, Runtime
 from mirrorinf.engine.updates import batchable, stack_norm, step_lr
 
 log = logging.getLogger(__name__)
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 Factors = dict[str, dict[str, Tensor]]  # site -> {"a": [r, in], "d": [r, out], "db": [out]}
 
 
@@ -60,33 +70,50 @@ class Site:
 
 
 def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
-    """Modules whose forward is a plain linear (or zero-padded conv1d/conv2d) call on their own
-    (untied) parameters."""
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    own = dict(model.named_parameters())
-    sites = {}
+    """Modules whose forward is a plain linear (or zero-padded conv1d/conv2d, or embedding) call
+    on their own parameters, or on a weight tied between such linear and embedding calls only
+    (a language-model head sharing the token embedding); a weight also held by any other layer
+    stays dense."""
+    holders: dict[int, int] = {}  # layers holding each parameter (fx's bare holders excluded)
+    for mod in model.modules():
+        if type(mod) is nn.Module:  # no forward: a graph's attribute holder, never called
+            continue
+        for p in mod._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight's first name
+    sites, uses = {}, {}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         site_name, call = name, mod
         if isinstance(mod, EngineMultiheadAttention):  # its in-projection, through its tap
             w_attr, b_attr = "in_proj_weight", "in_proj_bias"
             site_name, call = f"{prefix}in_proj", mod.in_tap
+        elif isinstance(mod, EngineEmbeddingBag):  # its lookup, through its tap
+            w_attr, b_attr = "weight", "bias"
+            site_name, call = f"{prefix}lookup", mod.lookup_tap
         elif isinstance(mod, ParamLinear):
             w_attr, b_attr = mod.weight_attr, mod.bias_attr
         elif _plain_linear(mod) or _plain_conv(mod) or _plain_embedding(mod):
             w_attr, b_attr = "weight", "bias"
         else:
             continue
-        w, b = prefix + w_attr, prefix + b_attr
-        if w not in own or w not in trainable or counts[id(own[w])] != 1:
+        wp, bp = mod._parameters.get(w_attr), mod._parameters.get(b_attr)
+        if wp is None or names.get(id(wp)) not in trainable or site_name in sites:
             continue
-        if b in own and counts[id(own[b])] != 1:
+        if bp is not None and holders.get(id(bp), 0) != 1:
             continue
-        bias = b if b in own and b in trainable else None
-        conv, embed = isinstance(mod, nn.Conv1d | nn.Conv2d), isinstance(mod, nn.Embedding)
-        sites[site_name] = Site(call, w, bias, conv=conv, embed=embed)
+        bias = names[id(bp)] if bp is not None and names[id(bp)] in trainable else None
+        conv = isinstance(mod, _CONVS)
+        embed = isinstance(mod, nn.Embedding | EngineEmbeddingBag)
+        sites[site_name] = Site(call, names[id(wp)], bias, conv=conv, embed=embed)
+        uses.setdefault(id(wp), []).append(site_name)
+    for pid, used in uses.items():  # a tied weight: every holder a linear/embedding site
+        if len(used) > 1 and (len(used) != holders.get(pid, 0) or any(sites[n].conv for n in used)):
+            for n in used:
+                del sites[n]
+        elif len(used) == 1 and holders.get(pid, 0) != 1:
+            del sites[used[0]]
     return sites
 
 
@@ -102,13 +129,9 @@ def _plain_embedding(mod: nn.Module) -> bool:
 
 
 def _plain_conv(mod: nn.Module) -> bool:
-    """An nn.Conv2d or nn.Conv1d (grouped and depthwise included) whose per-example weight
-    gradient is one unfold and batched matmul away."""
-    return (
-        type(mod) in (nn.Conv2d, nn.Conv1d)
-        and mod.padding_mode == "zeros"
-        and not isinstance(mod.padding, str)
-    )
+    """An nn.Conv1d, Conv2d or Conv3d (grouped and depthwise included; any zero padding, "same"
+    and "valid" too) whose per-example weight gradient is one unfold and batched matmul away."""
+    return type(mod) in _CONVS and mod.padding_mode == "zeros"
 
 
 @dataclass
@@ -131,6 +154,11 @@ class FactoredPath:
         self.rt = rt
         self.sites = sites
         self.names = {s.module: n for n, s in sites.items()}
+        by_weight: dict[str, list[str]] = {}
+        for n, s in sites.items():
+            by_weight.setdefault(s.weight, []).append(n)
+        # sites sharing a weight (an LM head tied to the embedding): each applies all their steps
+        self.tied = {n: group for group in by_weight.values() if len(group) > 1 for n in group}
         self.active = set(sites)  # sites the model really calls (found by the shapes pass)
         # convs run with per-example weight copies; the others (few output positions, big
         # ungrouped weights: text) as low-rank factors of their unfolded patches, like linears
@@ -190,19 +218,10 @@ class FactoredPath:
         key = f"{name}#{call}"
         f = st.factors.get(name)
         new = out
-        if f is not None and "a" in f and self.sites[name].embed:  # rows of the tokens moved
-            same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
-            new = new + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
-        elif f is not None and "a" in f and self.sites[name].conv:  # over unfolded patches
-            assert isinstance(mod, nn.Conv1d | nn.Conv2d)
-            cols = _patches(mod, x)  # [b, L, C*k]
-            corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
-            new = new + corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2).reshape(
-                out.shape
-            )
-        elif f is not None and "a" in f:
-            xf = x.reshape(-1, x.shape[-1])
-            new = new + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
+        for member in self.tied.get(name, (name,)):  # the steps of every use of the weight
+            fm = st.factors.get(member)
+            if fm is not None and "a" in fm:
+                new = self._effect(mod, self.sites[name], self.sites[member], x, new, fm)
         if f is not None and "db" in f and self.sites[name].conv:
             new = new + f["db"].reshape(-1, *[1] * _spatial(mod))
         elif f is not None and "db" in f:
@@ -210,7 +229,7 @@ class FactoredPath:
         if st.mode == "shapes":
             st.shapes[key] = tuple(out.shape)
             if self.sites[name].conv:  # its per-example weights (moved) and bias
-                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                assert isinstance(mod, _CONVS)
                 w = mod.weight
                 st.sizes[key] = out.shape[-1 - _spatial(mod)] + (w.numel() if call == 0 else 0)
                 positions = out.numel() // out.shape[-1 - _spatial(mod)]  # x calls, batch 1
@@ -223,6 +242,33 @@ class FactoredPath:
             st.inputs[key] = x
             new = new + st.probes[key].to(out.dtype)  # autocast: the layer's own dtype
         return new
+
+    @staticmethod
+    def _effect(
+        mod: nn.Module, site: Site, src: Site, x: Tensor, out: Tensor, f: dict[str, Tensor]
+    ) -> Tensor:
+        """One call's output ``out`` (input ``x``) plus the change by the weight steps of
+        ``src``'s factors ``f`` (``src`` is ``site`` or a site tied to its weight): linear factors
+        are (inputs, output gradients), embedding ones (token ids, output gradients)."""
+        if site.embed and src.embed:  # rows of the tokens moved
+            same = x.reshape(-1, 1) == f["a"].reshape(1, -1)  # [tokens, r]
+            return out + (same.to(f["d"].dtype) @ f["d"]).reshape(out.shape)
+        if site.embed:  # a tied linear's step d^T a, read at the rows of the tokens
+            rows = f["d"][:, x.reshape(-1)]  # [r, tokens]
+            return out + (rows.transpose(0, 1) @ f["a"]).reshape(out.shape)
+        if site.conv:  # over unfolded patches
+            assert isinstance(mod, _CONVS)
+            cols = _patches(mod, x)  # [b, L, C*k]
+            corr = (cols.flatten(0, 1) @ f["a"].transpose(0, 1)) @ f["d"]  # [b*L, out]
+            corr = corr.reshape(cols.shape[0], cols.shape[1], -1).transpose(1, 2)
+            return out + corr.reshape(out.shape)
+        xf = x.reshape(-1, x.shape[-1])
+        if src.embed:  # a tied embedding's step onehot(ids)^T g, read by this linear:
+            dots = xf @ f["d"].transpose(0, 1)  # [tokens, r], added at the columns of the ids
+            ids = f["a"].reshape(1, -1).expand(dots.shape[0], -1)
+            flat = out.reshape(dots.shape[0], out.shape[-1])
+            return flat.scatter_add(1, ids, dots.to(out.dtype)).reshape(out.shape)
+        return out + ((xf @ f["a"].transpose(0, 1)) @ f["d"]).reshape(out.shape)
 
     def _forward_loss(self, state: ModelState, p: Params, xi: Inputs, yi: Tensor) -> Tensor:
         one = each(xi, lambda v: v.unsqueeze(0))
@@ -371,20 +417,20 @@ class FactoredPath:
             la, ld = parts.setdefault(name, ([], []))
             mod = self.sites[name].module
             if self.sites[name].conv and name not in self.moved:  # patches and gradients
-                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                assert isinstance(mod, _CONVS)
                 la.append(_patches(mod, a).reshape(m, -1, mod.weight[0].numel()))
                 out_ch, k = d.shape[-1 - _spatial(mod)], _spatial(mod)
                 ld.append(d.reshape(m, -1, out_ch, math.prod(d.shape[-k:])).transpose(2, 3))
                 ld[-1] = ld[-1].reshape(m, -1, out_ch)
             elif self.sites[name].conv:
-                assert isinstance(mod, nn.Conv1d | nn.Conv2d)
+                assert isinstance(mod, _CONVS)
                 la.append(_conv_weight_grad(mod, a, d))
                 k = _spatial(mod)
                 ld.append(
                     d.reshape(m, -1, d.shape[-1 - k], math.prod(d.shape[-k:])).sum(dim=(1, 3))
                 )
             elif self.sites[name].embed:
-                assert isinstance(mod, nn.Embedding)
+                assert isinstance(mod, nn.Embedding | EmbeddingTap)
                 ids, d = a.reshape(m, -1), d.reshape(m, -1, d.shape[-1])
                 if mod.padding_idx is not None:  # that row never moves
                     d = d * (ids != mod.padding_idx).unsqueeze(-1).to(d.dtype)
@@ -425,6 +471,12 @@ class FactoredPath:
                 total = total + (ga * gd).sum(dim=(1, 2))
             if s.bias is not None:
                 total = total + d.sum(dim=1).double().pow(2).sum(dim=1)
+        done = set()
+        for n in grads:  # a tied weight's gradient is the sum of its uses': their cross terms
+            done.add(n)
+            for o in self.tied.get(n, ()):
+                if o not in done and o in grads:
+                    total = total + 2 * _cross(self.sites[n], grads[n], self.sites[o], grads[o])
         return total.sqrt()
 
     def _add_step(
@@ -447,54 +499,104 @@ class FactoredPath:
         return out
 
 
+def _cross(s1: Site, g1: tuple[Tensor, Tensor], s2: Site, g2: tuple[Tensor, Tensor]) -> Tensor:
+    """Each example's <G1, G2> of two uses' weight gradients, float64, from Gram products of
+    their factors: a linear use's G = d^T a (output gradients, inputs), an embedding use's
+    G = onehot(ids)^T g; no weight-sized per-example tensor."""
+    if s1.embed and not s2.embed:
+        s1, g1, s2, g2 = s2, g2, s1, g1
+    (a1, d1), (a2, d2) = g1, g2
+    if s1.embed and s2.embed:
+        rows = (a1.unsqueeze(2) == a2.unsqueeze(1)).to(d1.dtype)
+        cols = small_bmm(d1, d2.transpose(1, 2))
+    elif s2.embed:  # a linear (a1 inputs, d1 output gradients) and an embedding (a2 ids, d2)
+        rows = d1.gather(2, a2.unsqueeze(1).expand(-1, d1.shape[1], -1))  # d1[i, ids_j]
+        cols = small_bmm(a1, d2.transpose(1, 2))
+    else:
+        rows = small_bmm(d1, d2.transpose(1, 2))
+        cols = small_bmm(a1, a2.transpose(1, 2))
+    return (rows.double() * cols.double()).sum(dim=(1, 2))
+
+
 def _per_row(coef: Tensor, like: Tensor) -> Tensor:
     """``coef`` [m] shaped to broadcast over a stacked tensor [m, ...]."""
     return coef.reshape(-1, *[1] * (like.ndim - 1))
 
 
 def _spatial(mod: nn.Module) -> int:
-    """Spatial dimensions of a conv layer: 1 (Conv1d) or 2 (Conv2d)."""
-    return 1 if isinstance(mod, nn.Conv1d) else 2
+    """Spatial dimensions of a conv layer: 1, 2 or 3."""
+    return len(mod.kernel_size) if isinstance(mod, _CONVS) else 2
 
 
-def _patches(mod: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The unfolded inputs of an ungrouped conv: ``x`` [b, C, *spatial] -> [b, L, C*k]."""
-    padding = mod.padding
-    assert not isinstance(padding, str)  # _plain_conv
-    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
-    if isinstance(mod, nn.Conv1d):  # a strided window view and one copy (im2col is slower)
-        x = nn.functional.pad(x.reshape(-1, *x.shape[-2:]), (padding[0], padding[0]))
-        span = dilation[0] * (kernel[0] - 1) + 1
-        win = x.unfold(-1, span, stride[0])[..., :: dilation[0]]  # [b, C, L, k]
-        return win.permute(0, 2, 1, 3).flatten(2)
-    cols = nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride)
-    return cols.transpose(1, 2)
+def _pads(mod: Conv) -> list[tuple[int, int]]:
+    """Zeros before and after each spatial dimension: ``padding="same"`` puts the odd one
+    after, as torch does."""
+    if mod.padding == "valid":
+        return [(0, 0)] * len(mod.kernel_size)
+    if mod.padding == "same":
+        total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in mod.padding]
 
 
-def _conv_weight_grad(mod: nn.Conv1d | nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+def _windows(mod: Conv, x: Tensor) -> Tensor:
+    """Each output position's receptive field as a strided view of the zero-padded input:
+    ``x`` [b, C, *spatial] -> [b, C, *positions, *kernel] (one copy: the padding)."""
+    pads = _pads(mod)
+    x = nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
+    for i, (kernel, dilation, stride) in enumerate(
+        zip(mod.kernel_size, mod.dilation, mod.stride, strict=True)
+    ):
+        span = dilation * (kernel - 1) + 1
+        x = x.unfold(2 + i, span, stride)  # window appended last
+        if dilation > 1:
+            x = x[..., ::dilation]
+    return x  # [b, C, *L, *k]
+
+
+def _unfold2d(mod: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col of a Conv2d's input [b, C, H, W] -> [b, C*kh*kw, L] (asymmetric padding first)."""
+    pads = _pads(mod)
+    if any(a != b for a, b in pads):
+        x = nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
+        padding: tuple[int, ...] = (0, 0)
+    else:
+        padding = tuple(a for a, _ in pads)
+    return nn.functional.unfold(x, mod.kernel_size, mod.dilation, padding, mod.stride)
+
+
+def _patches(mod: Conv, x: Tensor) -> Tensor:
+    """The unfolded inputs of an ungrouped conv: ``x`` [..., C, *spatial] -> [b, L, C*k]."""
+    k = _spatial(mod)
+    x = x.reshape(-1, *x.shape[-1 - k :])
+    if isinstance(mod, nn.Conv2d):
+        return _unfold2d(mod, x).transpose(1, 2)
+    win = _windows(mod, x)  # a strided window view and one copy (im2col is slower)
+    order = (0, *range(2, 2 + k), 1, *range(2 + k, 2 + 2 * k))  # [b, *L, C, *k]
+    return win.permute(order).reshape(win.shape[0], -1, win.shape[1] * mod.weight[0, 0].numel())
+
+
+def _conv_weight_grad(mod: Conv, x: Tensor, d: Tensor) -> Tensor:
     """Each example's weight gradient of one conv call: output gradients times the unfolded
-    inputs (im2col), one batched matmul per group (a Conv1d as a conv2d of height 1).
+    inputs (im2col), one batched matmul per group.
     ``x`` [m, ..., C, *spatial], ``d`` [m, ..., out, *spatial']."""
-    m, groups = x.shape[0], mod.groups
-    padding = mod.padding
-    assert not isinstance(padding, str)  # _plain_conv
-    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
-    if isinstance(mod, nn.Conv1d):  # height 1
-        x, d = x.unsqueeze(-2), d.unsqueeze(-2)
-        kernel, dilation = (1, *kernel), (1, *dilation)
-        padding, stride = (0, *padding), (1, *stride)
-    cols = nn.functional.unfold(
-        x.reshape(-1, *x.shape[-3:]), kernel, dilation, padding, stride
-    )  # [m*k, C*kh*kw, L], channels outermost
+    m, groups, k = x.shape[0], mod.groups, _spatial(mod)
+    x = x.reshape(-1, *x.shape[-1 - k :])
+    if isinstance(mod, nn.Conv2d):
+        cols = _unfold2d(mod, x)  # [m*calls, C*kh*kw, L], channels outermost
+    else:
+        win = _windows(mod, x)  # [b, C, *L, *k] -> [b, C*k, L]
+        order = (0, 1, *range(2 + k, 2 + 2 * k), *range(2, 2 + k))
+        cols = win.permute(order).reshape(win.shape[0], win.shape[1] * mod.weight[0, 0].numel(), -1)
     cols = cols.reshape(m, -1, groups, cols.shape[1] // groups, cols.shape[2])
-    cols = cols.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, C/g*kh*kw, k*L]
-    out = d.shape[-3]
-    g = d.reshape(m, -1, groups, out // groups, d.shape[-2] * d.shape[-1])
-    g = g.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, out/g, k*L]
+    cols = cols.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, C/g*k, calls*L]
+    out = d.shape[-1 - k]
+    g = d.reshape(m, -1, groups, out // groups, math.prod(d.shape[-k:]))
+    g = g.permute(0, 2, 3, 1, 4).flatten(3)  # [m, g, out/g, calls*L]
     if out == groups:  # depthwise: one output channel per group, no matmul to batch
         w = (g * cols).sum(-1).unsqueeze(2)
     else:
-        w = torch.matmul(g, cols.transpose(-1, -2))  # [m, g, out/g, C/g*kh*kw]
+        w = torch.matmul(g, cols.transpose(-1, -2))  # [m, g, out/g, C/g*k]
     return w.reshape(m, *mod.weight.shape)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 _LINEAR = (aten.linear.default, torch._C._nn.linear, nn.functional.linear)
+_CONV_OPS_STR = {aten.conv1d.padding: 3, aten.conv2d.padding: 4, aten.conv3d.padding: 5}
+_CONV_OPS = {
+    aten.conv1d.default: 3,
+    aten.conv2d.default: 4,
+    aten.conv3d.default: 5,
+    **_CONV_OPS_STR,
+}
 
 
 def engine_view(model: nn.Module) -> nn.Module:
@@ -92,10 +100,11 @@ def _eval_batch_norm(
 def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     """The rewritten copy of one graph module, or None if nothing in it needs rewriting."""
     graph = copy.deepcopy(gm.graph)
+    src = _split_tied(gm, graph)  # gm, or a shallow copy that also holds the aliases
     linears: dict[str, nn.Module] = {}
     sizes = 0
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or getattr(node, "_erased", False):
             continue
         if node.target is aten.sym_size.int:
             node.target = _dim_size
@@ -105,16 +114,20 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
             node.target = _eval_batch_norm
             sizes += 1
             continue
-        conv = _conv_site(gm, graph, node)
-        emb = _embedding_site(gm, graph, node) if conv is None else None
+        bag = _bag_site(src, graph, node)
+        if bag is not None and bag[0] not in linears:
+            linears[bag[0]] = _rewrite_bag(src, graph, node, bag)
+            continue
+        conv = _conv_site(src, graph, node)
+        emb = _embedding_site(src, graph, node) if conv is None else None
         layer = conv or emb
-        site = _linear_site(gm, graph, node) if layer is None else (*layer[:3], "weight")
+        site = _linear_site(src, graph, node) if layer is None else (*layer[:3], "weight")
         if site is None:
             continue
         owner, x, erase, field = site
         if owner in linears:  # one projection per module (a second stays an aten call)
             continue
-        mod = gm.get_submodule(owner)
+        mod = src.get_submodule(owner)
         lin: nn.Module
         if conv is not None:
             lin = _shared_conv(mod, conv[3])
@@ -137,11 +150,11 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
-            root[node.target] = _attr(gm, node.target)
+            root[node.target] = _attr(src, node.target)
         elif node.op == "call_module":
-            root[node.target] = linears.get(node.target) or gm.get_submodule(node.target)
+            root[node.target] = linears.get(node.target) or src.get_submodule(node.target)
     view = fx.GraphModule(root, graph, class_name=type(gm).__name__)
-    _restore_kinds(view, gm, [n.target for n in graph.nodes if n.op == "get_attr"])
+    _restore_kinds(view, src, [n.target for n in graph.nodes if n.op == "get_attr"])
     _match_order(view, gm)
     fresh = fx.GraphModule(nn.Module(), fx.Graph()).__dict__
     for key, value in gm.__dict__.items():  # pytree specs, input checks, train/eval guards
@@ -156,8 +169,69 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     return view
 
 
+def _split_tied(gm: fx.GraphModule, graph: fx.Graph) -> nn.Module:
+    """Give each use of a weight that several ``aten.linear`` / ``aten.embedding`` calls read
+    (an LM head tied to the token embedding) a ``get_attr`` of its own, on an alias module
+    (``<owner>_tied<k>``) holding the same Parameter, so that each call becomes a layer whose
+    hooks see it; ``gm`` itself if no weight is tied so, else a shallow copy with the aliases.
+    A tied weight with any other use, or whose owner holds anything else, is left as it is."""
+    reads: dict[int, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(_attr(gm, node.target), nn.Parameter):
+            reads.setdefault(id(_attr(gm, node.target)), []).append(node)
+    src: nn.Module = gm
+    for nodes in reads.values():
+        uses = [(n, u) for n in nodes for u in n.users]
+        if len(uses) < 2 or not all(_weight_use(n, u) for n, u in uses):
+            continue
+        owners = {str(n.target).rpartition(".")[0] for n in nodes}
+        if any(not o or _holds_more(gm.get_submodule(o)) for o in owners):
+            continue
+        if src is gm:
+            src = shallow(gm)
+        for k, (n, u) in enumerate(uses[1:], 1):
+            owner, _, field = str(n.target).rpartition(".")
+            alias = _add_alias(src, owner, k)
+            with graph.inserting_before(u):
+                read = graph.get_attr(f"{alias}.{field}")
+            read.meta = dict(n.meta)
+            u.replace_input_with(n, read)
+    return src
+
+
+def _weight_use(w: fx.Node, user: fx.Node) -> bool:
+    """``user`` reads ``w`` as the weight of an ``aten.linear`` or ``aten.embedding`` call only."""
+    args = [*user.args, *user.kwargs.values()]
+    if user.target in _LINEAR:
+        return len(args) >= 2 and args[1] is w and args[0] is not w and w not in args[2:]
+    if user.target is aten.embedding.default and not user.kwargs:
+        return args[0] is w and w not in args[1:]
+    return False
+
+
+def _holds_more(mod: nn.Module) -> bool:
+    """A module holding more than one weight (a bias, buffers or children)."""
+    return bool(mod._modules or mod._buffers) or len(mod._parameters) != 1
+
+
+def _add_alias(root: nn.Module, owner: str, k: int) -> str:
+    """Register ``<owner>_tied<k>``, a shallow copy of ``owner`` (the same Parameter), in
+    ``root`` (copying the path down to it, so the graph's own modules are untouched)."""
+    *path, last = owner.split(".")
+    mod = root
+    for part in path:
+        child = shallow(mod._modules[part])
+        mod._modules[part] = child
+        mod = child
+    alias = f"{last}_tied{k}"
+    while alias in mod._modules or alias in mod._parameters or alias in mod._buffers:
+        alias += "_"
+    mod._modules[alias] = shallow(mod._modules[last])
+    return ".".join([*path, alias])
+
+
 def _linear_site(
-    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], str] | None:
     """(owner module, input node, nodes to erase, weight attribute) of a linear call on one
     module's own weight (and bias) that nothing else reads; None for anything else. The weight
@@ -208,20 +282,20 @@ def _linear_site(
 
 
 def _conv_site(
-    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
-    """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv2d`` (``conv1d``)
-    call on one module's own 4-D (3-D) weight (and bias) that nothing else reads; else None."""
-    ndim = 4 if node.target is aten.conv2d.default else 3
-    if node.target not in (aten.conv2d.default, aten.conv1d.default) or node.kwargs:
+    """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv1d`` / ``conv2d`` /
+    ``conv3d`` call (numeric or "same" / "valid" padding) on one module's own 3-D / 4-D / 5-D
+    weight (and bias) that nothing else reads; else None."""
+    ndim = _CONV_OPS.get(node.target)
+    if ndim is None or node.kwargs:
         return None
     names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
-    a: dict[str, Any] = {"b": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    pad = "valid" if node.target in _CONV_OPS_STR else 0  # the overloads' default padding
+    a: dict[str, Any] = {"b": None, "stride": 1, "padding": pad, "dilation": 1, "groups": 1}
     a.update(zip(names, node.args, strict=False))
     x, w, b = a["x"], a["w"], a["b"]
     if not isinstance(x, fx.Node) or not _own_attr(w) or (b is not None and not _own_attr(b)):
-        return None
-    if isinstance(a["padding"], str):
         return None
     owner = _sole_owner(gm, graph, w, b, ndim)
     if owner is None:
@@ -231,7 +305,7 @@ def _conv_site(
 
 
 def _sole_owner(
-    gm: fx.GraphModule, graph: fx.Graph, w: fx.Node, b: fx.Node | None, ndim: int
+    gm: nn.Module, graph: fx.Graph, w: fx.Node, b: fx.Node | None, ndim: int
 ) -> str | None:
     """The module owning ``weight`` (an ``ndim``-D Parameter) and ``bias`` (or no bias) and
     nothing else, whose tensors no other node reads; None if there is none."""
@@ -249,7 +323,7 @@ def _sole_owner(
 
 
 def _embedding_site(
-    gm: fx.GraphModule, graph: fx.Graph, node: fx.Node
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
 ) -> tuple[str, fx.Node, list[fx.Node], dict[str, Any]] | None:
     """(owner, indices node, nodes to erase, Embedding arguments) of an ``aten.embedding``
     call (no frequency scaling) on one module's own 2-D weight that nothing else reads."""
@@ -267,6 +341,78 @@ def _embedding_site(
     return owner, idx, [w], {"padding_idx": pad, "sparse": bool(sparse)}
 
 
+_BAGS = (aten.embedding_bag.default, aten.embedding_bag.padding_idx)
+_FLAT = (aten.reshape.default, aten.view.default)
+
+
+def _bag_site(
+    gm: nn.Module, graph: fx.Graph, node: fx.Node
+) -> tuple[str, fx.Node, fx.Node | None, dict[str, Any]] | None:
+    """(owner, 2-D indices node, 2-D per-sample weights node or None, EmbeddingBag arguments)
+    of an ``aten.embedding_bag`` call (sum or mean) on one module's own weight over fixed-length
+    bags: the flattened 2-D indices with offsets ``arange(0, numel, L)`` (how torch.export
+    writes ``EmbeddingBag(ids [B, L])``); else None."""
+    if node.target not in _BAGS or node.kwargs:
+        return None
+    names = ("w", "idx", "off", "by_freq", "mode", "sparse", "psw", "last", "pad")
+    a: dict[str, Any] = {"by_freq": False, "mode": 0, "sparse": False, "psw": None}
+    a.update({"last": False, "pad": None})
+    a.update(zip(names, node.args, strict=False))
+    if a["by_freq"] or a["mode"] not in (0, 1) or a["last"] or not _own_attr(a["w"]):
+        return None
+    ids, off, psw = a["idx"], a["off"], a["psw"]
+    if not (isinstance(ids, fx.Node) and ids.target in _FLAT and list(ids.args[1]) == [-1]):
+        return None
+    x = ids.args[0]
+    shape = getattr(x.meta.get("val"), "shape", None) if isinstance(x, fx.Node) else None
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        return None  # a dynamic bag length: not handled
+    if not (isinstance(off, fx.Node) and off.target is aten.arange.start_step):
+        return None
+    if list(off.args[:1]) != [0] or off.args[2:] != (shape[1],):
+        return None
+    w2 = None
+    if psw is not None:
+        if not (isinstance(psw, fx.Node) and psw.target in _FLAT and list(psw.args[1]) == [-1]):
+            return None
+        w2 = psw.args[0]
+    if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
+        return None
+    owner = _sole_owner(gm, graph, a["w"], None, 2)
+    if owner is None:
+        return None
+    pad = a["pad"] if a["pad"] is None or a["pad"] >= 0 else None
+    return owner, x, w2, {"mode": ("sum", "mean")[a["mode"]], "padding_idx": pad}
+
+
+def _rewrite_bag(gm: nn.Module, graph: fx.Graph, node: fx.Node, site: tuple[Any, ...]) -> nn.Module:
+    """Replace an ``aten.embedding_bag`` call (see :func:`_bag_site`) by a call of the owner as
+    an :class:`~mirrorinf.engine.module_view.EngineEmbeddingBag` view holding its weight."""
+    owner, x, psw, args = site
+    weight = gm.get_submodule(owner)._parameters["weight"]
+    assert weight is not None
+    num, dim = weight.shape
+    bag = nn.EmbeddingBag(num, dim, mode=args["mode"], padding_idx=args["padding_idx"],
+                          device="meta")  # fmt: skip
+    bag.weight = weight
+    view = module_view(bag)
+    assert view is not None
+    with graph.inserting_before(node):
+        call = graph.call_module(owner, (x,) if psw is None else (x, None, psw))
+    out = [u for u in node.users if u.args[1] == 0]
+    call.meta = dict(out[0].meta) if out else {}
+    for u in list(node.users):
+        u.replace_all_uses_with(call)
+        graph.erase_node(u)
+    dead = [node, *[a for a in node.args if isinstance(a, fx.Node)]]
+    for n in dead:
+        if not n.users and n.op in ("call_function", "get_attr"):
+            more = [a for a in n.args if isinstance(a, fx.Node)] if n is not node else []
+            graph.erase_node(n)
+            dead.extend(m for m in more if m not in dead)
+    return view
+
+
 def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:
     """An nn.Embedding holding ``owner``'s weight (the same Parameter object)."""
     weight = owner._parameters["weight"]
@@ -278,16 +424,16 @@ def _shared_embedding(owner: nn.Module, args: dict[str, Any]) -> nn.Embedding:
     return emb
 
 
-def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d:
-    """An nn.Conv2d (nn.Conv1d for a 3-D weight) holding ``owner``'s weight and bias (the same
-    Parameter objects)."""
+def _shared_conv(owner: nn.Module, args: dict[str, Any]) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """An nn.Conv1d / Conv2d / Conv3d (by the weight's dimensions) holding ``owner``'s weight
+    and bias (the same Parameter objects)."""
     weight = owner._parameters["weight"]
     assert weight is not None
     bias = owner._parameters.get("bias")
     out_ch, in_per_group, *kernel = weight.shape
     groups = int(args["groups"])
-    cls: Any = nn.Conv1d if len(kernel) == 1 else nn.Conv2d
-    conv: nn.Conv1d | nn.Conv2d = cls(
+    cls: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(kernel) - 1]
+    conv: nn.Conv1d | nn.Conv2d | nn.Conv3d = cls(
         in_per_group * groups, out_ch, tuple(kernel), stride=args["stride"],
         padding=args["padding"], dilation=args["dilation"], groups=groups,
         bias=bias is not None, device="meta",

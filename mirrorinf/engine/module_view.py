@@ -138,12 +138,55 @@ class EngineMultiheadAttention(nn.MultiheadAttention):
         return out
 
 
+class EmbeddingTap(nn.Module):
+    """``embedding(ids, weight)`` as a module call (forward hooks see an EmbeddingBag's
+    lookup); ``padding_idx``: the bag's (that row's gradient is masked, as nn.Embedding's)."""
+
+    def __init__(self, padding_idx: int | None) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: Tensor, weight: Tensor) -> Tensor:
+        return nn.functional.embedding(ids, weight)
+
+
+class EngineEmbeddingBag(nn.EmbeddingBag):
+    """nn.EmbeddingBag whose fixed-length bags (2-D input, no offsets; sum or mean, per-sample
+    weights with sum) run as a lookup through ``lookup_tap`` and a weighted sum over each bag
+    (padding entries weigh 0 and are not counted by the mean); anything else is the layer's
+    own forward."""
+
+    lookup_tap: EmbeddingTap
+
+    def forward(
+        self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None
+    ) -> Tensor:
+        weighted_mean = per_sample_weights is not None and self.mode != "sum"  # torch refuses
+        if offsets is not None or input.ndim != 2 or self.mode == "max" or self.max_norm:
+            return super().forward(input, offsets, per_sample_weights)
+        if weighted_mean:
+            return super().forward(input, offsets, per_sample_weights)
+        rows = self.lookup_tap(input, self.weight)  # [B, L, dim]
+        keep = torch.ones_like(input, dtype=rows.dtype)
+        if self.padding_idx is not None:
+            keep = (input != self.padding_idx).to(rows.dtype)
+        coef = keep if per_sample_weights is None else keep * per_sample_weights.to(rows.dtype)
+        if self.mode == "mean":
+            coef = coef / keep.sum(dim=1, keepdim=True).clamp_min(1)
+        return (rows * coef.unsqueeze(-1)).sum(dim=1)
+
+
 def module_view(mod: nn.Module) -> nn.Module | None:
     """The engine's view of one layer (see module docstring), or None if it has none."""
     cls = type(mod)
     if cls in _EVAL_BN:
         view = shallow(mod)
         view.__class__ = _EVAL_BN[cls]
+        return view
+    if cls is nn.EmbeddingBag and not mod.scale_grad_by_freq and not mod.sparse:
+        view = shallow(mod)
+        view.__class__ = EngineEmbeddingBag
+        view.__dict__["lookup_tap"] = EmbeddingTap(mod.padding_idx)  # not a registered child
         return view
     if cls is nn.MultiheadAttention:
         view = shallow(mod)
@@ -161,4 +204,11 @@ def shallow(mod: nn.Module) -> nn.Module:
     return clone
 
 
-__all__ = ["EngineMultiheadAttention", "LinearTap", "module_view", "shallow"]
+__all__ = [
+    "EmbeddingTap",
+    "EngineEmbeddingBag",
+    "EngineMultiheadAttention",
+    "LinearTap",
+    "module_view",
+    "shallow",
+]

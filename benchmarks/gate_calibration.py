@@ -129,7 +129,12 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     group = fi.group((x, y_noisy), (xv, yv)).numpy()
     assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
     after = fi.last_report.loss_after_fit.numpy()
-    calib = calibration_scores(fi, (xv, yv), seed=seed)
+    if group_fit._PATH_SCORE != "constant":  # calibration fits stop at the training target
+        group_fit._PATH_TARGET_FIXED = group_fit._LAST_PATH[0].target
+    try:
+        calib = calibration_scores(fi, (xv, yv), seed=seed)
+    finally:
+        group_fit._PATH_TARGET_FIXED = None
     calib_self, calib_group = calib.self_influence, calib.group_influence
     calibrated = {"calib_self_inf": calib_self, "calib_group_inf": calib_group}
     loss_rule = {"loss_after_fit": after, "calib_loss_after_fit": calib.loss_after_fit}
@@ -159,6 +164,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--group-fit", help="the group fit's STEPSxLR, e.g. 50x0.03 (default 50x0.01)")
+    ap.add_argument(
+        "--path-score",
+        choices=("constant", "end", "mean", "logmean"),
+        help="the harmful flag's score from the fit run until the validation set is fitted",
+    )
+    ap.add_argument("--path-target", choices=("half", "median"), default="half")
     ap.add_argument("--flips", nargs="+", type=float, default=list(FLIPS))
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     args = ap.parse_args()
@@ -166,6 +177,8 @@ def main() -> None:
     if args.group_fit:
         steps, lr = args.group_fit.split("x")
         group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = int(steps), float(lr)
+    if args.path_score:
+        group_fit._PATH_SCORE, group_fit._PATH_TARGET = args.path_score, args.path_target
     logging.disable(logging.WARNING)  # the fallback warning fires on every "old" row
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -59,8 +59,14 @@ the loss under the fitted parameters (``loss - group``) instead of the loss chan
 adds scikit-learn's digits (1000 / 300 rows, MLP 64-64-10, same recipe) to ``--rules``, the set
 the constants came from.
 
+Path-free rules (``--rule-names fitted fitted-median``): the same fit at the default lr run until
+every validation row's loss is <= ln 2 (``fitted``) or <= the trained model's median training
+loss (``fitted-median``), cap ``group_fit._PATH_CAP``; AUROC of each training row's loss there
+(``end``), of its rise (``change``), and of its mean along the path over steps (``mean``) and
+log-steps (``logmean``), with T per seed, passes over the training set and seconds.
+
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
-      [--rules [--digits] [--no-cleanlab] [--rule-names early planted ...]]
+      [--rules [--digits] [--no-cleanlab] [--rule-names early planted fitted ...]]
 """
 
 from __future__ import annotations
@@ -424,7 +430,8 @@ def run_rules(
     out = {}
     try:
         for rule in rules:
-            if rule in PATH_RULES:
+            if rule in PATH_RULES:  # at the default lr, whatever rule ran before
+                group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = saved
                 out[rule] = run_path(fi, case, y, truth, rule)
                 continue
             if "x" in rule:

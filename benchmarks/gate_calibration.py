@@ -34,6 +34,10 @@ labels among them (recall), ``harm`` = fraction flagged harmful; ``gate 0/30`` =
 ``--group-fit STEPSxLR`` (e.g. ``50x0.03``) runs the group fit (``mirrorinf.engine.group_fit``)
 with another length than its default 50 x 0.01, to measure what that does to the calibration.
 
+``--path-score end --path-target median`` thresholds the harmful flag on a path-free score of
+the group fit instead (``mirrorinf.engine.group_fit``, "Path-free rules"); each calibration
+fold's fit stops at the training set's target.
+
 ``--flips 0 0.3`` / ``--regimes converged`` run only some flip fractions (the gate columns need
 0 and 0.3) / regimes.
 

@@ -61,7 +61,7 @@ the constants came from.
 
 Path-free rules (``--rule-names fitted fitted-median``): the same fit at the default lr run until
 every validation row's loss is <= ln 2 (``fitted``) or <= the trained model's median training
-loss (``fitted-median``), cap ``group_fit._PATH_CAP``; AUROC of each training row's loss there
+loss (``fitted-median``), cap ``group_path.CAP``; AUROC of each training row's loss there
 (``end``), of its rise (``change``), and of its mean along the path over steps (``mean``) and
 log-steps (``logmean``), with T per seed, passes over the training set and seconds.
 
@@ -93,6 +93,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import mirrorinf.engine.group_fit as group_fit  # noqa: E402
 from benchmarks._common import flip_labels, objective  # noqa: E402
+from benchmarks.group_path import path_rule  # noqa: E402
 from mirrorinf import ForwardInf  # noqa: E402
 from mirrorinf.calibration import calibration_scores  # noqa: E402
 from mirrorinf.summary import summarise  # noqa: E402
@@ -452,16 +453,11 @@ def run_path(fi: ForwardInf, case: Case, y: torch.Tensor, truth: np.ndarray, rul
     """One path fit to the fitted validation set: AUROC of each path score (``end``: the loss
     where fitted, ``change``: its rise over the trained model's, ``mean`` / ``logmean``: the
     loss averaged over steps / log-steps), the fitted step, forward passes and seconds."""
-    saved = group_fit._PATH_SCORE, group_fit._PATH_TARGET
-    group_fit._PATH_SCORE = "end"
-    group_fit._PATH_TARGET = "half" if rule == "fitted" else "median"
-    try:
+    with path_rule("end", "half" if rule == "fitted" else "median") as seen:
         t0 = time.perf_counter()
         fi.group((case.x, y), (case.xv, case.yv))
         sec = time.perf_counter() - t0
-    finally:
-        group_fit._PATH_SCORE, group_fit._PATH_TARGET = saved
-    path = group_fit._LAST_PATH[0]
+    path = seen.last[0]
     scores = {
         "end": path.end(),
         "change": path.end() - path.base,

@@ -1,4 +1,4 @@
-"""The group fit's path scores (benchmark switch ``group_fit._PATH_SCORE``, not the default):
+"""The group fit's path scores (benchmarks/group_path.py, a benchmark rule, not the default):
 each equals a hand computation with torch.optim.Adam on a tiny float64 model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mirrorinf.engine.group_fit as group_fit
+from benchmarks.group_path import path_rule
 from mirrorinf import ForwardInf
 
 
@@ -55,7 +55,7 @@ def _hand(model: nn.Module, x, y, xq, yq, target: str) -> dict:
 
 
 @pytest.mark.parametrize("target", ["half", "median"])
-def test_path_scores_equal_a_hand_computation(monkeypatch, target: str) -> None:
+def test_path_scores_equal_a_hand_computation(target: str) -> None:
     torch.manual_seed(0)
     w = torch.randn(4, 3, dtype=torch.float64)  # labels from a linear rule: the queries fit
     x, xq = torch.randn(40, 4, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
@@ -63,15 +63,14 @@ def test_path_scores_equal_a_hand_computation(monkeypatch, target: str) -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     hand = _hand(model, x, y, xq, yq, target)
     assert 2 < hand["steps"] < 200, hand["steps"]  # a real path, checkpoints besides the end
-    monkeypatch.setattr(group_fit, "_PATH_TARGET", target)
     fi = ForwardInf(model, {"precision": "float64"})
     for score in ("end", "mean", "logmean"):
-        monkeypatch.setattr(group_fit, "_PATH_SCORE", score)
-        group = fi.group((x, y), (xq, yq)).double()
+        with path_rule(score, target) as seen:
+            group = fi.group((x, y), (xq, yq)).double()
         assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
         torch.testing.assert_close(
             fi.last_report.loss_after_fit, hand[score], rtol=1e-9, atol=1e-12
         )
-        assert group_fit._LAST_PATH[0].steps == hand["steps"]
+        assert seen.last[0].steps == hand["steps"]
         # the group column stays the default's: loss change after 50 steps
         torch.testing.assert_close(group, (hand["base"] - hand["at50"]).float().double())

@@ -55,8 +55,8 @@ seeds, [in brackets: ranked by the loss under the fitted parameters instead of t
   within 0.01 of the constant 50x0.03 (0.978 / 0.902 / 0.933 / 0.805 / 0.991), at 25
   times the fit's cost (and calibration would have to repeat it per fold).
 
-Path-free rules (issue 16; ``--rule-names 50x0.01 fitted fitted-median``, switches
-``_PATH_SCORE`` / ``_PATH_TARGET`` below, not the default): run the same Adam fit (lr 0.01 *
+Path-free rules (issue 16; ``benchmarks/group_path.py``, ``benchmarks/cleanlab.py --rule-names
+50x0.01 fitted fitted-median``; not the default): run the same Adam fit (lr 0.01 *
 rms(theta)) until the validation set is *fitted*, a stopping point with no length in it: every
 validation row's loss <= ln 2 (its label's probability >= 1/2: ``fitted``) or <= the trained
 model's median training loss (each validation row as fitted as a typical training row:
@@ -103,8 +103,8 @@ Not made the default: it clears "as good on three of four sets" by margins of 0.
 (``logmean`` ties the default but no longer fails the memorised-flip runs, ``end`` trades
 tokens for synthetic), at up to 10x the cost on the CNN, and its target comes from the
 training set, so calibration folds and every shard of a sharded run would have to be given
-the whole training set's median (the benchmarks pass it in through ``_PATH_TARGET_FIXED``; the
-flow does not yet). What it shows: a stopping point derived from the model and data ("as
+the whole training set's median (the benchmarks pass it in; the flow does not). What it
+shows: a stopping point derived from the model and data ("as
 fitted as a training row") ranks as well as the constant picked on digits, without a length,
 and ``end`` hardly depends on the lr.
 
@@ -128,7 +128,6 @@ With steps or lr given: the configured plain update.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -140,84 +139,6 @@ from mirrorinf.engine.updates import direction, mean_grad, stack_norm, step_lr
 
 _GROUP_FIT_LR = 0.01  # x rms(theta) per Adam step; path steps * lr = 0.5 (module doc)
 _GROUP_FIT_STEPS = 50
-# Benchmark switches, not the default (module doc, "Path-free rules"): the harmful flag's score
-# from the fit run until the query set is fitted. "constant": the loss after _GROUP_FIT_STEPS (the
-# default); "end" / "mean" / "logmean": the loss where every query row is fitted / its mean over
-# the path in steps / in log-steps.
-_PATH_SCORE = "constant"
-_PATH_TARGET = "half"  # fitted: every query loss <= ln 2 ("half") or <= median training loss
-_PATH_CAP = 5000  # never reached on the benchmark's sets (at most 675 steps)
-_PATH_TARGET_FIXED: float | None = None  # calibration folds: the training set's target
-
-
-@dataclass
-class PathFit:
-    """The group fit run until every query row is fitted: each training row's loss at geometric
-    checkpoints ``ts`` (1, 2, 4, ..., and the last step), at step ``_GROUP_FIT_STEPS``, and the
-    scores along the path; ``steps`` the fitted step (``cap`` when never fitted)."""
-
-    base: torch.Tensor
-    ts: list[int]
-    at: list[torch.Tensor]
-    at_default: torch.Tensor
-    steps: int
-    forwards: int  # forward passes over the training set
-    target: float = 0.0  # the loss every query row was fitted below
-
-    def end(self) -> torch.Tensor:
-        """Each training row's loss where the query set is fitted."""
-        return self.at[-1] if self.ts and self.ts[-1] == self.steps else self.base
-
-    def mean(self) -> torch.Tensor:
-        """Mean loss over steps 0..T (trapezoid over the checkpoints)."""
-        if self.steps == 0:
-            return self.base
-        t = torch.tensor([0.0, *map(float, self.ts)], dtype=torch.float64)
-        y = torch.stack([self.base, *self.at]).double()
-        return torch.trapezoid(y, t, dim=0) / t[-1]
-
-    def logmean(self) -> torch.Tensor:
-        """Mean loss over log-steps 1..T (each doubling of the fit weighs the same)."""
-        if self.steps <= 1:
-            return self.end()
-        t = torch.log(torch.tensor(list(map(float, self.ts)), dtype=torch.float64))
-        return torch.trapezoid(torch.stack(self.at).double(), t, dim=0) / t[-1]
-
-
-def path_fit(
-    rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor, lr: float
-) -> PathFit:
-    """Adam at ``lr`` on the query set's mean loss until every query row is fitted (or
-    _PATH_CAP steps), recording the training rows' losses at geometric checkpoints."""
-    base = rt.base_losses(state, tr)
-    target = math.log(2.0) if _PATH_TARGET == "half" else float(base.median())
-    if _PATH_TARGET_FIXED is not None:  # calibration: the training set's target
-        target = _PATH_TARGET_FIXED
-    p = {k: v.clone() for k, v in state.params.items()}
-    adam: dict[tuple[str, str], torch.Tensor] = {}
-    q = Examples("queries", x=xq, y=yq, n=len(yq))
-    ts: list[int] = []
-    at: list[torch.Tensor] = []
-    at_default, steps, t = base, -1, 0
-    while True:
-        rows: list[torch.Tensor] = []
-        g = mean_grad(rt, state, p, q, rows)
-        if steps < 0:
-            fitted = bool((torch.cat(rows) <= target).all())
-            if t > 0 and (t & (t - 1) == 0 or fitted or t == _PATH_CAP):
-                ts.append(t)
-                at.append(rt.losses_over(state, p, tr))
-            if fitted or t == _PATH_CAP:
-                steps = t
-        if t == _GROUP_FIT_STEPS:
-            at_default = at[-1] if ts and ts[-1] == t else rt.losses_over(state, p, tr)
-        if steps >= 0 and t >= _GROUP_FIT_STEPS:
-            break
-        d = direction(g, adam, t, "adam")
-        p = {k: v - rt.sign * lr * d[k] for k, v in p.items()}
-        t += 1
-    forwards = len(ts) + int(not ts or _GROUP_FIT_STEPS not in ts)
-    return PathFit(base, ts, at, at_default, steps, forwards, target)
 
 
 def group_fit(rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor) -> Scores:
@@ -227,8 +148,6 @@ def group_fit(rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torc
     if fit:
         rms = state.norm / math.sqrt(max(1, state.numel))
         lr, steps = _GROUP_FIT_LR * max(rms, 1e-3), _GROUP_FIT_STEPS
-        if _PATH_SCORE != "constant":
-            return _path_scores(rt, state, tr, xq, yq, lr)
         params, _ = group_update(rt, state, xq, yq, lr, steps, optimizer="adam")
     else:
         steps = rt.steps
@@ -244,24 +163,6 @@ def group_fit(rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torc
         col, scaled_drop = rescale(rt.config, col, drop, None)  # a real fit: raw loss drops
         out = Scores(col, scaled_drop, "loss", "generic", lrs, steps)
     out.loss_after = after.detach().double().cpu()  # the harmful flag's score (summary.py)
-    return out
-
-
-_LAST_PATH: list[PathFit] = []  # the last path fit (benchmarks read its steps and scores)
-
-
-def _path_scores(
-    rt: Runtime, state: ModelState, tr: Examples, xq: Inputs, yq: torch.Tensor, lr: float
-) -> Scores:
-    """The default group column (loss change at _GROUP_FIT_STEPS) with the harmful flag's score
-    taken from the path to the fitted query set (``_PATH_SCORE``; benchmark only: the query
-    set's own loss drop is not computed and reads 0)."""
-    path = path_fit(rt, state, tr, xq, yq, lr)
-    _LAST_PATH[:] = [path]
-    col = (path.base - path.at_default).unsqueeze(1)
-    col, _ = rescale(rt.config, col, torch.zeros(1, dtype=col.dtype), None)
-    out = Scores(col, torch.zeros(1), "loss", "generic", torch.tensor([lr]), _GROUP_FIT_STEPS)
-    out.loss_after = getattr(path, _PATH_SCORE)().detach().double().cpu()
     return out
 
 

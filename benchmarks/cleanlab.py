@@ -59,8 +59,14 @@ the loss under the fitted parameters (``loss - group``) instead of the loss chan
 adds scikit-learn's digits (1000 / 300 rows, MLP 64-64-10, same recipe) to ``--rules``, the set
 the constants came from.
 
+Path-free rules (``--rule-names fitted fitted-median``): the same fit at the default lr run until
+every validation row's loss is <= ln 2 (``fitted``) or <= the trained model's median training
+loss (``fitted-median``), cap ``group_path.CAP``; AUROC of each training row's loss there
+(``end``), of its rise (``change``), and of its mean along the path over steps (``mean``) and
+log-steps (``logmean``), with T per seed, passes over the training set and seconds.
+
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
-      [--rules [--digits] [--no-cleanlab] [--rule-names early planted ...]]
+      [--rules [--digits] [--no-cleanlab] [--rule-names early planted fitted ...]]
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import mirrorinf.engine.group_fit as group_fit  # noqa: E402
 from benchmarks._common import flip_labels, objective  # noqa: E402
+from benchmarks.group_path import path_rule  # noqa: E402
 from mirrorinf import ForwardInf  # noqa: E402
 from mirrorinf.calibration import calibration_scores  # noqa: E402
 from mirrorinf.summary import summarise  # noqa: E402
@@ -108,7 +115,11 @@ RULES = (
     "to-train-median",
     "trust-region",
     "planted",
+    "fitted",
+    "fitted-median",
 )
+PATH_RULES = ("fitted", "fitted-median")  # the fit run until the validation set is fitted
+PATH_SCORES = ("end", "change", "mean", "logmean")
 
 
 @dataclass
@@ -420,15 +431,41 @@ def run_rules(
     out = {}
     try:
         for rule in rules:
+            if rule in PATH_RULES:  # at the default lr, whatever rule ran before
+                group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = saved
+                out[rule] = run_path(fi, case, y, truth, rule)
+                continue
             if "x" in rule:
                 steps, lr = int(rule.split("x")[0]), float(rule.split("x")[1])
             else:
                 steps, lr = rule_steps(model, case, loss, rule), 0.01
             group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = steps, lr
+            t0 = time.perf_counter()
             gi = fi.group((case.x, y), (case.xv, case.yv)).double().numpy()
-            out[rule] = (roc_auc_score(truth, -gi), roc_auc_score(truth, loss - gi), steps)
+            sec = time.perf_counter() - t0
+            out[rule] = (roc_auc_score(truth, -gi), roc_auc_score(truth, loss - gi), steps, sec)
     finally:
         group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = saved
+    return out
+
+
+def run_path(fi: ForwardInf, case: Case, y: torch.Tensor, truth: np.ndarray, rule: str) -> dict:
+    """One path fit to the fitted validation set: AUROC of each path score (``end``: the loss
+    where fitted, ``change``: its rise over the trained model's, ``mean`` / ``logmean``: the
+    loss averaged over steps / log-steps), the fitted step, forward passes and seconds."""
+    with path_rule("end", "half" if rule == "fitted" else "median") as seen:
+        t0 = time.perf_counter()
+        fi.group((case.x, y), (case.xv, case.yv))
+        sec = time.perf_counter() - t0
+    path = seen.last[0]
+    scores = {
+        "end": path.end(),
+        "change": path.end() - path.base,
+        "mean": path.mean(),
+        "logmean": path.logmean(),
+    }
+    out = {k: roc_auc_score(truth, v.double().numpy()) for k, v in scores.items()}
+    out.update(steps=path.steps, forwards=path.forwards, seconds=sec)
     return out
 
 
@@ -508,6 +545,8 @@ def _fmt(v: float, spec: str) -> str:
 
 def _print_rules(grids: dict[str, list[dict]], rules: list[str]) -> None:
     """The --rules table: AUROC of -group [of the loss after the fit] (steps per seed)."""
+    path_rules = [r for r in rules if r in PATH_RULES]
+    rules = [r for r in rules if r not in PATH_RULES]
     print(
         "\n# length of the group fit: AUROC of -group [ranked by the loss after the fit] "
         "(steps per seed; lr 0.01 * rms(theta) unless the rule names it)\n"
@@ -517,12 +556,29 @@ def _print_rules(grids: dict[str, list[dict]], rules: list[str]) -> None:
         cells = []
         for rule in rules:
             r = [e["rules"][rule] for e in extras]
-            steps = "/".join(str(s) for _, _, s in r) if "x" not in rule else ""
+            steps = "/".join(str(x[2]) for x in r) if "x" not in rule else ""
             cells.append(
-                f"{np.mean([a for a, _, _ in r]):.3f} [{np.mean([b for _, b, _ in r]):.3f}]"
+                f"{np.mean([x[0] for x in r]):.3f} [{np.mean([x[1] for x in r]):.3f}]"
                 + (f" ({steps})" if steps else "")
+                + f" {np.mean([x[3] for x in r]):.2f} s"
             )
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    for rule in path_rules:
+        print(
+            f"\n# {rule}: Adam at lr 0.01 * rms(theta) until every validation row is fitted; "
+            "AUROC of each path score (steps per seed; forward passes over the training set; s)\n"
+            "| data set | " + " | ".join(PATH_SCORES) + " | steps | forwards | seconds |\n"
+            "|---|" + "---:|" * (len(PATH_SCORES) + 3)
+        )
+        for name, extras in grids.items():
+            r = [e["rules"][rule] for e in extras]
+            cells = [f"{np.mean([x[k] for x in r]):.3f}" for k in PATH_SCORES]
+            steps = "/".join(str(x["steps"]) for x in r)
+            fw = "/".join(str(x["forwards"]) for x in r)
+            sec = np.mean([x["seconds"] for x in r])
+            print(
+                f"| {name} | " + " | ".join(cells) + f" | {steps} | {fw} | {sec:.2f} |", flush=True
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

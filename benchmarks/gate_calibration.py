@@ -34,6 +34,10 @@ labels among them (recall), ``harm`` = fraction flagged harmful; ``gate 0/30`` =
 ``--group-fit STEPSxLR`` (e.g. ``50x0.03``) runs the group fit (``mirrorinf.engine.group_fit``)
 with another length than its default 50 x 0.01, to measure what that does to the calibration.
 
+``--path-score end --path-target median`` thresholds the harmful flag on a path-free score of
+the group fit instead (``mirrorinf.engine.group_fit``, "Path-free rules"); each calibration
+fold's fit stops at the training set's target.
+
 ``--flips 0 0.3`` / ``--regimes converged`` run only some flip fractions (the gate columns need
 0 and 0.3) / regimes.
 
@@ -44,6 +48,7 @@ Run:  python benchmarks/gate_calibration.py [--seeds 3] [--datasets digits cance
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -64,6 +69,7 @@ from benchmarks._common import (
     objective,
     query_losses,
 )
+from benchmarks.group_path import PathRule, path_rule
 from mirrorinf import ForwardInf
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.summary import GateThresholds, summarise
@@ -120,6 +126,9 @@ def train(
     return model.eval()
 
 
+RULE: PathRule | None = None  # --path-score: the path rule the group fit follows
+
+
 def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     x, y, xv, yv, c = load(name, seed)
     y_noisy, flipped = flip_labels(y, flip, seed=100 + seed, n_classes=c)
@@ -129,7 +138,13 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
     group = fi.group((x, y_noisy), (xv, yv)).numpy()
     assert fi.last_report is not None and fi.last_report.loss_after_fit is not None
     after = fi.last_report.loss_after_fit.numpy()
-    calib = calibration_scores(fi, (xv, yv), seed=seed)
+    if RULE is not None:  # calibration fits stop at the training set's target
+        RULE.fixed_target = RULE.last[0].target
+    try:
+        calib = calibration_scores(fi, (xv, yv), seed=seed)
+    finally:
+        if RULE is not None:
+            RULE.fixed_target = None
     calib_self, calib_group = calib.self_influence, calib.group_influence
     calibrated = {"calib_self_inf": calib_self, "calib_group_inf": calib_group}
     loss_rule = {"loss_after_fit": after, "calib_loss_after_fit": calib.loss_after_fit}
@@ -159,6 +174,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--group-fit", help="the group fit's STEPSxLR, e.g. 50x0.03 (default 50x0.01)")
+    ap.add_argument(
+        "--path-score",
+        choices=("constant", "end", "mean", "logmean"),
+        help="the harmful flag's score from the fit run until the validation set is fitted",
+    )
+    ap.add_argument("--path-target", choices=("half", "median"), default="half")
     ap.add_argument("--flips", nargs="+", type=float, default=list(FLIPS))
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     args = ap.parse_args()
@@ -166,6 +187,10 @@ def main() -> None:
     if args.group_fit:
         steps, lr = args.group_fit.split("x")
         group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = int(steps), float(lr)
+    global RULE
+    stack = contextlib.ExitStack()
+    if args.path_score and args.path_score != "constant":
+        RULE = stack.enter_context(path_rule(args.path_score, args.path_target))
     logging.disable(logging.WARNING)  # the fallback warning fires on every "old" row
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -210,6 +235,7 @@ def main() -> None:
             f"{int(((~v[:, 0]) & v[:, 1]).sum())}/{len(v)}"
         )
     print(f"({time.perf_counter() - t0:.0f} s)")
+    stack.close()
 
 
 if __name__ == "__main__":

@@ -206,12 +206,18 @@ def vmap_failed(rt: Runtime, state: ModelState, what: str, exc: Exception) -> No
         )
 
 
-def mean_grad(rt: Runtime, state: ModelState, p: Params, data: Examples) -> Params:
-    """Gradient of the mean loss over ``data`` (streamed; exact, not a subsample)."""
+def mean_grad(
+    rt: Runtime, state: ModelState, p: Params, data: Examples, rows: list | None = None
+) -> Params:
+    """Gradient of the mean loss over ``data`` (streamed; exact, not a subsample); with
+    ``rows``, each batch's per-example losses (detached) are appended to it."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
     acc = {k: torch.zeros_like(v) for k, v in p.items()}
     for _, xb, yb in data.batches(rt.plan.train_batch, rt.device):
-        loss = rt.losses(rt.forward(state, leaves, xb), yb).sum() / len(data)
+        each_loss = rt.losses(rt.forward(state, leaves, xb), yb)
+        if rows is not None:
+            rows.append(each_loss.detach())
+        loss = each_loss.sum() / len(data)
         gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         for k, gk in zip(leaves, gs, strict=True):
             if gk is not None:

@@ -128,3 +128,25 @@ def test_pt2_archive_with_a_pickled_payload_refused(
     err = capsys.readouterr().err
     assert code == 2 and "pickled object" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shape", [(10, 5), (10, 1, 6)])
+def test_pt2_model_on_data_of_another_shape_exits_2(
+    store: tuple[str, Net],
+    tmp_path: Path,
+    shape: tuple[int, ...],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A pt2 graph's shape guard raises AssertionError ("Guard failed"): it was exit 3 with a
+    traceback, where a module's RuntimeError gave the one-line "cannot run on the data"."""
+    uri, _ = store
+    train = tmp_path / "train.npz"
+    np.savez(train, x=np.zeros(shape, np.float32), y=np.zeros(shape[0], np.int64))
+    out = tmp_path / "out"
+    code = main(["score", "--model-uri", "models:/pt2-net/1", "--train", str(train), "--queries",
+                 str(train), "--out", str(out), "--tracking-uri", uri])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"the model cannot run on the data (x {shape})" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

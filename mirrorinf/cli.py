@@ -12,6 +12,7 @@ import argparse
 import atexit
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -447,6 +448,25 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 2 if report.failed and not report.scored else 0
 
 
+def _unreachable(err: BaseException) -> str | None:
+    """One line for an MLflow tracking server that did not answer (after MLflow's retries), or
+    None: the server is input (params / MLFLOW_TRACKING_URI), not a bug to show a traceback of."""
+    text = str(err)
+    if type(err).__name__ != "MlflowException" or "Max retries exceeded" not in text:
+        return None
+    found = re.search(r"API request to (\S+?)/(?:ajax-)?api/", text)
+    url = found.group(1) if found else "the configured URI"
+    why = re.search(
+        r"(Connection refused|Read timed out|Name or service not known|timed out)", text
+    )
+    return (
+        f"cannot reach the MLflow tracking server at {url} "
+        f"({why.group(1) if why else 'no answer'}); check mlflow.tracking_uri (or "
+        "MLFLOW_TRACKING_URI) and that the server is up, then rerun (a run it left RUNNING is "
+        "marked FAILED by the next run)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok / passed, 1 gate failed, 2 bad input, 3 bug)."""
     parser = build_parser()
@@ -462,9 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as err:
         if debug:
             raise
+        down = _unreachable(err)
+        if down:
+            print(f"mirrorinf {args.command}: error: {down}", file=sys.stderr)
+            return 2
         import traceback
 
         traceback.print_exc()

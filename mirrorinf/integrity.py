@@ -51,6 +51,7 @@ __all__ = [
     "SignedRecords",
     "cache_key",
     "cache_key_path",
+    "read_regular",
     "remove_stale_tmp",
     "verified_memmap",
     "write_npy",
@@ -153,7 +154,7 @@ def _open_regular(path: Path) -> Any:
     return os.fdopen(fd, "rb")
 
 
-def _read_regular(path: Path, limit: int | None = None) -> bytes:
+def read_regular(path: Path, limit: int | None = None) -> bytes:
     """The bytes of a regular file (:func:`_open_regular`), at most ``limit`` of them."""
     with _open_regular(path) as fh:
         if limit is not None and os.fstat(fh.fileno()).st_size > limit:
@@ -264,7 +265,7 @@ class SignedRecords:
         self, name: str, path: Path, mmap: tuple[str, ...] = ()
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         try:
-            record = json.loads(_read_regular(path, MAX_RECORD_BYTES))
+            record = json.loads(read_regular(path, MAX_RECORD_BYTES))
         except (OSError, ValueError) as err:
             raise RecordError(f"unreadable or not JSON ({err})", path) from None
         if not isinstance(record, dict) or not isinstance(record.get("hmac"), str):
@@ -296,7 +297,7 @@ class SignedRecords:
         if mapped:
             return verified_memmap(path, sha, shape, dtype)
         try:
-            blob = _read_regular(path)
+            blob = read_regular(path)
         except OSError as err:
             raise RecordError(f"cannot read ({err.strerror})", path) from None
         if hashlib.sha256(blob).hexdigest() != sha:

@@ -175,6 +175,23 @@ def test_fifo_or_device_planted_as_a_record_file_is_discarded_not_waited_on(
     assert zero.read("r1", mmap=("a",) if mapped else ()) is None
 
 
+def test_fifo_planted_as_the_shard_manifest_starts_the_store_afresh(tmp_path: Path) -> None:
+    """The shard store's manifest.json as a FIFO blocked open() forever."""
+    import threading
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    os.mkfifo(root / "manifest.json")
+    opener = threading.Thread(target=ShardStore(root, {"m": 1}).open, daemon=True)
+    opener.start()
+    opener.join(20)
+    if opener.is_alive():
+        os.close(os.open(root / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(20)
+        pytest.fail("opening a shard store whose manifest is a FIFO blocked")
+    assert json.loads((root / "manifest.json").read_text()) == {"m": 1}
+
+
 def test_record_is_valid_only_where_it_was_written(tmp_path: Path) -> None:
     """A genuine record copied to another name or another store context does not verify."""
     _write_one(tmp_path / "a")

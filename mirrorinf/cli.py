@@ -207,6 +207,8 @@ def _fmt(value: Any) -> str:
 
 
 def _print_summary(result: Any, wall: float, verbose: bool) -> None:
+    from mirrorinf.text import printable
+
     s = result.summary
     m = result.model
     print(f"model:   {m['name']} v{m['version']} ({m.get('origin', 'registry')}; {m['uri']})")
@@ -224,13 +226,13 @@ def _print_summary(result: Any, wall: float, verbose: bool) -> None:
     for row in rows:
         rule = f"  flagged by: {row['flag_rule']}" if n_flag and row.get("flag_rule") else ""
         print(
-            f"  id {row['id']}  {what} {_fmt(row['label'])}  self-influence "
+            f"  id {printable(row['id'])}  {what} {_fmt(row['label'])}  self-influence "
             f"{_fmt(row['self_influence'])}{rule}"
         )
     print(f"suspected leaks: {counts.get('n_leaks', 0)} of {counts.get('n_query', '?')} queries")
     for row in s.get("leaks", []):
         extra = f"  cosine {_fmt(row['cosine'])}" if "cosine" in row else ""
-        print(f"  query {row['query_id']} <- train {row['train_id']}{extra}")
+        print(f"  query {printable(row['query_id'])} <- train {printable(row['train_id'])}{extra}")
     truth = s.get("truth") or {}
     if truth:
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in truth.items())

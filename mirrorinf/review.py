@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from mirrorinf.summary import InfluenceTables, flag_rules, suspect_noun, target_labels
+from mirrorinf.text import markdown_code, markdown_inline, printable
 
 __all__ = [
     "PLOTS",
@@ -347,11 +348,13 @@ def plot_top_harmful(
     names = []
     for pos, row in worst.iterrows():
         if text is not None:
-            shown = str(text[pos])
-            names.append(f"id {row['id']}: {shown[:40]}{'...' if len(shown) > 40 else ''}")
+            shown = printable(text[pos])
+            names.append(
+                f"id {printable(row['id'])}: {shown[:40]}{'...' if len(shown) > 40 else ''}"
+            )
             continue
         extra = "" if pred is None else f", pred {pred[pos]}"
-        names.append(f"id {row['id']} (label {row['label']}{extra})")
+        names.append(f"id {printable(row['id'])} (label {row['label']}{extra})")
     colors = [_RED if f else _ORANGE for f in worst["flag_harmful"]]
     ax.barh(range(len(worst)), -worst["group_influence"].to_numpy(dtype=float), color=colors)
     ax.set_yticks(range(len(worst)), names, fontsize=8)
@@ -427,7 +430,7 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path)
                 f"given {_label(inp, row['label'])} pred {_label(inp, _short(inp.train_pred, pos))}"
             )
         ax.set_title(
-            f"id {row['id']}\n{given}\nself {row['self_influence']:.2g}",
+            f"id {printable(row['id'])}\n{given}\nself {row['self_influence']:.2g}",
             fontsize=7,
             color=_RED if wrong else "black",
         )
@@ -573,24 +576,27 @@ def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
     q_pos = _positions(pd.Series(inp.query_ids), shown["query_id"])
     t_pos = _positions(train["id"], shown["train_id"])
     for row in shown.itertuples(index=False):
-        out.append(f"  - query {row.query_id} <- train {row.train_id} (cosine {row.cosine:.4f})")
+        q, t = markdown_inline(row.query_id), markdown_inline(row.train_id)
+        out.append(f"  - query {q} <- train {t} (cosine {row.cosine:.4f})")
         if inp.query_text is not None and inp.train_text is not None:
-            out.append(f"    - query: `{inp.query_text[q_pos[row.query_id]]}`")
-            out.append(f"    - train: `{inp.train_text[t_pos[row.train_id]]}`")
+            out.append(f"    - query: {markdown_code(inp.query_text[q_pos[row.query_id]])}")
+            out.append(f"    - train: {markdown_code(inp.train_text[t_pos[row.train_id]])}")
     if inp.train_text is not None and c.get("n_flagged_mislabel"):
         rows, _ = _mislabel_rows(inp)
         out.append(f"- Text of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
             label = "" if inp.kind == "sequence" else f" label {_fmt(row['label'])}"
-            out.append(f"  - id {row['id']}{label}: `{inp.train_text[pos]}`")
+            shown = markdown_code(inp.train_text[pos])
+            out.append(f"  - id {markdown_inline(row['id'])}{label}: {shown}")
             if inp.pred_text is not None:
-                out.append(f"    - predicted next tokens: `{inp.pred_text[pos]}`")
+                out.append(f"    - predicted next tokens: {markdown_code(inp.pred_text[pos])}")
     elif shape is None and c.get("n_flagged_mislabel"):
         rows, _ = _mislabel_rows(inp)
         out.append(f"- First features of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
             out.append(
-                f"  - id {row['id']} {'target' if inp.kind in _VALUED else 'label'} "
+                f"  - id {markdown_inline(row['id'])} "
+                f"{'target' if inp.kind in _VALUED else 'label'} "
                 f"{_fmt(row['label'])}: {_feature_text(inp.train_x[pos])}"
             )
     return out

@@ -451,9 +451,17 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _unreachable(err: BaseException) -> str | None:
-    """One line for an MLflow tracking server that did not answer (after MLflow's retries), or
-    None: the server is input (params / MLFLOW_TRACKING_URI), not a bug to show a traceback of."""
+    """One line for an MLflow tracking server (after MLflow's retries) or a Prefect API that did
+    not answer, or None: servers are input (params, MLFLOW_TRACKING_URI, PREFECT_API_URL), not a
+    bug to show a traceback of."""
     text = str(err)
+    prefect = os.environ.get("PREFECT_API_URL")
+    httpx_down = type(err).__module__.startswith("httpx") and "Connect" in type(err).__name__
+    if prefect and (httpx_down or text.startswith("Failed to reach API at")):
+        return (
+            f"cannot reach the Prefect API at {prefect} ({text[:120]}); start it (prefect server "
+            "start) or unset PREFECT_API_URL to let mirrorinf start a temporary one, then rerun"
+        )
     if type(err).__name__ != "MlflowException" or "Max retries exceeded" not in text:
         return None
     found = re.search(r"API request to (\S+?)/(?:ajax-)?api/", text)

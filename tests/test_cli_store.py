@@ -78,3 +78,21 @@ def test_unreachable_tracking_server_exits_2_promptly(command: str, tmp_path: Pa
     assert f"cannot reach the MLflow tracking server at {url}" in err, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert took < 120, took
+
+
+def test_unreachable_prefect_api_exits_2_with_one_line(tmp_path: Path) -> None:
+    """PREFECT_API_URL naming an API that is down: a RuntimeError traceback (exit 3); a server
+    that died mid-run ended the same way (httpx.ConnectError) after the run was logged."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "demo"}}))
+    url = f"http://127.0.0.1:{_dead_port()}/api"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirrorinf.cli", "run"], cwd=tmp_path,
+        env={**os.environ, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"cannot reach the Prefect API at {url}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import argparse
 import atexit
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -206,6 +207,8 @@ def _fmt(value: Any) -> str:
 
 
 def _print_summary(result: Any, wall: float, verbose: bool) -> None:
+    from mirrorinf.text import printable
+
     s = result.summary
     m = result.model
     print(f"model:   {m['name']} v{m['version']} ({m.get('origin', 'registry')}; {m['uri']})")
@@ -223,13 +226,13 @@ def _print_summary(result: Any, wall: float, verbose: bool) -> None:
     for row in rows:
         rule = f"  flagged by: {row['flag_rule']}" if n_flag and row.get("flag_rule") else ""
         print(
-            f"  id {row['id']}  {what} {_fmt(row['label'])}  self-influence "
+            f"  id {printable(row['id'])}  {what} {_fmt(row['label'])}  self-influence "
             f"{_fmt(row['self_influence'])}{rule}"
         )
     print(f"suspected leaks: {counts.get('n_leaks', 0)} of {counts.get('n_query', '?')} queries")
     for row in s.get("leaks", []):
         extra = f"  cosine {_fmt(row['cosine'])}" if "cosine" in row else ""
-        print(f"  query {row['query_id']} <- train {row['train_id']}{extra}")
+        print(f"  query {printable(row['query_id'])} <- train {printable(row['train_id'])}{extra}")
     truth = s.get("truth") or {}
     if truth:
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in truth.items())
@@ -447,6 +450,33 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 2 if report.failed and not report.scored else 0
 
 
+def _unreachable(err: BaseException) -> str | None:
+    """One line for an MLflow tracking server (after MLflow's retries) or a Prefect API that did
+    not answer, or None: servers are input (params, MLFLOW_TRACKING_URI, PREFECT_API_URL), not a
+    bug to show a traceback of."""
+    text = str(err)
+    prefect = os.environ.get("PREFECT_API_URL")
+    httpx_down = type(err).__module__.startswith("httpx") and "Connect" in type(err).__name__
+    if prefect and (httpx_down or text.startswith("Failed to reach API at")):
+        return (
+            f"cannot reach the Prefect API at {prefect} ({text[:120]}); start it (prefect server "
+            "start) or unset PREFECT_API_URL to let mirrorinf start a temporary one, then rerun"
+        )
+    if type(err).__name__ != "MlflowException" or "Max retries exceeded" not in text:
+        return None
+    found = re.search(r"API request to (\S+?)/(?:ajax-)?api/", text)
+    url = found.group(1) if found else "the configured URI"
+    why = re.search(
+        r"(Connection refused|Read timed out|Name or service not known|timed out)", text
+    )
+    return (
+        f"cannot reach the MLflow tracking server at {url} "
+        f"({why.group(1) if why else 'no answer'}); check mlflow.tracking_uri (or "
+        "MLFLOW_TRACKING_URI) and that the server is up, then rerun (a run it left RUNNING is "
+        "marked FAILED by the next run)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok / passed, 1 gate failed, 2 bad input, 3 bug)."""
     parser = build_parser()
@@ -462,9 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as err:
         if debug:
             raise
+        down = _unreachable(err)
+        if down:
+            print(f"mirrorinf {args.command}: error: {down}", file=sys.stderr)
+            return 2
         import traceback
 
         traceback.print_exc()

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "SignedRecords",
     "cache_key",
     "cache_key_path",
+    "read_regular",
     "remove_stale_tmp",
     "verified_memmap",
     "write_npy",
@@ -131,6 +133,33 @@ def remove_stale_tmp(folder: Path, prefix: str = "", keep: Iterable[Path] = ()) 
     if removed:
         log.info("removed %d temporary file(s) of killed writes in %s", len(removed), folder)
     return removed
+
+
+MAX_RECORD_BYTES = 64 * 2**20  # a record's JSON (metadata and reports) is far smaller
+
+
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for reading if it is a regular file (a symlink to one is followed), else
+    RecordError: a FIFO blocked the read forever and a device (/dev/zero) never ended, so a file
+    planted in a record's place could stop every run. Opened non-blocking (a FIFO's open does not
+    wait), then checked on the open file itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise RecordError(f"cannot read ({err.strerror})", path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RecordError("not a regular file (a FIFO, device or socket put in its place)", path)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file (:func:`_open_regular`), at most ``limit`` of them."""
+    with _open_regular(path) as fh:
+        if limit is not None and os.fstat(fh.fileno()).st_size > limit:
+            raise RecordError(f"larger than {limit} bytes", path)
+        return bytes(fh.read())
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -236,7 +265,7 @@ class SignedRecords:
         self, name: str, path: Path, mmap: tuple[str, ...] = ()
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         try:
-            record = json.loads(path.read_bytes())
+            record = json.loads(read_regular(path, MAX_RECORD_BYTES))
         except (OSError, ValueError) as err:
             raise RecordError(f"unreadable or not JSON ({err})", path) from None
         if not isinstance(record, dict) or not isinstance(record.get("hmac"), str):
@@ -268,7 +297,7 @@ class SignedRecords:
         if mapped:
             return verified_memmap(path, sha, shape, dtype)
         try:
-            blob = path.read_bytes()
+            blob = read_regular(path)
         except OSError as err:
             raise RecordError(f"cannot read ({err.strerror})", path) from None
         if hashlib.sha256(blob).hexdigest() != sha:
@@ -452,10 +481,7 @@ def verified_memmap(path: Path, sha: str, shape: list[int], dtype: str) -> np.nd
     folder, between check and use, is outside what this defends; see the module docstring).
     The whole file is read once to hash it; the caller's pass then reads it again (normally from
     the page cache)."""
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 (the map keeps it; closed with the map)
-    except OSError as err:
-        raise RecordError(f"cannot read ({err.strerror})", path) from None
+    fh = _open_regular(path)  # the map keeps it; closed with the map
     with fh:
         digest = hashlib.sha256()
         while chunk := fh.read(BLOCK_BYTES):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -46,6 +47,7 @@ from matplotlib.image import imsave
 from matplotlib.ticker import NullLocator
 
 from mirrorinf.summary import InfluenceTables, flag_rules, suspect_noun, target_labels
+from mirrorinf.text import markdown_code, markdown_inline, printable
 
 __all__ = [
     "PLOTS",
@@ -456,11 +458,13 @@ def plot_top_harmful(
     names = []
     for pos, row in worst.iterrows():
         if text is not None:
-            shown = str(text[pos])
-            names.append(f"id {row['id']}: {shown[:40]}{'...' if len(shown) > 40 else ''}")
+            shown = printable(text[pos])
+            names.append(
+                f"id {printable(row['id'])}: {shown[:40]}{'...' if len(shown) > 40 else ''}"
+            )
             continue
         extra = "" if pred is None else f", pred {pred[pos]}"
-        names.append(f"id {row['id']} (label {row['label']}{extra})")
+        names.append(f"id {printable(row['id'])} (label {row['label']}{extra})")
     colors = [_RED if f else _ORANGE for f in worst["flag_harmful"]]
     ax.barh(range(len(worst)), -worst["group_influence"].to_numpy(dtype=float), color=colors)
     ax.set_yticks(range(len(worst)), names, fontsize=8)
@@ -523,7 +527,7 @@ def plot_mislabels(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path)
             given = (
                 f"given {_label(inp, row['label'])} pred {_label(inp, _short(inp.train_pred, pos))}"
             )
-        text = f"id {row['id']}\n{given}\nself {row['self_influence']:.2g}"
+        text = f"id {printable(row['id'])}\n{given}\nself {row['self_influence']:.2g}"
         tiles.append(_Tile("train", int(pos), text, _RED if wrong else "black"))
     cols = 8 if shape is not None else 2
     grid = [tiles[i : i + cols] for i in range(0, max(1, len(tiles)), cols)]
@@ -542,8 +546,12 @@ def plot_leaks(inp: ReviewInputs, shape: tuple[int, ...] | None, path: Path, n: 
     q_pos = _positions(pd.Series(inp.query_ids), leaks["query_id"])
     grid = [
         [
-            _Tile("query", q_pos[row.query_id], f"query {row.query_id}"),
-            _Tile("train", t_pos[row.train_id], f"train {row.train_id}  cos {row.cosine:.4f}"),
+            _Tile("query", q_pos[row.query_id], f"query {printable(row.query_id)}"),
+            _Tile(
+                "train",
+                t_pos[row.train_id],
+                f"train {printable(row.train_id)}  cos {row.cosine:.4f}",
+            ),
         ]
         for row in leaks.itertuples(index=False)
     ]
@@ -591,13 +599,14 @@ def plot_query_influence(
     for q in queries:
         qi = q_pos[q]
         cells: list[_Tile | None] = [
-            _Tile("query", qi, f"query {q}\nlabel {_label(inp, inp.query_labels[qi])}")
+            _Tile("query", qi, f"query {printable(q)}\nlabel {_label(inp, inp.query_labels[qi])}")
         ]
         for kind, color in (("proponent", _GREEN), ("opponent", _RED)):
             rows = table[(table["query_id"] == q) & (table["kind"] == kind)].head(k)
             for row in rows.itertuples(index=False):
                 pos = t_pos[row.train_id]
-                text = f"{row.train_id} (y={_label(inp, labels.iloc[pos])})\n{row.score:.2g}"
+                y_text = _label(inp, labels.iloc[pos])
+                text = f"{printable(row.train_id)} (y={y_text})\n{row.score:.2g}"
                 cells.append(_Tile("train", pos, text, color))
             cells += [None] * (k - len(rows))
         grid.append(cells)
@@ -664,24 +673,27 @@ def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
     q_pos = _positions(pd.Series(inp.query_ids), shown["query_id"])
     t_pos = _positions(train["id"], shown["train_id"])
     for row in shown.itertuples(index=False):
-        out.append(f"  - query {row.query_id} <- train {row.train_id} (cosine {row.cosine:.4f})")
+        q, t = markdown_inline(row.query_id), markdown_inline(row.train_id)
+        out.append(f"  - query {q} <- train {t} (cosine {row.cosine:.4f})")
         if inp.query_text is not None and inp.train_text is not None:
-            out.append(f"    - query: `{inp.query_text[q_pos[row.query_id]]}`")
-            out.append(f"    - train: `{inp.train_text[t_pos[row.train_id]]}`")
+            out.append(f"    - query: {markdown_code(inp.query_text[q_pos[row.query_id]])}")
+            out.append(f"    - train: {markdown_code(inp.train_text[t_pos[row.train_id]])}")
     if inp.train_text is not None and c.get("n_flagged_mislabel"):
         rows, _ = _mislabel_rows(inp)
         out.append(f"- Text of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
             label = "" if inp.kind == "sequence" else f" label {_fmt(row['label'])}"
-            out.append(f"  - id {row['id']}{label}: `{inp.train_text[pos]}`")
+            shown = markdown_code(inp.train_text[pos])
+            out.append(f"  - id {markdown_inline(row['id'])}{label}: {shown}")
             if inp.pred_text is not None:
-                out.append(f"    - predicted next tokens: `{inp.pred_text[pos]}`")
+                out.append(f"    - predicted next tokens: {markdown_code(inp.pred_text[pos])}")
     elif shape is None and c.get("n_flagged_mislabel"):
         rows, _ = _mislabel_rows(inp)
         out.append(f"- First features of the top {suspect_noun(inp.kind)}s:")
         for pos, row in rows.head(5).iterrows():
             out.append(
-                f"  - id {row['id']} {'target' if inp.kind in _VALUED else 'label'} "
+                f"  - id {markdown_inline(row['id'])} "
+                f"{'target' if inp.kind in _VALUED else 'label'} "
                 f"{_fmt(row['label'])}: {_feature_text(inp.train_x[pos])}"
             )
     return out
@@ -761,13 +773,15 @@ def write_report(out_dir: str | Path, inp: ReviewInputs) -> list[str]:
         inp = replace(inp, scale=image_scale(inp, shape))
     train, counts = inp.tables.train, inp.tables.counts
     plots = out / "plots"
-    plot_self_influence(train, counts, plots / "self_influence.png")
-    plot_group_influence(train, counts, plots / "group_influence.png")
-    text = inp.train_text if inp.kind == "sequence" else None  # a label per token: show text
-    plot_top_harmful(train, counts, plots / "top_harmful.png", inp.train_pred, text=text)
-    plot_mislabels(inp, shape, plots / "mislabels.png")
-    plot_leaks(inp, shape, plots / "leaks.png")
-    plot_query_influence(inp, shape, plots / "query_influence.png")
+    # ids and token text are the user's data: "$...$" in them is text, not mathtext to parse
+    with matplotlib.rc_context({"text.parse_math": False}):
+        plot_self_influence(train, counts, plots / "self_influence.png")
+        plot_group_influence(train, counts, plots / "group_influence.png")
+        text = inp.train_text if inp.kind == "sequence" else None  # a label per token
+        plot_top_harmful(train, counts, plots / "top_harmful.png", inp.train_pred, text=text)
+        plot_mislabels(inp, shape, plots / "mislabels.png")
+        plot_leaks(inp, shape, plots / "leaks.png")
+        plot_query_influence(inp, shape, plots / "query_influence.png")
     (out / "report.md").write_text(report_markdown(inp, shape))
     (out / "checks").mkdir(parents=True, exist_ok=True)
     verdict = f"# Gate: {inp.verdict.upper()}\n\n"

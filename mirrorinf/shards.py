@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from mirrorinf.engine.scores import health
-from mirrorinf.integrity import NpyFile, RowBlocks, SignedRecords, remove_stale_tmp
+from mirrorinf.integrity import (
+    MAX_RECORD_BYTES,
+    NpyFile,
+    RecordError,
+    RowBlocks,
+    SignedRecords,
+    read_regular,
+    remove_stale_tmp,
+)
 from mirrorinf.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -62,8 +70,8 @@ class ShardStore:
         manifest = self.root / "manifest.json"
         if manifest.exists():
             try:
-                old = json.loads(manifest.read_text())
-            except (OSError, ValueError):
+                old = json.loads(read_regular(manifest, MAX_RECORD_BYTES))
+            except (OSError, ValueError, RecordError):  # e.g. a FIFO planted there
                 old = None
             if old == self.identity:
                 remove_stale_tmp(self.root)

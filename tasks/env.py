@@ -15,8 +15,8 @@ __all__ = ["set_tool_env"]
 
 
 def set_tool_env(root: str | Path) -> None:
-    """Telemetry/analytics off, the Hugging Face Hub offline; Prefect home (and DVC site cache)
-    inside the project ``root``."""
+    """Telemetry/analytics off, the Hugging Face Hub offline, short MLflow HTTP retries; Prefect
+    home (and DVC site cache) inside the project ``root``."""
     base = Path(root).resolve()
     defaults = {
         "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -31,6 +31,10 @@ def set_tool_env(root: str | Path) -> None:
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # a tracking server that is down: MLflow's default (7 retries, backoff factor 2) waits
+        # about 4 minutes per request, and a run makes many; 3 retries, factor 1: ~10 s
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }
     if (base / ".dvc").is_dir():  # never create .dvc/ in a folder that is not a DVC repo
         defaults["DVC_SITE_CACHE_DIR"] = str(base / ".dvc" / "tmp" / "site-cache")

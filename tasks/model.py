@@ -496,7 +496,8 @@ def _run_head(
             return call_model(model, head, output)
     except ValueError as err:  # task.output does not fit the model's output
         raise ModelError(str(err)) from None
-    except (RuntimeError, TypeError, IndexError) as err:  # e.g. a feature-count mismatch
+    # e.g. a feature-count mismatch; a pt2 graph's shape guard raises AssertionError
+    except (RuntimeError, TypeError, IndexError, AssertionError) as err:
         shown = describe(x).replace(" torch.float32", "") if not isinstance(x, dict) else None
         what = f"x {shown}" if shown else describe(x)
         hint = ""

@@ -31,7 +31,9 @@ from prefect.cache_policies import NO_CACHE
 from mirrorinf import ForwardInf, ForwardInfConfig
 from mirrorinf.analysis import SinkFactory, score_rows
 from mirrorinf.calibration import calibration_scores
-from mirrorinf.errors import InputError
+from mirrorinf.engine import NonFiniteScores
+from mirrorinf.engine.examples import parts
+from mirrorinf.errors import DataError, InputError
 from mirrorinf.integrity import NpyFile, SignedRecords, remove_stale_tmp
 from mirrorinf.params import TaskParams
 from mirrorinf.shards import MATRICES, ShardStore
@@ -107,6 +109,37 @@ def _engine(
         raise InputError(f"cannot set up the engine: {err}") from None
 
 
+def _magnitude(split: Split, row: int) -> float:
+    """The largest |input| of one row of ``split`` (only that row is read)."""
+    values = [v.abs().max() for v in parts(split.read(row, row + 1)) if v.numel()]
+    return float(max(values).double()) if values else 0.0
+
+
+@contextmanager
+def finite_scores(split: Split, queries: Split | None = None, offset: int = 0) -> Iterator[None]:
+    """The engine's NaN/inf scores (rows of ``split`` from ``offset``; pairwise columns are
+    ``queries``) as bad input naming the example, its input magnitude and the way out: a row
+    with extreme inputs (3e38 in a float32 file) overflowed, a traceback (exit 3) before."""
+    try:
+        yield
+    except NonFiniteScores as err:
+        if err.cell is None:
+            raise InputError(str(err)) from None
+        row, col = err.cell[0] + offset, err.cell[1]
+        where = [(split, row)] + ([(queries, col)] if err.kind == "pairwise" and queries else [])
+        named = ", ".join(
+            f"{s.name} row id {str(s.ids[i])!r} of {s.provenance.path!r} "
+            f"(largest |x| {_magnitude(s, i):.3g})"
+            for s, i in where
+        )
+        raise DataError(
+            f"{err.kind} scores are NaN or inf, first at {named}: that example's loss or update "
+            "overflows; scale or clip the inputs as the model was trained on them, or drop the "
+            "row (if its inputs look ordinary, the update diverged: set a smaller influence.lr "
+            "or fewer influence.steps)"
+        ) from None
+
+
 def task_identity(task: TaskParams | None) -> dict[str, Any] | None:
     """What of the task changes scores, for cache keys (None for the default task); a custom
     loss counts with a digest of its source, so an edited loss is not served stale scores."""
@@ -133,7 +166,8 @@ def compute_scores(
     memory."""
     t0 = time.perf_counter()
     fi = _engine(model, cfg, device, task)
-    rows, reports = score_rows(fi, train.examples(), queries.pair(), val.examples(), out=out)
+    with finite_scores(train, queries):
+        rows, reports = score_rows(fi, train.examples(), queries.pair(), val.examples(), out=out)
     return _bundle(rows, reports, fi, val, cfg, t0, len(train), len(queries))
 
 
@@ -170,7 +204,8 @@ def _bundle(
 ) -> ScoreBundle:
     """Per-row scores + the calibration scores of the validation set -> one bundle."""
     t_calib = time.perf_counter()
-    calib = calibration_scores(fi, val.pair(), seed=cfg.seed)
+    with finite_scores(val):
+        calib = calibration_scores(fi, val.pair(), seed=cfg.seed)
     stages = {k: float(reports[k]["seconds"]) for k in ("pairwise", "group", "self")
               if "seconds" in reports.get(k, {})}  # fmt: skip
     stages["calibration"] = time.perf_counter() - t_calib
@@ -234,7 +269,10 @@ def score_shard_task(
     # the whole training set is the curvature set: anchored scores equal the unsharded run's;
     # a lazy split reads only this shard's rows to score (the curvature reads its subsample)
     part = train.examples(start, stop)
-    with score_into(store.records, store.name(start, stop)) as (sink, files):
+    with (
+        score_into(store.records, store.name(start, stop)) as (sink, files),
+        finite_scores(train, queries, start),
+    ):
         rows, reports = score_rows(
             fi, part, queries.pair(), val.examples(), curvature=train.examples(), out=sink
         )
@@ -298,7 +336,8 @@ def pairwise_scores(
     fi = _engine(model, cfg, device, task)
     out = NpyFile.temporary(path, (len(train), len(queries)), np.float32)
     try:
-        report = fi.pairwise_into(train.examples(), queries.pair(), out).to_dict()
+        with finite_scores(train, queries):
+            report = fi.pairwise_into(train.examples(), queries.pair(), out).to_dict()
         md5 = out.digest("md5")
         out.commit(path)
     except BaseException:

@@ -40,3 +40,59 @@ def test_gate_from_a_subfolder_finds_the_projects_store(
     err = capsys.readouterr().err
     assert "no MLflow store" not in err and "m v1:" in err  # the project's store, read
     assert not (sub / "mlruns").exists() and not (sub / "mlflow.db").exists()
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", ["gate", "run"])
+def test_unreachable_tracking_server_exits_2_promptly(command: str, tmp_path: Path) -> None:
+    """A tracking server that is down (or a mistyped port): MLflow's default retries (7, backoff
+    factor 2) held ``gate`` about 4 minutes per call and a ``run`` whose server died mid-way 21
+    minutes, then a traceback (exit 3). Now a short retry, then one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    url = f"http://127.0.0.1:{_dead_port()}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"source": "file", "train": "t.npz", "val": "t.npz", "query": "t.npz"},
+        "model": {"name": "m", "version": 1}, "mlflow": {"tracking_uri": url},
+    }))  # fmt: skip
+    argv = ["gate", "--model", "m", "--version", "1"] if command == "gate" else ["run"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirrorinf.cli", *argv], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"cannot reach the MLflow tracking server at {url}" in err, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert took < 120, took
+
+
+def test_unreachable_prefect_api_exits_2_with_one_line(tmp_path: Path) -> None:
+    """PREFECT_API_URL naming an API that is down: a RuntimeError traceback (exit 3); a server
+    that died mid-run ended the same way (httpx.ConnectError) after the run was logged."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "demo"}}))
+    url = f"http://127.0.0.1:{_dead_port()}/api"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirrorinf.cli", "run"], cwd=tmp_path,
+        env={**os.environ, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"cannot reach the Prefect API at {url}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

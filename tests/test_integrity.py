@@ -142,6 +142,56 @@ def test_tampered_record_is_discarded_with_a_warning(
     assert not list(tmp_path.iterdir()), "the invalid record is discarded"
 
 
+@pytest.mark.parametrize(
+    ("planted", "mapped"), [("r1.json", False), ("r1.a.npy", False), ("r1.a.npy", True)]
+)
+def test_fifo_or_device_planted_as_a_record_file_is_discarded_not_waited_on(
+    planted: str, mapped: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO where a record's file lives blocked the read forever (a run that never ends), and
+    a symlink to /dev/zero read without end (memory): anyone who can write the folder could stop
+    every run. Only regular files are read."""
+    import threading
+
+    rec = _write_one(tmp_path)
+    (tmp_path / planted).unlink()
+    os.mkfifo(tmp_path / planted)
+    got: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: got.append(rec.read("r1", mmap=("a",) if mapped else ())), daemon=True
+    )
+    with caplog.at_level(logging.WARNING, logger="mirrorinf.integrity"):
+        reader.start()
+        reader.join(20)
+    if reader.is_alive():  # unblock it: a writer that opens and closes gives the reader EOF
+        os.close(os.open(tmp_path / planted, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(20)
+        pytest.fail(f"reading a record whose {planted} is a FIFO blocked")
+    assert got == [None] and "not a regular file" in caplog.text, caplog.text
+    assert not list(tmp_path.iterdir()), "the invalid record is discarded"
+    zero = _write_one(tmp_path)  # a symlink to a device: refused before any read
+    (tmp_path / planted).unlink()
+    (tmp_path / planted).symlink_to("/dev/zero")
+    assert zero.read("r1", mmap=("a",) if mapped else ()) is None
+
+
+def test_fifo_planted_as_the_shard_manifest_starts_the_store_afresh(tmp_path: Path) -> None:
+    """The shard store's manifest.json as a FIFO blocked open() forever."""
+    import threading
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    os.mkfifo(root / "manifest.json")
+    opener = threading.Thread(target=ShardStore(root, {"m": 1}).open, daemon=True)
+    opener.start()
+    opener.join(20)
+    if opener.is_alive():
+        os.close(os.open(root / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(20)
+        pytest.fail("opening a shard store whose manifest is a FIFO blocked")
+    assert json.loads((root / "manifest.json").read_text()) == {"m": 1}
+
+
 def test_record_is_valid_only_where_it_was_written(tmp_path: Path) -> None:
     """A genuine record copied to another name or another store context does not verify."""
     _write_one(tmp_path / "a")

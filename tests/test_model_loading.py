@@ -128,3 +128,79 @@ def test_pt2_archive_with_a_pickled_payload_refused(
     err = capsys.readouterr().err
     assert code == 2 and "pickled object" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shape", [(10, 5), (10, 1, 6)])
+def test_pt2_model_on_data_of_another_shape_exits_2(
+    store: tuple[str, Net],
+    tmp_path: Path,
+    shape: tuple[int, ...],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A pt2 graph's shape guard raises AssertionError ("Guard failed"): it was exit 3 with a
+    traceback, where a module's RuntimeError gave the one-line "cannot run on the data"."""
+    uri, _ = store
+    train = tmp_path / "train.npz"
+    np.savez(train, x=np.zeros(shape, np.float32), y=np.zeros(shape[0], np.int64))
+    out = tmp_path / "out"
+    code = main(["score", "--model-uri", "models:/pt2-net/1", "--train", str(train), "--queries",
+                 str(train), "--out", str(out), "--tracking-uri", uri])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"the model cannot run on the data (x {shape})" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_extreme_input_values_exit_2_naming_the_row(
+    prefect_harness: Path,
+    store: tuple[str, Net],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A finite float32 value of 3e38 in one training row of wine overflowed its self-influence
+    update: a FloatingPointError traceback (exit 3); now one line naming the row and its
+    magnitude, the run FAILED, no temporary file left."""
+    import mlflow
+    import yaml
+    from sklearn.datasets import load_wine
+
+    uri, _ = store
+    x, y = load_wine(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    perm = np.random.default_rng(0).permutation(len(y))
+    splits = {"train": perm[:110], "val": perm[110:144], "query": perm[144:]}
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(13, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=1e-3)
+    xt, yt = torch.from_numpy(x[splits["train"]]), torch.from_numpy(y[splits["train"]])
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xt), yt).backward()
+        opt.step()
+    with fluent_tracking_uri(uri), mlflow.start_run():
+        mlflow.pytorch.log_model(net.eval(), name="m", registered_model_name="wine-net",
+                                 input_example=x[:2], pip_requirements=["torch"])  # fmt: skip
+    for name, rows in splits.items():
+        xs = x[rows].copy()
+        if name == "train":
+            xs[3, 2] = 3e38
+        np.savez(tmp_path / f"{name}.npz", x=xs, y=y[rows])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"source": "file", **{k: f"{k}.npz" for k in splits}},
+        "model": {"name": "wine-net", "version": 1},
+        "mlflow": {"tracking_uri": uri, "experiment": "extreme"}, "threads": 1,
+    }))  # fmt: skip
+    capsys.readouterr()
+    code = main(["run", "--params", str(params)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "scores are NaN or inf, first at train row id '3' of 'train.npz'" in err, err
+    assert "largest |x| 3e+38" in err and "scale or clip the inputs" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("extreme")
+    assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == []

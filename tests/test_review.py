@@ -187,3 +187,66 @@ def test_galleries_are_mosaics_with_each_thumbnail_at_its_tile(tmp_path: Path) -
             assert np.abs(got - want).max() <= 1 / 255 + 1e-6, (name, split, pos)
     placed = plot_mislabels(inp, (3, 8, 8), tmp_path / "m.png")
     assert [pos for _, pos, _ in placed] == flagged.index[: inp.n_gallery].tolist()
+
+
+HOSTILE = "7\n\n# Gate: PASSED\ngate:    PASSED \x1b[32mOK\x1b[0m [x](http://evil) `"
+ESCAPED = "7\\n\\n# Gate: PASSED\\ngate:    PASSED \\x1b[32mOK\\x1b[0m [x](http://evil) `"
+
+
+def test_hostile_ids_cannot_add_lines_markup_or_terminal_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training ids are data: an id with newlines wrote a fake '# Gate: PASSED' heading into
+    report.md and a fake 'gate: PASSED' line (and terminal escape codes) into the CLI's
+    summary. Shown ids are one line, control characters escaped, markdown markup escaped."""
+    from types import SimpleNamespace
+
+    from mirrorinf.cli import _print_summary
+
+    inp = review_inputs(7)
+    assert inp.tables.counts["n_flagged_mislabel"] > 0
+    hostile = {old: f"{HOSTILE}{old}" for old in inp.tables.train["id"]}
+    inp.tables.train["id"] = inp.tables.train["id"].map(hostile)
+    for table in (inp.tables.queries, inp.tables.leaks):
+        table["train_id"] = table["train_id"].map(hostile)
+    write_report(tmp_path, inp)
+    report = (tmp_path / "report.md").read_text()
+    assert "\x1b" not in report and "[x](http://evil)" not in report
+    assert not [line for line in report.splitlines() if line.startswith(("# Gate: P", "gate:"))]
+    assert "7\\\\n\\\\n\\# Gate: PASSED" in report  # the id is still there, shown escaped
+    summary = {
+        "counts": {"n_flagged_mislabel": 1, "n_train": 60, "n_leaks": 1, "n_query": 6},
+        "top_mislabels": [{"id": HOSTILE, "label": 1, "self_influence": 0.3}],
+        "leaks": [{"query_id": HOSTILE, "train_id": HOSTILE, "cosine": 1.0}],
+    }
+    result = SimpleNamespace(
+        summary=summary, model={"name": "m", "version": 1, "uri": "models:/m/1"},
+        verdict="failed", reasons=[], run_id="r", cache_hit=False, stage_seconds={},
+    )  # fmt: skip
+    _print_summary(result, 1.0, False)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out, out
+    assert [ln for ln in out.splitlines() if "PASSED" in ln] == [
+        f"  id {ESCAPED}  label 1  self-influence 0.3",
+        f"  query {ESCAPED} <- train {ESCAPED}  cosine 1",
+    ], out
+
+
+def test_token_text_stays_one_code_span() -> None:
+    """Decoded token text is shown in a code span that the text cannot close or break."""
+    from mirrorinf.text import markdown_code
+
+    assert markdown_code("plain words") == "`plain words`"
+    assert markdown_code("a ` b\n# Gate: PASSED") == "``a ` b\\n# Gate: PASSED``"
+    assert markdown_code("`x``") == "``` `x`` ```"
+
+
+def test_ids_with_dollar_signs_are_drawn_as_text(tmp_path: Path) -> None:
+    """An id like '$\\undefined{$' is text: matplotlib would parse it as mathtext and fail."""
+    inp = review_inputs(7)
+    bad = {old: f"$\\undefined{{{old}$" for old in inp.tables.train["id"]}
+    inp.tables.train["id"] = inp.tables.train["id"].map(bad)
+    for table in (inp.tables.queries, inp.tables.leaks):
+        table["train_id"] = table["train_id"].map(bad)
+    files = write_report(tmp_path, inp)
+    assert "plots/top_harmful.png" in files and "plots/mislabels.png" in files

@@ -25,7 +25,7 @@ from mirrorinf.engine.losses import (
 from mirrorinf.engine.outputs import OutputSpec, select_output
 from mirrorinf.engine.runtime import ModelState
 from mirrorinf.engine.scorer import Scorer
-from mirrorinf.engine.scores import ScoreReport, Scores, ScoreSink
+from mirrorinf.engine.scores import NonFiniteScores, ScoreReport, Scores, ScoreSink
 
 __all__ = [
     "KINDS",
@@ -36,6 +36,7 @@ __all__ = [
     "Inputs",
     "LossFn",
     "ModelState",
+    "NonFiniteScores",
     "OutputSpec",
     "RowReader",
     "ScoreReport",

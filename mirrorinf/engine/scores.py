@@ -150,6 +150,19 @@ class Columns:
         self.out[rows, self.cols[cols]] = value
 
 
+class NonFiniteScores(FloatingPointError):
+    """Scores with NaN/inf: which kind, and the first such cell (row of the scored set, column:
+    the query for pairwise scores), so a caller can name the example."""
+
+    def __init__(self, kind: str, cell: tuple[int, int] | None) -> None:
+        self.kind, self.cell = kind, cell
+        where = f" (first at row {cell[0]}, column {cell[1]})" if cell is not None else ""
+        super().__init__(
+            f"{kind} scores contain NaN/inf{where}: an example's loss or update overflows (inputs "
+            "of extreme magnitude?) or the update diverged; use a smaller lr or fewer steps"
+        )
+
+
 @dataclass
 class ColumnStats:
     """Per-column exact-zero counts, minimum and maximum of a [rows, columns] float64 score
@@ -161,6 +174,7 @@ class ColumnStats:
     hi: torch.Tensor
     rows: int = 0
     finite: bool = True
+    bad: tuple[int, int] | None = None  # the first non-finite cell (row, column)
 
     @classmethod
     def empty(cls, n_cols: int) -> ColumnStats:
@@ -182,8 +196,12 @@ class ColumnStats:
 
     def update(self, block: torch.Tensor, cols: slice, start: int) -> None:
         """Count a block of rows [start, start + len(block)) of columns ``cols``."""
-        if not bool(torch.isfinite(block).all()):
+        finite = torch.isfinite(block)
+        if not bool(finite.all()):
             self.finite = False
+            if self.bad is None:
+                r, c = (~finite).nonzero()[0].tolist()
+                self.bad = (start + r, (cols.start or 0) + c)
         self.zeros[cols] += (block == 0).sum(dim=0)
         if len(block):
             self.lo[cols] = torch.minimum(self.lo[cols], block.min(dim=0).values)
@@ -194,6 +212,8 @@ class ColumnStats:
         """Columns ``cols`` recomputed (their statistics are ``other``'s)."""
         self.zeros[cols], self.lo[cols], self.hi[cols] = other.zeros, other.lo, other.hi
         self.finite = self.finite and other.finite
+        if self.bad is None and other.bad is not None:
+            self.bad = (other.bad[0], int(cols[other.bad[1]]))
 
     def vanished(self) -> torch.Tensor:
         """Columns float precision could not resolve: over 1% exact zeros, or all values
@@ -202,14 +222,11 @@ class ColumnStats:
 
     def health(self, kind: str) -> tuple[float, int]:
         """(fraction of exact zeros, number of constant columns); NaN/inf is a
-        FloatingPointError."""
+        :class:`NonFiniteScores`."""
         if self.rows == 0:
             return float("nan"), 0
         if not self.finite:
-            raise FloatingPointError(
-                f"{kind} scores contain NaN/inf: the update diverged; use a smaller lr or "
-                "fewer steps"
-            )
+            raise NonFiniteScores(kind, self.bad)
         cells = self.rows * self.zeros.shape[0]
         zero = int(self.zeros.sum()) / cells if cells else float("nan")
         const = int((self.lo == self.hi).sum()) if self.rows > 1 else 0

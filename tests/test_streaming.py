@@ -4,8 +4,11 @@ is memory-mapped, never read into memory; a file changed after it was digested f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -23,6 +26,7 @@ from mirrorinf.engine import as_examples
 from mirrorinf.errors import DataError
 from mirrorinf.shards import shard_ranges
 from mirrorinf.tasks.data import load_dataset, write_npz
+from mirrorinf.tasks.sources import file_md5
 from mirrorinf.tasks.sources import images as image_source
 
 VERBS = ("pairwise", "self_influence", "group_influence", "query_self_drop")
@@ -320,3 +324,124 @@ def test_a_shard_reads_only_its_rows(tmp_path: Path, monkeypatch):
     outside = [(a, b) for a, b in reads if a < 120 or b > 200]
     assert reads and all(b <= 32 for a, b in outside), outside
     assert sum(b - a for a, b in reads if a >= 120) >= 80
+
+
+def _dvc_versions(tmp_path: Path, fmt: str) -> tuple[Path, str, Path]:
+    """A git + DVC repo with ``fmt`` data tracked at tag v1 and changed at v2 (the workspace
+    holds v2); returns (repo, path in the repo, a copy of v1's data outside the repo)."""
+    from dvc_helpers import dvc_add_commit, make_dvc_repo
+
+    repo = make_dvc_repo(tmp_path / "repo")
+    name = {"npz": "t.npz", "parquet": "t.parquet", "images": "imgs"}[fmt]
+    write = {"npz": _npz, "parquet": _parquet, "images": _images}[fmt]
+    size = 30 if fmt == "images" else 90
+    (tmp_path / "v1").mkdir()
+    write(tmp_path / "v1" / name, size)
+    copy = shutil.copytree if fmt == "images" else shutil.copy
+    copy(tmp_path / "v1" / name, repo / name)
+    dvc_add_commit(repo, [name], "v1", tag="v1")
+    (shutil.rmtree if fmt == "images" else os.remove)(repo / name)
+    write(repo / name, size, seed=1)
+    dvc_add_commit(repo, [name], "v2", tag="v2")
+    return repo, name, tmp_path / "v1" / name
+
+
+def _cache_files(repo: Path) -> list[Path]:
+    return [p for p in (repo / ".dvc" / "cache" / "files" / "md5").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("fmt", ["npz", "parquet", "images"])
+def test_dvc_data_at_a_revision_is_streamed_from_the_cache(tmp_path: Path, fmt: str):
+    """A DVC-tracked file or folder at a revision is read lazily from the local DVC cache
+    objects (no copy, nothing read whole), with the same md5 and the same scores as the same
+    data read from a local path."""
+    repo, name, v1 = _dvc_versions(tmp_path, fmt)
+    split = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    local = load_dataset(v1, name="train")
+    assert split.reader is not None and split._x is None  # lazy: nothing read whole
+    assert split.provenance.md5 == local.provenance.md5 and split.provenance.rev == "v1"
+    np.testing.assert_array_equal(split.ids, local.ids)
+    source = split.reader.source
+    cache = {p.resolve() for p in _cache_files(repo)}
+    if fmt == "images":
+        assert {Path(f).resolve() for f in source.files} <= cache  # links to cache objects
+    else:
+        assert Path(source.path).resolve() in cache  # the object itself, mapped in place
+    x, y = local.reader.read(0, len(local))  # type: ignore[union-attr]
+    d_in = int(np.prod(x.shape[1:]))
+    cfg = {"train_batch": 32, "seed": 3}
+    queries = (x[:4] + 0.05, y[:4])
+    lazy, _ = score_rows(ForwardInf(_mlp(d_in), cfg), split.examples(), queries, split.examples())
+    whole, _ = score_rows(ForwardInf(_mlp(d_in), cfg), (x, y), queries, (x, y))
+    _equal(lazy, whole)
+    if fmt == "images":  # the folder of links goes when its reader does
+        import gc
+
+        links = Path(source.root).parent
+        assert links.is_dir()
+        del split, source, lazy
+        gc.collect()
+        assert not links.exists()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "images"])
+def test_a_tampered_dvc_cache_object_fails(tmp_path: Path, fmt: str):
+    """A cache object whose bytes no longer hash to the md5 recorded at the revision is
+    refused with one message naming the object and the fix (DataError: exit 2)."""
+    from mirrorinf.errors import InputError
+
+    repo, name, _ = _dvc_versions(tmp_path, fmt)
+    before = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    n_links = len(list(Path(tempfile.gettempdir()).glob("mirrorinf-dvc-*")))
+    objects = [p for p in _cache_files(repo) if not p.name.endswith(".dir")]
+    for obj in objects:  # every object of both revisions: still parseable, other bytes
+        obj.chmod(0o644)
+        if fmt == "npz":
+            blob = bytearray(obj.read_bytes())
+            blob[200] ^= 0xFF
+            obj.write_bytes(bytes(blob))
+        else:
+            Image.fromarray(np.zeros((6, 5, 3), dtype=np.uint8)).save(obj, format="PNG")
+    with pytest.raises(DataError, match=r"DVC cache object .* does not match the md5") as err:
+        load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    assert isinstance(err.value, InputError) and "dvc fetch" in str(err.value)
+    assert len(list(Path(tempfile.gettempdir()).glob("mirrorinf-dvc-*"))) == n_links  # none left
+    del before
+    if fmt == "images":  # the folder's manifest (its files' md5s) edited to match them
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(str(repo), rev="v1")
+        manifest = Path(fs.repo.cache.local.oid_to_path(fs.info(name)["md5"]))
+        fs.close()
+        entries = json.loads(manifest.read_text())
+        for entry in entries:
+            entry["md5"] = file_md5(Path(fs.repo.cache.local.oid_to_path(entry["md5"])))
+        manifest.chmod(0o644)
+        manifest.write_text(json.dumps(entries))
+        with pytest.raises(DataError, match=r"DVC cache object .*\.dir does not match"):
+            load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+
+
+def test_dvc_data_not_in_the_local_cache_is_read_through_dvc_with_a_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """An object missing from the local cache (only on a remote) is read through DVC as
+    before, with a logged note saying how to stream it."""
+    from dvc.repo import Repo
+    from dvc_helpers import git
+
+    repo, name, v1 = _dvc_versions(tmp_path, "npz")
+    with Repo(str(repo)) as dvc:
+        with dvc.config.edit("local") as conf:  # not versioned: every revision sees it
+            conf["remote"]["store"] = {"url": str(tmp_path / "remote")}
+            conf["core"]["remote"] = "store"
+        git(repo, "checkout", "-q", "v1")
+        dvc.push()
+    git(repo, "checkout", "-q", "v2")
+    for obj in _cache_files(repo):
+        obj.chmod(0o644)
+        obj.unlink()
+    with caplog.at_level(logging.INFO, logger="mirrorinf.tasks.sources.files"):
+        split = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    assert "not in the local DVC cache" in caplog.text
+    assert split.provenance.md5 == load_dataset(v1).provenance.md5

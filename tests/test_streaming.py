@@ -26,8 +26,9 @@ from mirrorinf.engine import as_examples
 from mirrorinf.errors import DataError
 from mirrorinf.shards import shard_ranges
 from mirrorinf.tasks.data import load_dataset, write_npz
-from mirrorinf.tasks.sources import file_md5
+from mirrorinf.tasks.sources import ImageOptions, file_md5
 from mirrorinf.tasks.sources import images as image_source
+from mirrorinf.tasks.sources.images import ImageFolder
 
 VERBS = ("pairwise", "self_influence", "group_influence", "query_self_drop")
 
@@ -201,10 +202,15 @@ def test_a_file_changed_after_it_was_digested_fails(tmp_path: Path):
     assert load_dataset(path).provenance.md5 != split.provenance.md5
 
     imgs = load_dataset(_images(tmp_path / "imgs", 4), name="train")
+    pixels = imgs.reader.read(0, len(imgs))[0]  # type: ignore[union-attr]
     target = tmp_path / "imgs" / "green" / "001.png"
     Image.fromarray(np.zeros((6, 5, 3), dtype=np.uint8)).save(target)
+    # decoded once, at load, from the digested bytes: later passes read those pixels
+    assert torch.equal(imgs.reader.read(0, len(imgs))[0], pixels)  # type: ignore[union-attr]
+    folder = ImageFolder(tmp_path / "imgs", ImageOptions(), "t")  # digested, not decoded
+    Image.fromarray(np.ones((6, 5, 3), dtype=np.uint8)).save(target)
     with pytest.raises(DataError, match="changed since the folder was digested"):
-        imgs.reader.read(0, len(imgs))  # type: ignore[union-attr]
+        folder.rows(0, len(folder))
 
 
 def test_parquet_reads_only_the_row_groups_of_a_range(tmp_path: Path):
@@ -223,18 +229,95 @@ def test_parquet_reads_only_the_row_groups_of_a_range(tmp_path: Path):
 
 def test_image_batches_in_worker_processes_are_in_order(tmp_path: Path, monkeypatch):
     """With worker processes (forced here for a small folder) the batches are the rows in
-    order, equal to decoding in this process."""
-    split = load_dataset(_images(tmp_path / "imgs", 10), name="train")
-    reader = split.reader
-    assert reader is not None
-    inline = list(reader.batches(7, 0, len(split)))
+    order, equal to decoding in this process (the first pass decodes in the workers)."""
+    folder = ImageFolder(_images(tmp_path / "imgs", 10), ImageOptions(), "t")
+    inline = [(torch.from_numpy(r.x), torch.from_numpy(r.y)) for r in folder.batches(7, 0, 30)]
+    folder = ImageFolder(tmp_path / "imgs", ImageOptions(), "t")
     monkeypatch.setattr(image_source, "WORKER_MIN_ROWS", 1)
     monkeypatch.setattr(image_source.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     assert image_source.loader_workers(30) == 1
-    pooled = list(reader.batches(7, 0, len(split)))
+    here, load = os.getpid(), ImageFolder._load
+    calls: list[int] = []
+
+    def counted(self: ImageFolder, i: int) -> np.ndarray:
+        if os.getpid() == here:
+            calls.append(i)
+        return load(self, i)
+
+    monkeypatch.setattr(ImageFolder, "_load", counted)
+    pooled = [(torch.from_numpy(r.x), torch.from_numpy(r.y)) for r in folder.batches(7, 0, 30)]
+    assert not calls  # decoded in the worker process, not here
     assert [len(b[1]) for b in pooled] == [7, 7, 7, 7, 2]
     for (xa, ya), (xb, yb) in zip(inline, pooled, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _decoded_before(path: Path, mode: str, size: Any, mean: Any, std: Any) -> np.ndarray:
+    """One image as the reader decoded it on every read before pixels were kept per run."""
+    with Image.open(path) as img:
+        img = img.convert(mode)
+        if size is not None:
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if mean is not None:
+        arr = arr - np.asarray(mean, dtype=np.float32)[:, None, None]
+    if std is not None:
+        arr = arr / np.asarray(std, dtype=np.float32)[:, None, None]
+    return arr
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {},
+        {"mode": "L", "size": [4, 3]},
+        {"size": [8, 7], "mean": [0.5, 0.4, 0.3], "std": [0.2] * 3},
+    ],
+)
+def test_images_are_decoded_once_per_run(tmp_path: Path, monkeypatch, image: dict[str, Any]):
+    """Each image is decoded once (at load's validation pass) into this run's uint8 pixels;
+    pairwise, self and group influence then read them and decode nothing, and every value
+    equals the per-read decoding before, bit for bit. The pixels live in an unnamed temporary
+    file (nothing left in the temp folder) and are never pickled to another process."""
+    import pickle
+
+    root = _images(tmp_path / "imgs", 30)
+    monkeypatch.setattr(tempfile, "tempdir", str(_fresh(tmp_path / "tmp")))
+    calls: list[int] = []
+    load = ImageFolder._load
+
+    def counted(self: ImageFolder, i: int) -> np.ndarray:
+        calls.append(i)
+        return load(self, i)
+
+    monkeypatch.setattr(ImageFolder, "_load", counted)
+    split = load_dataset(root, name="train", image=image)
+    assert sorted(calls) == list(range(len(split)))  # each once, at load
+    assert not list((tmp_path / "tmp").iterdir())  # the pixel file has no name
+    x, y = split.reader.read(0, len(split))  # type: ignore[union-attr]
+    size, mode = image.get("size"), image.get("mode", "RGB")
+    for i, rel in enumerate(split.ids):
+        want = _decoded_before(root / rel, mode, size, image.get("mean"), image.get("std"))
+        np.testing.assert_array_equal(x[i].numpy(), want, err_msg=rel)
+    d_in = int(np.prod(x.shape[1:]))
+    q, cfg = (x[:3] + 0.05, y[:3]), {"train_batch": 32}
+    lazy, _ = score_rows(ForwardInf(_mlp(d_in), cfg), split.examples(), q, split.examples())
+    whole, _ = score_rows(ForwardInf(_mlp(d_in), cfg), (x, y), q, (x, y))
+    _equal(lazy, whole)
+    assert len(calls) == len(split)  # nothing decoded again by three scoring passes
+    kept = np.asarray(split.reader.source._pixels)  # type: ignore[union-attr]
+    blob = pickle.dumps(split)
+    assert kept.tobytes() not in blob  # not the pixels
+    back = pickle.loads(blob)
+    assert back.reader.source._pixels is None
+    assert torch.equal(back.reader.read(0, len(back))[0], x)  # decoded again over there
+    assert len(calls) == 2 * len(split)
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 def test_review_feature_ranges_are_computed_in_blocks(tmp_path: Path):

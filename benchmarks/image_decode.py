@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,13 +83,10 @@ def main() -> None:
     root = args.root or Path(tempfile.gettempdir()) / f"mirrorinf-images-{args.n}"
     if not root.exists():
         _write(root, args.n)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    from stream_memory import child_json
+
     cmd = [args.python, __file__, "--child", str(root), "--passes", str(args.passes)]
-    cmd += ["--batch", str(args.batch)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        sys.exit(out.stderr[-3000:])
-    print(json.dumps(json.loads(out.stdout.strip().splitlines()[-1]), indent=1))
+    print(json.dumps(child_json([*cmd, "--batch", str(args.batch)]), indent=1))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,16 @@ def _child(path: str, queries: int, repo: str | None = None) -> dict[str, Any]:
     }
 
 
+def child_json(cmd: list[str]) -> dict[str, Any]:
+    """Run a benchmark's child process (one thread unless OMP_NUM_THREADS says otherwise) and
+    return the JSON object on its last line; exit with its stderr when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        sys.exit(out.stderr[-3000:])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def _dvc_repo(data: Path) -> Path:
     """A git + DVC repository (temp folder, kept for reruns) tracking a copy of ``data`` at tag
     v1, its object in the local DVC cache."""
@@ -136,15 +146,11 @@ def main() -> None:
         y = rng.integers(0, 10, args.n)
         np.savez(path, x=x, y=y)
         del x, y
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [args.python, __file__, "--child", str(path), "--queries", str(args.queries)]
     if args.dvc:
         repo = _dvc_repo(path)
         cmd[3:4] = [path.name, "--repo", str(repo)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        sys.exit(out.stderr[-3000:])
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row = child_json(cmd)
     row["file_mb"] = round(path.stat().st_size / 2**20, 1)
     print(json.dumps(row, indent=1))
 

@@ -528,3 +528,30 @@ def test_dvc_data_not_in_the_local_cache_is_read_through_dvc_with_a_note(
         split = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
     assert "not in the local DVC cache" in caplog.text
     assert split.provenance.md5 == load_dataset(v1).provenance.md5
+
+
+def test_calibration_reads_a_lazy_validation_split_by_row_range(tmp_path: Path, monkeypatch):
+    """Calibration on a lazy validation split (as tasks.score passes it) equals calibration
+    on its tensors bit for bit, and reads it by row range: self-influence in batches, each
+    fold gathered, the rest of the set streamed; no read covers the whole split."""
+    from mirrorinf.calibration import calibration_scores
+    from mirrorinf.tasks.data import SplitReader
+
+    val = load_dataset(_npz(tmp_path / "v.npz", 200, seed=2), name="val")
+    x, y = val.reader.read(0, len(val))  # type: ignore[union-attr]
+    cfg = {"train_batch": 32, "seed": 3}
+    whole = calibration_scores(ForwardInf(_mlp(6), cfg), (x, y), seed=1)
+    reads: list[tuple[int, int]] = []
+    original = SplitReader.read
+
+    def recording(self: SplitReader, start: int, stop: int, aligned: bool = True) -> Any:
+        reads.append((start, stop))
+        return original(self, start, stop, aligned)
+
+    monkeypatch.setattr(SplitReader, "read", recording)
+    monkeypatch.setattr("mirrorinf.calibration.READ_BLOCK", 64)  # rows gathered per read
+    lazy = calibration_scores(ForwardInf(_mlp(6), cfg), val.examples(), seed=1)
+    for name in ("self_influence", "group_influence", "loss_after_fit"):
+        np.testing.assert_array_equal(getattr(lazy, name), getattr(whole, name), err_msg=name)
+    assert val._x is None and reads
+    assert max(b - a for a, b in reads) <= 64, max(b - a for a, b in reads)

@@ -555,3 +555,33 @@ def test_calibration_reads_a_lazy_validation_split_by_row_range(tmp_path: Path, 
         np.testing.assert_array_equal(getattr(lazy, name), getattr(whole, name), err_msg=name)
     assert val._x is None and reads
     assert max(b - a for a, b in reads) <= 64, max(b - a for a, b in reads)
+
+
+def test_a_dvc_lock_output_at_a_revision_is_streamed_from_the_cache(tmp_path: Path, monkeypatch):
+    """A pipeline output (recorded in dvc.lock, not a .dvc file) is resolved and streamed the
+    same way: the revision's lock entry's md5 names the cache object that is mapped."""
+    import sys
+
+    from dvc.repo import Repo
+    from dvc_helpers import git, make_dvc_repo
+
+    repo = make_dvc_repo(tmp_path / "repo")
+    (repo / "make.py").write_text(
+        "import numpy as np\n"
+        "x = np.arange(150, dtype=np.float32).reshape(50, 3)\n"
+        "np.savez('out.npz', x=x, y=np.arange(50) % 2)\n"
+    )
+    monkeypatch.chdir(repo)
+    with Repo(str(repo)) as dvc:
+        dvc.stage.add(
+            name="make", cmd=f"{sys.executable} make.py", deps=["make.py"], outs=["out.npz"]
+        )
+        dvc.reproduce()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    git(repo, "tag", "v1")
+    split = load_dataset("out.npz", name="train", source="dvc", repo=repo, rev="v1")
+    assert split.reader is not None and split._x is None
+    assert Path(split.reader.source.path).resolve() in {p.resolve() for p in _cache_files(repo)}
+    assert split.provenance.md5 == file_md5(repo / "out.npz")
+    np.testing.assert_array_equal(split.x.numpy(), np.arange(150, dtype=np.float32).reshape(50, 3))

@@ -1,8 +1,11 @@
 """Reading a dataset's bytes or folder: a local path or a DVC repository at a revision, and
 the .npz / .parquet parsers (``tasks.data.load_dataset`` validates what they return).
 
-DVC errors become :class:`DataError` naming the problem; a DVC folder (an image folder, a
-datasets folder) is copied to a temporary folder that lives while it is read.
+DVC errors become :class:`DataError` naming the problem. Data at a revision is read in place
+from the local DVC cache where its objects are there (DVC resolves the revision's .dvc /
+dvc.lock entry to their md5s and paths; each object is checked against its md5): a file is
+opened as it is, a folder through a temporary folder of links to its objects. Otherwise a
+file is read through DVC as bytes and a folder copied to a temporary folder (a logged note).
 """
 
 from __future__ import annotations

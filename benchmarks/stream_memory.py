@@ -8,7 +8,10 @@ It prints the child's peak RSS (``ru_maxrss``), and peaks of its anonymous memor
 file-backed resident pages (sampled from /proc/self/status every 5 ms): memory-mapped file pages
 count in RSS while touched but are page cache the kernel can drop, anonymous memory is not.
 
-Run: nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/stream_memory.py [--n 1000000]
+With ``--dvc`` the .npz is tracked by DVC in a git + DVC repository in a temp folder (tag v1)
+and loaded as the pipeline reads ``data.rev``: ``load_dataset(..., source="dvc", rev="v1")``.
+
+Run: nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/stream_memory.py [--n 1000000] [--dvc]
 (run it with another checkout's interpreter to measure that code: the child imports mirrorinf
 from whatever the interpreter has installed).
 """
@@ -39,7 +42,7 @@ def _status() -> dict[str, float]:
     return out
 
 
-def _child(path: str, queries: int) -> dict[str, Any]:
+def _child(path: str, queries: int, repo: str | None = None) -> dict[str, Any]:
     """Load + score in this process; peaks of RSS, anonymous and file-backed memory."""
     import torch
 
@@ -59,7 +62,10 @@ def _child(path: str, queries: int) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    train = load_dataset(path, name="train")
+    if repo:
+        train = load_dataset(path, name="train", source="dvc", repo=repo, rev="v1")
+    else:
+        train = load_dataset(path, name="train")
     t_load = time.perf_counter() - t0
     after_load = {"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **peaks}
     torch.manual_seed(0)
@@ -89,6 +95,33 @@ def _child(path: str, queries: int) -> dict[str, Any]:
     }
 
 
+def child_json(cmd: list[str]) -> dict[str, Any]:
+    """Run a benchmark's child process (one thread unless OMP_NUM_THREADS says otherwise) and
+    return the JSON object on its last line; exit with its stderr when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        sys.exit(out.stderr[-3000:])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _dvc_repo(data: Path) -> Path:
+    """A git + DVC repository (temp folder, kept for reruns) tracking a copy of ``data`` at tag
+    v1, its object in the local DVC cache."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dvc_helpers import dvc_add_commit, make_dvc_repo
+
+    repo = data.with_suffix(".dvc-repo")
+    if not (repo / f"{data.name}.dvc").is_file():
+        shutil.rmtree(repo, ignore_errors=True)
+        make_dvc_repo(repo)
+        shutil.copy(data, repo / data.name)
+        dvc_add_commit(repo, [data.name], "v1", tag="v1")
+    return repo
+
+
 def main() -> None:
     """Write the data once, run the child, print its numbers as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -97,10 +130,12 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--file", type=Path, help="the .npz to use (written when missing)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the child")
+    ap.add_argument("--dvc", action="store_true", help="load it from a DVC repo at a revision")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--repo", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.queries)))
+        print(json.dumps(_child(args.child, args.queries, args.repo)))
         return
     import numpy as np
 
@@ -111,12 +146,11 @@ def main() -> None:
         y = rng.integers(0, 10, args.n)
         np.savez(path, x=x, y=y)
         del x, y
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [args.python, __file__, "--child", str(path), "--queries", str(args.queries)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        sys.exit(out.stderr[-3000:])
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.dvc:
+        repo = _dvc_repo(path)
+        cmd[3:4] = [path.name, "--repo", str(repo)]
+    row = child_json(cmd)
     row["file_mb"] = round(path.stat().st_size / 2**20, 1)
     print(json.dumps(row, indent=1))
 

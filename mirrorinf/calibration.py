@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from mirrorinf.engine import DataLike, ForwardInf, as_examples
-from mirrorinf.engine.examples import rows
+from mirrorinf.engine.examples import Examples, Inputs, cat_inputs, rows
 
 FOLDS = 5
+READ_BLOCK = 4096  # rows of a streamed calibration set read at once to gather a fold's rows
 
 
 @dataclass
@@ -33,17 +34,64 @@ class Calibration:
 def calibration_scores(
     fi: ForwardInf, calib: DataLike, *, seed: int = 0, folds: int = FOLDS
 ) -> Calibration:
-    """Score a clean held-out set with ``fi`` exactly as the training set is scored."""
-    x, y = as_examples(calib, "calibration set").materialise()
-    self_inf = fi.self_influence((x, y)).double().numpy()
-    n = len(y)
+    """Score a clean held-out set with ``fi`` exactly as the training set is scored. A set
+    given as a row reader (a lazy split) is read by row range, never whole: self-influence
+    streams it, each fold is gathered (a fifth of the set) and the rest streamed by its rows."""
+    data = as_examples(calib, "calibration set")
+    whole = data.materialise() if data.reader is None else None
+    self_inf = fi.self_influence(whole if whole is not None else data).double().numpy()
+    n = len(data)
     if n < 2 * folds:
         return Calibration(self_inf, None)
     out, after = np.empty(n), np.empty(n)
     for fold in np.array_split(np.random.default_rng(seed).permutation(n), folds):
         rest = torch.from_numpy(np.setdiff1d(np.arange(n), fold))
         idx = torch.from_numpy(fold)
-        out[fold] = fi.group((rows(x, idx), y[idx]), (rows(x, rest), y[rest])).double().numpy()
+        if whole is not None:
+            x, y = whole
+            fit, evaluate = (rows(x, idx), y[idx]), (rows(x, rest), y[rest])
+        else:
+            fit, evaluate = _take(data, idx), _Subset(data, rest)
+        out[fold] = fi.group(fit, evaluate).double().numpy()
         loss = fi.last_report.loss_after_fit if fi.last_report is not None else None
         after[fold] = np.nan if loss is None else loss.double().numpy()
     return Calibration(self_inf, out, None if np.isnan(after).all() else after)
+
+
+class _Subset:
+    """Rows ``index`` (sorted positions) of a streamed set as a row reader: each read gathers
+    only its own rows (consecutive positions in one read)."""
+
+    def __init__(self, data: Examples, index: torch.Tensor) -> None:
+        self.data, self.index = data, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+        """Rows ``start:stop`` of the subset."""
+        return _take(self.data, self.index[start:stop])
+
+
+def _take(data: Examples, index: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+    """Rows ``index`` (positions in any order) of a streamed set: read in row ranges of at most
+    READ_BLOCK rows that cover them (one read per range, not one per run of consecutive rows,
+    which for a random fold would be a read per row), the rows kept, put in ``index`` order."""
+    if len(index) == 0:
+        return data.take(slice(0, 0))
+    order = torch.argsort(index, stable=True)
+    pos = index[order]
+    xs: list[Inputs] = []
+    ys: list[torch.Tensor] = []
+    lo = 0
+    while lo < len(pos):
+        first = int(pos[lo])
+        hi = int(torch.searchsorted(pos, first + READ_BLOCK))
+        xb, yb = data.take(slice(first, int(pos[hi - 1]) + 1))
+        local = pos[lo:hi] - first
+        xs.append(rows(xb, local))
+        ys.append(yb[local])
+        lo = hi
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return rows(cat_inputs(xs), inverse), torch.cat(ys)[inverse]

@@ -459,21 +459,25 @@ def load_dataset(
     where = f"{name} set {shown!r}{at}"
     opts = {"image": image or {}, "columns": columns or {}, "label_column": label_column}
     lazy: RowSource | None = None
-    with dvc_opened(path, source, repo_s, rev, fmt, factory, where) as (local, commit):
+    with dvc_opened(path, source, repo_s, rev, fmt, factory, where) as opened:
+        local, commit = opened.local, opened.commit
         if factory:
             fmt = "factory"
+        elif opened.md5 is not None and fmt == "auto":
+            fmt = fmt_of(path)  # a DVC cache object is named by its md5, not the path
         elif local is not None:
             fmt = detect_format(local, fmt, where)
         elif fmt == "auto":
             fmt = fmt_of(path)
         classes = None
-        if fmt in ("npz", "parquet") and local is not None and source == "file":
+        if fmt in ("npz", "parquet") and local is not None and not opened.copy:
             read_local(local, read=False)
             lazy = (
                 NpzRows(local, where) if fmt == "npz" else ParquetRows(local, where, label_column)
             )
             lazy.md5 = file_md5(local)
             lazy.check()  # the digest is of the bytes the rows are read from
+            opened.verify(lazy.md5, where)  # a DVC cache object: the revision's md5
         elif fmt in ("npz", "parquet"):
             blob = read_dvc(path, repo_s, rev)[0] if local is None else read_local(local)
             md5 = hashlib.md5(blob).hexdigest()
@@ -484,8 +488,10 @@ def load_dataset(
         else:
             reader = open_rows(fmt, local, name, where, factory, opts)
             classes = reader.classes
-            if source == "file" or factory:
+            opened.verify_files(getattr(reader, "file_md5", {}), where)
+            if not opened.copy:
                 lazy = reader
+                opened.keep_for(reader)  # links to DVC cache objects live while it reads
             else:  # a DVC folder is a temporary copy: read it while it exists
                 raw = reader.rows(0, len(reader))
                 x, y, ids, md5 = raw.x, raw.y, raw.ids, reader.md5

@@ -205,7 +205,7 @@ def _bundle(
     """Per-row scores + the calibration scores of the validation set -> one bundle."""
     t_calib = time.perf_counter()
     with finite_scores(val):
-        calib = calibration_scores(fi, val.pair(), seed=cfg.seed)
+        calib = calibration_scores(fi, val.examples(), seed=cfg.seed)
     stages = {k: float(reports[k]["seconds"]) for k in ("pairwise", "group", "self")
               if "seconds" in reports.get(k, {})}  # fmt: skip
     stages["calibration"] = time.perf_counter() - t_calib

@@ -4,8 +4,11 @@ is memory-mapped, never read into memory; a file changed after it was digested f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -23,7 +26,9 @@ from mirrorinf.engine import as_examples
 from mirrorinf.errors import DataError
 from mirrorinf.shards import shard_ranges
 from mirrorinf.tasks.data import load_dataset, write_npz
+from mirrorinf.tasks.sources import ImageOptions, file_md5
 from mirrorinf.tasks.sources import images as image_source
+from mirrorinf.tasks.sources.images import ImageFolder
 
 VERBS = ("pairwise", "self_influence", "group_influence", "query_self_drop")
 
@@ -197,10 +202,15 @@ def test_a_file_changed_after_it_was_digested_fails(tmp_path: Path):
     assert load_dataset(path).provenance.md5 != split.provenance.md5
 
     imgs = load_dataset(_images(tmp_path / "imgs", 4), name="train")
+    pixels = imgs.reader.read(0, len(imgs))[0]  # type: ignore[union-attr]
     target = tmp_path / "imgs" / "green" / "001.png"
     Image.fromarray(np.zeros((6, 5, 3), dtype=np.uint8)).save(target)
+    # decoded once, at load, from the digested bytes: later passes read those pixels
+    assert torch.equal(imgs.reader.read(0, len(imgs))[0], pixels)  # type: ignore[union-attr]
+    folder = ImageFolder(tmp_path / "imgs", ImageOptions(), "t")  # digested, not decoded
+    Image.fromarray(np.ones((6, 5, 3), dtype=np.uint8)).save(target)
     with pytest.raises(DataError, match="changed since the folder was digested"):
-        imgs.reader.read(0, len(imgs))  # type: ignore[union-attr]
+        folder.rows(0, len(folder))
 
 
 def test_parquet_reads_only_the_row_groups_of_a_range(tmp_path: Path):
@@ -219,18 +229,95 @@ def test_parquet_reads_only_the_row_groups_of_a_range(tmp_path: Path):
 
 def test_image_batches_in_worker_processes_are_in_order(tmp_path: Path, monkeypatch):
     """With worker processes (forced here for a small folder) the batches are the rows in
-    order, equal to decoding in this process."""
-    split = load_dataset(_images(tmp_path / "imgs", 10), name="train")
-    reader = split.reader
-    assert reader is not None
-    inline = list(reader.batches(7, 0, len(split)))
+    order, equal to decoding in this process (the first pass decodes in the workers)."""
+    folder = ImageFolder(_images(tmp_path / "imgs", 10), ImageOptions(), "t")
+    inline = [(torch.from_numpy(r.x), torch.from_numpy(r.y)) for r in folder.batches(7, 0, 30)]
+    folder = ImageFolder(tmp_path / "imgs", ImageOptions(), "t")
     monkeypatch.setattr(image_source, "WORKER_MIN_ROWS", 1)
     monkeypatch.setattr(image_source.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     assert image_source.loader_workers(30) == 1
-    pooled = list(reader.batches(7, 0, len(split)))
+    here, load = os.getpid(), ImageFolder._load
+    calls: list[int] = []
+
+    def counted(self: ImageFolder, i: int) -> np.ndarray:
+        if os.getpid() == here:
+            calls.append(i)
+        return load(self, i)
+
+    monkeypatch.setattr(ImageFolder, "_load", counted)
+    pooled = [(torch.from_numpy(r.x), torch.from_numpy(r.y)) for r in folder.batches(7, 0, 30)]
+    assert not calls  # decoded in the worker process, not here
     assert [len(b[1]) for b in pooled] == [7, 7, 7, 7, 2]
     for (xa, ya), (xb, yb) in zip(inline, pooled, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _decoded_before(path: Path, mode: str, size: Any, mean: Any, std: Any) -> np.ndarray:
+    """One image as the reader decoded it on every read before pixels were kept per run."""
+    with Image.open(path) as img:
+        img = img.convert(mode)
+        if size is not None:
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if mean is not None:
+        arr = arr - np.asarray(mean, dtype=np.float32)[:, None, None]
+    if std is not None:
+        arr = arr / np.asarray(std, dtype=np.float32)[:, None, None]
+    return arr
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {},
+        {"mode": "L", "size": [4, 3]},
+        {"size": [8, 7], "mean": [0.5, 0.4, 0.3], "std": [0.2] * 3},
+    ],
+)
+def test_images_are_decoded_once_per_run(tmp_path: Path, monkeypatch, image: dict[str, Any]):
+    """Each image is decoded once (at load's validation pass) into this run's uint8 pixels;
+    pairwise, self and group influence then read them and decode nothing, and every value
+    equals the per-read decoding before, bit for bit. The pixels live in an unnamed temporary
+    file (nothing left in the temp folder) and are never pickled to another process."""
+    import pickle
+
+    root = _images(tmp_path / "imgs", 30)
+    monkeypatch.setattr(tempfile, "tempdir", str(_fresh(tmp_path / "tmp")))
+    calls: list[int] = []
+    load = ImageFolder._load
+
+    def counted(self: ImageFolder, i: int) -> np.ndarray:
+        calls.append(i)
+        return load(self, i)
+
+    monkeypatch.setattr(ImageFolder, "_load", counted)
+    split = load_dataset(root, name="train", image=image)
+    assert sorted(calls) == list(range(len(split)))  # each once, at load
+    assert not list((tmp_path / "tmp").iterdir())  # the pixel file has no name
+    x, y = split.reader.read(0, len(split))  # type: ignore[union-attr]
+    size, mode = image.get("size"), image.get("mode", "RGB")
+    for i, rel in enumerate(split.ids):
+        want = _decoded_before(root / rel, mode, size, image.get("mean"), image.get("std"))
+        np.testing.assert_array_equal(x[i].numpy(), want, err_msg=rel)
+    d_in = int(np.prod(x.shape[1:]))
+    q, cfg = (x[:3] + 0.05, y[:3]), {"train_batch": 32}
+    lazy, _ = score_rows(ForwardInf(_mlp(d_in), cfg), split.examples(), q, split.examples())
+    whole, _ = score_rows(ForwardInf(_mlp(d_in), cfg), (x, y), q, (x, y))
+    _equal(lazy, whole)
+    assert len(calls) == len(split)  # nothing decoded again by three scoring passes
+    kept = np.asarray(split.reader.source._pixels)  # type: ignore[union-attr]
+    blob = pickle.dumps(split)
+    assert kept.tobytes() not in blob  # not the pixels
+    back = pickle.loads(blob)
+    assert back.reader.source._pixels is None
+    assert torch.equal(back.reader.read(0, len(back))[0], x)  # decoded again over there
+    assert len(calls) == 2 * len(split)
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 def test_review_feature_ranges_are_computed_in_blocks(tmp_path: Path):
@@ -320,3 +407,181 @@ def test_a_shard_reads_only_its_rows(tmp_path: Path, monkeypatch):
     outside = [(a, b) for a, b in reads if a < 120 or b > 200]
     assert reads and all(b <= 32 for a, b in outside), outside
     assert sum(b - a for a, b in reads if a >= 120) >= 80
+
+
+def _dvc_versions(tmp_path: Path, fmt: str) -> tuple[Path, str, Path]:
+    """A git + DVC repo with ``fmt`` data tracked at tag v1 and changed at v2 (the workspace
+    holds v2); returns (repo, path in the repo, a copy of v1's data outside the repo)."""
+    from dvc_helpers import dvc_add_commit, make_dvc_repo
+
+    repo = make_dvc_repo(tmp_path / "repo")
+    name = {"npz": "t.npz", "parquet": "t.parquet", "images": "imgs"}[fmt]
+    write = {"npz": _npz, "parquet": _parquet, "images": _images}[fmt]
+    size = 30 if fmt == "images" else 90
+    (tmp_path / "v1").mkdir()
+    write(tmp_path / "v1" / name, size)
+    copy = shutil.copytree if fmt == "images" else shutil.copy
+    copy(tmp_path / "v1" / name, repo / name)
+    dvc_add_commit(repo, [name], "v1", tag="v1")
+    (shutil.rmtree if fmt == "images" else os.remove)(repo / name)
+    write(repo / name, size, seed=1)
+    dvc_add_commit(repo, [name], "v2", tag="v2")
+    return repo, name, tmp_path / "v1" / name
+
+
+def _cache_files(repo: Path) -> list[Path]:
+    return [p for p in (repo / ".dvc" / "cache" / "files" / "md5").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("fmt", ["npz", "parquet", "images"])
+def test_dvc_data_at_a_revision_is_streamed_from_the_cache(tmp_path: Path, fmt: str):
+    """A DVC-tracked file or folder at a revision is read lazily from the local DVC cache
+    objects (no copy, nothing read whole), with the same md5 and the same scores as the same
+    data read from a local path."""
+    repo, name, v1 = _dvc_versions(tmp_path, fmt)
+    split = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    local = load_dataset(v1, name="train")
+    assert split.reader is not None and split._x is None  # lazy: nothing read whole
+    assert split.provenance.md5 == local.provenance.md5 and split.provenance.rev == "v1"
+    np.testing.assert_array_equal(split.ids, local.ids)
+    source = split.reader.source
+    cache = {p.resolve() for p in _cache_files(repo)}
+    if fmt == "images":
+        assert {Path(f).resolve() for f in source.files} <= cache  # links to cache objects
+    else:
+        assert Path(source.path).resolve() in cache  # the object itself, mapped in place
+    x, y = local.reader.read(0, len(local))  # type: ignore[union-attr]
+    d_in = int(np.prod(x.shape[1:]))
+    cfg = {"train_batch": 32, "seed": 3}
+    queries = (x[:4] + 0.05, y[:4])
+    lazy, _ = score_rows(ForwardInf(_mlp(d_in), cfg), split.examples(), queries, split.examples())
+    whole, _ = score_rows(ForwardInf(_mlp(d_in), cfg), (x, y), queries, (x, y))
+    _equal(lazy, whole)
+    if fmt == "images":  # the folder of links goes when its reader does
+        import gc
+
+        links = Path(source.root).parent
+        assert links.is_dir()
+        del split, source, lazy
+        gc.collect()
+        assert not links.exists()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "images"])
+def test_a_tampered_dvc_cache_object_fails(tmp_path: Path, fmt: str):
+    """A cache object whose bytes no longer hash to the md5 recorded at the revision is
+    refused with one message naming the object and the fix (DataError: exit 2)."""
+    from mirrorinf.errors import InputError
+
+    repo, name, _ = _dvc_versions(tmp_path, fmt)
+    before = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    n_links = len(list(Path(tempfile.gettempdir()).glob("mirrorinf-dvc-*")))
+    objects = [p for p in _cache_files(repo) if not p.name.endswith(".dir")]
+    for obj in objects:  # every object of both revisions: still parseable, other bytes
+        obj.chmod(0o644)
+        if fmt == "npz":
+            blob = bytearray(obj.read_bytes())
+            blob[200] ^= 0xFF
+            obj.write_bytes(bytes(blob))
+        else:
+            Image.fromarray(np.zeros((6, 5, 3), dtype=np.uint8)).save(obj, format="PNG")
+    with pytest.raises(DataError, match=r"DVC cache object .* does not match the md5") as err:
+        load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    assert isinstance(err.value, InputError) and "dvc fetch" in str(err.value)
+    assert len(list(Path(tempfile.gettempdir()).glob("mirrorinf-dvc-*"))) == n_links  # none left
+    del before
+    if fmt == "images":  # the folder's manifest (its files' md5s) edited to match them
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(str(repo), rev="v1")
+        manifest = Path(fs.repo.cache.local.oid_to_path(fs.info(name)["md5"]))
+        fs.close()
+        entries = json.loads(manifest.read_text())
+        for entry in entries:
+            entry["md5"] = file_md5(Path(fs.repo.cache.local.oid_to_path(entry["md5"])))
+        manifest.chmod(0o644)
+        manifest.write_text(json.dumps(entries))
+        with pytest.raises(DataError, match=r"DVC cache object .*\.dir does not match"):
+            load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+
+
+def test_dvc_data_not_in_the_local_cache_is_read_through_dvc_with_a_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """An object missing from the local cache (only on a remote) is read through DVC as
+    before, with a logged note saying how to stream it."""
+    from dvc.repo import Repo
+    from dvc_helpers import git
+
+    repo, name, v1 = _dvc_versions(tmp_path, "npz")
+    with Repo(str(repo)) as dvc:
+        with dvc.config.edit("local") as conf:  # not versioned: every revision sees it
+            conf["remote"]["store"] = {"url": str(tmp_path / "remote")}
+            conf["core"]["remote"] = "store"
+        git(repo, "checkout", "-q", "v1")
+        dvc.push()
+    git(repo, "checkout", "-q", "v2")
+    for obj in _cache_files(repo):
+        obj.chmod(0o644)
+        obj.unlink()
+    with caplog.at_level(logging.INFO, logger="mirrorinf.tasks.sources.files"):
+        split = load_dataset(name, name="train", source="dvc", repo=repo, rev="v1")
+    assert "not in the local DVC cache" in caplog.text
+    assert split.provenance.md5 == load_dataset(v1).provenance.md5
+
+
+def test_calibration_reads_a_lazy_validation_split_by_row_range(tmp_path: Path, monkeypatch):
+    """Calibration on a lazy validation split (as tasks.score passes it) equals calibration
+    on its tensors bit for bit, and reads it by row range: self-influence in batches, each
+    fold gathered, the rest of the set streamed; no read covers the whole split."""
+    from mirrorinf.calibration import calibration_scores
+    from mirrorinf.tasks.data import SplitReader
+
+    val = load_dataset(_npz(tmp_path / "v.npz", 200, seed=2), name="val")
+    x, y = val.reader.read(0, len(val))  # type: ignore[union-attr]
+    cfg = {"train_batch": 32, "seed": 3}
+    whole = calibration_scores(ForwardInf(_mlp(6), cfg), (x, y), seed=1)
+    reads: list[tuple[int, int]] = []
+    original = SplitReader.read
+
+    def recording(self: SplitReader, start: int, stop: int, aligned: bool = True) -> Any:
+        reads.append((start, stop))
+        return original(self, start, stop, aligned)
+
+    monkeypatch.setattr(SplitReader, "read", recording)
+    monkeypatch.setattr("mirrorinf.calibration.READ_BLOCK", 64)  # rows gathered per read
+    lazy = calibration_scores(ForwardInf(_mlp(6), cfg), val.examples(), seed=1)
+    for name in ("self_influence", "group_influence", "loss_after_fit"):
+        np.testing.assert_array_equal(getattr(lazy, name), getattr(whole, name), err_msg=name)
+    assert val._x is None and reads
+    assert max(b - a for a, b in reads) <= 64, max(b - a for a, b in reads)
+
+
+def test_a_dvc_lock_output_at_a_revision_is_streamed_from_the_cache(tmp_path: Path, monkeypatch):
+    """A pipeline output (recorded in dvc.lock, not a .dvc file) is resolved and streamed the
+    same way: the revision's lock entry's md5 names the cache object that is mapped."""
+    import sys
+
+    from dvc.repo import Repo
+    from dvc_helpers import git, make_dvc_repo
+
+    repo = make_dvc_repo(tmp_path / "repo")
+    (repo / "make.py").write_text(
+        "import numpy as np\n"
+        "x = np.arange(150, dtype=np.float32).reshape(50, 3)\n"
+        "np.savez('out.npz', x=x, y=np.arange(50) % 2)\n"
+    )
+    monkeypatch.chdir(repo)
+    with Repo(str(repo)) as dvc:
+        dvc.stage.add(
+            name="make", cmd=f"{sys.executable} make.py", deps=["make.py"], outs=["out.npz"]
+        )
+        dvc.reproduce()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "v1")
+    git(repo, "tag", "v1")
+    split = load_dataset("out.npz", name="train", source="dvc", repo=repo, rev="v1")
+    assert split.reader is not None and split._x is None
+    assert Path(split.reader.source.path).resolve() in {p.resolve() for p in _cache_files(repo)}
+    assert split.provenance.md5 == file_md5(repo / "out.npz")
+    np.testing.assert_array_equal(split.x.numpy(), np.arange(150, dtype=np.float32).reshape(50, 3))

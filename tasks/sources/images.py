@@ -5,16 +5,22 @@ relative to ``root`` (``cat/001.png``). Each image is decoded with Pillow to RGB
 to ``data.image.size`` when set, scaled to [0, 1] and normalised with ``data.image.mean`` /
 ``std`` when set (no normalisation beyond /255 otherwise): float32 ``[C, H, W]``. Only file
 names, sizes and digests are read when the folder is opened; pixels are decoded per row, so any
-row range can be read without decoding the others.
+row range can be read without decoding the others, and once per run: the uint8 pixels (after
+the resize, before scaling and normalisation, which are per batch) go to an unnamed
+memory-mapped temporary file that later passes read instead of decoding again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +70,10 @@ class ImageFolder(torch.utils.data.Dataset):
         self.labels = np.array([remap[c] for _, c in pairs], dtype=np.int64)
         self.ids = np.array([f.relative_to(self.root).as_posix() for f in self.files])
         self.md5, sizes = self._scan()
+        self._sizes = sizes
+        self._lock = threading.Lock()
+        self._pixels: np.ndarray | None = None
+        self._have: np.ndarray | None = None
         if options.size is None and len(sizes) > 1:
             shown = ", ".join(f"{w}x{h} ({f})" for (w, h), f in list(sizes.items())[:3])
             raise DataError(
@@ -92,8 +102,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def decode(self, i: int) -> np.ndarray:
-        """Image ``i`` as float32 [C, H, W], scaled and normalised as the options say."""
+    def _load(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded from its file (checked against its md5), converted and resized:
+        uint8 [H, W, C], the pixels before scaling and normalisation."""
         from PIL import Image
 
         opts = self.options
@@ -111,39 +122,90 @@ class ImageFolder(torch.utils.data.Dataset):
                 img = img.convert(opts.mode)
                 if opts.size is not None:
                     img = img.resize((opts.size[1], opts.size[0]), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
+                arr = np.asarray(img, dtype=np.uint8)
         except OSError as err:  # truncated or corrupt after the header
             raise DataError(f"{self.where}: cannot decode image {self.ids[i]}: {err}") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        arr = arr.reshape(*arr.shape[:2], -1)
+        if arr.shape != self.shape:
+            raise DataError(
+                f"{self.where}: image {self.ids[i]} decodes to {arr.shape[1]}x{arr.shape[0]}, "
+                f"not the {self.shape[1]}x{self.shape[0]} its header and the others have"
+            )
+        return arr
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every decoded image."""
+        size = self.options.size or next(iter(self._sizes))[::-1]
+        return int(size[0]), int(size[1]), _MODES[self.options.mode]
+
+    def _float(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [n, H, W, C] as float32 [n, C, H, W]: scaled to [0, 1] and normalised as the
+        options say (per batch: only the uint8 pixels are kept)."""
+        opts = self.options
+        arr = (pixels.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
         if opts.mean is not None:
-            arr = arr - np.asarray(opts.mean, dtype=np.float32)[:, None, None]
+            arr = arr - np.asarray(opts.mean, dtype=np.float32)[None, :, None, None]
         if opts.std is not None:
-            arr = arr / np.asarray(opts.std, dtype=np.float32)[:, None, None]
+            arr = arr / np.asarray(opts.std, dtype=np.float32)[None, :, None, None]
         return np.ascontiguousarray(arr)
+
+    def _store(self) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded pixels of this run, uint8 [N, H, W, C], in a memory-mapped temporary
+        file that has no name (unlinked at creation: never reused by another run or process,
+        gone when this reader or process ends, even on kill -9), and which rows it holds."""
+        with self._lock:
+            if self._pixels is None:
+                shape = (len(self), *self.shape)
+                with tempfile.TemporaryFile(prefix="mirrorinf-pixels-") as fh:  # the map keeps it
+                    self._pixels = np.memmap(fh, dtype=np.uint8, mode="w+", shape=shape)
+                self._have = np.zeros(len(self), dtype=bool)
+            assert self._have is not None
+            return self._pixels, self._have
+
+    def pixels(self, start: int, stop: int) -> np.ndarray:
+        """uint8 pixels of rows ``start:stop``: decoded once per run (the first pass over a row
+        decodes it; later passes read the decoded pixels)."""
+        store, have = self._store()
+        for i in np.flatnonzero(~have[start:stop]) + start:
+            store[i] = self._load(int(i))
+            have[i] = True
+        return store[start:stop]
+
+    def release(self) -> None:
+        """Drop the decoded pixels already read from this process's resident memory (they
+        stay in the temporary file): a pass keeps about one batch resident."""
+        mm = getattr(self._pixels, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    def decode(self, i: int) -> np.ndarray:
+        """Image ``i`` as float32 [C, H, W], scaled and normalised as the options say."""
+        return self._float(self.pixels(i, i + 1))[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.decode(i)), int(self.labels[i])
 
     def rows(self, start: int, stop: int) -> Raw:
-        """Rows ``start:stop``, decoding only those images."""
-        idx = range(*slice(start, stop).indices(len(self)))
-        first = self.decode(idx[0]) if len(idx) else np.zeros((0, 0, 0), np.float32)
-        x = np.empty((len(idx), *first.shape), dtype=np.float32)
-        for k, i in enumerate(idx):
-            x[k] = first if k == 0 else self.decode(i)
+        """Rows ``start:stop``, decoding only those images (once per run)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        stop = max(start, stop)
+        x = self._float(self.pixels(start, stop))
         return Raw(x=x, y=self.labels[start:stop], ids=self.ids[start:stop])
 
     def batches(self, size: int, start: int, stop: int) -> Iterator[Raw]:
-        """Rows ``start:stop`` in batches of ``size``, in order; decoded in worker processes
-        (a torch DataLoader) when the range is large enough to pay for starting them."""
+        """Rows ``start:stop`` in batches of ``size``, in order; the first pass decodes in
+        worker processes (a torch DataLoader) when the range is large enough to pay for
+        starting them, later passes read the pixels decoded then."""
         stop = min(stop, len(self))
-        workers = loader_workers(stop - start)
+        store, have = self._store()
+        workers = 0 if have[start:stop].all() else loader_workers(stop - start)
         if workers == 0:
             for at in range(start, stop, size):
                 yield self.rows(at, min(at + size, stop))
             return
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self, range(start, stop)),
+            torch.utils.data.Subset(_Decoded(self), range(start, stop)),
             batch_size=size,
             shuffle=False,  # in order: a DataLoader returns batches in index order
             num_workers=workers,
@@ -151,10 +213,36 @@ class ImageFolder(torch.utils.data.Dataset):
             persistent_workers=False,
         )
         at = start
-        for xb, _ in loader:
-            n = len(xb)
-            yield Raw(x=xb.numpy(), y=self.labels[at : at + n], ids=self.ids[at : at + n])
+        for pixels in loader:
+            n = len(pixels)
+            store[at : at + n] = pixels.numpy()
+            have[at : at + n] = True
+            yield self.rows(at, at + n)
             at += n
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a worker process) without this run's decoded pixels."""
+        return {k: v for k, v in self.__dict__.items() if k not in _RUN_ONLY}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._pixels, self._have = threading.Lock(), None, None
+
+
+_RUN_ONLY = ("_lock", "_pixels", "_have")
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """The uint8 pixels of an image folder's rows, decoded from the files (for workers)."""
+
+    def __init__(self, folder: ImageFolder) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.folder._load(i))
 
 
 # Below this many images one process decodes. Measured on the 2-core dev machine (loaded):

@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +83,8 @@ def linear_sites(model: nn.Module, trainable: set[str]) -> dict[str, Site]:
             if p is not None:
                 holders[id(p)] = holders.get(id(p), 0) + 1
     names = {id(p): n for n, p in model.named_parameters()}  # a tied weight's first name
-    sites, uses = {}, {}
+    sites: dict[str, Site] = {}
+    uses: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         site_name, call = name, mod
@@ -536,7 +538,7 @@ def _pads(mod: Conv) -> list[tuple[int, int]]:
     if mod.padding == "same":
         total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size, strict=True)]
         return [(t // 2, t - t // 2) for t in total]
-    return [(p, p) for p in mod.padding]
+    return [(p, p) for p in cast("tuple[int, ...]", mod.padding)]
 
 
 def _windows(mod: Conv, x: Tensor) -> Tensor:

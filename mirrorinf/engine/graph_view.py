@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -220,13 +220,13 @@ def _add_alias(root: nn.Module, owner: str, k: int) -> str:
     *path, last = owner.split(".")
     mod = root
     for part in path:
-        child = shallow(mod._modules[part])
+        child = shallow(cast(nn.Module, mod._modules[part]))
         mod._modules[part] = child
         mod = child
     alias = f"{last}_tied{k}"
     while alias in mod._modules or alias in mod._parameters or alias in mod._buffers:
         alias += "_"
-    mod._modules[alias] = shallow(mod._modules[last])
+    mod._modules[alias] = shallow(cast(nn.Module, mod._modules[last]))
     return ".".join([*path, alias])
 
 
@@ -287,7 +287,7 @@ def _conv_site(
     """(owner, input node, nodes to erase, Conv arguments) of an ``aten.conv1d`` / ``conv2d`` /
     ``conv3d`` call (numeric or "same" / "valid" padding) on one module's own 3-D / 4-D / 5-D
     weight (and bias) that nothing else reads; else None."""
-    ndim = _CONV_OPS.get(node.target)
+    ndim = _CONV_OPS.get(cast(Any, node.target))
     if ndim is None or node.kwargs:
         return None
     names = ("x", "w", "b", "stride", "padding", "dilation", "groups")
@@ -361,21 +361,32 @@ def _bag_site(
     if a["by_freq"] or a["mode"] not in (0, 1) or a["last"] or not _own_attr(a["w"]):
         return None
     ids, off, psw = a["idx"], a["off"], a["psw"]
-    if not (isinstance(ids, fx.Node) and ids.target in _FLAT and list(ids.args[1]) == [-1]):
+    if not (
+        isinstance(ids, fx.Node) and ids.target in _FLAT and list(cast(Any, ids.args[1])) == [-1]
+    ):
         return None
     x = ids.args[0]
     shape = getattr(x.meta.get("val"), "shape", None) if isinstance(x, fx.Node) else None
-    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+    if (
+        not isinstance(x, fx.Node)
+        or shape is None
+        or len(shape) != 2
+        or not isinstance(shape[1], int)
+    ):
         return None  # a dynamic bag length: not handled
     if not (isinstance(off, fx.Node) and off.target is aten.arange.start_step):
         return None
     if list(off.args[:1]) != [0] or off.args[2:] != (shape[1],):
         return None
-    w2 = None
+    w2: fx.Node | None = None
     if psw is not None:
-        if not (isinstance(psw, fx.Node) and psw.target in _FLAT and list(psw.args[1]) == [-1]):
+        flat = isinstance(psw, fx.Node) and psw.target in _FLAT
+        if not (flat and list(cast(Any, psw.args[1])) == [-1]):
             return None
-        w2 = psw.args[0]
+        src = psw.args[0]
+        if not isinstance(src, fx.Node):
+            return None
+        w2 = src
     if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
         return None
     owner = _sole_owner(gm, graph, a["w"], None, 2)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -166,7 +166,7 @@ class EngineEmbeddingBag(nn.EmbeddingBag):
             return super().forward(input, offsets, per_sample_weights)
         if weighted_mean:
             return super().forward(input, offsets, per_sample_weights)
-        rows = self.lookup_tap(input, self.weight)  # [B, L, dim]
+        rows: Tensor = self.lookup_tap(input, self.weight)  # [B, L, dim]
         keep = torch.ones_like(input, dtype=rows.dtype)
         if self.padding_idx is not None:
             keep = (input != self.padding_idx).to(rows.dtype)
@@ -186,7 +186,9 @@ def module_view(mod: nn.Module) -> nn.Module | None:
     if cls is nn.EmbeddingBag and not mod.scale_grad_by_freq and not mod.sparse:
         view = shallow(mod)
         view.__class__ = EngineEmbeddingBag
-        view.__dict__["lookup_tap"] = EmbeddingTap(mod.padding_idx)  # not a registered child
+        view.__dict__["lookup_tap"] = EmbeddingTap(
+            cast("int | None", mod.padding_idx)
+        )  # not a registered child
         return view
     if cls is nn.MultiheadAttention:
         view = shallow(mod)

@@ -207,7 +207,11 @@ def vmap_failed(rt: Runtime, state: ModelState, what: str, exc: Exception) -> No
 
 
 def mean_grad(
-    rt: Runtime, state: ModelState, p: Params, data: Examples, rows: list | None = None
+    rt: Runtime,
+    state: ModelState,
+    p: Params,
+    data: Examples,
+    rows: list[torch.Tensor] | None = None,
 ) -> Params:
     """Gradient of the mean loss over ``data`` (streamed; exact, not a subsample); with
     ``rows``, each batch's per-example losses (detached) are appended to it."""

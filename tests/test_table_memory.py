@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from mirrorinf.summary import flag_rule_masks, ranked_rows, summarise
+from mirrorinf.summary import flag_rule_masks, head_positions, ranked_rows, summarise
 
 N, Q = 200_000, 4
 MiB = 2**20
@@ -117,3 +118,32 @@ def test_parquet_is_written_without_an_arrow_copy_of_the_table(tmp_path: Path) -
     # one row group of 65,536 rows at a time (~8 MiB); ``to_parquet`` of the whole table in one
     # row group peaked at ~31 MiB here (32.5 MiB at 1M rows; this writer: 8 MiB at both)
     assert peak <= 16 * MiB, peak / MiB
+
+
+def test_head_positions_orders_rows_as_pandas_sorts_them() -> None:
+    """The partial selection gives pandas' order: ties (quicksort or stable), NaN, +-inf, +-0."""
+    rng = np.random.default_rng(1)
+    for trial in range(600):
+        n = int(rng.integers(1, 60))
+        v = rng.standard_normal(n)
+        if trial % 4 == 1:
+            v = np.round(v, 1)  # ties
+        if trial % 4 == 2:
+            v[rng.random(n) < 0.3] = np.nan
+        if trial % 4 == 3:
+            v[rng.random(n) < 0.2] = rng.choice([np.inf, -np.inf, 0.0, -0.0])
+        rows = np.flatnonzero(rng.random(n) < 0.5)
+        k = int(rng.integers(0, 12))
+        frame = pd.DataFrame({"v": v})
+        for asc in (True, False):
+            for kind, stable in (("quicksort", False), ("stable", True)):
+                want = frame.sort_values("v", ascending=asc, kind=kind).head(k).index
+                got = head_positions(v, k, ascending=asc, stable=stable)
+                assert np.array_equal(want.to_numpy(), got), (v, asc, kind, k)
+                sub = frame.iloc[rows].sort_values("v", ascending=asc, kind=kind).head(k).index
+                got = head_positions(v, k, ascending=asc, rows=rows, stable=stable)
+                assert np.array_equal(sub.to_numpy(), got), (v, rows, asc, kind, k)
+        with np.errstate(invalid="ignore"):
+            neg = np.flatnonzero(v < 0)
+        want = frame[frame["v"] < 0].nsmallest(k, "v").index.to_numpy()
+        assert np.array_equal(want, head_positions(v, k, ascending=True, rows=neg, stable=True))

@@ -30,7 +30,7 @@ from mirrorinf.demo import evaluate_findings
 from mirrorinf.errors import InputError
 from mirrorinf.params import Params
 from mirrorinf.shards import shard_ranges
-from mirrorinf.summary import flag_rules, suspect_noun
+from mirrorinf.summary import ranked_rows, suspect_noun
 from mirrorinf.tasks.checks import check_task
 from mirrorinf.tasks.data import (
     Split,
@@ -149,10 +149,9 @@ def _records(frame: Any, columns: list[str], n: int = TOP_N) -> list[dict[str, A
 def _summary(
     tables: Any, scores: Any, truth_metrics: dict[str, float], kind: str = "classification"
 ) -> dict[str, Any]:
-    train = tables.train.assign(flag_rule=flag_rules(tables.train, tables.counts))
-    mislabels = train[train["flag_mislabel"]].sort_values("self_influence", ascending=False)
-    by_self = train.sort_values("self_influence", ascending=False)
-    harmful = train[train["flag_harmful"]].sort_values("group_influence")
+    mislabels = ranked_rows(tables, "self_influence", TOP_N, ascending=False, where="flag_mislabel")
+    by_self = ranked_rows(tables, "self_influence", TOP_N, ascending=False)
+    harmful = ranked_rows(tables, "group_influence", TOP_N, ascending=True, where="flag_harmful")
     leak_cols = [c for c in ("query_id", "train_id", "score", "cosine") if c in tables.leaks]
     leaks = tables.leaks.sort_values(leak_cols[-1], ascending=False)
     pair = scores.reports.get("pairwise", {})

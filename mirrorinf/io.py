@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_parquet"]
+
+PARQUET_GROUP_ROWS = 1 << 16  # rows per row group of write_parquet: ~4 MiB of Arrow each
 
 
 def atomic_write(path: str | Path, write: Any) -> None:
@@ -25,3 +27,22 @@ def atomic_write(path: str | Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_parquet(frame: Any, path: str | Path, group_rows: int = PARQUET_GROUP_ROWS) -> None:
+    """``frame.to_parquet(path, index=False)`` one row group at a time, atomically: the same
+    schema (pandas metadata included) and values, but each group is converted to Arrow on its
+    own, so writing needs ~``group_rows`` rows of Arrow, not a copy of the whole table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+
+    def write(fh: Any) -> None:
+        with pq.ParquetWriter(fh, schema, compression="snappy") as writer:
+            for start in range(0, max(len(frame), 1), group_rows):
+                part = frame.iloc[start : start + group_rows]
+                table = pa.Table.from_pandas(part, schema=schema, preserve_index=False)
+                writer.write_table(table)
+
+    atomic_write(path, write)

@@ -46,7 +46,15 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from matplotlib.ticker import NullLocator
 
-from mirrorinf.summary import InfluenceTables, flag_rules, suspect_noun, target_labels
+from mirrorinf.summary import (
+    InfluenceTables,
+    flag_rule_masks,
+    flag_rules,
+    head_positions,
+    ranked_rows,
+    suspect_noun,
+    target_labels,
+)
 from mirrorinf.text import markdown_code, markdown_inline, printable
 
 __all__ = [
@@ -449,7 +457,10 @@ def plot_top_harmful(
 ) -> None:
     """Ranked horizontal bars of the most negative group influence (flagged in red); rows are
     named by id, label and prediction, or by id and the start of their ``text`` (tokens)."""
-    worst = train[train["group_influence"] < 0].nsmallest(n, "group_influence")
+    g = train["group_influence"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        hurts = np.flatnonzero(g < 0)
+    worst = train.iloc[head_positions(g, n, ascending=True, rows=hurts, stable=True)]
     if worst.empty:
         _empty(path, "Most harmful training examples", "no training example hurts validation")
         return
@@ -479,13 +490,12 @@ def plot_top_harmful(
 
 
 def _mislabel_rows(inp: ReviewInputs) -> tuple[pd.DataFrame, str]:
-    train = inp.tables.train
-    flagged = train[train["flag_mislabel"]]
-    if len(flagged):
-        rows = flagged.sort_values("self_influence", ascending=False)
-        noun = suspect_noun(inp.kind)
-        return rows.head(inp.n_gallery), f"Top {noun}s ({len(flagged)} flagged)"
-    rows = train.sort_values("self_influence", ascending=False).head(inp.n_gallery)
+    n_flagged = int(inp.tables.train["flag_mislabel"].sum())
+    where = "flag_mislabel" if n_flagged else None
+    rows = ranked_rows(inp.tables, "self_influence", inp.n_gallery, ascending=False, where=where)
+    rows = rows.drop(columns="flag_rule")
+    if n_flagged:
+        return rows, f"Top {suspect_noun(inp.kind)}s ({n_flagged} flagged)"
     return rows, "Highest self-influence (none flagged)"
 
 
@@ -564,10 +574,11 @@ def _positions(ids: pd.Series, wanted: Any) -> dict[Any, int]:
     """Row position of each wanted id: only the few rows drawn, not a dict of every training
     id (a million Python objects at 1M rows)."""
     want = pd.unique(pd.Series(list(wanted), dtype=object))
-    if not len(want):
-        return {}
-    hit = np.flatnonzero(ids.isin(want).to_numpy())
-    return {ids.iloc[i]: i for i in hit.tolist()}
+    out: dict[Any, int] = {}
+    for w in want.tolist():  # one [n] boolean per id drawn (isin's hash or sort took ~40 B/row)
+        hit = np.flatnonzero((ids == w).to_numpy(dtype=bool, na_value=False))
+        out.update({ids.iloc[i]: i for i in hit.tolist()})
+    return out
 
 
 def _shown_queries(inp: ReviewInputs) -> list[Any]:
@@ -644,13 +655,14 @@ def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
         f"{_fmt(c.get('mislabel_alpha_eff'))}), or harmful and atypical.",
     ]
     if c.get("n_flagged_mislabel"):
-        rules = flag_rules(train, c)
-        flagged = train["flag_mislabel"].to_numpy(dtype=bool)
-        for rule in ("self-influence", "harmful and atypical"):
-            out.append(f"  - flagged by the {rule} rule: {int((rules == rule).sum())}")
+        masks = flag_rule_masks(train, c)  # booleans: no string per training row
+        for rule, mask in zip(("self-influence", "harmful and atypical"), masks, strict=True):
+            out.append(f"  - flagged by the {rule} rule: {int(mask.sum())}")
     comparable = inp.kind not in _VALUED and inp.kind != "sequence"  # one label per example
     if inp.train_pred is not None and c.get("n_flagged_mislabel") and comparable:
-        differ = inp.train_pred[flagged].astype(str) != train["label"][flagged].astype(str)
+        flagged = np.flatnonzero(train["flag_mislabel"].to_numpy(dtype=bool))
+        labels = train["label"].to_numpy()[flagged]
+        differ = inp.train_pred[flagged].astype(str) != labels.astype(str)
         out.append(
             f"  - the model predicts a different label for {int(differ.sum())} of them "
             "(see plots/mislabels.png)."

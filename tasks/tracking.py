@@ -48,6 +48,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mirrorinf.io import write_parquet
 from mirrorinf.params import has_uri_scheme
 from mirrorinf.tasks.data import retry_unless_input_error
 
@@ -449,9 +450,8 @@ def log_influence(
         np.save(d / "scores" / "query_self_drop.npy", scores.query_self_drop)
         (d / "scores" / "reports.json").write_text(json.dumps(scores.reports, indent=2))
         (d / "tables").mkdir()
-        tables.train.to_parquet(d / "tables" / "train.parquet", index=False)
-        tables.queries.to_parquet(d / "tables" / "queries.parquet", index=False)
-        tables.leaks.to_parquet(d / "tables" / "leaks.parquet", index=False)
+        for name in ("train", "queries", "leaks"):  # row group by row group: no Arrow copy
+            write_parquet(getattr(tables, name), d / "tables" / f"{name}.parquet")
         (d / "checks").mkdir()
         (d / "checks" / "gx_result.json").write_text(check.as_json())
         (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

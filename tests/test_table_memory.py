@@ -1,0 +1,149 @@
+"""Memory per training row of the tables after scoring (issue 14: flat beyond the batch).
+
+At N training rows the summary, the rankings and flag counts of the review and summary.json,
+and the parquet file may use the table's own numeric columns and a few [N] temporaries, never a
+Python object or a string per row, nor a sorted / filtered / Arrow copy of the whole table.
+Traced with tracemalloc (numpy and Python) and Arrow's pool peak in a fresh process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mirrorinf.summary import flag_rule_masks, head_positions, ranked_rows, summarise
+
+N, Q = 200_000, 4
+MiB = 2**20
+# the table's columns summarise allocates: self/group influence, their z, loss after fit
+# (float64) and two bool flags; ids and labels given as int64 are shared, not copied
+TABLE_BYTES = 5 * 8 + 2
+
+
+def _traced(fn: Callable[[], Any]) -> tuple[Any, int, int]:
+    """(result, peak, kept) bytes traced while ``fn`` runs, above what was live before."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return out, peak - before, kept - before
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    return {
+        "pairwise": rng.standard_normal((N, Q), dtype=np.float32),
+        "self_inf": rng.random(N, dtype=np.float32) + 0.5,
+        "group_inf": rng.standard_normal(N, dtype=np.float32),
+        "loss_after_fit": rng.random(N, dtype=np.float32),
+        "train_ids": np.arange(N, dtype=np.int64),
+        "train_labels": rng.integers(0, 10, N),
+        "calib_self_inf": rng.random(500) + 0.5,  # about 2% flagged
+        "calib_group_inf": rng.standard_normal(500),
+        "calib_loss_after_fit": rng.random(500),
+    }
+
+
+def _summarise(inputs: dict[str, Any]) -> Any:
+    a = dict(inputs)
+    return summarise(
+        a.pop("pairwise"), a.pop("self_inf"), a.pop("group_inf"),
+        query_self_drop=np.ones(Q), block_rows=4096, **a,
+    )  # fmt: skip
+
+
+def test_summarise_allocates_the_table_and_a_few_vectors(inputs: dict[str, Any]) -> None:
+    tables, peak, kept = _traced(lambda: _summarise(inputs))
+    assert tables.counts["n_flagged_mislabel"] > 0 and tables.counts["n_harmful"] > 0
+    # the table once, plus at most four [N] float64 temporaries (robust z, conversions);
+    # before: a copy of the table in the DataFrame and one temporary per robust-z step
+    assert kept <= N * TABLE_BYTES + 2 * MiB, kept / N
+    assert peak <= N * (TABLE_BYTES + 4 * 8) + 4 * MiB, peak / N
+
+
+def test_rankings_and_flag_counts_copy_no_table(inputs: dict[str, Any]) -> None:
+    tables = _summarise(inputs)
+
+    def review_steps() -> Any:
+        masks = flag_rule_masks(tables.train, tables.counts)
+        rows = [
+            ranked_rows(tables, "self_influence", 5, ascending=False, where="flag_mislabel"),
+            ranked_rows(tables, "self_influence", 16, ascending=False),
+            ranked_rows(tables, "group_influence", 5, ascending=True, where="flag_harmful"),
+        ]
+        return masks, rows
+
+    (masks, rows), peak, _ = _traced(review_steps)
+    assert int(masks[0].sum() + masks[1].sum()) == tables.counts["n_flagged_mislabel"]
+    assert len(rows[1]) == 16
+    # a few bytes a row (boolean masks, a partial selection's index and keys); before: a
+    # string per row for the rule (80 B) and sorted copies of the whole table
+    assert peak <= N * 24 + 2 * MiB, peak / N
+
+
+_WRITE = """
+import sys, numpy as np, pandas as pd, pyarrow as pa
+from mirrorinf.io import write_parquet
+n, path = int(sys.argv[1]), sys.argv[2]
+rng = np.random.default_rng(0)
+cols = {c: rng.standard_normal(n) for c in ("self_influence", "self_z", "group_influence")}
+frame = pd.DataFrame({"id": np.arange(n), "label": rng.integers(0, 10, n), **cols,
+                      "flag_mislabel": rng.random(n) < 0.02}, copy=False)
+write_parquet(frame, path)
+peak = pa.default_memory_pool().max_memory()  # before reading back, which needs the table
+assert pd.read_parquet(path).equals(frame)
+print(peak)
+"""
+
+
+def test_parquet_is_written_without_an_arrow_copy_of_the_table(tmp_path: Path) -> None:
+    # a fresh process: Arrow's pool peak is per process (pyarrow allocates outside tracemalloc)
+    out = subprocess.run(
+        [sys.executable, "-c", _WRITE, str(N), str(tmp_path / "train.parquet")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    peak = int(out.stdout.split()[-1])
+    # one row group of 65,536 rows at a time (~8 MiB); ``to_parquet`` of the whole table in one
+    # row group peaked at ~31 MiB here (32.5 MiB at 1M rows; this writer: 8 MiB at both)
+    assert peak <= 16 * MiB, peak / MiB
+
+
+def test_head_positions_orders_rows_as_pandas_sorts_them() -> None:
+    """The partial selection gives pandas' order: ties (quicksort or stable), NaN, +-inf, +-0."""
+    rng = np.random.default_rng(1)
+    for trial in range(600):
+        n = int(rng.integers(1, 60))
+        v = rng.standard_normal(n)
+        if trial % 4 == 1:
+            v = np.round(v, 1)  # ties
+        if trial % 4 == 2:
+            v[rng.random(n) < 0.3] = np.nan
+        if trial % 4 == 3:
+            v[rng.random(n) < 0.2] = rng.choice([np.inf, -np.inf, 0.0, -0.0])
+        rows = np.flatnonzero(rng.random(n) < 0.5)
+        k = int(rng.integers(0, 12))
+        frame = pd.DataFrame({"v": v})
+        for asc in (True, False):
+            for kind, stable in (("quicksort", False), ("stable", True)):
+                want = frame.sort_values("v", ascending=asc, kind=kind).head(k).index
+                got = head_positions(v, k, ascending=asc, stable=stable)
+                assert np.array_equal(want.to_numpy(), got), (v, asc, kind, k)
+                sub = frame.iloc[rows].sort_values("v", ascending=asc, kind=kind).head(k).index
+                got = head_positions(v, k, ascending=asc, rows=rows, stable=stable)
+                assert np.array_equal(sub.to_numpy(), got), (v, rows, asc, kind, k)
+        with np.errstate(invalid="ignore"):
+            neg = np.flatnonzero(v < 0)
+        want = frame[frame["v"] < 0].nsmallest(k, "v").index.to_numpy()
+        assert np.array_equal(want, head_positions(v, k, ascending=True, rows=neg, stable=True))

@@ -638,6 +638,29 @@ def test_factored_self_influence_tied_embedding_and_head() -> None:
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
 
 
+def test_factored_self_influence_tied_head_from_saved_pt2_holds_nothing_dense(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pt2 file of a tied LM loads the tie as two Parameters, the graph reading one of them
+    and keeping the other on a get_attr no node uses: that one is held fixed, not stepped
+    per example as a dense weight (vocab x dim per row); scores: the generic path's."""
+    torch.manual_seed(8)
+    model = _TiedLm().eval()
+    x, y = torch.randint(0, 6, (20, 5)), torch.randint(0, 13, (20,))
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    graph = ExportedModel(torch.export.load(tmp_path / "m.pt2").module())
+    names = {n for n, _ in graph.named_parameters()}
+    assert {"graph.tok.weight", "graph.head.weight"} <= names  # the tie is broken on load
+    for path in _factored_equals_generic_at_1_and_2_steps(graph, x, y):
+        assert len(path.unread) == 1 and path.unread < {"graph.tok.weight", "graph.head.weight"}
+        assert path._factored() == set(path.rt.trainable)  # nothing dense per example
+    cfg = F64.replace(lr=1e-2)  # a fixed lr: the automatic one reads ||theta||, tie counted twice
+    fi = ForwardInf(graph, cfg.replace(fast_path="auto"))
+    got = fi.self_influence((x, y))
+    assert fi.last_report is not None and fi.last_report.path == "factored"
+    want = ForwardInf(model, cfg).self_influence((x, y))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
 def test_factored_self_influence_hf_gpt2_tied_head() -> None:
     """A transformers GPT-2 causal LM (``lm_head.weight is wte.weight``) as the pipeline wraps
     it, per-token loss: the tied weight is a factor of both uses, the generic path's scores."""

@@ -535,3 +535,29 @@ def _match_order(new: nn.Module, old: nn.Module) -> None:
         ref = old._modules.get(name)
         if child is not None and ref is not None and child is not ref:
             _match_order(child, ref)
+
+
+def unread_params(model: nn.Module) -> set[str]:
+    """Names of ``model``'s parameters that only exported graphs hold and that none of their
+    live nodes reads (a pt2 graph of a tied LM head keeps the embedding's own copy of the
+    weight, loaded as a separate Parameter, on a ``get_attr`` with no users): their gradient
+    is zero for every input, so the engine need not differentiate or step them."""
+    graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
+    held: set[int] = set()
+    read: set[int] = set()
+    for gm in graphs:
+        held |= {id(p) for p in gm.parameters()}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.users:
+                value = _attr(gm, str(node.target))
+                if isinstance(value, nn.Module):
+                    read |= {id(p) for p in value.parameters()}
+                elif isinstance(value, torch.Tensor):
+                    read.add(id(value))
+            elif node.op == "call_module":
+                read |= {id(p) for p in gm.get_submodule(str(node.target)).parameters()}
+    inside = {id(m) for gm in graphs for m in gm.modules()}
+    # a parameter also held by a module outside every graph (a wrapper's layer) may be read
+    outside = {id(p) for m in model.modules() if id(m) not in inside for p in m.parameters(False)}
+    unread = held - read - outside
+    return {n for n, p in model.named_parameters() if id(p) in unread}

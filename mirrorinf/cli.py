@@ -450,6 +450,35 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 2 if report.failed and not report.scored else 0
 
 
+def _recorded() -> tuple[str, bool]:
+    """What this process's influence runs left in MLflow, read back by the run ids they logged
+    (the Prefect API can die after a run FINISHED and its version was published): a clause for
+    the message, and whether every run's verdict was published."""
+    if "mirrorinf.tasks.tracking" not in sys.modules:
+        return "", False
+    from mirrorinf.tasks.tracking import get_client, started_runs
+    from mirrorinf.tasks.verdict import gate_status
+
+    said, published = [], bool(started_runs())
+    for uri, run_id in started_runs():
+        try:
+            run = get_client(uri).get_run(run_id)
+            tags = run.data.tags
+            name, version = tags.get("mirrorinf.model.name"), tags.get("mirrorinf.model.version")
+            text = f"MLflow run {run_id} is {run.info.status}"
+            got = gate_status(uri, name, version) if name and version else None
+            if got is not None and got.verdict and got.run_id == run_id:
+                text += f" and {name} v{version} was published with gate {got.verdict.upper()}"
+            else:
+                published = False
+                text += f", its verdict not published for {name} v{version}"
+        except Exception as err:  # the store may be down too: say so, keep the Prefect line
+            published = False
+            text = f"MLflow run {run_id}: state unknown ({type(err).__name__})"
+        said.append(text)
+    return "".join(f"; {t}" for t in said), published
+
+
 def _unreachable(err: BaseException) -> str | None:
     """One line for an MLflow tracking server (after MLflow's retries) or a Prefect API that did
     not answer, or None: servers are input (params, MLFLOW_TRACKING_URI, PREFECT_API_URL), not a
@@ -458,9 +487,16 @@ def _unreachable(err: BaseException) -> str | None:
     prefect = os.environ.get("PREFECT_API_URL")
     httpx_down = type(err).__module__.startswith("httpx") and "Connect" in type(err).__name__
     if prefect and (httpx_down or text.startswith("Failed to reach API at")):
+        recorded, published = _recorded()
+        then = (
+            "; nothing needs a rerun (mirrorinf gate reads the published verdict)"
+            if published
+            else ", then rerun"
+        )
         return (
-            f"cannot reach the Prefect API at {prefect} ({text[:120]}); start it (prefect server "
-            "start) or unset PREFECT_API_URL to let mirrorinf start a temporary one, then rerun"
+            f"cannot reach the Prefect API at {prefect} ({text[:120]}){recorded}; start it "
+            f"(prefect server start) or unset PREFECT_API_URL to let mirrorinf start a temporary "
+            f"one{then}"
         )
     if type(err).__name__ != "MlflowException" or "Max retries exceeded" not in text:
         return None

@@ -34,6 +34,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.engine import Inputs
+from mirrorinf.engine.examples import aligned as _aligned_inputs
 from mirrorinf.engine.examples import each, gather, rows
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.io import atomic_write
@@ -229,7 +230,7 @@ class SplitReader:
         a, b = self.start + start, self.start + min(stop, len(self))
         b = max(a, b)
         x = _inputs(self.source.rows(a, b).x, self.where)
-        return (each(x, _aligned) if aligned else x), self._y(a, b)
+        return (_aligned_inputs(x) if aligned else x), self._y(a, b)
 
     def batches(self, size: int, start: int, stop: int) -> Any:
         """(x, y) of rows ``start:stop`` in batches of ``size``, in order (the source's own
@@ -237,15 +238,10 @@ class SplitReader:
         a, b = self.start + start, self.start + min(stop, len(self))
         for at, raw in _raw_batches(self.source, size, a, b):
             n = len(raw.y)
-            yield each(_inputs(raw.x, self.where), _aligned), self._y(at, at + n)
+            yield _aligned_inputs(_inputs(raw.x, self.where)), self._y(at, at + n)
             release = getattr(self.source, "release", None)
             if callable(release):
                 release()
-
-
-def _aligned(v: torch.Tensor) -> torch.Tensor:
-    """``v``, or a copy of it in torch's (64-byte aligned) memory when it is not aligned."""
-    return v.clone() if v.data_ptr() % 64 else v
 
 
 def _raw_batches(source: RowSource, size: int, start: int, stop: int) -> Any:

@@ -36,7 +36,21 @@ def set_tool_env(root: str | Path) -> None:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }
+    # a Prefect API that died mid-run: Prefect's default (5 retries, 2**n s) waits about a
+    # minute per request before the CLI can say so; 3 retries: about 15 s (still rides out a
+    # busy server's 503s). Not when the project's Prefect profile sets it.
+    profiles = Path(os.environ.get("PREFECT_HOME", defaults["PREFECT_HOME"])) / "profiles.toml"
+    if "PREFECT_CLIENT_MAX_RETRIES" not in _text(profiles):
+        defaults["PREFECT_CLIENT_MAX_RETRIES"] = "3"
     if (base / ".dvc").is_dir():  # never create .dvc/ in a folder that is not a DVC repo
         defaults["DVC_SITE_CACHE_DIR"] = str(base / ".dvc" / "tmp" / "site-cache")
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+def _text(path: Path) -> str:
+    """The text of ``path``, or "" when it cannot be read."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

@@ -79,6 +79,7 @@ SUPERSEDED_TAG = "mirrorinf.superseded_by"  # on a run whose verdict another run
 TAG_LOCK_TIMEOUT_S = 300.0  # tagging holds the lock for well under a second
 
 _clients: dict[str, Any] = {}
+_started: list[tuple[str, str]] = []  # (tracking URI, run id) of this process's influence runs
 _lock = threading.Lock()
 T = TypeVar("T")
 
@@ -317,7 +318,14 @@ def influence_run(
         client.log_dict(run_id, config, "config.json")
         client.log_dict(run_id, params, "params.json")
         client.log_inputs(run_id, datasets=dataset_inputs(datasets))
+        _started.append((tracking_uri, run_id))
         yield run_id
+
+
+def started_runs() -> list[tuple[str, str]]:
+    """(tracking URI, run id) of the influence runs this process started, oldest first: the CLI
+    says what they recorded when the Prefect API dies after them."""
+    return list(_started)
 
 
 def dataset_inputs(datasets: dict[str, Any]) -> list[Any]:

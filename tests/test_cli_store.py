@@ -3,6 +3,7 @@ empty store in whatever folder the command happens to run in."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,60 @@ def test_unreachable_prefect_api_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"cannot reach the Prefect API at {url}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_prefect_api_dying_after_the_run_says_what_was_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Prefect API died after the influence run FINISHED and its verdict was published: the
+    one line says so (read back from MLflow by the run id) instead of only "rerun"; a run left
+    RUNNING is reported with its state and "rerun"."""
+    from mirrorinf.cli import _unreachable
+    from mirrorinf.tasks import tracking
+    from mirrorinf.tasks.verdict import GATE_TAG, tag_model_version
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = get_client(uri)
+    exp = client.create_experiment("e")
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(tmp_path / "nowhere"))
+    tags = {"mirrorinf.model.name": "m", "mirrorinf.model.version": "1", GATE_TAG: "passed"}
+    done = client.create_run(exp, tags=tags).info.run_id
+    client.set_terminated(done, "FINISHED")
+    tag_model_version(uri, "m", "1", verdict="passed", run_id=done, alias_on_pass=None)
+    url = f"http://127.0.0.1:{_dead_port()}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    monkeypatch.setattr(tracking, "_started", [(uri, done)])
+    said = _unreachable(RuntimeError(f"Failed to reach API at {url}/"))
+    assert said is not None and f"cannot reach the Prefect API at {url}" in said
+    assert f"MLflow run {done} is FINISHED and m v1 was published with gate PASSED" in said
+    assert "nothing needs a rerun" in said and "then rerun" not in said
+
+    left = client.create_run(exp, tags=tags).info.run_id  # the API died mid-run
+    monkeypatch.setattr(tracking, "_started", [(uri, left)])
+    said = _unreachable(RuntimeError(f"Failed to reach API at {url}/"))
+    assert said is not None and f"MLflow run {left} is RUNNING" in said
+    assert "its verdict not published for m v1" in said and said.endswith("then rerun")
+
+
+def test_prefect_client_retries_are_short_unless_the_user_set_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_tool_env shortens Prefect's client retries (a dead API was ~1 min per request) only
+    when neither the environment nor the project's Prefect profile sets them."""
+    from mirrorinf.tasks.env import set_tool_env
+
+    monkeypatch.delenv("PREFECT_CLIENT_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    set_tool_env(tmp_path)
+    assert os.environ["PREFECT_CLIENT_MAX_RETRIES"] == "3"
+    monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "7")
+    set_tool_env(tmp_path)
+    assert os.environ["PREFECT_CLIENT_MAX_RETRIES"] == "7"
+    monkeypatch.delenv("PREFECT_CLIENT_MAX_RETRIES")
+    (tmp_path / ".prefect").mkdir()
+    (tmp_path / ".prefect" / "profiles.toml").write_text(
+        '[profiles.local]\nPREFECT_CLIENT_MAX_RETRIES = "9"\n'
+    )
+    set_tool_env(tmp_path)
+    assert "PREFECT_CLIENT_MAX_RETRIES" not in os.environ

@@ -52,6 +52,14 @@ def move(x: Inputs, device: torch.device | str, non_blocking: bool = False) -> I
     return each(x, lambda v: v.to(device, non_blocking=non_blocking))
 
 
+def aligned(x: Inputs) -> Inputs:
+    """``x`` with every tensor in 64-byte aligned memory (a copy only of those that are not):
+    CPU kernels round differently by alignment, so a batch must not depend on where its rows
+    sat in a larger tensor, a mapped file or a reader's buffer for scores to be bit-identical
+    across sources and batch sizes."""
+    return each(x, lambda v: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v)
+
+
 def describe(x: Inputs) -> str:
     """Shapes and dtypes of an input, for messages."""
     if isinstance(x, dict):
@@ -119,13 +127,15 @@ class Examples:
         pin = device.type == "cuda"
         if self.x is not None and self.y is not None:
             for start in range(0, self.n, size):
-                xb, yb = rows(self.x, slice(start, start + size)), self.y[start : start + size]
+                xb = aligned(rows(self.x, slice(start, start + size)))
+                yb = self.y[start : start + size]
                 if pin and yb.device.type == "cpu":
                     xb, yb = each(xb, lambda v: v.pin_memory()), yb.pin_memory()
                 yield start, move(xb, device, pin), yb.to(device, non_blocking=pin)
             return
         if self.reader is not None:
             for start, xb, yb in read_batches(self.reader, size, 0, self.n):
+                xb = aligned(xb)
                 if pin:
                     xb, yb = each(xb, lambda v: v.pin_memory()), yb.pin_memory()
                 yield start, move(xb, device, pin), yb.to(device, non_blocking=pin)
@@ -135,6 +145,7 @@ class Examples:
         start = 0
         for item in loader:
             xb, yb = _split_item(item, self.name)
+            xb = aligned(xb)
             _check_finite(xb, f"{self.name} features (batch at row {start})")
             yield start, move(xb, device, pin), yb.to(device, non_blocking=pin)
             start += len(yb)
@@ -142,9 +153,10 @@ class Examples:
     def take(self, index: torch.Tensor | slice) -> tuple[Inputs, torch.Tensor]:
         """Materialise a subset (used for small sets: queries, curvature subsamples)."""
         if self.x is not None and self.y is not None:
-            return rows(self.x, index), self.y[index]
+            return aligned(rows(self.x, index)), self.y[index]
         if self.reader is not None:
-            return gather(self.reader, index, self.n)
+            xs, ys = gather(self.reader, index, self.n)
+            return aligned(xs), ys
         assert self.dataset is not None
         idx = range(self.n)[index] if isinstance(index, slice) else index.tolist()
         items = [self.dataset[i] for i in idx]

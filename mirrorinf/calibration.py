@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mirrorinf.engine import DataLike, ForwardInf, as_examples
-from mirrorinf.engine.examples import Examples, Inputs, cat_inputs, rows
+from mirrorinf.engine.examples import Examples, Inputs, rows
 
 FOLDS = 5
 READ_BLOCK = 4096  # rows of a streamed calibration set read at once to gather a fold's rows
@@ -51,7 +51,7 @@ def calibration_scores(
             x, y = whole
             fit, evaluate = (rows(x, idx), y[idx]), (rows(x, rest), y[rest])
         else:
-            fit, evaluate = _take(data, idx), _Subset(data, rest)
+            fit, evaluate = data.take(idx, span=READ_BLOCK), _Subset(data, rest)
         out[fold] = fi.group(fit, evaluate).double().numpy()
         loss = fi.last_report.loss_after_fit if fi.last_report is not None else None
         after[fold] = np.nan if loss is None else loss.double().numpy()
@@ -70,28 +70,4 @@ class _Subset:
 
     def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
         """Rows ``start:stop`` of the subset."""
-        return _take(self.data, self.index[start:stop])
-
-
-def _take(data: Examples, index: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
-    """Rows ``index`` (positions in any order) of a streamed set: read in row ranges of at most
-    READ_BLOCK rows that cover them (one read per range, not one per run of consecutive rows,
-    which for a random fold would be a read per row), the rows kept, put in ``index`` order."""
-    if len(index) == 0:
-        return data.take(slice(0, 0))
-    order = torch.argsort(index, stable=True)
-    pos = index[order]
-    xs: list[Inputs] = []
-    ys: list[torch.Tensor] = []
-    lo = 0
-    while lo < len(pos):
-        first = int(pos[lo])
-        hi = int(torch.searchsorted(pos, first + READ_BLOCK))
-        xb, yb = data.take(slice(first, int(pos[hi - 1]) + 1))
-        local = pos[lo:hi] - first
-        xs.append(rows(xb, local))
-        ys.append(yb[local])
-        lo = hi
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return rows(cat_inputs(xs), inverse), torch.cat(ys)[inverse]
+        return self.data.take(self.index[start:stop], span=READ_BLOCK)

@@ -150,12 +150,13 @@ class Examples:
             yield start, move(xb, device, pin), yb.to(device, non_blocking=pin)
             start += len(yb)
 
-    def take(self, index: torch.Tensor | slice) -> tuple[Inputs, torch.Tensor]:
-        """Materialise a subset (used for small sets: queries, curvature subsamples)."""
+    def take(self, index: torch.Tensor | slice, span: int = 1) -> tuple[Inputs, torch.Tensor]:
+        """Materialise a subset (used for small sets: queries, curvature subsamples, folds);
+        from a reader, ``span`` is :func:`gather`'s."""
         if self.x is not None and self.y is not None:
             return aligned(rows(self.x, index)), self.y[index]
         if self.reader is not None:
-            xs, ys = gather(self.reader, index, self.n)
+            xs, ys = gather(self.reader, index, self.n, span)
             return aligned(xs), ys
         assert self.dataset is not None
         idx = range(self.n)[index] if isinstance(index, slice) else index.tolist()
@@ -190,9 +191,13 @@ def read_batches(
         yield at, xb, yb
 
 
-def gather(reader: RowReader, index: torch.Tensor | slice, n: int) -> tuple[Inputs, torch.Tensor]:
+def gather(
+    reader: RowReader, index: torch.Tensor | slice, n: int, span: int = 1
+) -> tuple[Inputs, torch.Tensor]:
     """Rows ``index`` (a slice, or positions in any order) of ``reader``: each run of
-    consecutive positions is one read, so a sorted subset reads little."""
+    consecutive positions is one read, so a sorted subset reads little; with ``span`` > 1, each
+    read instead covers the positions less than ``span`` rows after its first one (a random
+    subset is then a few reads of at most ``span`` rows, not one read per row)."""
     if isinstance(index, slice):
         start, stop, step = index.indices(n)
         if step == 1:
@@ -209,7 +214,9 @@ def gather(reader: RowReader, index: torch.Tensor | slice, n: int) -> tuple[Inpu
     lo = 0
     while lo < len(pos):
         hi = lo + 1
-        while hi < len(pos) and pos[hi] <= pos[hi - 1] + 1:
+        while hi < len(pos) and (
+            pos[hi] < pos[lo] + span if span > 1 else pos[hi] <= pos[hi - 1] + 1
+        ):
             hi += 1
         first, last = pos[lo], pos[hi - 1]
         xb, yb = reader.read(first, last + 1)

@@ -357,6 +357,8 @@ def _input(x: np.ndarray, where: str, name: str) -> torch.Tensor:
         raise DataError(
             f"{where}: {name} must be a numeric array [n, ...], got {x.dtype} {x.shape}"
         )
+    if 0 in x.shape[1:]:
+        raise DataError(f"{where}: {name} has no features (rows of shape {x.shape[1:]})")
     if x.dtype.kind in "iu":
         if x.dtype.kind == "u" and x.size and int(x.max()) > np.iinfo(np.int64).max:
             raise DataError(f"{where}: {name} holds integers beyond int64")

@@ -156,11 +156,36 @@ def _setup(root: Path, verbose: bool, debug: bool) -> None:
     logging.getLogger("mirrorinf").setLevel(level)  # mirrorinf.tasks / .flows too
 
 
+class _FirstDeliveryFailure(logging.Filter):
+    """Shows the first "Service 'EventsWorker' failed to process item Event(...)" of Prefect's
+    queue services as one short line and drops the rest: when the API dies mid-run each queued
+    event is a multi-kilobyte dump."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to show the record: anything else, or the first delivery failure, shortened."""
+        if not str(record.msg).startswith("Service %r failed to process"):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        service = record.args[0] if isinstance(record.args, tuple) and record.args else "service"
+        record.msg = "Prefect's %s could not send to the Prefect API; later failures not shown"
+        record.args = (service,)
+        return True
+
+
 def _quiet_prefect(verbose: bool, debug: bool) -> None:
     """Prefect logs task and flow failures with tracebacks; the CLI reports bad input itself."""
     if not (verbose or debug):
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        services = logging.getLogger("prefect._internal.concurrency")
+        if not any(isinstance(f, _FirstDeliveryFailure) for f in services.filters):
+            services.addFilter(_FirstDeliveryFailure())
 
 
 def _find_params() -> Path | None:
@@ -533,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         down = _unreachable(err)
         if down:
+            if down.startswith("cannot reach the Prefect API"):
+                from mirrorinf.tasks.server import abandon_prefect_queues
+
+                abandon_prefect_queues()  # else retried against the dead API at exit
             print(f"mirrorinf {args.command}: error: {down}", file=sys.stderr)
             return 2
         import traceback

@@ -35,7 +35,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import matplotlib
 import numpy as np
@@ -85,6 +85,23 @@ _DPI = 90
 _SHOWN_FEATURES = 8  # feature values listed per tabular row in the report
 
 
+class Rows(Protocol):
+    """Rows indexable like a numpy array (``rows[i]``, ``rows[positions]``, ``rows[a:b]``): an
+    array, or a view that reads or decodes only the rows indexed (the review shows a few)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> Any: ...
+
+
+class FeatureRows(Rows, Protocol):
+    """:class:`Rows` of flattened features, with their array attributes."""
+
+    shape: tuple[int, ...]
+    ndim: int
+    dtype: Any
+
+
 @dataclass
 class ReviewInputs:
     """What the report needs besides the tables (arrays in file order, numpy).
@@ -94,8 +111,8 @@ class ReviewInputs:
     """
 
     tables: InfluenceTables
-    train_x: np.ndarray
-    query_x: np.ndarray
+    train_x: FeatureRows  # [n, features]: an array, or a view reading only the rows indexed
+    query_x: FeatureRows
     query_ids: np.ndarray
     query_labels: np.ndarray
     train_pred: np.ndarray | None
@@ -109,9 +126,9 @@ class ReviewInputs:
     scale: tuple[np.ndarray, np.ndarray] | None = None  # display scaling; set by write_report
     x_shape: tuple[int, ...] | None = None  # one example's input shape before flattening
     class_names: Sequence[str] | None = None  # class name by label index (image folders)
-    train_text: np.ndarray | None = None  # token inputs as text, one string per row
-    query_text: np.ndarray | None = None
-    pred_text: np.ndarray | None = None  # sequence: the predicted tokens as text, per row
+    train_text: Rows | None = None  # token inputs as text, one string per row
+    query_text: Rows | None = None
+    pred_text: Rows | None = None  # sequence: the predicted tokens as text, per row
     # image inputs: the (mean, std) per channel they were normalised with (data.image), undone
     # for display; None: each channel min-max scaled
     image_norm: tuple[Sequence[float] | None, Sequence[float] | None] | None = None
@@ -127,10 +144,10 @@ def image_shape(n_features: int, x_shape: Sequence[int] | None = None) -> tuple[
     return (side, side) if side * side == n_features and side >= 4 else None
 
 
-def channel_scale(x: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def channel_scale(x: FeatureRows, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, span) over the training set, spread to every feature: images keep
     their colours while a per-channel mean/std normalisation is undone."""
-    low, high = _finite_range(x.reshape(len(x), shape[0], -1), (0, 2), shape[0])
+    low, high = _finite_range(x, (0, 2), shape[0], row_shape=(shape[0], -1))
     span = np.where(high - low > 1e-12, high - low, np.inf)
     spread = np.repeat(np.arange(shape[0]), shape[1] * shape[2])
     return low[spread], span[spread]
@@ -186,7 +203,7 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=_DPI)
 
 
-def display_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def display_scale(x: FeatureRows) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature (low, span) over the training set, for drawing rows as images.
 
     Features are often standardised per pixel, which makes raw images unreadable; min-max per
@@ -197,17 +214,21 @@ def display_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return low, np.where(span > 1e-12, span, np.inf)
 
 
-def _finite_range(x: np.ndarray, axes: tuple[int, ...], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(min, max) of the finite values of ``x`` over ``axes`` (row axis first), in row blocks
-    of ~16 MB: the training features (possibly memory-mapped) are never copied whole. A
-    feature with no finite value gets 0 (and 1 when the set is empty)."""
+def _finite_range(
+    x: FeatureRows, axes: tuple[int, ...], k: int, row_shape: tuple[int, ...] = (-1,)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of the finite values of ``x`` (each row as ``row_shape``) over ``axes`` (row
+    axis first), in row blocks of ~16 MB: the training features (memory-mapped, or read by a
+    lazy view) are never held whole. A feature with no finite value gets 0 (and 1 when the
+    set is empty)."""
     if not len(x):
         return np.zeros(k), np.ones(k)
-    step = max(1, (16 << 20) // max(1, x[:1].nbytes * 2))
-    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    step = max(1, (16 << 20) // max(1, np.asarray(x[:1]).nbytes * 2))
+    dtype = x.dtype if np.dtype(x.dtype).kind == "f" else np.dtype(np.float64)
     low, high = np.full(k, np.inf, dtype), np.full(k, -np.inf, dtype)
     for start in range(0, len(x), step):
         block = np.asarray(x[start : start + step], dtype=dtype)
+        block = block.reshape(len(block), *row_shape)
         finite = np.isfinite(block)
         low = np.minimum(low, np.where(finite, block, np.inf).min(axis=axes))
         high = np.maximum(high, np.where(finite, block, -np.inf).max(axis=axes))
@@ -453,7 +474,7 @@ def plot_top_harmful(
     path: Path,
     pred: np.ndarray | None = None,
     n: int = 20,
-    text: np.ndarray | None = None,
+    text: Rows | None = None,
 ) -> None:
     """Ranked horizontal bars of the most negative group influence (flagged in red); rows are
     named by id, label and prediction, or by id and the start of their ``text`` (tokens)."""
@@ -753,7 +774,7 @@ def review_tables(inp: ReviewInputs, max_rows: int = UI_TABLE_ROWS) -> dict[str,
     if inp.train_pred is not None:
         rows = flagged.index.to_numpy()
         if inp.pred_text is not None:
-            pred = np.asarray(inp.pred_text)[rows]
+            pred = np.asarray(inp.pred_text[rows])
         else:  # [n, L] predictions as one string per shown row
             pred = target_labels(np.asarray(inp.train_pred)[rows])
         flagged.insert(2, "predicted", pred)
@@ -761,7 +782,7 @@ def review_tables(inp: ReviewInputs, max_rows: int = UI_TABLE_ROWS) -> dict[str,
         at = flagged.columns.get_loc("label") + 1
         flagged.insert(at, "class", [_label(inp, v).partition(" ")[2] for v in flagged["label"]])
     if inp.train_text is not None:
-        flagged.insert(2, "text", np.asarray(inp.train_text)[flagged.index.to_numpy()])
+        flagged.insert(2, "text", np.asarray(inp.train_text[flagged.index.to_numpy()]))
     flagged.insert(len(flagged.columns), "flag_rule", flag_rules(flagged, inp.tables.counts))
     queries = inp.tables.queries
     per_query = int(queries["query_id"].value_counts().max()) if len(queries) else 1

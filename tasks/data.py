@@ -165,6 +165,20 @@ class Split:
             return {k: RowsView(self.reader, k) for k in x1}
         return RowsView(self.reader, None)
 
+    def gather(self, index: np.ndarray) -> Inputs:
+        """The inputs of rows ``index`` (positions; only those rows are read)."""
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        if self.reader is not None and self._x is None:
+            return gather(self.reader, idx, len(self.reader))[0]
+        return rows(self.x, idx)
+
+    def flat_rows(self) -> Any:
+        """The inputs as flattened rows [n, features] (:func:`flat_inputs`): the array when the
+        inputs are in memory, else a :class:`FlatRows` view that reads only the rows indexed."""
+        if self.reader is not None and self._x is None:
+            return FlatRows(self)
+        return flat_inputs(self.x)
+
     def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self):
@@ -178,6 +192,44 @@ class Split:
             self.name, rows(self.x, slice(0, n)), self.y[:n], self.ids[:n], self.provenance,
             self.classes,
         )  # fmt: skip
+
+
+def flat_inputs(x: Inputs) -> np.ndarray:
+    """Inputs as numpy rows [n, features]: one array flattened per example, or several named
+    inputs side by side as float64 (the review draws them as one strip)."""
+    if isinstance(x, dict):
+        return np.concatenate([flat_inputs(v).astype(np.float64) for v in x.values()], axis=1)
+    arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return arr.reshape(len(arr), -1)
+
+
+class FlatRows:
+    """A lazy split's inputs as flattened rows [n, features] (:func:`flat_inputs`), read only
+    where indexed: the review draws the rows it shows and scans the set in blocks for its
+    display range, so a parquet, image-folder or HF split is never read whole for it."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+        first = flat_inputs(split.read(0, 1))
+        self.shape = (len(split), first.shape[1])
+        self.dtype = first.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return flat_inputs(self.split.read(start, max(start, stop)))
+            index = np.arange(start, stop, step)
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (len(self) if index < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {index} of {len(self)}")
+            return self[np.array([i])][0]
+        return flat_inputs(self.split.gather(np.asarray(index, dtype=np.int64)))
 
 
 class RowsView:
@@ -305,6 +357,8 @@ def _input(x: np.ndarray, where: str, name: str) -> torch.Tensor:
         raise DataError(
             f"{where}: {name} must be a numeric array [n, ...], got {x.dtype} {x.shape}"
         )
+    if 0 in x.shape[1:]:
+        raise DataError(f"{where}: {name} has no features (rows of shape {x.shape[1:]})")
     if x.dtype.kind in "iu":
         if x.dtype.kind == "u" and x.size and int(x.max()) > np.iinfo(np.int64).max:
             raise DataError(f"{where}: {name} holds integers beyond int64")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,36 @@ def token_ids(x: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
     if ids.dtype.kind not in "iu" or ids.ndim != 2:
         return None
     return ids, (mask if mask is not None and mask.shape == ids.shape else None)
+
+
+class RowTexts:
+    """Token rows as text (:func:`decode_rows`), decoded only for the rows indexed: the review
+    shows a few dozen rows, and decoding every training row cost a tokenizer call and a string
+    per row (minutes and hundreds of MB at 1M rows). ``fetch(positions)`` gives their
+    (token ids, mask)."""
+
+    def __init__(
+        self,
+        fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None] | None],
+        n: int,
+        tokenizer: Any = None,
+    ) -> None:
+        self.fetch, self.n, self.tokenizer = fetch, n, tokenizer
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (self.n if index < 0 else 0)
+            if not 0 <= i < self.n:
+                raise IndexError(f"row {index} of {self.n}")
+            return self[np.array([i])][0]
+        idx = np.arange(self.n)[index] if isinstance(index, slice) else np.asarray(index)
+        got = self.fetch(idx.astype(np.int64))
+        if got is None:
+            raise ValueError("rows are not token ids")
+        return decode_rows(got[0], got[1], self.tokenizer)
 
 
 def decode_rows(

@@ -182,6 +182,18 @@ def train_and_register(
     marked FAILED if anything goes wrong, and by the next training or influence run if this
     process is killed (owner tags, as on influence runs).
     """
+    first = train.read(0, 1)
+    if isinstance(first, dict) or first.ndim != 2 or not first.is_floating_point():
+        got = (
+            f"named inputs {list(first)}"
+            if isinstance(first, dict)
+            else f"{str(first.dtype).removeprefix('torch.')} rows of shape {tuple(first.shape[1:])}"
+        )
+        raise DataError(
+            f"train set {train.provenance.path!r}: the demo MLP (trained when model.version and "
+            f"model.alias are null) takes real-valued features x [n, d], got {got}; save x as "
+            "float32 [n, d], or register your own model and set model.version"
+        )
     client = get_client(tracking_uri)
     key = train_key(train, train_params)
     existing = _find_by_train_key(client, name, key)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import queue
 import sqlite3
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from mirrorinf import procs
 
 __all__ = [
     "PrefectAPI",
+    "abandon_prefect_queues",
     "api_is_temporary",
     "drain_prefect_workers",
     "prefect_api",
@@ -160,6 +162,30 @@ def drain_prefect_workers() -> None:
                 await result
 
     run_coro_as_sync(drain())
+
+
+def abandon_prefect_queues() -> int:
+    """Drop the logs and events still queued for a Prefect API that stopped answering, and
+    return how many: at exit Prefect would retry each one against the dead server (about 7 s an
+    item) and print each failure after the CLI's one-line error."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    dropped = 0
+    for worker in (APILogWorker, EventsWorker):
+        for service in list(getattr(worker, "_instances", {}).values()):
+            pending = getattr(service, "_queue", None)
+            while pending is not None:
+                try:
+                    item = pending.get_nowait()
+                except queue.Empty:
+                    break
+                pending.task_done()
+                if item is None:  # the stop signal: put it back so that the service still ends
+                    pending.put_nowait(None)
+                    break
+                dropped += 1
+    return dropped
 
 
 @contextmanager

@@ -350,31 +350,28 @@ def dataset_inputs(datasets: dict[str, Any]) -> list[Any]:
     return out
 
 
-def _numpy(x: Any) -> np.ndarray:
-    """A tensor or array as a numpy array (CPU); several named inputs side by side, each
-    flattened per example (the review draws them as one strip)."""
-    if isinstance(x, dict):
-        parts = [_numpy(v) for v in x.values()]
-        return np.concatenate([p.reshape(len(p), -1).astype(np.float64) for p in parts], axis=1)
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+def _row_shape(split: Any) -> tuple[int, ...] | None:
+    """One example's input shape (None for named inputs), from its first row only."""
+    first = split.read(0, 1)
+    return None if isinstance(first, dict) else tuple(first.shape[1:])
 
 
 def _texts(train: Any, queries: Any, predicted: Any, kind: str, tokenizer: Any) -> dict:
-    """Token inputs as text for the review (ReviewInputs train_text / query_text / pred_text);
-    empty when the inputs are not token ids."""
-    from mirrorinf.tasks.hf_model import decode_rows, token_ids
+    """Token inputs as text for the review (ReviewInputs train_text / query_text / pred_text),
+    decoded only for the rows the review shows; empty when the inputs are not token ids."""
+    from mirrorinf.tasks.hf_model import RowTexts, token_ids
 
-    tokens, q_tokens = token_ids(train.x), token_ids(queries.x)
-    if tokens is None or q_tokens is None:
+    if token_ids(train.read(0, 1)) is None or token_ids(queries.read(0, 1)) is None:
         return {}
-    out = {
-        "train_text": decode_rows(*tokens, tokenizer),
-        "query_text": decode_rows(*q_tokens, tokenizer),
-    }
+
+    def tokens_of(split: Any) -> RowTexts:
+        return RowTexts(lambda idx: token_ids(split.gather(idx)), len(split), tokenizer)
+
+    out = {"train_text": tokens_of(train), "query_text": tokens_of(queries)}
     pred = None if predicted is None else np.asarray(predicted)
     if kind == "sequence" and pred is not None and pred.shape == tuple(train.y.shape):
-        scored = _numpy(train.y) != -100  # the positions with a label
-        out["pred_text"] = decode_rows(pred, scored, tokenizer)
+        scored = train.y.numpy() != -100  # the positions with a label
+        out["pred_text"] = RowTexts(lambda idx: (pred[idx], scored[idx]), len(pred), tokenizer)
     return out
 
 
@@ -498,8 +495,8 @@ def log_review(
 
     review = ReviewInputs(
         tables=tables,
-        train_x=_numpy(train.x).reshape(len(train), -1),
-        query_x=_numpy(queries.x).reshape(len(queries), -1),
+        train_x=train.flat_rows(),
+        query_x=queries.flat_rows(),
         query_ids=np.asarray(queries.ids),
         query_labels=target_labels(queries.y),
         train_pred=None if predicted is None else np.asarray(predicted),
@@ -507,7 +504,7 @@ def log_review(
         verdict=verdict,
         reasons=list(reasons),
         kind=kind,
-        x_shape=tuple(train.x.shape[1:]) if hasattr(train.x, "shape") else None,
+        x_shape=_row_shape(train),
         class_names=getattr(train, "classes", None),
         image_norm=image_norm,
         title="Influence review"

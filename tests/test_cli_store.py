@@ -154,3 +154,59 @@ def test_prefect_client_retries_are_short_unless_the_user_set_them(
     )
     set_tool_env(tmp_path)
     assert "PREFECT_CLIENT_MAX_RETRIES" not in os.environ
+
+
+def test_events_for_a_dead_prefect_api_are_dropped_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the one-line "cannot reach the Prefect API", the events Prefect still queued were
+    each retried against the dead API at exit (about 7 s an item) and each printed as a
+    multi-kilobyte error; the CLI now drops them."""
+    from prefect.events import Event
+    from prefect.events.worker import EventsWorker
+
+    from mirrorinf.tasks.server import abandon_prefect_queues
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{_dead_port()}/api")
+    worker = EventsWorker.instance()
+    try:
+        for i in range(5):
+            worker.send(Event(event="mirrorinf.test", resource={"prefect.resource.id": f"r{i}"}))
+        assert abandon_prefect_queues() == 5
+        assert worker._queue.qsize() == 0
+    finally:
+        EventsWorker.drain_all(timeout=30)
+
+
+def test_prefect_delivery_failures_show_as_one_short_line() -> None:
+    """Each event Prefect could not send to a dead API was logged with the whole event (kB of
+    JSON a line, one per queued event); the CLI shows the first as one line and drops the rest."""
+    import logging
+
+    from mirrorinf.cli import _quiet_prefect
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    services = logging.getLogger("prefect._internal.concurrency")
+    keep = Keep()
+    services.addHandler(keep)
+    before = list(services.filters)
+    try:
+        _quiet_prefect(False, False)
+        _quiet_prefect(False, False)  # twice: one filter
+        event = "Event(" + "x" * 3000 + ")"
+        for _ in range(4):
+            services.error("Service %r failed to process item %r", "EventsWorker", event)
+        services.error("Service %r failed with %s pending items.", "EventsWorker", 3)
+    finally:
+        services.removeHandler(keep)
+        for added in [f for f in services.filters if f not in before]:
+            services.removeFilter(added)
+    assert seen[0] == (
+        "Prefect's EventsWorker could not send to the Prefect API; later failures not shown"
+    )
+    assert seen[1:] == ["Service 'EventsWorker' failed with 3 pending items."]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,34 @@ def test_prepare_demo_skips_when_current(tmp_path: Path) -> None:
     prepare_demo({**demo, "seed": 1}, *paths)
     assert read_json(truth)["params"]["seed"] == 1
     assert len(load_dataset(paths[0])) == 100
+
+
+def test_inputs_without_features_are_bad_input(tmp_path: Path) -> None:
+    """x of shape [n, 0] crashed deep in the engine (exit 3); it is bad data, said at load."""
+    write_npz(tmp_path / "t.npz", np.zeros((5, 0), np.float32), np.zeros(5, np.int64))
+    with pytest.raises(DataError, match=r"x has no features \(rows of shape \(0,\)\)"):
+        load_dataset(tmp_path / "t.npz", name="train")
+
+
+@pytest.mark.parametrize(
+    ("x", "got"),
+    [
+        (np.ones((6, 4), np.uint8), "int64 rows of shape (4,)"),
+        (np.ones((6, 2, 2), np.float32), "float32 rows of shape (2, 2)"),
+    ],
+)
+def test_demo_mlp_on_data_it_cannot_take_says_what_to_do(
+    tmp_path: Path, x: np.ndarray, got: str
+) -> None:
+    """With no model named, the demo MLP is trained on the user's data: integer (token-like)
+    or [n, a, b] inputs were a traceback (exit 3) after training; now a DataError first."""
+    from mirrorinf.tasks.model import train_and_register
+
+    write_npz(tmp_path / "t.npz", x, np.arange(6) % 2)
+    split = load_dataset(tmp_path / "t.npz", name="train")
+    with pytest.raises(DataError, match=re.escape(got) + ".*register your own model"):
+        train_and_register(
+            split, None, name="m", train_params={}, tracking_uri=f"sqlite:///{tmp_path}/m.db",
+            experiment="e",
+        )  # fmt: skip
+    assert not (tmp_path / "m.db").exists()  # nothing was started

@@ -651,14 +651,18 @@ def test_factored_self_influence_tied_head_from_saved_pt2_holds_nothing_dense(tm
     names = {n for n, _ in graph.named_parameters()}
     assert {"graph.tok.weight", "graph.head.weight"} <= names  # the tie is broken on load
     for path in _factored_equals_generic_at_1_and_2_steps(graph, x, y):
-        assert len(path.unread) == 1 and path.unread < {"graph.tok.weight", "graph.head.weight"}
+        held = names - path.rt.trainable
+        assert len(held) == 1 and held < {"graph.tok.weight", "graph.head.weight"}
         assert path._factored() == set(path.rt.trainable)  # nothing dense per example
-    cfg = F64.replace(lr=1e-2)  # a fixed lr: the automatic one reads ||theta||, tie counted twice
-    fi = ForwardInf(graph, cfg.replace(fast_path="auto"))
-    got = fi.self_influence((x, y))
-    assert fi.last_report is not None and fi.last_report.path == "factored"
-    want = ForwardInf(model, cfg).self_influence((x, y))
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+    # the automatic lr reads ||theta||: the dead copy must not count the tie twice
+    for cfg in (F64, F64.replace(lr=1e-2)):
+        fi = ForwardInf(graph, cfg.replace(fast_path="auto"))
+        got = fi.self_influence((x, y))
+        assert fi.last_report is not None and fi.last_report.path == "factored"
+        want = ForwardInf(model, cfg).self_influence((x, y))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+        pairs = ForwardInf(graph, cfg).pairwise((x, y), (x[:4], y[:4]))  # generic pairwise
+        torch.testing.assert_close(pairs, ForwardInf(model, cfg).pairwise((x, y), (x[:4], y[:4])))
 
 
 def test_factored_self_influence_hf_gpt2_tied_head() -> None:

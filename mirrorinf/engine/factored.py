@@ -41,7 +41,7 @@ from torch.func import grad_and_value, vmap
 from mirrorinf.engine.examples import Examples, Inputs, each, move, parts
 from mirrorinf.engine.execution import Params
 from mirrorinf.engine.generic import agrees_with_generic_self
-from mirrorinf.engine.graph_view import ParamLinear, unread_params
+from mirrorinf.engine.graph_view import ParamLinear
 from mirrorinf.engine.module_view import (
     EmbeddingTap,
     EngineEmbeddingBag,
@@ -170,9 +170,6 @@ class FactoredPath:
         self._shapes_of: tuple[object, ...] | None = None  # the row shape they were found for
         self.verified: bool | None = None
         self._pass = _Pass()
-        # parameters no live node of an exported graph reads (zero gradient for every example):
-        # held fixed, not differentiated and stepped per example as dense ones
-        self.unread = unread_params(rt.model)
 
     @classmethod
     def for_model(cls, rt: Runtime) -> FactoredPath | None:
@@ -308,8 +305,8 @@ class FactoredPath:
         return dense + 2 * self.rt.steps * sum(self.sizes.values())
 
     def _factored(self) -> set[str]:
-        """Parameters not dense: the factored sites' and the ones the model never reads."""
-        out = set(self.unread)
+        """Parameters not dense: the factored sites'."""
+        out: set[str] = set()
         for n in self.active:
             s = self.sites[n]
             out |= {p for p in (s.weight, s.bias) if p is not None}

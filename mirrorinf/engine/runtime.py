@@ -13,7 +13,7 @@ from torch.func import functional_call
 from mirrorinf.engine.config import ForwardInfConfig
 from mirrorinf.engine.examples import Examples, Inputs, each, n_rows, parts
 from mirrorinf.engine.execution import BatchPlan, Cache, Params, data_key
-from mirrorinf.engine.graph_view import engine_view
+from mirrorinf.engine.graph_view import engine_view, unread_params
 from mirrorinf.engine.losses import LossFn, default_loss, float64_losses
 from mirrorinf.engine.outputs import OutputSpec, select_output
 
@@ -88,7 +88,12 @@ class Runtime:
             query_batch=config.query_batch,
         )
         self.cache = Cache()
-        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        # parameters no live node of an exported graph reads (a pt2 tied LM's dead copy of the
+        # tied weight) have zero gradient for every input: held fixed, out of ||theta|| and the
+        # per-example updates, so a graph scores as the module it was exported from
+        self.trainable = {
+            n for n, p in model.named_parameters() if p.requires_grad
+        } - unread_params(self.model)
         if not self.trainable:
             raise ValueError(
                 "model has no trainable parameters (requires_grad=True); nothing to update"

@@ -64,9 +64,16 @@ every validation row's loss is <= ln 2 (``fitted``) or <= the trained model's me
 loss (``fitted-median``), cap ``group_path.CAP``; AUROC of each training row's loss there
 (``end``), of its rise (``change``), and of its mean along the path over steps (``mean``) and
 log-steps (``logmean``), with T per seed, passes over the training set and seconds.
+``--path-lrs 0.01 0.03``: one such fit per lr multiplier of rms(theta); ``--path-cap 4``: also
+score each fit's ``capped`` end, the loss at the fitted step or at 4x the default's path
+(200 steps at 0.01, 67 at 0.03), whichever comes first, read off the same fit. ``--paired``
+(with ``50x0.01`` among the rules): per set, each path rule's ``end`` / ``capped`` and each
+longer constant against the default's score on the same seeds (mean, std, paired difference
++- its standard error, seeds won, steps, seconds); ``--json PATH`` keeps the per-seed results.
 
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
       [--rules [--digits] [--no-cleanlab] [--rule-names early planted fitted ...]]
+      [--path-lrs 0.01 0.03] [--path-cap 4] [--paired] [--json PATH]
 """
 
 from __future__ import annotations

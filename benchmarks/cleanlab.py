@@ -64,14 +64,22 @@ every validation row's loss is <= ln 2 (``fitted``) or <= the trained model's me
 loss (``fitted-median``), cap ``group_path.CAP``; AUROC of each training row's loss there
 (``end``), of its rise (``change``), and of its mean along the path over steps (``mean``) and
 log-steps (``logmean``), with T per seed, passes over the training set and seconds.
+``--path-lrs 0.01 0.03``: one such fit per lr multiplier of rms(theta); ``--path-cap 4``: also
+score each fit's ``capped`` end, the loss at the fitted step or at 4x the default's path
+(200 steps at 0.01, 67 at 0.03), whichever comes first, read off the same fit. ``--paired``
+(with ``50x0.01`` among the rules): per set, each path rule's ``end`` / ``capped`` and each
+longer constant against the default's score on the same seeds (mean, std, paired difference
++- its standard error, seeds won, steps, seconds); ``--json PATH`` keeps the per-seed results.
 
 Run:  python benchmarks/cleanlab.py [--seeds 3] [--sets cancer synthetic shapes tokens] [--grid]
       [--rules [--digits] [--no-cleanlab] [--rule-names early planted fitted ...]]
+      [--path-lrs 0.01 0.03] [--path-cap 4] [--paired] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -110,6 +118,7 @@ RULES = (
     "50x0.01",
     "50x0.03",
     "50x0.1",
+    "200x0.01",  # path 2: the capped path rules' cap at 4x the default
     "early",
     "to-train",
     "to-train-median",
@@ -120,6 +129,25 @@ RULES = (
 )
 PATH_RULES = ("fitted", "fitted-median")  # the fit run until the validation set is fitted
 PATH_SCORES = ("end", "change", "mean", "logmean")
+DEFAULT_PATH = group_fit._GROUP_FIT_STEPS * group_fit._GROUP_FIT_LR  # 0.5 (x rms(theta))
+
+
+@dataclass(frozen=True)
+class PathOpts:
+    """How the path rules run: Adam's lr multipliers of rms(theta) (one fit per lr) and an
+    optional cap in multiples of the default's path (``capped``: the same fit's loss there)."""
+
+    lrs: tuple[float, ...] = (group_fit._GROUP_FIT_LR,)
+    cap: float | None = None
+
+    def cap_steps(self, lr: float) -> int | None:
+        """The cap in steps at ``lr``: ``cap`` x the default's path."""
+        return None if self.cap is None else max(1, round(self.cap * DEFAULT_PATH / lr))
+
+
+def path_key(rule: str, lr: float) -> str:
+    """The results key of a path rule at an lr: its name at the default lr, else name@lr."""
+    return rule if lr == group_fit._GROUP_FIT_LR else f"{rule}@{lr:g}"
 
 
 @dataclass
@@ -421,7 +449,12 @@ def rule_steps(model: nn.Module, case: Case, train_loss: np.ndarray, rule: str) 
 
 
 def run_rules(
-    model: nn.Module, case: Case, y: torch.Tensor, truth: np.ndarray, rules: list[str]
+    model: nn.Module,
+    case: Case,
+    y: torch.Tensor,
+    truth: np.ndarray,
+    rules: list[str],
+    opts: PathOpts = PathOpts(),
 ) -> dict:
     """AUROC of ``-group`` (and of the loss after the fit) and the steps, per candidate rule."""
     fi = ForwardInf(model)
@@ -431,9 +464,12 @@ def run_rules(
     out = {}
     try:
         for rule in rules:
-            if rule in PATH_RULES:  # at the default lr, whatever rule ran before
+            if rule in PATH_RULES:  # at the default steps, whatever rule ran before
                 group_fit._GROUP_FIT_STEPS, group_fit._GROUP_FIT_LR = saved
-                out[rule] = run_path(fi, case, y, truth, rule)
+                for lr in opts.lrs:
+                    out[path_key(rule, lr)] = run_path(
+                        fi, case, y, truth, rule, lr, opts.cap_steps(lr)
+                    )
                 continue
             if "x" in rule:
                 steps, lr = int(rule.split("x")[0]), float(rule.split("x")[1])
@@ -449,11 +485,21 @@ def run_rules(
     return out
 
 
-def run_path(fi: ForwardInf, case: Case, y: torch.Tensor, truth: np.ndarray, rule: str) -> dict:
-    """One path fit to the fitted validation set: AUROC of each path score (``end``: the loss
-    where fitted, ``change``: its rise over the trained model's, ``mean`` / ``logmean``: the
-    loss averaged over steps / log-steps), the fitted step, forward passes and seconds."""
-    with path_rule("end", "half" if rule == "fitted" else "median") as seen:
+def run_path(
+    fi: ForwardInf,
+    case: Case,
+    y: torch.Tensor,
+    truth: np.ndarray,
+    rule: str,
+    lr: float = group_fit._GROUP_FIT_LR,
+    cap: int | None = None,
+) -> dict:
+    """One path fit at ``lr`` x rms(theta) to the fitted validation set: AUROC of each path score
+    (``end``: the loss where fitted, ``change``: its rise over the trained model's, ``mean`` /
+    ``logmean``: the loss averaged over steps / log-steps, ``capped``: the loss at the fitted
+    step or ``cap``, whichever is first), the fitted step, forward passes and seconds."""
+    target = "half" if rule == "fitted" else "median"
+    with path_rule("end", target, lr=lr, cap=cap) as seen:
         t0 = time.perf_counter()
         fi.group((case.x, y), (case.xv, case.yv))
         sec = time.perf_counter() - t0
@@ -464,8 +510,10 @@ def run_path(fi: ForwardInf, case: Case, y: torch.Tensor, truth: np.ndarray, rul
         "mean": path.mean(),
         "logmean": path.logmean(),
     }
+    if cap is not None:
+        scores["capped"] = path.capped()
     out = {k: roc_auc_score(truth, v.double().numpy()) for k, v in scores.items()}
-    out.update(steps=path.steps, forwards=path.forwards, seconds=sec)
+    out.update(steps=path.steps, forwards=path.forwards, seconds=sec, cap=cap)
     return out
 
 
@@ -496,6 +544,7 @@ def one(
     grid: bool,
     rules: list[str] | None = None,
     with_cl: bool = True,
+    opts: PathOpts = PathOpts(),
 ) -> tuple[dict[str, np.ndarray], dict]:
     case = ALL_SETS[name](seed)
     y, flipped = flip_labels(case.y, FLIP, seed=100 + seed, n_classes=case.n_classes)
@@ -504,7 +553,7 @@ def one(
     model = train(case.make, case.x, y, seed)
     train_s = time.perf_counter() - t0
     if not with_cl:
-        return {}, {"train_s": train_s, "rules": run_rules(model, case, y, truth, rules)}
+        return {}, {"train_s": train_s, "rules": run_rules(model, case, y, truth, rules, opts)}
     cl_flags, cl_score, cl_s = run_cleanlab(case, y, seed)
     k_cl = int(cl_flags.sum())
     g = run_gate(model, case, y)
@@ -535,7 +584,7 @@ def one(
         extra["self_auroc"] = roc_auc_score(truth, g["self"])
         extra["loss_auroc"] = roc_auc_score(truth, loss)
     if rules:
-        extra["rules"] = run_rules(model, case, y, truth, rules)
+        extra["rules"] = run_rules(model, case, y, truth, rules, opts)
     return rows, extra
 
 
@@ -543,9 +592,9 @@ def _fmt(v: float, spec: str) -> str:
     return "" if np.isnan(v) else format(v, spec)
 
 
-def _print_rules(grids: dict[str, list[dict]], rules: list[str]) -> None:
+def _print_rules(grids: dict[str, list[dict]], rules: list[str], opts: PathOpts) -> None:
     """The --rules table: AUROC of -group [of the loss after the fit] (steps per seed)."""
-    path_rules = [r for r in rules if r in PATH_RULES]
+    path_rules = [(r, lr) for r in rules if r in PATH_RULES for lr in opts.lrs]
     rules = [r for r in rules if r not in PATH_RULES]
     print(
         "\n# length of the group fit: AUROC of -group [ranked by the loss after the fit] "
@@ -563,22 +612,102 @@ def _print_rules(grids: dict[str, list[dict]], rules: list[str]) -> None:
                 + f" {np.mean([x[3] for x in r]):.2f} s"
             )
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-    for rule in path_rules:
+    for rule, lr in path_rules:
+        cap = opts.cap_steps(lr)
+        scores = PATH_SCORES + (("capped",) if cap is not None else ())
         print(
-            f"\n# {rule}: Adam at lr 0.01 * rms(theta) until every validation row is fitted; "
-            "AUROC of each path score (steps per seed; forward passes over the training set; s)\n"
-            "| data set | " + " | ".join(PATH_SCORES) + " | steps | forwards | seconds |\n"
-            "|---|" + "---:|" * (len(PATH_SCORES) + 3)
+            f"\n# {rule}: Adam at lr {lr:g} * rms(theta) until every validation row is fitted"
+            + (f" (capped: or {cap} steps)" if cap is not None else "")
+            + "; AUROC of each path score (steps per seed; forward passes over the training set; s)"
+            "\n| data set | " + " | ".join(scores) + " | steps | forwards | seconds |\n"
+            "|---|" + "---:|" * (len(scores) + 3)
         )
         for name, extras in grids.items():
-            r = [e["rules"][rule] for e in extras]
-            cells = [f"{np.mean([x[k] for x in r]):.3f}" for k in PATH_SCORES]
+            r = [e["rules"][path_key(rule, lr)] for e in extras]
+            cells = [f"{np.mean([x[k] for x in r]):.3f}" for k in scores]
             steps = "/".join(str(x["steps"]) for x in r)
             fw = "/".join(str(x["forwards"]) for x in r)
             sec = np.mean([x["seconds"] for x in r])
             print(
                 f"| {name} | " + " | ".join(cells) + f" | {steps} | {fw} | {sec:.2f} |", flush=True
             )
+
+
+def _paired(grids: dict[str, list[dict]], rules: list[str], opts: PathOpts) -> list[dict]:
+    """Per set and path rule/score: AUROC over seeds against the default's (the harmful flag's
+    score, the loss after the 50x0.01 fit; the same seeds, so the difference is paired)."""
+    rows = []
+    for name, extras in grids.items():
+        ref = np.array([e["rules"]["50x0.01"][1] for e in extras])
+        ref_s = np.array([e["rules"]["50x0.01"][3] for e in extras])
+        rows.append(
+            dict(
+                set=name,
+                rule="loss after 50x0.01 (default)",
+                auc=ref,
+                T=[50] * len(ref),
+                seconds=ref_s,
+                diff=None,
+            )
+        )
+        for rule in (r for r in rules if "x" in r and r != "50x0.01"):  # longer constants
+            r = [e["rules"][rule] for e in extras]
+            auc = np.array([x[1] for x in r])
+            rows.append(
+                dict(
+                    set=name,
+                    rule=f"loss after {rule}",
+                    auc=auc,
+                    T=[x[2] for x in r],
+                    seconds=np.array([x[3] for x in r]),
+                    diff=auc - ref,
+                )
+            )
+        for rule in (r for r in rules if r in PATH_RULES):
+            for lr in opts.lrs:
+                r = [e["rules"][path_key(rule, lr)] for e in extras]
+                sec = np.array([x["seconds"] for x in r])
+                steps = [x["steps"] for x in r]
+                for score in ("end", "capped") if r[0].get("cap") is not None else ("end",):
+                    auc = np.array([x[score] for x in r])
+                    if score == "capped":  # the same fit's per-step cost, up to the cap
+                        t = [min(s, x["cap"]) for s, x in zip(steps, r, strict=True)]
+                        s_ = sec * np.array(t) / np.maximum(1, np.array(steps))
+                    else:
+                        t, s_ = steps, sec
+                    label = f"{rule} {score} @ lr {lr:g}" + (
+                        f" (cap {r[0]['cap']})" if score == "capped" else ""
+                    )
+                    rows.append(
+                        dict(set=name, rule=label, auc=auc, T=t, seconds=s_, diff=auc - ref)
+                    )
+    return rows
+
+
+def _print_paired(rows: list[dict]) -> None:
+    """The --paired table: mean and std over seeds, the paired difference against the default
+    (mean +- its standard error, seeds where the rule is higher), steps and fit seconds."""
+    n = len(rows[0]["auc"])
+    print(
+        f"\n# paired over {n} seeds: AUROC mean, std (ddof 1), difference against the default "
+        "on the same seed (mean +- SE; wins = seeds where the rule is higher), steps T (mean, "
+        "min-max), fit seconds (mean; capped: the same fit's per-step cost up to the cap)\n"
+        "| data set | rule | AUROC mean | std | diff +- SE | wins | T | seconds |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        auc, d, t = r["auc"], r["diff"], r["T"]
+        sd = float(np.std(auc, ddof=1)) if n > 1 else float("nan")
+        if d is None:
+            diff, wins = "", ""
+        else:
+            se = float(np.std(d, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+            diff, wins = f"{d.mean():+.4f} +- {se:.4f}", f"{int((d > 0).sum())}/{n}"
+        print(
+            f"| {r['set']} | {r['rule']} | {auc.mean():.4f} | {sd:.4f} | {diff} | {wins} "
+            f"| {np.mean(t):.0f} ({min(t)}-{max(t)}) | {np.mean(r['seconds']):.2f} |",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,7 +719,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--digits", action="store_true", help="add digits to --rules")
     ap.add_argument("--rule-names", nargs="+", choices=RULES, default=list(RULES))
     ap.add_argument("--no-cleanlab", action="store_true", help="only --rules (no comparison)")
+    ap.add_argument(
+        "--path-lrs",
+        nargs="+",
+        type=float,
+        default=[group_fit._GROUP_FIT_LR],
+        help="path rules: Adam lr multipliers of rms(theta), one fit each",
+    )
+    ap.add_argument(
+        "--path-cap",
+        type=float,
+        default=None,
+        help="path rules: also score at this many times the default's path (capped)",
+    )
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="path rules against the default, paired over seeds (needs 50x0.01 in --rule-names)",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write the per-seed --rules results")
     args = ap.parse_args(argv)
+    opts = PathOpts(tuple(args.path_lrs), args.path_cap)
+    if args.paired and "50x0.01" not in args.rule_names:
+        ap.error("--paired compares against the default: add 50x0.01 to --rule-names")
     if args.no_cleanlab:
         args.rules = True
     torch.set_num_threads(1)
@@ -608,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         with_cl = not args.no_cleanlab and name != "digits"
         rules = args.rule_names if args.rules else None
-        runs = [one(name, s, args.grid, rules, with_cl) for s in range(args.seeds)]
+        runs = [one(name, s, args.grid, rules, with_cl, opts) for s in range(args.seeds)]
         grids[name] = [e for _, e in runs]
         if not with_cl:
             continue
@@ -624,7 +775,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"| {name} | (one training, for scale) | | | | | | | | {train_s:.2f} s |")
     if args.rules:
-        _print_rules(grids, args.rule_names)
+        _print_rules(grids, args.rule_names, opts)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {k: [e["rules"] for e in v] for k, v in grids.items()}, default=float, indent=1
+            )
+        )
+    if args.paired:
+        _print_paired(_paired(grids, args.rule_names, opts))
     if args.grid:
         print(
             "\n# group fit constants: AUROC of -group against the flips (mean over seeds); "

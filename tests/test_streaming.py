@@ -664,3 +664,12 @@ def test_log_review_of_lazy_splits_never_reads_them_whole(tmp_path: Path):
     )  # fmt: skip
     assert "plots/mislabels.png" in files and "report.md" in files
     assert train._x is None and queries._x is None  # nothing was read whole
+
+
+def test_decoded_images_are_writable_so_torch_does_not_warn(tmp_path: Path):
+    """PIL's pixels came back read-only and torch.from_numpy printed a UserWarning ("The given
+    NumPy array is not writable") into every image-folder run; decoded images are writable.
+    (torch prints that warning once per process, so the arrays are checked, not the warning.)"""
+    split = load_dataset(_images(tmp_path / "imgs", 2), name="train")
+    folder = split.reader.source  # type: ignore[union-attr]
+    assert all(folder._load(i).flags.writeable for i in range(len(split)))

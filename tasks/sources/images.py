@@ -122,7 +122,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 img = img.convert(opts.mode)
                 if opts.size is not None:
                     img = img.resize((opts.size[1], opts.size[0]), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
+                arr = np.array(img, dtype=np.uint8)  # writable: torch warns on a read-only one
         except OSError as err:  # truncated or corrupt after the header
             raise DataError(f"{self.where}: cannot decode image {self.ids[i]}: {err}") from None
         arr = arr.reshape(*arr.shape[:2], -1)

@@ -139,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _project_importable(root: Path) -> None:
+    """The project's folder (params.yaml's) importable, last on the path, so that user code
+    named in params (``task.loss: "myloss:fn"``, ``data.factory``) can live beside params.yaml,
+    as ``python -m`` (the DVC stages) already allows; exported in PYTHONPATH for worker
+    processes. Last: an installed package or the standard library of the same name wins."""
+    folder = str(root.resolve())
+    if folder not in sys.path:
+        sys.path.append(folder)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, folder])
+
+
 def _setup(root: Path, verbose: bool, debug: bool) -> None:
     """Tool environment before the heavy imports, then logging (the CLI owns logging)."""
     from mirrorinf.tasks.env import set_tool_env
@@ -147,6 +160,7 @@ def _setup(root: Path, verbose: bool, debug: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     set_tool_env(root)
+    _project_importable(root)
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     # third-party libraries stay at WARNING unless --debug; ours follow --verbose
     logging.basicConfig(

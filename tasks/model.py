@@ -37,12 +37,13 @@ from mirrorinf.demo import build_model, model_spec, train_demo_model
 from mirrorinf.engine import Inputs, OutputSpec, select_output
 from mirrorinf.engine.examples import describe, each, parts, rows
 from mirrorinf.engine.inputs import kind_problem
-from mirrorinf.errors import DataError, ModelError
+from mirrorinf.errors import DataError, InputError, ModelError
 from mirrorinf.params import TaskParams
 from mirrorinf.tasks.data import Split, check_labels, retry_unless_input_error
 from mirrorinf.tasks.events import emit_model_registered
 from mirrorinf.tasks.hf_model import tokenizer_of
 from mirrorinf.tasks.tracking import ensure_experiment, get_client, mlflow_run, provenance_tags
+from mirrorinf.usercode import load_callable
 
 __all__ = [
     "ModelRef",
@@ -543,11 +544,45 @@ def check_fit(model: torch.nn.Module, splits: list[Split], task: TaskParams) -> 
         n_classes = output_size(model, first.read(0, 1), task.output, len(first))
         for data in splits:
             check_labels(data, n_classes)
+    loss_fn = load_callable(task.loss, "task.loss") if task.loss else None
     for data in splits:
         out = _run_head(model, data.read(0, 64), task.output, 64, len(data))
-        problem = None if task.loss else kind_problem(task.kind, out.double(), data.y[:64])
+        if loss_fn is not None:
+            _check_loss(loss_fn, str(task.loss), out, data.y[:64], data)
+            continue
+        problem = kind_problem(task.kind, out.double(), data.y[:64])
         if problem is not None:
             raise DataError(f"{data.name} set {data.provenance.path!r}: {problem}")
+
+
+def _check_loss(loss_fn: Any, spec: str, out: torch.Tensor, y: torch.Tensor, data: Split) -> None:
+    """InputError (exit 2) unless the user's loss, called as the engine calls it on the
+    model's outputs for the first rows of ``data``, gives one finite loss per row: a loss that
+    raised, reduced to a scalar or gave NaN was a traceback (exit 3) or a message about
+    overflowing inputs."""
+    n = len(out)
+    rows_of = f"the first {n} rows of the {data.name} set {data.provenance.path!r}"
+    try:
+        with torch.no_grad():
+            got = loss_fn(out, y)
+    except Exception as err:
+        raise InputError(
+            f"task.loss {spec!r} failed on the model's outputs for {rows_of}: "
+            f"{type(err).__name__}: {err}; it is called as loss(outputs, targets) and returns "
+            "one loss per example"
+        ) from None
+    shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+    if shape != (n,):
+        raise InputError(
+            f"task.loss {spec!r} must return one loss per example (shape ({n},) for {n} rows), "
+            f"got {shape} on {rows_of}; use reduction='none'"
+        )
+    bad = int((~torch.isfinite(got)).sum())
+    if bad:
+        raise InputError(
+            f"task.loss {spec!r} returned NaN or inf for {bad} of {rows_of} at the trained "
+            "model; a loss must be finite where the model was trained"
+        )
 
 
 train_and_register_task = task(

@@ -162,8 +162,8 @@ class Split:
             return each(self.x, lambda v: v.numpy()) if isinstance(self.x, dict) else self.x.numpy()
         x1, _ = self.reader.read(0, 1)
         if isinstance(x1, dict):
-            return {k: RowsView(self.reader, k) for k in x1}
-        return RowsView(self.reader, None)
+            return {k: RowsView(self, k) for k in x1}
+        return RowsView(self, None)
 
     def gather(self, index: np.ndarray) -> Inputs:
         """The inputs of rows ``index`` (positions; only those rows are read)."""
@@ -235,15 +235,14 @@ class FlatRows:
 class RowsView:
     """One input of a lazy split, indexable by rows (``view[idx]`` reads only rows ``idx``)."""
 
-    def __init__(self, reader: SplitReader, key: str | None) -> None:
-        self.reader, self.key = reader, key
+    def __init__(self, split: Split, key: str | None) -> None:
+        self.split, self.key = split, key
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.split)
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        x, _ = gather(self.reader, idx, len(self.reader))
+        x = self.split.gather(np.asarray(index, dtype=np.int64))
         part = x[self.key] if isinstance(x, dict) and self.key is not None else x
         assert isinstance(part, torch.Tensor)
         return part.numpy()

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_parquet"]
+__all__ = ["atomic_write", "scratch_array", "write_parquet"]
 
 PARQUET_GROUP_ROWS = 1 << 16  # rows per row group of write_parquet: ~4 MiB of Arrow each
 
@@ -27,6 +27,19 @@ def atomic_write(path: str | Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def scratch_array(shape: int | tuple[int, ...], dtype: Any = "float64") -> Any:
+    """A new zero-filled array in a memory-mapped temporary file that has no name (unlinked at
+    creation: never seen by another run or process, gone with the array, even on kill -9): its
+    pages are file-backed, which the kernel can write back and drop, not the process's own
+    (anonymous) memory; for per-row columns that must outlive a step at any N."""
+    import numpy as np
+
+    with tempfile.TemporaryFile(prefix="mirrorinf-scratch-") as fh:  # the map keeps it open
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(fh, dtype=dtype, mode="w+", shape=shape)
 
 
 def write_parquet(frame: Any, path: str | Path, group_rows: int = PARQUET_GROUP_ROWS) -> None:

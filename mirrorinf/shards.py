@@ -39,6 +39,9 @@ ARRAYS += ("loss_after_fit",)  # the harmful flag's score: per row, so sharded l
 # engine verb -> its score array; upcast counts queries (the same in every shard) or rows (self)
 _VERBS = {"pairwise": "pairwise", "group": "group_influence", "self": "self_influence"}
 MATRICES = ("pairwise", "leak_pairwise")  # [rows, n_query]: memory-mapped, never concatenated
+# one value per training row: memory-mapped when the score cache is read (file-backed pages)
+ROW_VECTORS = ("self_influence", "group_influence", "loss_after_fit")
+MAPPED = MATRICES + ROW_VECTORS
 ASSEMBLED = "scores"  # the record of all shards in training-row order
 
 

@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,14 +359,16 @@ def input_distance(train_x: Any, query_x: Any, best_idx: np.ndarray) -> np.ndarr
     return _part_distance(arr(train_x[best_idx]), arr(query_x))
 
 
-def robust_z(values: Any) -> np.ndarray:
+def robust_z(values: Any, out: np.ndarray | None = None) -> np.ndarray:
     """Modified z-score ``0.6745 * (x - median) / MAD`` (MeanAD fallback; 0 when all equal).
 
     Robust to the outliers it is meant to find: one huge value does not hide itself by inflating
     the scale, as it would with mean and standard deviation. Non-finite inputs give NaN.
+    ``out``: a float64 array of the input's length to write the scores into (and return).
     """
     x = _as_float(values, "values", 1)
-    z = np.full(x.shape, np.nan)
+    z = np.empty(x.shape) if out is None else out
+    z.fill(np.nan)
     finite = np.isfinite(x)
     if not finite.any():
         return z
@@ -539,6 +542,11 @@ def _scan(
     return _Scan(*pro, *opp, has, best_idx, best_cos, best_score, nonfinite)
 
 
+def _nan_filled(array: np.ndarray) -> np.ndarray:
+    array.fill(np.nan)
+    return array
+
+
 def _loss_after(
     loss_after_fit: Any, calib_loss_after_fit: Any, n_train: int
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -577,6 +585,7 @@ def summarise(
     train_x: Any = None,
     query_x: Any = None,
     block_rows: int | None = None,
+    column: Callable[[int], np.ndarray] | None = None,
 ) -> InfluenceTables:
     """Build the training, query and leak tables from the engine's score arrays.
 
@@ -618,6 +627,10 @@ def summarise(
         block_rows: training rows per block of the one streaming pass over ``pairwise`` (and
             ``leak_pairwise``); None = :func:`summary_block_rows` (a memory budget). Any value
             gives the same tables.
+        column: makes each float64 column of the training table the call computes (the
+            robust z-scores; NaN loss after fit when none is given) from its length, e.g.
+            :func:`mirrorinf.io.scratch_array` (file-backed, not the process's own memory);
+            None = in memory. Any choice gives the same tables.
 
     Memory: the training table is built once from its column arrays, without a copy (inputs
     that are already float64 / int64 are shared with it, so do not change them afterwards);
@@ -657,8 +670,9 @@ def summarise(
     )
     q_ids = _as_ids(query_ids, n_query, "query_ids")
 
-    self_z = robust_z(s_inf)
-    group_z = robust_z(g_inf)
+    new_column = column or (lambda n: np.empty(n))
+    self_z = robust_z(s_inf, new_column(n_train))
+    group_z = robust_z(g_inf, new_column(n_train))
     cal_self = None if calib_self_inf is None else _as_float(calib_self_inf, "calib_self_inf", 1)
     cal_group = (
         None if calib_group_inf is None else _as_float(calib_group_inf, "calib_group_inf", 1)
@@ -724,7 +738,7 @@ def summarise(
             "self_z": self_z,
             "group_influence": g_inf,
             "group_z": group_z,
-            "loss_after_fit": np.full(n_train, np.nan) if after is None else after,
+            "loss_after_fit": _nan_filled(new_column(n_train)) if after is None else after,
             "flag_mislabel": flag_mislabel,
             "flag_harmful": flag_harmful,
         },

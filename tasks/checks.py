@@ -43,6 +43,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mirrorinf.io import scratch_array
 from mirrorinf.summary import GateThresholds, InfluenceTables, summarise, target_labels
 
 if TYPE_CHECKING:
@@ -225,6 +226,20 @@ def _row(res: Any, th: GateThresholds) -> dict[str, Any]:
     )
 
 
+def _column(n: int) -> np.ndarray:
+    """A new float64 column of ``n`` rows in a file-backed scratch map (not anonymous memory:
+    the training table's computed columns at any N)."""
+    return np.asarray(scratch_array(n))
+
+
+def _file_backed(values: np.ndarray) -> np.ndarray:
+    """``values`` (e.g. a boolean flag: 0.0 / 1.0) as a float64 scratch column (:func:`_column`),
+    converted as they are copied: no in-memory float64 copy."""
+    out = _column(len(values))
+    out[:] = values
+    return out
+
+
 def validate_tables(
     tables: InfluenceTables, thresholds: GateThresholds | None = None
 ) -> CheckResult:
@@ -250,8 +265,8 @@ def validate_tables(
         {
             "self_influence": t["self_influence"].to_numpy(dtype=np.float64),
             "group_influence": t["group_influence"].to_numpy(dtype=np.float64),
-            "flag_mislabel": t["flag_mislabel"].to_numpy(dtype=np.float64),
-            "flag_harmful": t["flag_harmful"].to_numpy(dtype=np.float64),
+            "flag_mislabel": _file_backed(t["flag_mislabel"].to_numpy()),
+            "flag_harmful": _file_backed(t["flag_harmful"].to_numpy()),
         },
         copy=False,
     )
@@ -322,6 +337,7 @@ def summarise_and_check(
         calib_group_inf=scores.calib_group_influence,
         loss_after_fit=scores.loss_after_fit,
         calib_loss_after_fit=scores.calib_loss_after_fit,
+        column=_column,
     )
     summary_s = time.perf_counter() - t0
     check = validate_tables(tables, thresholds)

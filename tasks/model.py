@@ -630,13 +630,15 @@ def predict_labels(
         batch = min(batch, 16)  # [batch, T, vocabulary] logits
     was_training = model.training
     model.eval()
+    out: np.ndarray | None = None  # filled batch by batch: no list of batches and second copy
     try:
         with torch.inference_mode():
-            out = [
-                _prediction(call_model(model, data.read(i, i + batch), task.output),
-                            task.kind)
-                for i in range(0, len(data), batch)
-            ]  # fmt: skip
+            for i in range(0, len(data), batch):
+                part = _prediction(call_model(model, data.read(i, i + batch), task.output),
+                                   task.kind).cpu().numpy()  # fmt: skip
+                if out is None:
+                    out = np.empty((len(data), *part.shape[1:]), dtype=part.dtype)
+                out[i : i + len(part)] = part
     finally:
         model.train(was_training)
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.int64)
+    return out if out is not None else np.zeros(0, dtype=np.int64)

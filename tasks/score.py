@@ -36,7 +36,7 @@ from mirrorinf.engine.examples import parts
 from mirrorinf.errors import DataError, InputError
 from mirrorinf.integrity import NpyFile, SignedRecords, remove_stale_tmp
 from mirrorinf.params import TaskParams
-from mirrorinf.shards import MATRICES, ShardStore
+from mirrorinf.shards import MAPPED, ShardStore
 from mirrorinf.tasks.data import Split
 from mirrorinf.usercode import load_callable, source_digest
 
@@ -434,9 +434,10 @@ def score_cache_dir(root: str | Path) -> Path:
 def load_cached_scores(cache_dir: str | Path, key: str) -> ScoreBundle | None:
     """The cached bundle of ``key`` if its record verifies (see mirrorinf.integrity), else None
     (an invalid entry is logged and discarded). Nothing is unpickled; the score matrices are
-    hashed in blocks, then returned as read-only memory maps of the verified files."""
+    hashed in blocks, then returned as read-only memory maps of the verified files (so are the
+    per-row score vectors: at 1M rows 24 MB the process no longer holds)."""
     records = SignedRecords(cache_dir, "scores")
-    got = records.read(key, mmap=MATRICES)
+    got = records.read(key, mmap=MAPPED)
     if got is None:
         return None
     arrays, meta = got

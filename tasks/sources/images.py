@@ -16,7 +16,6 @@ import hashlib
 import io
 import mmap
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from mirrorinf.errors import DataError
+from mirrorinf.io import scratch_array
 from mirrorinf.tasks.sources import IMAGE_SUFFIXES, ImageOptions, Raw
 
 __all__ = ["ImageFolder"]
@@ -156,9 +156,7 @@ class ImageFolder(torch.utils.data.Dataset):
         gone when this reader or process ends, even on kill -9), and which rows it holds."""
         with self._lock:
             if self._pixels is None:
-                shape = (len(self), *self.shape)
-                with tempfile.TemporaryFile(prefix="mirrorinf-pixels-") as fh:  # the map keeps it
-                    self._pixels = np.memmap(fh, dtype=np.uint8, mode="w+", shape=shape)
+                self._pixels = scratch_array((len(self), *self.shape), np.uint8)
                 self._have = np.zeros(len(self), dtype=bool)
             assert self._have is not None
             return self._pixels, self._have

@@ -153,10 +153,11 @@ def test_head_positions_orders_rows_as_pandas_sorts_them() -> None:
 # The flow's steps after scoring, as the flow runs them, at N rows in a fresh process: verified
 # cache read, summary + GX gate, summary.json, log_influence (npy, parquet, GX result), the
 # predictions and the review (plots, report, UI tables) into a real SQLite MLflow store. Prints
-# each step's peak anonymous RSS (the process's own memory: file-backed pages of the memory
-# maps are not in it) above the state before the cache read, sampled every 2 ms, in MiB.
+# each step's traced peak (tracemalloc: numpy buffers and Python objects, deterministic, unlike
+# a sampled RSS) above what was live before the cache read, and Arrow's pool peak, in MiB.
+# Pages of the memory maps (verified cache, scratch arrays) are not allocations: not traced.
 _FLOW_AFTER_SCORING = """
-import json, sys, threading
+import json, sys, tracemalloc
 from pathlib import Path
 import numpy as np
 n, q, tmp = int(sys.argv[1]), 20, Path(sys.argv[2])
@@ -168,6 +169,7 @@ import mirrorinf.integrity, mirrorinf.io, mirrorinf.summary
 mirrorinf.integrity.BLOCK_BYTES = 2**20
 mirrorinf.summary.summary_block_rows.__defaults__ = (2**22,)
 mirrorinf.io.write_parquet.__defaults__ = (4096,)
+import pyarrow as pa
 import torch
 import mirrorinf.review
 from mirrorinf.flows.influence import _metrics, _summary
@@ -193,52 +195,45 @@ save_cached_scores(tmp / "cache", "k", ScoreBundle(  # float64 per-row vectors, 
 uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
 client = get_client(uri)
 run_id = client.create_run(client.create_experiment("x", str(tmp / "art"))).info.run_id
-
-def anon():
-    with open("/proc/self/status") as fh:
-        return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("RssAnon:"))
-
-step, peaks, done = ["load"], {}, threading.Event()
-def sample():
-    while not done.wait(0.002):
-        peaks[step[0]] = max(peaks.get(step[0], 0), anon() - before)
-before = anon()
-threading.Thread(target=sample, daemon=True).start()
+peaks = {}
+tracemalloc.start()
+before = tracemalloc.get_traced_memory()[0]
+def step(name):
+    peaks[name] = (tracemalloc.get_traced_memory()[1] - before) / 2**20
+    tracemalloc.reset_peak()
 scores = load_cached_scores(tmp / "cache", "k")
-step[0] = "check"
+step("load")
 tables, check = summarise_and_check(scores, train, queries, GateThresholds())
-step[0] = "log"
+step("check")
 summary = _summary(tables, scores, {})
 log_influence(uri, run_id, scores=scores, tables=tables, check=check, verdict="passed",
               metrics=_metrics(tables, scores, check, {}, False), summary=summary)
-step[0] = "review"
+step("log")
 log_review(uri, run_id, tables=tables, check=check, train=train, queries=queries,
            predicted=predict_labels(model, train), verdict="passed", reasons=[])
-done.set()
-print(json.dumps({k: v / 2**20 for k, v in peaks.items()}))
+step("review")
+peaks["arrow"] = pa.default_memory_pool().max_memory() / 2**20
+print(json.dumps(peaks))
 """
 
 
 def test_flow_after_scoring_holds_a_few_bytes_a_row(tmp_path: Path) -> None:
-    """Each step's peak anonymous memory grows by at most 72 B a training row from 50k to 450k
-    rows: the per-row score vectors are the verified cache's memory maps, the table's computed
-    columns and the gate's float flags live in file-backed scratch maps, the predictions are
-    one array. Before: 40-110 B a row (float64 vectors read into memory, z-scores and flags in
-    memory, predictions concatenated from a list of batches). Constant parts (imports, plots,
-    full row blocks) cancel in the difference. Both sizes run at once, each in its process."""
+    """Each step's traced peak grows by at most 72 B a training row from 50k to 450k rows: the
+    per-row score vectors are the verified cache's memory maps, the table's computed columns and
+    the gate's float flags live in file-backed scratch maps, the predictions are one array.
+    Before: 40-110 B a row (float64 vectors read into memory, z-scores and flags in memory,
+    predictions concatenated from a list of batches). Constant parts (imports, plots, full row
+    blocks) cancel in the difference. Each size runs in its own fresh process."""
     sizes = {"small": 50_000, "large": 450_000}
-    procs = {}
+    peaks = {}
     for name, n in sizes.items():
         (tmp_path / name).mkdir()
-        procs[name] = subprocess.Popen(
+        proc = subprocess.run(
             [sys.executable, "-c", _FLOW_AFTER_SCORING, str(n), str(tmp_path / name)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            capture_output=True, text=True, timeout=600,
         )  # fmt: skip
-    peaks = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        peaks[name] = json.loads(out.splitlines()[-1])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[name] = json.loads(proc.stdout.splitlines()[-1])
     a, b = peaks["small"], peaks["large"]
     per_row = {k: (b[k] - a[k]) * MiB / (sizes["large"] - sizes["small"]) for k in b}
-    assert max(per_row.values()) <= 72, per_row
+    assert max(per_row.values()) <= 72, (per_row, a, b)

@@ -1,7 +1,8 @@
 """Models as the pipeline loads them: pairwise and self-influence time ratios, nn.Module vs pt2.
 
 For an MLP, a CNN with BatchNorm, a transformer encoder, a depthwise-separable CNN, a Conv1d
-text model and a causal LM whose head is tied to its token embedding, each both as the nn.Module
+text model, GRU and LSTM token classifiers and a causal LM whose head is tied to its token
+embedding, each both as the nn.Module
 and as
 logged with mlflow.pytorch.log_model (pt2, MLflow 3's default) to a temporary SQLite store and
 loaded back through mirrorinf.tasks.model.load_model_uri, as the flow does. Ratios as in
@@ -80,6 +81,19 @@ class TiedLm(nn.Module):
         return self.head(self.enc(h, mask=causal, is_causal=True)[:, -1])
 
 
+class Recurrent(nn.Module):
+    """A token classifier: embedding, a one-layer GRU or LSTM, the last step's state, a head."""
+
+    def __init__(self, kind: str, vocab: int = 1000, d: int = 32, h: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[kind](d, h, batch_first=True)
+        self.head = nn.Linear(h, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.emb(x))[0][:, -1])
+
+
 def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     """(name, model in eval mode, input shape of one row (negative: token ids below -v), N)."""
     torch.manual_seed(0)
@@ -115,6 +129,13 @@ def cases(scale: float) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
             TextCnn(30000, 128).eval(),
             (-30000, 32),
             int(1000 * scale),
+        ),
+        ("GRU 64, 1000 vocab, 16 tokens", Recurrent("gru").eval(), (-1000, 16), int(4000 * scale)),
+        (
+            "LSTM 64, 1000 vocab, 16 tokens",
+            Recurrent("lstm").eval(),
+            (-1000, 16),
+            int(4000 * scale),
         ),
         (
             "tied-head LM 2x(d64, 4 heads), 8k vocab, 16 tokens",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -70,7 +72,31 @@ def _transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return _Encoder().eval(), torch.randn(25, 5, 4), torch.randint(0, 3, (25,))
 
 
-MODELS = {"mlp": _mlp, "cnn_batchnorm": _cnn, "transformer": _transformer}
+class _Recurrent(nn.Module):
+    """Embedding -> GRU / LSTM / RNN (two layers for the GRU) -> last step -> linear head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 6)
+        layer = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[kind]
+        self.rnn = layer(6, 8, num_layers=2 if kind == "gru" else 1, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(torch.tanh(self.emb(x)))
+        return self.head(h[:, -1])
+
+
+def _recurrent(kind: str) -> Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    def make() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(3)
+        return _Recurrent(kind).eval(), torch.randn(20, 5, 4), torch.randint(0, 3, (20,))
+
+    return make
+
+
+MODELS = {"mlp": _mlp, "cnn_batchnorm": _cnn, "transformer": _transformer,
+          **{k: _recurrent(k) for k in ("gru", "lstm", "rnn")}}  # fmt: skip
 
 
 def _by_hand_self(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
@@ -225,8 +251,8 @@ def test_pt2_mlp_takes_the_rank1_path_with_the_sequential_scores(pt2_models) -> 
     _assert_unchanged(loaded, before)
 
 
-@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer"])
-def test_pt2_cnn_and_transformer_run_batched_with_the_modules_scores(
+@pytest.mark.parametrize("name", ["cnn_batchnorm", "transformer", "gru", "lstm", "rnn"])
+def test_pt2_cnn_transformer_and_rnns_run_batched_with_the_modules_scores(
     pt2_models, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     model, loaded, x, y = pt2_models[name]
@@ -787,3 +813,36 @@ def test_factored_self_influence_embedding_bag() -> None:
         fi.self_influence((x, y)), ForwardInf(model, F64).self_influence((x, y))
     )
     assert fi.last_report is not None and fi.last_report.path == "factored"
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.GRU(3, 4, num_layers=2, bidirectional=True),  # sequence-first, two directions
+        nn.LSTM(3, 4, num_layers=2, batch_first=True),
+        nn.RNN(3, 4, nonlinearity="relu", batch_first=True),
+    ],
+    ids=["gru", "lstm", "rnn_relu"],
+)
+def test_unrolled_recurrent_view_equals_the_layer(layer: nn.Module) -> None:
+    """module_view's GRU / LSTM / RNN: the layer's outputs and gradients (float64), with and
+    without an initial state, and the layer itself untouched."""
+    from mirrorinf.engine.module_view import module_view
+
+    layer = layer.double()
+    view = module_view(layer)
+    assert view is not None and type(view) is not type(layer)
+    torch.manual_seed(4)
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    rnn: Any = layer
+    depth = rnn.num_layers * (2 if rnn.bidirectional else 1)
+    h = torch.randn(depth, 5 if rnn.batch_first else 6, 4, dtype=torch.float64)
+    state = (h, torch.randn_like(h)) if isinstance(layer, nn.LSTM) else h
+    for args in ((x,), (x, state)):
+        want, got = layer(*args), view(*args)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        gw = torch.autograd.grad(want[0].square().sum(), list(layer.parameters()))
+        gg = torch.autograd.grad(got[0].square().sum(), list(view.parameters()))
+        torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
+    assert all(p is q for p, q in zip(view.parameters(), layer.parameters(), strict=True))
+    assert type(layer) in (nn.GRU, nn.LSTM, nn.RNN)

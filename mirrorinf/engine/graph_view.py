@@ -7,8 +7,11 @@ generic path fell back to a loop. :func:`engine_view` returns a copy whose graph
 ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Embedding`` submodules (or, for a
 projection owned by a larger module such as nn.MultiheadAttention's ``in_proj_weight``, a
 :class:`ParamLinear`) holding the *same* Parameter objects (same names, same order), reads sizes
-in Python and computes inference-mode batch norm as a per-channel scale and shift. The same
-model (to rounding); the caller's model is never changed. Plain ``nn.Module`` layers get views
+in Python and computes inference-mode batch norm as a per-channel scale and shift. Fused
+recurrent ops (``aten.gru`` / ``lstm`` / ``rnn_tanh`` / ``rnn_relu``, which vmap cannot batch)
+run as torch's own decomposition into time steps, and tensors the graph creates (an RNN's zero
+initial state, traced as float32 on the CPU) take the dtype and device of its parameters, so a
+float64 or GPU run works. The same model (to rounding); the caller's model is never changed. Plain ``nn.Module`` layers get views
 of their own (:mod:`mirrorinf.engine.module_view`).
 """
 
@@ -22,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from mirrorinf.engine.module_view import module_view, shallow
+from mirrorinf.engine.module_view import RECURRENT_OPS, decomposed, module_view, shallow
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +100,60 @@ def _eval_batch_norm(
     return x * scale.reshape(view) + shift.reshape(view)
 
 
+# ops that make a tensor from nothing; export bakes the dtype and device of the trace into them
+# (an RNN's zero initial state: float32 on the CPU, whatever the engine computes in)
+_CREATION = {
+    aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format,
+    aten.scalar_tensor.default, aten.eye.default,
+}  # fmt: skip
+
+
+def _like(target: Any, ref: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``target(*args, **kwargs)`` with ``ref``'s dtype (if it asked for a floating one) and
+    device: a tensor the graph makes follows the engine's precision and device, as its
+    parameters (``ref`` is one) do."""
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        kwargs["dtype"] = ref.dtype
+    if "device" in kwargs:
+        kwargs["device"] = ref.device
+    return cast(torch.Tensor, target(*args, **kwargs))
+
+
+def _ref_param(gm: nn.Module, graph: fx.Graph) -> fx.Node | None:
+    """A new get_attr node, at the top of ``graph``, of a floating parameter the graph already
+    reads (so that no parameter it ignores, such as a tied model's dead copy, becomes read)."""
+    params = {n for n, p in gm.named_parameters() if p.is_floating_point()}
+    name = next(
+        (n.target for n in graph.nodes if n.op == "get_attr" and n.target in params and n.users),
+        None,
+    )
+    if not isinstance(name, str):
+        return None
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        return graph.get_attr(name)
+
+
 def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
     """The rewritten copy of one graph module, or None if nothing in it needs rewriting."""
     graph = copy.deepcopy(gm.graph)
     src = _split_tied(gm, graph)  # gm, or a shallow copy that also holds the aliases
     linears: dict[str, nn.Module] = {}
     sizes = 0
+    ref: fx.Node | None = None
     for node in list(graph.nodes):
         if node.op != "call_function" or getattr(node, "_erased", False):
+            continue
+        if node.target in _CREATION and ("dtype" in node.kwargs or "device" in node.kwargs):
+            ref = ref or _ref_param(src, graph)
+            if ref is not None:
+                node.args, node.target = (node.target, ref, *node.args), _like
+                sizes += 1
+            continue
+        if node.target in RECURRENT_OPS:  # as module_view does for nn.GRU / LSTM / RNN
+            node.target = decomposed(node.target)
+            sizes += 1
             continue
         if node.target is aten.sym_size.int:
             node.target = _dim_size

@@ -176,6 +176,68 @@ class EngineEmbeddingBag(nn.EmbeddingBag):
         return (rows * coef.unsqueeze(-1)).sum(dim=1)
 
 
+class _UnrolledRecurrence:
+    """Mixin: nn.GRU / nn.LSTM / nn.RNN computed by torch's own decomposition of the fused op
+    (a Python loop over time steps of linear and gate ops; the same function to rounding),
+    which vmap batches over rows, where the fused op has no batching rule and the engine
+    looped over rows one at a time. Packed sequences, unbatched input, LSTM projections and
+    dropout in training run the layer's own forward."""
+
+    _op: str  # the aten op of the layer's class
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        rnn: Any = self
+        rnn._update_flat_weights()
+        if (
+            not isinstance(input, Tensor)
+            or input.dim() != 3
+            or rnn.__dict__.get("proj_size", 0)
+            or (rnn.training and rnn.dropout)
+        ):
+            return super().forward(input, hx)  # type: ignore[misc]
+        lstm = isinstance(rnn, nn.LSTM)
+        if hx is None:
+            batch = input.size(0 if rnn.batch_first else 1)
+            dirs = 2 if rnn.bidirectional else 1
+            h0 = input.new_zeros(rnn.num_layers * dirs, batch, rnn.hidden_size)
+            hx = (h0, h0) if lstm else h0
+        op = getattr(torch.ops.aten, self._op).input
+        out = decomposed(op)(
+            input, list(hx) if lstm else hx, rnn._flat_weights, rnn.bias, rnn.num_layers,
+            float(rnn.dropout), rnn.training, rnn.bidirectional, rnn.batch_first,
+        )  # fmt: skip
+        return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
+
+
+def decomposed(op: Any) -> Any:
+    """torch's decomposition of the aten op ``op`` (a Python function of the same signature)."""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([op])[op]
+
+
+class EngineGRU(_UnrolledRecurrence, nn.GRU):
+    _op = "gru"
+
+
+class EngineLSTM(_UnrolledRecurrence, nn.LSTM):
+    _op = "lstm"
+
+
+class EngineRNN(_UnrolledRecurrence, nn.RNN):
+    @property
+    def _op(self) -> str:  # type: ignore[override]
+        return "rnn_tanh" if self.nonlinearity == "tanh" else "rnn_relu"
+
+
+RECURRENT_OPS = tuple(
+    getattr(torch.ops.aten, name).input for name in ("gru", "lstm", "rnn_tanh", "rnn_relu")
+)
+_RECURRENT: dict[type[nn.Module], type[nn.Module]] = {
+    nn.GRU: EngineGRU, nn.LSTM: EngineLSTM, nn.RNN: EngineRNN,
+}  # fmt: skip
+
+
 def module_view(mod: nn.Module) -> nn.Module | None:
     """The engine's view of one layer (see module docstring), or None if it has none."""
     cls = type(mod)
@@ -189,6 +251,12 @@ def module_view(mod: nn.Module) -> nn.Module | None:
         view.__dict__["lookup_tap"] = EmbeddingTap(
             cast("int | None", mod.padding_idx)
         )  # not a registered child
+        return view
+    if cls in _RECURRENT:
+        view = shallow(mod)
+        view.__class__ = _RECURRENT[cls]
+        # its own list: functional_call's setattr writes the swapped tensors into it in place
+        view.__dict__["_flat_weights"] = list(cast("list[Tensor]", mod._flat_weights))
         return view
     if cls is nn.MultiheadAttention:
         view = shallow(mod)
@@ -207,10 +275,15 @@ def shallow(mod: nn.Module) -> nn.Module:
 
 
 __all__ = [
+    "RECURRENT_OPS",
     "EmbeddingTap",
     "EngineEmbeddingBag",
+    "EngineGRU",
+    "EngineLSTM",
     "EngineMultiheadAttention",
+    "EngineRNN",
     "LinearTap",
+    "decomposed",
     "module_view",
     "shallow",
 ]

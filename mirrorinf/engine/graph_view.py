@@ -11,8 +11,8 @@ in Python and computes inference-mode batch norm as a per-channel scale and shif
 recurrent ops (``aten.gru`` / ``lstm`` / ``rnn_tanh`` / ``rnn_relu``, which vmap cannot batch)
 run as torch's own decomposition into time steps, and tensors the graph creates (an RNN's zero
 initial state, traced as float32 on the CPU) take the dtype and device of its parameters, so a
-float64 or GPU run works. The same model (to rounding); the caller's model is never changed. Plain ``nn.Module`` layers get views
-of their own (:mod:`mirrorinf.engine.module_view`).
+float64 or GPU run works. The same model (to rounding); the caller's model is never changed.
+Plain ``nn.Module`` layers get views of their own (:mod:`mirrorinf.engine.module_view`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,10 @@ def _setup(root: Path, verbose: bool, debug: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mirrorinf").setLevel(level)  # mirrorinf.tasks / .flows too
+    if not debug:  # the libraries' notices about their own APIs (torch.export's LeafSpec on
+        # every pt2 load): nothing the user can act on; --debug shows them
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 class _FirstDeliveryFailure(logging.Filter):

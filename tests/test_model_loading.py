@@ -204,3 +204,28 @@ def test_extreme_input_values_exit_2_naming_the_row(
     exp = client.get_experiment_by_name("extreme")
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+
+
+def test_cli_on_a_pt2_model_prints_no_library_deprecation_notices(
+    store: tuple[str, Net], tmp_path: Path
+) -> None:
+    """``mirrorinf score`` on a pt2 model, as a user runs it (the console script, a fresh
+    process): torch.export's FutureWarning about its own LeafSpec used to be printed on every
+    load. The CLI hides the libraries' Deprecation/FutureWarnings unless --debug."""
+    import subprocess
+    import sys
+
+    uri, _ = store
+    x, y = _data(20, 0)
+    train = tmp_path / "train.npz"
+    np.savez(train, x=x.numpy(), y=y.numpy())
+    cli = Path(sys.executable).with_name("mirrorinf")
+    out = str(tmp_path / "out")
+    args = [str(cli), "score", "--model-uri", "models:/pt2-net/1", "--train", str(train),
+            "--queries", str(train), "--out", out, "--tracking-uri", uri]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+    debug = subprocess.run([*args[:2], "--debug", *args[2:]], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)  # fmt: skip
+    assert debug.returncode == 0 and "FutureWarning" in debug.stderr, debug.stderr[-2000:]

@@ -846,3 +846,31 @@ def test_unrolled_recurrent_view_equals_the_layer(layer: nn.Module) -> None:
         torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
     assert all(p is q for p, q in zip(view.parameters(), layer.parameters(), strict=True))
     assert type(layer) in (nn.GRU, nn.LSTM, nn.RNN)
+
+
+def test_stacked_bidirectional_lstm_batches_in_float32(caplog: pytest.LogCaptureFixture) -> None:
+    """In float32, where the LSTM's input needs no gradient (here: it reads the data), torch's
+    LSTM decomposition calls oneDNN's fused layer, which vmap cannot batch and got wrong for a
+    stacked bidirectional LSTM ("mat1 and mat2 shapes cannot be multiplied"): a per-row loop.
+    Unrolled with oneDNN off: batched, as the module and as its pt2 graph."""
+    torch.manual_seed(5)
+    model = _Recurrent("lstm")
+    model.emb = nn.Identity()  # the LSTM reads the data: no input gradient in any pass
+    model.rnn = nn.LSTM(4, 8, num_layers=2, bidirectional=True, batch_first=True)
+    model.head = nn.Linear(16, 3)
+    model.eval()
+    x, y = torch.randn(24, 5, 4), torch.randint(0, 3, (24,))
+    ep = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
+    for m in (model, ExportedModel(ep.module()).eval()):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mirrorinf.engine"):
+            fi = ForwardInf(m)
+            si, pw = fi.self_influence((x, y)), fi.pairwise((x, y), (x[:3], y[:3]))
+        assert not _loop_warnings(caplog)
+        ref = ForwardInf(model, F64)
+        torch.testing.assert_close(
+            si, ref.self_influence((x, y)).to(si.dtype), rtol=2e-3, atol=1e-6
+        )
+        torch.testing.assert_close(
+            pw, ref.pairwise((x, y), (x[:3], y[:3])).to(pw.dtype), rtol=2e-3, atol=1e-5
+        )

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from mirrorinf.engine.module_view import RECURRENT_OPS, decomposed, module_view, shallow
+from mirrorinf.engine.module_view import RECURRENT_OPS, module_view, shallow, unrolled
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _graph_view(gm: fx.GraphModule) -> fx.GraphModule | None:
                 sizes += 1
             continue
         if node.target in RECURRENT_OPS:  # as module_view does for nn.GRU / LSTM / RNN
-            node.target = decomposed(node.target)
+            node.args, node.target = (node.target, *node.args), unrolled
             sizes += 1
             continue
         if node.target is aten.sym_size.int:

@@ -202,18 +202,22 @@ class _UnrolledRecurrence:
             h0 = input.new_zeros(rnn.num_layers * dirs, batch, rnn.hidden_size)
             hx = (h0, h0) if lstm else h0
         op = getattr(torch.ops.aten, self._op).input
-        out = decomposed(op)(
+        out = unrolled(
+            op,
             input, list(hx) if lstm else hx, rnn._flat_weights, rnn.bias, rnn.num_layers,
             float(rnn.dropout), rnn.training, rnn.bidirectional, rnn.batch_first,
         )  # fmt: skip
         return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
 
 
-def decomposed(op: Any) -> Any:
-    """torch's decomposition of the aten op ``op`` (a Python function of the same signature)."""
+def unrolled(op: Any, *args: Any) -> Any:
+    """``op(*args)`` (a fused recurrent aten op) by torch's decomposition of it, with oneDNN
+    off: on a CPU the decomposition would call oneDNN's fused LSTM layer wherever no gradient
+    is taken, which vmap cannot batch either (and gets wrong for stacked bidirectional LSTMs)."""
     from torch._decomp import get_decompositions
 
-    return get_decompositions([op])[op]
+    with torch.backends.mkldnn.flags(enabled=False):
+        return get_decompositions([op])[op](*args)
 
 
 class EngineGRU(_UnrolledRecurrence, nn.GRU):
@@ -283,7 +287,7 @@ __all__ = [
     "EngineMultiheadAttention",
     "EngineRNN",
     "LinearTap",
-    "decomposed",
     "module_view",
     "shallow",
+    "unrolled",
 ]

@@ -56,6 +56,7 @@ from mirrorinf.tasks.score import (
     score_task,
     set_threads,
     task_identity,
+    weights_digest,
 )
 from mirrorinf.tasks.tracking import (
     code_version,
@@ -325,6 +326,7 @@ def influence_flow(params: Params) -> InfluenceResult:
     identity = score_cache_key(
         model_uri=ref.uri,
         model_run_id=ref.run_id,
+        weights=weights_digest(model),
         data_md5={k: v.provenance.md5 for k, v in datasets.items()},
         config_fingerprint=cfg.fingerprint(),
         n_queries=len(queries),

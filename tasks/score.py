@@ -3,8 +3,9 @@
 ``compute_scores`` runs the three Forward-INF views a review needs: pairwise influence of every
 training example on each query, group influence on the validation set (negative = hurts
 held-out performance) and self-influence of every training example. ``score_task`` caches the
-result keyed on (model version + training run, data md5s, engine config fingerprint, code,
-number of queries, device), so a rerun with nothing changed reuses the scores. The cache is
+result keyed on (model version + training run + weights digest, data md5s, engine config
+fingerprint, code, number of queries, device), so a rerun with nothing changed reuses the
+scores. The cache is
 mirrorinf's own: arrays as .npy and reports as JSON, each array's sha256 in an HMAC-signed
 record (``mirrorinf.integrity``); nothing is pickled and no Prefect task persists its result.
 """
@@ -55,6 +56,7 @@ __all__ = [
     "score_task",
     "scoring_code_hash",
     "set_threads",
+    "weights_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -364,10 +366,24 @@ def scoring_code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and buffers (names, dtypes, shapes, bytes), read in
+    place. Part of the cache key: a registered version names its artifact, not its bytes, so
+    an artifact rewritten in place (a re-upload, a restored backup, tampering) must not be
+    served the scores of the weights it held before. About 1 s per GB of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def score_cache_key(
     *,
     model_uri: str,
     model_run_id: str | None,
+    weights: str,
     data_md5: dict[str, str],
     config_fingerprint: str,
     n_queries: int,
@@ -378,6 +394,7 @@ def score_cache_key(
     fields = {
         "model": model_uri,
         "run": model_run_id,
+        "weights": weights,
         "data": data_md5,
         "config": config_fingerprint,
         "n_queries": n_queries,

@@ -434,3 +434,35 @@ def test_corrupt_truncated_wrong_shape_shards_are_rescored(
     # and now every shard verifies: nothing scored on a third run
     third = run_influence(sharded)
     assert third.cache_hit and len(log.read_text().split()) == 6
+
+
+@pytest.mark.slow
+def test_model_rewritten_in_place_is_rescored(
+    untouched: tuple[Params, InfluenceResult, Path],
+) -> None:
+    """The registered version's weights file rewritten in its artifact store (same version,
+    same run: a re-upload, a restored backup, tampering): the cache key has the weights'
+    digest, so the run scores the new weights instead of serving the old ones' scores."""
+    import torch
+
+    params, first, project = untouched
+    cache, key = _entry(project)
+    files = list((project / "mlruns").rglob("state_dict.pt"))
+    assert files, "no weights file in the artifact store"
+    saved = {f: f.read_bytes() for f in files}
+    try:
+        for f in files:
+            state = torch.load(f, weights_only=True)
+            torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, f)
+        result = run_influence(params)
+        assert not result.cache_hit
+        assert not np.array_equal(
+            _logged(result, project, "pairwise"), _logged(first, project, "pairwise")
+        )
+    finally:
+        for f, blob in saved.items():
+            f.write_bytes(blob)
+        for stale in cache.glob("mirrorinf-scores-*"):
+            if not stale.name.startswith(key):
+                stale.unlink()
+    assert run_influence(params).cache_hit  # the original bytes: the original entry again

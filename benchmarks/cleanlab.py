@@ -650,7 +650,8 @@ def _paired(grids: dict[str, list[dict]], rules: list[str], opts: PathOpts) -> l
                 diff=None,
             )
         )
-        for rule in (r for r in rules if "x" in r and r != "50x0.01"):  # longer constants
+        # longer constants, and the rules that pick a step count (to-train-median, ...)
+        for rule in (r for r in rules if r != "50x0.01" and r not in PATH_RULES):
             r = [e["rules"][rule] for e in extras]
             auc = np.array([x[1] for x in r])
             rows.append(

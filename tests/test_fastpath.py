@@ -874,3 +874,35 @@ def test_stacked_bidirectional_lstm_batches_in_float32(caplog: pytest.LogCapture
         torch.testing.assert_close(
             pw, ref.pairwise((x, y), (x[:3], y[:3])).to(pw.dtype), rtol=2e-3, atol=1e-5
         )
+
+
+def test_onednn_off_overlapping_threads_restore_the_flag() -> None:
+    """Two threads' LSTM calls overlap, the first leaves first: oneDNN stays off until the last
+    leaves, then is back on (a save/restore per call would leave it off for the process)."""
+    import threading
+
+    from mirrorinf.engine.module_view import _onednn_off
+
+    assert torch._C._get_mkldnn_enabled()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with _onednn_off():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second() -> None:
+        a_in.wait(10)
+        with _onednn_off():
+            b_in.set()
+            a_out.wait(10)
+            seen.append(torch._C._get_mkldnn_enabled())
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == [False] and torch._C._get_mkldnn_enabled()

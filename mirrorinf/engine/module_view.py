@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -187,7 +190,7 @@ class _UnrolledRecurrence:
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         rnn: Any = self
-        rnn._update_flat_weights()
+        getattr(rnn, "_update_flat_weights", lambda: None)()  # torch >= 2.2
         if (
             not isinstance(input, Tensor)
             or input.dim() != 3
@@ -211,13 +214,40 @@ class _UnrolledRecurrence:
 
 
 def unrolled(op: Any, *args: Any) -> Any:
-    """``op(*args)`` (a fused recurrent aten op) by torch's decomposition of it, with oneDNN
-    off: on a CPU the decomposition would call oneDNN's fused LSTM layer wherever no gradient
-    is taken, which vmap cannot batch either (and gets wrong for stacked bidirectional LSTMs)."""
+    """``op(*args)`` (a fused recurrent aten op) by torch's decomposition of it; an LSTM with
+    oneDNN off: on a CPU its decomposition would call oneDNN's fused LSTM layer wherever its
+    input needs no gradient, which vmap cannot batch either (and got wrong for stacked
+    bidirectional LSTMs)."""
     from torch._decomp import get_decompositions
 
-    with torch.backends.mkldnn.flags(enabled=False):
-        return get_decompositions([op])[op](*args)
+    fn = get_decompositions([op])[op]
+    if op is not torch.ops.aten.lstm.input:
+        return fn(*args)
+    with _onednn_off():
+        return fn(*args)
+
+
+_ONEDNN = threading.Lock()
+_onednn_users = [0, True]  # calls inside _onednn_off, the flag to restore when none is left
+
+
+@contextmanager
+def _onednn_off() -> Iterator[None]:
+    """oneDNN off for the duration, counted across threads (a process-wide flag: the last of
+    overlapping calls restores what the first found, so shards in threads cannot leave it
+    off)."""
+    with _ONEDNN:
+        if _onednn_users[0] == 0:
+            _onednn_users[1] = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        _onednn_users[0] += 1
+    try:
+        yield
+    finally:
+        with _ONEDNN:
+            _onednn_users[0] -= 1
+            if _onednn_users[0] == 0:
+                torch._C._set_mkldnn_enabled(bool(_onednn_users[1]))
 
 
 class EngineGRU(_UnrolledRecurrence, nn.GRU):

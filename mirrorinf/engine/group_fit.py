@@ -186,8 +186,9 @@ against the default: cancer -0.0006 +- 0.0004, synthetic +0.0030 +- 0.0010, shap
 +- 0.0013, tokens +0.0009 +- 0.0009 (mean of the four 0.948 against 0.945; T 14-283). Why it
 reads tokens: that model does not memorise its flips (15-27% fitted against 88-100% on cancer
 and synthetic; median training loss equal to the validation set's), so there is nothing for
-the fit to undo, and the rule stops it early there. Not yet the default: calibration folds
-and shards need the same target passed in (README, issue 16).
+the fit to undo, and the rule stops it early there. Not the default: wired in (branch
+i16-median) it let the DVC demo with 30% flipped labels pass the gate the default fails (the
+fit stops early there too, and the harmful flag fires on too few rows; README, issue 16).
 
 With steps or lr given: the configured plain update.
 """

@@ -5,9 +5,9 @@ training example on each query, group influence on the validation set (negative 
 held-out performance) and self-influence of every training example. ``score_task`` caches the
 result keyed on (model version + training run + weights digest, data md5s, engine config
 fingerprint, code, number of queries, device), so a rerun with nothing changed reuses the
-scores. The cache is
-mirrorinf's own: arrays as .npy and reports as JSON, each array's sha256 in an HMAC-signed
-record (``mirrorinf.integrity``); nothing is pickled and no Prefect task persists its result.
+scores. The cache is mirrorinf's own: arrays as .npy and reports as JSON, each array's sha256
+in an HMAC-signed record (``mirrorinf.integrity``); nothing is pickled and no Prefect task
+persists its result.
 """
 
 from __future__ import annotations

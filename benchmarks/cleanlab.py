@@ -116,6 +116,8 @@ RULE_HOLD = 0.2  # held-out share of the validation set for ``early``
 RULE_RHO = 0.5  # trust-region: actual / first-order predicted decrease below which it stops
 RULES = (
     "50x0.01",
+    "25x0.01",  # path 0.25: half the default's (the plateau's lower side)
+    "100x0.01",  # path 1: twice the default's
     "50x0.03",
     "50x0.1",
     "200x0.01",  # path 2: the capped path rules' cap at 4x the default

@@ -9,7 +9,11 @@ memorised flips unexposed. This script shows that on the flow's small demo (digi
 training rows, 100 validation rows, the demo MLP trained as ``mirrorinf run`` trains it): per
 flip fraction the target, the rule's step count T, the flipped rows' median loss after the fit,
 the calibrated harmful threshold (5 validation folds, each fold's fit as long as the main fit,
-as the flow does) and the harmful / mislabel flags, for the default fit and for the rule.
+as the flow does), the harmful / mislabel flags and the gate's harmful_excess check (exposed
+rows against their limit; the gate column runs all three fraction checks), for the default fit
+and for the rule.
+
+``--fits default`` runs the default fit only.
 
 Run:  python benchmarks/fit_target_noise.py [--flips 0 0.1 0.2 0.3] [--seed 0]
 """
@@ -35,6 +39,7 @@ from mirrorinf.demo import make_demo, train_demo_model
 from mirrorinf.summary import GateThresholds, summarise
 
 CAP = 300  # the rule's cap (cleanlab.py's RULE_CAP)
+FITS = ("default", "to-train-median")
 
 
 def rule_steps(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, target: float) -> int:
@@ -57,7 +62,7 @@ def rule_steps(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, target: flo
     return CAP
 
 
-def one(flip: float, seed: int) -> list[str]:
+def one(flip: float, seed: int, names: tuple[str, ...] = FITS) -> list[str]:
     """Table rows (default, rule) for one flip fraction."""
     d = make_demo(n_train=400, n_val=100, n_query=30, flip_fraction=flip, n_leaks=0, seed=seed)
     x, y = torch.tensor(d.train.x, dtype=torch.float32), torch.tensor(d.train.y)
@@ -68,8 +73,10 @@ def one(flip: float, seed: int) -> list[str]:
         train_loss = F.cross_entropy(model(x), y, reduction="none").numpy()
     target = float(np.median(train_loss))
     rows = []
-    for name, steps in (("default", group_fit._GROUP_FIT_STEPS),
-                        ("to-train-median", rule_steps(model, xv, yv, target))):  # fmt: skip
+    fits = [("default", group_fit._GROUP_FIT_STEPS)]
+    if "to-train-median" in names:
+        fits.append(("to-train-median", rule_steps(model, xv, yv, target)))
+    for name, steps in fits:
         saved, group_fit._GROUP_FIT_STEPS = group_fit._GROUP_FIT_STEPS, steps
         try:
             fi = ForwardInf(model)
@@ -89,12 +96,16 @@ def one(flip: float, seed: int) -> list[str]:
         harm = t.train["flag_harmful"].to_numpy()
         mis = t.train["flag_mislabel"].to_numpy()
         flip_loss = f"{np.median(after[flipped]):.2f}" if flipped.any() else "-"
-        passed = t.counts["flagged_fraction"] <= GateThresholds().max_flagged_fraction and (
-            t.counts["harmful_fraction"] <= GateThresholds().max_harmful_fraction
+        c, th = t.counts, GateThresholds()
+        passed = (
+            c["flagged_fraction"] <= th.max_flagged_fraction
+            and c["harmful_fraction"] <= th.max_harmful_fraction
+            and c["exposed_fraction"] <= c["max_exposed_fraction"]  # harmful_excess
         )
         rows.append(
             f"| {flip:.0%} | {name} | {target:.3f} | {steps} | {np.median(after[~flipped]):.3f} "
             f"| {flip_loss} | {t.counts['harmful_threshold']:.2f} | {harm.sum()} | {mis.sum()} "
+            f"| {c['exposed_fraction']:.3f} / {c['max_exposed_fraction']:.3f} "
             f"| {'pass' if passed else 'FAIL'} |"
         )
     return rows
@@ -104,16 +115,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--flips", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.3])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="seeds seed, seed+1, ...")
+    ap.add_argument("--fits", nargs="+", choices=FITS, default=list(FITS))
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(
         "| flips | fit | target (median training loss) | steps | clean rows' median loss after "
-        "| flipped rows' | harmful threshold | harmful of 400 | mislabel | gate |"
+        "| flipped rows' | harmful threshold | harmful of 400 | mislabel "
+        "| exposed / limit (harmful_excess) | gate |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for flip in args.flips:
-        for row in one(flip, args.seed):
-            print(row, flush=True)
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    fails: dict[tuple[str, float], int] = {}
+    for seed in range(args.seed, args.seed + args.seeds):
+        for flip in args.flips:
+            for row in one(flip, seed, tuple(args.fits)):
+                print(f"{row} seed {seed}" if args.seeds > 1 else row, flush=True)
+                key = (row.split("|")[2].strip(), flip)
+                fails[key] = fails.get(key, 0) + row.rstrip().endswith("FAIL |")
+    if args.seeds > 1:
+        for (fit, flip), n in sorted(fails.items()):
+            print(f"{fit}, {flip:.0%} flips: the gate fails {n} of {args.seeds} seeds")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ Rules compared, all through ``mirrorinf.summary.summarise`` with default ``GateT
 - new: the same, but harmful when ``group_influence < 0`` and the loss after the validation fit
   exceeds the conformal threshold of the calibration rows' loss after their fold's fit (the
   summary's rule; ``loss_after_fit`` / ``calib_loss_after_fit``).
+- excess: new, plus the gate's ``harmful_excess`` check (rows the validation fit exposes above
+  the calibration's 90% quantile, against their limit; ``x exposed/limit`` per flip fraction).
 The gate fails when flagged_fraction > max_flagged_fraction (0.05) or harmful_fraction >
-max_harmful_fraction (0.05), i.e. exactly the two fraction checks of ``tasks.checks``.
+max_harmful_fraction (0.05), i.e. the two fraction checks of ``tasks.checks``; with ``excess``
+also when harmful_excess fails (all three, as the gate runs them).
 
 Columns: ``mis`` = fraction flagged as suspected mislabel, ``rec`` = fraction of the flipped
 labels among them (recall), ``harm`` = fraction flagged harmful; ``gate 0/30`` = gate outcome
@@ -126,6 +129,7 @@ def train(
     return model.eval()
 
 
+RULES = ("old", "gi", "new", "excess")
 RULE: PathRule | None = None  # --path-score: the path rule the group fit follows
 
 
@@ -161,12 +165,15 @@ def run_one(name: str, seed: int, flip: float, regime: str) -> dict[str, tuple]:
         mis = t.train["flag_mislabel"].to_numpy()
         rec = float(mis[flipped.numpy()].mean()) if flip else float("nan")
         out[rule] = (t.counts["flagged_fraction"], rec, t.counts["harmful_fraction"])
+    c = t.counts  # "excess": the summary's flags and the gate's harmful_excess check
+    out["excess"] = (*out["new"], c["exposed_fraction"], c["max_exposed_fraction"])
     return out
 
 
 def gate_fails(cell: tuple) -> bool:
     th = GateThresholds()
-    return cell[0] > th.max_flagged_fraction or cell[2] > th.max_harmful_fraction
+    excess = len(cell) > 3 and cell[3] > cell[4]  # harmful_excess: exposed > its limit
+    return cell[0] > th.max_flagged_fraction or cell[2] > th.max_harmful_fraction or excess
 
 
 def main() -> None:
@@ -207,7 +214,7 @@ def main() -> None:
         for regime in args.regimes:
             for seed in range(args.seeds):
                 res = {f: run_one(name, seed, f, regime) for f in flips}
-                for rule in ("old", "gi", "new"):
+                for rule in RULES:
                     cells = [res[f][rule] for f in flips]
                     g0, g30 = gate_fails(cells[0]), gate_fails(cells[-1])
                     tally.setdefault((regime, rule), []).append((g0, g30))
@@ -215,12 +222,13 @@ def main() -> None:
                     row = (
                         f"{name:7s} {regime:9s} {seed:1d} {rule:4s} | "
                         f"{cells[0][0]:7.3f} {cells[0][2]:5.3f} | "
-                        + " | ".join(f"{m:7.3f} {r:4.2f} {h:5.3f}" for m, r, h in cells[1:])
+                        + " | ".join(f"{c[0]:7.3f} {c[1]:4.2f} {c[2]:5.3f}" for c in cells[1:])
                         + f" | {'F' if g0 else 'P'}/{'F' if g30 else 'P'}"
+                        + "".join(f" x{c[3]:.3f}/{c[4]:.3f}" for c in cells if len(c) > 3)
                     )
                     print(row, flush=True)
     print()
-    for rule in ("old", "gi", "new"):
+    for rule in RULES:
         h0 = np.array([c[2] for c in clean[rule]])
         m0 = np.array([c[0] for c in clean[rule]])
         print(

@@ -698,6 +698,15 @@ def _findings(inp: ReviewInputs, shape: tuple[int, ...] | None) -> list[str]:
         f"- **Harmful examples: {c.get('n_harmful')}** "
         f"({100 * float(c.get('harmful_fraction', 0)):.1f}%): {rule}."
     )
+    if c.get("n_exposed") is not None and c.get("harmful_by_loss_after_fit"):
+        out.append(
+            f"- **Exposed by the validation fit: {c.get('n_exposed')}** "
+            f"({100 * float(c.get('exposed_fraction', 0)):.1f}%; limit "
+            f"{100 * float(c.get('max_exposed_fraction', 1)):.1f}%): group influence < 0 and "
+            f"loss after the fit above {_fmt(c.get('exposed_threshold'))}, the clean "
+            f"validation rows' upper {100 * float(c.get('exposed_tail', 0)):.0f}% (gate check "
+            "harmful_excess: more rows up there than clean data explains means label noise)."
+        )
     out.append(
         f"- **Suspected leaks: {c.get('n_leaks')}** of {c.get('n_query')} queries: a training "
         "example's gradient is (nearly) identical to the query's (cosine >= the leak threshold)."

@@ -14,6 +14,13 @@ from params.yaml (``mirrorinf.summary.GateThresholds``):
   <= ``max_flagged_fraction`` (ExpectColumnMeanToBeBetween on the 0/1 flag).
 - ``harmful_fraction``: fraction of harmful training examples (significantly negative influence
   on the validation set) <= ``max_harmful_fraction`` (ExpectColumnMeanToBeBetween on the flag).
+- ``harmful_excess``: fraction of training rows the validation fit exposes (negative group
+  influence, loss after the fit above the calibration rows' ``exposed_quantile``) <= the share
+  clean held-out data explains + ``max_harmful_fraction`` + a 2-sigma margin
+  (``mirrorinf.summary.max_exposed_fraction``; ExpectColumnMeanToBeBetween on the 0/1 column). The
+  label-noise check that rests on many calibration rows, not on their largest loss
+  (``mirrorinf.summary``, "Harmful excess"). Without losses after the fit it cannot be
+  computed: the column is 0 and the limit 1.
 - ``leaks``: the suspected-leak table has at most ``max_leaks`` rows
   (ExpectTableRowCountToBeBetween). A leak is a query whose top proponent scores at least
   ``leak_cosine`` in gradient cosine with the query (an exact duplicate has cosine 1.0).
@@ -44,7 +51,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mirrorinf.io import scratch_array
-from mirrorinf.summary import GateThresholds, InfluenceTables, summarise, target_labels
+from mirrorinf.summary import (
+    GateThresholds,
+    InfluenceTables,
+    exposed_rows,
+    max_exposed_fraction,
+    summarise,
+    target_labels,
+)
 
 if TYPE_CHECKING:
     from mirrorinf.tasks.data import Split
@@ -139,8 +153,9 @@ def preload_gx() -> Iterator[None]:
         logger.debug("background import of great_expectations failed: %s", failed[0])
 
 
-def _suites(gx: Any, th: GateThresholds) -> tuple[list[Any], list[Any]]:
-    """Expectations for the training table and for the leak table, each tagged with its check."""
+def _suites(gx: Any, th: GateThresholds, counts: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """Expectations for the training table and for the leak table, each tagged with its check
+    (``counts``: the summary's, for the limits computed from the calibration set)."""
     e = gx.expectations
     train: list[Any] = []
     for col in ("self_influence", "group_influence"):
@@ -177,6 +192,14 @@ def _suites(gx: Any, th: GateThresholds) -> tuple[list[Any], list[Any]]:
             meta={"check": "harmful_fraction"},
         )
     )
+    train.append(
+        e.ExpectColumnMeanToBeBetween(
+            column="exposed",
+            min_value=0.0,
+            max_value=_exposed_limit(counts, th),
+            meta={"check": "harmful_excess"},
+        )
+    )
     leaks = [
         e.ExpectTableRowCountToBeBetween(
             min_value=0, max_value=th.max_leaks, meta={"check": "leaks"}
@@ -194,17 +217,28 @@ _THRESHOLD_TEXT = {
 }
 
 
-def _threshold(check: str, th: GateThresholds) -> Any:
+def _exposed_limit(counts: dict[str, Any], th: GateThresholds) -> float:
+    """The harmful_excess limit at these thresholds, from the summary's calibration counts (1:
+    not computable, always passes)."""
+    tail = float(counts.get("exposed_tail", float("nan")))
+    if not math.isfinite(tail):
+        return 1.0
+    m, n = int(counts["n_calib_group"]), int(counts["n_train"])
+    return max_exposed_fraction(tail, m, n, th.max_harmful_fraction)
+
+
+def _threshold(check: str, th: GateThresholds, counts: dict[str, Any]) -> Any:
     """The threshold a check compares with, as reported next to the observed value."""
     dynamic = {
         "mislabel_fraction": th.max_flagged_fraction,
         "harmful_fraction": th.max_harmful_fraction,
+        "harmful_excess": _exposed_limit(counts, th),
         "leaks": th.max_leaks,
     }
     return dynamic.get(check, _THRESHOLD_TEXT.get(check))
 
 
-def _row(res: Any, th: GateThresholds) -> dict[str, Any]:
+def _row(res: Any, th: GateThresholds, counts: dict[str, Any]) -> dict[str, Any]:
     """One plain result dict from a GX ExpectationValidationResult."""
     cfg = res.expectation_config
     check = (cfg.meta or {}).get("check", cfg.type)
@@ -221,7 +255,7 @@ def _row(res: Any, th: GateThresholds) -> dict[str, Any]:
             "column": cfg.kwargs.get("column"),
             "success": bool(res.success),
             "observed": observed,
-            "threshold": _threshold(check, th),
+            "threshold": _threshold(check, th, counts),
         }
     )
 
@@ -238,6 +272,22 @@ def _file_backed(values: np.ndarray) -> np.ndarray:
     out = _column(len(values))
     out[:] = values
     return out
+
+
+def _exposed_column(train: pd.DataFrame, counts: dict[str, Any]) -> np.ndarray:
+    """0/1 per training row: exposed by the validation fit (``mirrorinf.summary.exposed_rows``
+    at the summary's threshold; all 0 without one), as a file-backed float64 column."""
+    thr = float(counts.get("exposed_threshold", float("nan")))
+    if not math.isfinite(thr):
+        return _file_backed(np.zeros(len(train), dtype=bool))
+    with np.errstate(invalid="ignore"):
+        return _file_backed(
+            exposed_rows(
+                train["group_influence"].to_numpy(dtype=np.float64),
+                train["loss_after_fit"].to_numpy(dtype=np.float64),
+                thr,
+            )
+        )
 
 
 def validate_tables(
@@ -267,6 +317,7 @@ def validate_tables(
             "group_influence": t["group_influence"].to_numpy(dtype=np.float64),
             "flag_mislabel": _file_backed(t["flag_mislabel"].to_numpy()),
             "flag_harmful": _file_backed(t["flag_harmful"].to_numpy()),
+            "exposed": _exposed_column(t, tables.counts),
         },
         copy=False,
     )
@@ -279,7 +330,7 @@ def validate_tables(
     )
     context = gx.get_context(project_config=config, mode="ephemeral")
     source = context.data_sources.add_pandas("mirrorinf_influence")
-    train_exps, leak_exps = _suites(gx, th)
+    train_exps, leak_exps = _suites(gx, th, tables.counts)
     order = [exp.meta["check"] for exp in (*train_exps, *leak_exps)]
     rows: list[dict[str, Any]] = []
     for name, frame, exps in (("train", train, train_exps), ("leaks", leaks, leak_exps)):
@@ -291,7 +342,7 @@ def validate_tables(
             gx.ValidationDefinition(name=f"mirrorinf_{name}", data=batch, suite=suite)
         )
         result = vd.run(batch_parameters={"dataframe": frame})
-        rows.extend(_row(r, th) for r in result.results)
+        rows.extend(_row(r, th, tables.counts) for r in result.results)
     rows.sort(key=lambda r: order.index(r["check"]) if r["check"] in order else len(order))
     # GX keeps the batch's DataFrame in the data source of its (global) context: drop it, or
     # the frame outlives the check (16 bytes a training row and more)

@@ -19,6 +19,7 @@ CHECKS = [
     "self_influence_not_degenerate",
     "mislabel_fraction",
     "harmful_fraction",
+    "harmful_excess",
     "leaks",
 ]
 
@@ -107,6 +108,50 @@ def test_too_many_harmful_examples_fails() -> None:
     result = validate_tables(_tables(group_inf=plant))
     assert result.failed == ["harmful_fraction"]
     assert _by_check(result)["harmful_fraction"]["observed"] == pytest.approx(0.075)
+
+
+def _loss_tables(n_shifted: int, seed: int = 0, **th: Any) -> InfluenceTables:
+    """Calibrated tables whose losses after the fit are one distribution for 100 calibration
+    rows and the clean training rows, with ``n_shifted`` of 400 training rows shifted far above
+    it (flips the validation fit exposes) but below the calibration maximum (one hard row)."""
+    rng = np.random.default_rng(seed)
+    inp = _inputs()
+    after = rng.exponential(0.3, size=400)
+    after[:n_shifted] = 2.0 + rng.uniform(size=n_shifted)
+    calib = rng.exponential(0.3, size=100)
+    calib[0] = 10.0  # the hard validation row: the per-row threshold at alpha 0.01
+    inp["group_inf"] = -np.abs(inp["group_inf"])  # every row hurt by the fit, as flips are
+    return summarise(
+        **inp,
+        thresholds=GateThresholds(**th),
+        calib_self_inf=10.0 + rng.normal(size=100),
+        calib_group_inf=-np.abs(rng.normal(size=100)),
+        loss_after_fit=after,
+        calib_loss_after_fit=calib,
+    )
+
+
+def test_exposed_rows_fail_harmful_excess_where_the_flag_count_misses_them() -> None:
+    clean, noisy = _loss_tables(0), _loss_tables(80)  # 20% exposed
+    assert clean.counts["n_harmful"] == noisy.counts["n_harmful"] == 0  # all below 10.0
+    ok, bad = validate_tables(clean), validate_tables(noisy)
+    assert ok.success is True, ok.results
+    assert bad.failed == ["harmful_excess"]
+    row = _by_check(bad)["harmful_excess"]
+    assert row["observed"] == pytest.approx(noisy.counts["exposed_fraction"])
+    assert row["observed"] >= 0.2
+    assert row["threshold"] == pytest.approx(noisy.counts["max_exposed_fraction"])
+    # the limit is the clean tail (about 10%) + max_harmful_fraction + a margin, so a larger
+    # allowance passes the same tables
+    assert 0.15 < row["threshold"] < 0.25
+    assert validate_tables(noisy, GateThresholds(max_harmful_fraction=0.2)).success is True
+
+
+def test_harmful_excess_is_not_computable_without_losses_after_the_fit() -> None:
+    tables = _tables()
+    assert tables.counts["max_exposed_fraction"] == 1.0
+    row = _by_check(validate_tables(tables))["harmful_excess"]
+    assert row["success"] is True and row["observed"] == 0.0 and row["threshold"] == 1.0
 
 
 def test_planted_leak_fails_and_max_leaks_allows_it() -> None:

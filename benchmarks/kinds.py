@@ -8,10 +8,14 @@ multilabel: flipped; sequence: the labels of a whole sequence replaced by random
 the engine's default plain mode, calibration on a clean validation set and ``summarise``'s
 flags. Prints AUROC of self-influence against the planted rows, and the flag's recall and
 precision. Run: ``python -m benchmarks.kinds`` (about a minute on two cores).
+
+``--gate`` adds the gate per kind at 0%, 5% and 30% corruption: the flagged, harmful and exposed
+fractions (exposed against the harmful_excess limit) and the seeds whose gate fails.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -23,9 +27,10 @@ from torch import nn
 
 from mirrorinf import ForwardInf
 from mirrorinf.calibration import calibration_scores
-from mirrorinf.summary import summarise
+from mirrorinf.summary import GateThresholds, summarise
 
 N_TRAIN, N_VAL, FRACTION = 400, 200, 0.05
+GATE_FRACTIONS = (0.0, 0.05, 0.3)  # --gate: clean, the default corruption, heavy
 Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]
 
 
@@ -106,10 +111,16 @@ KINDS = {"regression": regression, "binary": binary, "multilabel": multilabel,
          "sequence": sequence}  # fmt: skip
 
 
-def run(kind: str, seed: int, steps: int = 300) -> dict[str, float]:
-    """Train, score, flag; AUROC of self-influence vs planted rows, flag recall/precision."""
-    torch.manual_seed(seed)
-    model, (x, y, xv, yv, bad), loss = KINDS[kind](seed)
+def run(kind: str, seed: int, steps: int = 300, fraction: float | None = None) -> dict[str, float]:
+    """Train, score, flag; AUROC of self-influence vs planted rows, flag recall/precision, and
+    the gate's fraction checks (``fraction``: corrupt this share instead of FRACTION)."""
+    global FRACTION
+    saved, FRACTION = FRACTION, FRACTION if fraction is None else fraction
+    try:
+        torch.manual_seed(seed)
+        model, (x, y, xv, yv, bad), loss = KINDS[kind](seed)
+    finally:
+        FRACTION = saved
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -129,11 +140,22 @@ def run(kind: str, seed: int, steps: int = 300) -> dict[str, float]:
     planted = np.zeros(len(y), dtype=bool)
     planted[bad] = True
     flagged = tables.train["flag_mislabel"].to_numpy(dtype=bool)
+    c, th = tables.counts, GateThresholds()
     return {
-        "auroc": float(roc_auc_score(planted, s_inf)),
-        "recall": float((flagged & planted).sum() / planted.sum()),
+        "flagged": c["flagged_fraction"],
+        "harmful": c["harmful_fraction"],
+        "exposed": c["exposed_fraction"],
+        "exposed_limit": c["max_exposed_fraction"],
+        "gate_fails": float(
+            c["flagged_fraction"] > th.max_flagged_fraction
+            or c["harmful_fraction"] > th.max_harmful_fraction
+            or c["exposed_fraction"] > c["max_exposed_fraction"]
+        ),
+        "auroc": float(roc_auc_score(planted, s_inf)) if planted.any() else float("nan"),
+        "recall": float((flagged & planted).sum() / max(1, planted.sum())),
         "precision": float((flagged & planted).sum() / max(1, flagged.sum())),
         "flagged_clean": float((flagged & ~planted).sum() / (~planted).sum()),
+        "recall_defined": float(planted.any()),
     }
 
 
@@ -153,6 +175,32 @@ def main(seeds: tuple[int, ...] = (0, 1, 2)) -> None:
               f"{span('flagged_clean')} |  ({time.perf_counter() - t0:.0f}s)")  # fmt: skip
 
 
+def gate_table(
+    seeds: tuple[int, ...] = (0, 1, 2), fractions: tuple[float, ...] = GATE_FRACTIONS
+) -> None:
+    """The gate per kind at clean, default and heavy corruption: flagged / harmful / exposed
+    fractions (exposed against the harmful_excess limit, mean over seeds) and the seeds whose
+    gate fails (any of the three fraction checks)."""
+    print()
+    print(
+        "| kind | "
+        + " | ".join(f"{f:.0%}: flagged, harmful, exposed / limit, gate fails" for f in fractions)
+        + " |"
+    )
+    print("|---|" + "---|" * len(fractions))
+    for kind in KINDS:
+        cells = []
+        for f in fractions:
+            rows = [run(kind, s, fraction=f) for s in seeds]
+            m = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            fails = int(sum(r["gate_fails"] for r in rows))
+            cells.append(f"{m['flagged']:.3f}, {m['harmful']:.3f}, {m['exposed']:.3f} / "
+                         f"{m['exposed_limit']:.3f}, {fails} of {len(rows)}")  # fmt: skip
+        print(f"| {kind} | " + " | ".join(cells) + " |", flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    if "--gate" in sys.argv:
+        gate_table()

@@ -226,6 +226,11 @@ def test_dvc_data_clean_passes_noisy_fails(
     assert noisy.summary["truth"]["mislabel_recall_at_k"] >= RECALL_BOUND - 0.1
     assert noisy.verdict == "failed", noisy.reasons
     assert clean.verdict == "passed", clean.reasons
+    # the label-noise check that counts rows above the calibration's 90% quantile runs in the
+    # flow's GX suite: it fails on the noisy data (exposed 0.29 against a limit of 0.22)
+    assert any(r.startswith("harmful_excess:") for r in noisy.reasons), noisy.reasons
+    counts = noisy.summary["counts"]
+    assert counts["exposed_fraction"] > counts["max_exposed_fraction"], counts
 
 
 def test_gate_exit_2_without_influence_result(prefect_harness: Path, project: Path) -> None:

@@ -196,6 +196,7 @@ def child_flow(n: int, n_query: int, threads: int) -> dict[str, Any]:
             "peak_anon_mb": anon.peak,
             "logged_mb": logged / 2**20,
             "verdict": result.verdict,
+            "reasons": result.reasons,
         }
 
 

@@ -21,45 +21,23 @@ Run:  python benchmarks/fit_target_noise.py [--flips 0 0.1 0.2 0.3] [--seed 0]
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mirrorinf.engine.group_fit as group_fit
+from benchmarks.cleanlab import Case, rule_steps
 from mirrorinf import ForwardInf
 from mirrorinf.calibration import calibration_scores
 from mirrorinf.demo import make_demo, train_demo_model
 from mirrorinf.summary import GateThresholds, summarise
 
-CAP = 300  # the rule's cap (cleanlab.py's RULE_CAP)
 FITS = ("default", "to-train-median")
-
-
-def rule_steps(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, target: float) -> int:
-    """Adam steps (lr 0.01 * rms(theta), the engine's group fit) until the validation set's
-    mean loss is at or below ``target``; at least 1, at most CAP."""
-    import copy
-
-    m = copy.deepcopy(model)
-    params = [p for p in m.parameters() if p.requires_grad]
-    numel = sum(p.numel() for p in params)
-    rms = math.sqrt(float(sum(p.detach().pow(2).sum() for p in params)) / numel)
-    opt = torch.optim.Adam(params, lr=group_fit._GROUP_FIT_LR * max(rms, 1e-3))
-    for t in range(CAP):
-        loss = F.cross_entropy(m(xv), yv)
-        if t > 0 and float(loss.detach()) <= target:
-            return t
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return CAP
 
 
 def one(flip: float, seed: int, names: tuple[str, ...] = FITS) -> list[str]:
@@ -75,7 +53,11 @@ def one(flip: float, seed: int, names: tuple[str, ...] = FITS) -> list[str]:
     rows = []
     fits = [("default", group_fit._GROUP_FIT_STEPS)]
     if "to-train-median" in names:
-        fits.append(("to-train-median", rule_steps(model, xv, yv, target)))
+        case = Case(x, y, xv, yv, int(y.max()) + 1, lambda: model)
+        # at least one step: group influence is the loss change a fit makes
+        fits.append(
+            ("to-train-median", max(1, rule_steps(model, case, train_loss, "to-train-median")))
+        )
     for name, steps in fits:
         saved, group_fit._GROUP_FIT_STEPS = group_fit._GROUP_FIT_STEPS, steps
         try:
